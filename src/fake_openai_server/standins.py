@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 Size = Literal["tiny", "full"]
 
@@ -92,6 +92,11 @@ BERT_SHAPES: dict[Size, BertShape] = {
 }
 
 
+def _init(size: Size) -> dict[str, Any]:
+    """Tiny models get a wider weight spread, so that different texts score differently."""
+    return {"initializer_range": 0.2} if size == "tiny" else {}
+
+
 def _snapshot_dir(hf_home: Path, repo_id: str) -> Path:
     """Create ``hub/models--org--name/snapshots/<hex>`` with ``refs/main``."""
     repo_dir = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
@@ -110,13 +115,21 @@ def _write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
+_ST = "sentence_transformers.models"
+
+
 def _sentence_transformers_files(folder: Path, dim: int, max_seq_length: int) -> None:
     """modules.json (Transformer + mean Pooling), as ruri's repositories have."""
     _write_json(
         folder / "modules.json",
         [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {
+                "idx": 1,
+                "name": "1",
+                "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling",
+            },
         ],
     )
     _write_json(
@@ -157,7 +170,7 @@ def build_ruri_large(hf_home: Path, size: Size = "tiny") -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file = Path(tmp) / "vocab.txt"
         vocab_file.write_text("\n".join(vocab) + "\n")
-        tokenizer = BertJapaneseTokenizer(
+        tokenizer = BertJapaneseTokenizer(  # type: ignore[no-untyped-call]
             str(vocab_file),
             do_lower_case=False,
             word_tokenizer_type="mecab",
@@ -173,6 +186,7 @@ def build_ruri_large(hf_home: Path, size: Size = "tiny") -> Path:
         num_attention_heads=shape.heads,
         intermediate_size=shape.intermediate,
         max_position_embeddings=512,
+        **_init(size),
     )
     torch.manual_seed(0)
     BertModel(config).save_pretrained(snapshot)
@@ -226,7 +240,7 @@ def _modernbert_tokenizer(folder: Path, vocab_hint: int) -> int:
         pair="<s> $A </s> $B </s>",
         special_tokens=[("<s>", 1), ("</s>", 2)],
     )
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=backend,
         unk_token="<unk>",
         bos_token="<s>",
@@ -244,8 +258,8 @@ def _modernbert_tokenizer(folder: Path, vocab_hint: int) -> int:
 
 
 def _modernbert_config(
-    vocab_size: int, hidden: int, layers: int, heads: int, intermediate: int, **extra: object
-) -> object:
+    vocab_size: int, hidden: int, layers: int, heads: int, intermediate: int, **extra: Any
+) -> Any:
     from transformers import ModernBertConfig
 
     return ModernBertConfig(
@@ -260,7 +274,10 @@ def _modernbert_config(
         eos_token_id=2,
         cls_token_id=1,
         sep_token_id=2,
-        global_attn_every_n_layers=3,
+        # Global attention every third layer, sliding windows of 128 between: ModernBERT-Ja.
+        layer_types=[
+            "full_attention" if i % 3 == 0 else "sliding_attention" for i in range(layers)
+        ],
         local_attention=128,
         **extra,
     )
@@ -277,9 +294,11 @@ def build_reranker(hf_home: Path, size: Size = "tiny") -> Path:
         vocab, hidden, layers, heads, inter = 102400, 768, 25, 12, 3072
     else:
         vocab, hidden, layers, heads, inter = pieces, 64, 2, 4, 128
-    config = _modernbert_config(max(vocab, pieces), hidden, layers, heads, inter, num_labels=1)
+    config = _modernbert_config(
+        max(vocab, pieces), hidden, layers, heads, inter, num_labels=1, **_init(size)
+    )
     torch.manual_seed(0)
-    ModernBertForSequenceClassification(config).save_pretrained(snapshot)  # type: ignore[arg-type]
+    ModernBertForSequenceClassification(config).save_pretrained(snapshot)
     return snapshot
 
 
@@ -296,9 +315,9 @@ def build_ruri_v3(hf_home: Path, repo_id: str, size: Size = "tiny") -> Path:
     else:
         # Keep the real output dimension (it is part of the contract), shrink the rest.
         vocab, layers, heads, inter = pieces, 2, 4, 2 * hidden
-    config = _modernbert_config(max(vocab, pieces), hidden, layers, heads, inter)
+    config = _modernbert_config(max(vocab, pieces), hidden, layers, heads, inter, **_init(size))
     torch.manual_seed(0)
-    ModernBertModel(config).save_pretrained(snapshot)  # type: ignore[arg-type]
+    ModernBertModel(config).save_pretrained(snapshot)
     _sentence_transformers_files(snapshot, hidden, max_seq_length=8192)
     return snapshot
 

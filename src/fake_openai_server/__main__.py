@@ -1,0 +1,3 @@
+from fake_openai_server.cli import main
+
+main()

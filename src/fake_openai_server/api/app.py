@@ -1,0 +1,96 @@
+"""App factories: one FastAPI app per service type, the model loaded in the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+from fake_openai_server.api import embeddings, rerank, system
+from fake_openai_server.api.deps import ClientGone, client_gone_response
+from fake_openai_server.api.errors import error_response, install_error_handlers
+from fake_openai_server.api.middleware import BodyTooLarge, Guard, too_large
+from fake_openai_server.metrics import Metrics
+from fake_openai_server.service.runtime import BackendLoader, Runtime, load_backends
+from fake_openai_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TITLE = "fake-openai-server"
+
+
+def build_app(settings: Settings, loader: BackendLoader = load_backends) -> FastAPI:
+    """The app for ``settings.service_type``; models load when the app starts."""
+    metrics = Metrics()
+    runtime = Runtime(settings, loader, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async def load() -> None:
+            await runtime.start()
+            on_failure = getattr(app.state, "on_load_failure", None)
+            if runtime.state == "failed" and on_failure is not None:
+                on_failure()
+
+        loading = asyncio.create_task(load(), name="load-models")
+        app.state.loading = loading
+        try:
+            yield
+        finally:
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            await runtime.stop()
+
+    app = FastAPI(
+        title=TITLE,
+        version=system.package_version(),
+        summary="OpenAI-compatible embeddings and Cohere/Jina-compatible rerank for Japanese",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.state.settings = settings
+    app.state.started = int(time.time())
+
+    app.include_router(system.router)
+    if settings.serves_embeddings:
+        app.include_router(embeddings.router)
+    if settings.serves_rerank:
+        app.include_router(rerank.router)
+    install_error_handlers(app)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(_: Request, __: ClientGone) -> Response:
+        return client_gone_response()
+
+    @app.exception_handler(BodyTooLarge)
+    async def _body_too_large(_: Request, __: BodyTooLarge) -> Response:
+        return error_response(too_large(settings.max_request_bytes))
+
+    routes = [getattr(route, "path", "") for route in app.routes]
+    app.add_middleware(
+        Guard,
+        metrics=metrics,
+        api_keys=settings.all_api_keys(),
+        max_body_bytes=settings.max_request_bytes,
+        routes=routes,
+    )
+    return app
+
+
+def create_embeddings_app(settings: Settings, loader: BackendLoader = load_backends) -> FastAPI:
+    return build_app(settings.model_copy(update={"service_type": "embeddings"}), loader)
+
+
+def create_rerank_app(settings: Settings, loader: BackendLoader = load_backends) -> FastAPI:
+    return build_app(settings.model_copy(update={"service_type": "reranker"}), loader)
+
+
+def create_app() -> FastAPI:
+    """For ``uvicorn --factory fake_openai_server.api.app:create_app``: settings from the env."""
+    return build_app(Settings())

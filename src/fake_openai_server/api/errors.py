@@ -1,0 +1,131 @@
+"""Every failure becomes the OpenAI error envelope, from one table.
+
+``{"error": {"message", "type", "param", "code"}}`` with all four keys. Jina-
+style clients read ``detail`` on failure, so it carries the message too.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from fake_openai_server.api.schemas import ErrorResponse
+from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
+
+log = logging.getLogger(__name__)
+
+# kind → (status, type, code)
+ERROR_TABLE: dict[ErrorKind, tuple[int, str, str | None]] = {
+    ErrorKind.INVALID_REQUEST: (400, "invalid_request_error", None),
+    ErrorKind.UNAUTHORIZED: (401, "invalid_request_error", "invalid_api_key"),
+    ErrorKind.MODEL_NOT_FOUND: (404, "invalid_request_error", "model_not_found"),
+    ErrorKind.NOT_FOUND: (404, "invalid_request_error", "not_found"),
+    ErrorKind.METHOD_NOT_ALLOWED: (405, "invalid_request_error", "method_not_allowed"),
+    ErrorKind.PAYLOAD_TOO_LARGE: (413, "invalid_request_error", "request_too_large"),
+    ErrorKind.OVERLOADED: (429, "rate_limit_error", "server_overloaded"),
+    ErrorKind.MODEL_FAILURE: (500, "server_error", "model_failure"),
+    ErrorKind.INTERNAL: (500, "server_error", None),
+    ErrorKind.NOT_READY: (503, "server_error", "model_not_ready"),
+}
+
+RETRY_AFTER_SECONDS = {ErrorKind.OVERLOADED: "1", ErrorKind.NOT_READY: "5"}
+
+# Documented in OpenAPI for every route that takes a body.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in [
+        (400, "Invalid request"),
+        (401, "Missing or wrong API key"),
+        (404, "Unknown model"),
+        (413, "Request body too large"),
+        (429, "Queue full: retry after the Retry-After header"),
+        (500, "Model failure"),
+        (503, "Model not ready"),
+    ]
+}
+
+
+def error_response(error: ServiceError, headers: dict[str, str] | None = None) -> Response:
+    status, error_type, code = ERROR_TABLE[error.kind]
+    body = {
+        "error": {"message": error.message, "type": error_type, "param": error.param, "code": code},
+        "detail": error.message,
+    }
+    all_headers = dict(headers or {})
+    if error.kind in RETRY_AFTER_SECONDS:
+        all_headers["Retry-After"] = RETRY_AFTER_SECONDS[error.kind]
+    return Response(
+        orjson.dumps(body),
+        status_code=status,
+        media_type="application/json",
+        headers=all_headers,
+    )
+
+
+_INPUT_SHAPES = {
+    "input": "a string, a list of strings, a list of token ids or a list of token-id lists",
+    "documents": "a list of strings or of objects with a 'text' field",
+}
+
+
+def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """One readable sentence for a request-validation failure, and the field it names."""
+    if not errors:
+        return "Invalid request.", None
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return "The request body is not valid JSON.", None
+    if not loc:
+        return "The request body must be a JSON object.", None
+    field = loc[0]
+    if first.get("type") == "missing":
+        return f"'{field}' is required.", field
+    if field in _INPUT_SHAPES:
+        return f"Invalid '{field}': expected {_INPUT_SHAPES[field]}.", field
+    path = ".".join(loc)
+    return f"Invalid '{path}': {first.get('msg', 'invalid value')}.", field
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service(_: Request, exc: ServiceError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+        message, param = validation_message(list(exc.errors()))
+        return error_response(ServiceError(ErrorKind.INVALID_REQUEST, message, param))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            kind = ErrorKind.NOT_FOUND
+            message = f"No route {request.method} {excerpt(request.url.path, 80)}."
+        elif exc.status_code == 405:
+            kind = ErrorKind.METHOD_NOT_ALLOWED
+            message = f"Method {request.method} is not allowed on {excerpt(request.url.path, 80)}."
+        elif exc.status_code == 413:
+            kind = ErrorKind.PAYLOAD_TOO_LARGE
+            message = str(exc.detail)
+        elif exc.status_code < 500:
+            kind = ErrorKind.INVALID_REQUEST
+            message = excerpt(str(exc.detail), 200)
+        else:
+            kind, message = ErrorKind.INTERNAL, "Internal server error."
+        headers = dict(exc.headers or {})
+        response = error_response(ServiceError(kind, message), headers)
+        response.status_code = exc.status_code if exc.status_code >= 400 else 400
+        return response
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        # Never echo the exception: it may carry paths, internals or user text.
+        log.error("unhandled %s", type(exc).__name__, exc_info=exc)
+        return error_response(ServiceError(ErrorKind.INTERNAL, "Internal server error."))

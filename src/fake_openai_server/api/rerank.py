@@ -1,0 +1,99 @@
+"""Rerank at every path clients use: /v1/rerank, /rerank, /v2/rerank, /v1/v1/rerank."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from fake_openai_server.api.deps import runtime, unless_disconnected
+from fake_openai_server.api.errors import ERROR_RESPONSES
+from fake_openai_server.api.schemas import DocumentObject, RerankRequest, RerankResponse
+from fake_openai_server.api.serialize import json_body
+from fake_openai_server.errors import ErrorKind, ServiceError
+
+router = APIRouter(tags=["rerank"])
+
+
+def document_texts(body: RerankRequest) -> list[str]:
+    """The text to rank for each document (``rank_fields`` joins several fields)."""
+    texts: list[str] = []
+    for index, doc in enumerate(body.documents):
+        if isinstance(doc, str):
+            texts.append(doc)
+            continue
+        fields = doc.model_dump(exclude_none=True)
+        if body.rank_fields:
+            parts = [f"{name}: {fields[name]}" for name in body.rank_fields if name in fields]
+            text = "\n".join(parts)
+        else:
+            text = fields.get("text", "")
+        if not isinstance(text, str) or not text:
+            wanted = ", ".join(body.rank_fields or ["text"])
+            raise ServiceError(
+                ErrorKind.INVALID_REQUEST,
+                f"documents[{index}] has no usable text (fields: {wanted}).",
+                param="documents",
+            )
+        texts.append(text)
+    return texts
+
+
+def echo(doc: str | DocumentObject) -> dict[str, Any]:
+    return {"text": doc} if isinstance(doc, str) else doc.model_dump(exclude_none=True)
+
+
+async def _rerank(body: RerankRequest, request: Request, api_version: str) -> Response:
+    service = runtime(request).require_rerank()
+    texts = document_texts(body)
+    result = await unless_disconnected(
+        request,
+        service.rerank(
+            body.query, texts, model=body.model, top_n=body.top_n, raw_scores=body.raw_scores
+        ),
+    )
+    return_documents = body.return_documents
+    if return_documents is None:
+        return_documents = api_version == "1"
+    results = []
+    for ranked in result.ranked:
+        item: dict[str, Any] = {"index": ranked.index, "relevance_score": ranked.score}
+        if return_documents:
+            item["document"] = echo(body.documents[ranked.index])
+        results.append(item)
+    payload = {
+        "id": str(uuid.uuid4()),
+        "model": body.model or service.names.default,
+        "results": results,
+        "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens},
+        "meta": {
+            "api_version": {"version": api_version},
+            "billed_units": {"search_units": 1},
+            "tokens": {"input_tokens": result.tokens, "output_tokens": 0},
+        },
+    }
+    return Response(json_body(payload), media_type="application/json")
+
+
+@router.post(
+    "/v1/rerank",
+    response_model=RerankResponse,
+    responses=ERROR_RESPONSES,
+    summary="Rerank documents (Cohere v1 / Jina compatible)",
+)
+@router.post("/rerank", include_in_schema=False)
+@router.post("/v1/v1/rerank", include_in_schema=False)
+async def rerank_v1(body: RerankRequest, request: Request) -> Response:
+    return await _rerank(body, request, "1")
+
+
+@router.post(
+    "/v2/rerank",
+    response_model=RerankResponse,
+    responses=ERROR_RESPONSES,
+    summary="Rerank documents (Cohere v2 compatible)",
+)
+async def rerank_v2(body: RerankRequest, request: Request) -> Response:
+    return await _rerank(body, request, "2")

@@ -1,0 +1,172 @@
+"""Request and response models: the wire contract, in one place.
+
+Requests ignore unknown fields (clients send ``user``, ``drop_params``,
+``max_chunks_per_doc``...). Responses are serialised by hand for speed (see
+``api/serialize.py``); the models below document them in the OpenAPI spec.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+# --- errors -------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# --- embeddings ---------------------------------------------------------------
+
+TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+EmbeddingInput = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+
+
+class EmbeddingsRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input: EmbeddingInput = Field(
+        description="A string, a list of strings, a list of token ids or a list of such lists"
+    )
+    model: StrictStr | None = Field(None, description="A served model name or alias")
+    encoding_format: Literal["float", "base64"] | None = Field(
+        None, description="float (default) or base64 (little-endian float32)"
+    )
+    dimensions: StrictInt | None = Field(None, description="Keep the first N dimensions")
+    input_type: StrictStr | None = Field(
+        None,
+        description="query | document (aliases search_query, search_document, passage) | "
+        "classification | clustering | similarity: selects the model's prefix",
+    )
+    user: Any = Field(None, description="Accepted and ignored")
+
+    def items(self) -> list[str] | list[list[int]]:
+        """``input`` as a list of texts or a list of token-id lists."""
+        value = self.input
+        if isinstance(value, str):
+            return [value]
+        if value and isinstance(value[0], int):
+            return [value]
+        return value  # type: ignore[return-value]
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+
+
+# --- rerank -------------------------------------------------------------------
+
+
+class DocumentObject(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    text: StrictStr | None = None
+
+
+class RerankRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    query: StrictStr
+    documents: list[StrictStr | DocumentObject]
+    model: StrictStr | None = None
+    top_n: StrictInt | None = Field(
+        None, description="Results to return; absent, null, 0 or >= the count: every document"
+    )
+    return_documents: bool | None = Field(
+        None, description="Echo each document (default: true on /v1 and /rerank, false on /v2)"
+    )
+    rank_fields: list[StrictStr] | None = Field(
+        None, description="For object documents: the fields to rank on (default: text)"
+    )
+    raw_scores: bool = Field(False, description="Return logits instead of sigmoid scores")
+
+
+class RerankDocument(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    text: str | None = None
+
+
+class RerankResultItem(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class RerankUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class BilledUnits(BaseModel):
+    search_units: int
+
+
+class MetaTokens(BaseModel):
+    input_tokens: int
+    output_tokens: int
+
+
+class ApiVersion(BaseModel):
+    version: str
+
+
+class RerankMeta(BaseModel):
+    api_version: ApiVersion
+    billed_units: BilledUnits
+    tokens: MetaTokens
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    results: list[RerankResultItem]
+    usage: RerankUsage
+    meta: RerankMeta
+
+
+# --- models, health ----------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: Literal["loading", "ready", "failed", "stopping"]
+    detail: str | None = None

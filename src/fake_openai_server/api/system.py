@@ -1,0 +1,102 @@
+"""Public probes (/health, /ready) and operator routes (/v1/models, /info, /metrics)."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from fake_openai_server.api.deps import runtime
+from fake_openai_server.api.schemas import Health, ModelList, Readiness
+from fake_openai_server.api.serialize import json_body
+from fake_openai_server.metrics import CONTENT_TYPE
+
+router = APIRouter()
+
+
+def package_version() -> str:
+    try:
+        return version("fake-openai-server")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
+
+
+@router.get("/health", response_model=Health, tags=["probes"], summary="The process is alive")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/ready",
+    response_model=Readiness,
+    tags=["probes"],
+    summary="200 once the model is loaded and warmed, 503 before",
+    responses={503: {"model": Readiness, "description": "Loading, failed or stopping"}},
+)
+async def ready(request: Request) -> Response:
+    rt = runtime(request)
+    body: dict[str, Any] = {"status": rt.state}
+    if rt.state == "failed":
+        body["detail"] = "model loading failed; see the server log"
+    return Response(
+        json_body(body),
+        status_code=200 if rt.state == "ready" else 503,
+        media_type="application/json",
+    )
+
+
+@router.get("/v1/models", response_model=ModelList, tags=["models"], summary="Served models")
+@router.get("/models", include_in_schema=False)
+async def list_models(request: Request) -> Response:
+    rt = runtime(request)
+    created = request.app.state.started
+    names: list[str] = []
+    for service in (rt.embeddings, rt.rerank):
+        if service is not None:
+            names += service.names.model_ids + sorted(service.names.aliases)
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": "fake-openai-server"}
+        for name in names
+    ]
+    return Response(json_body({"object": "list", "data": data}), media_type="application/json")
+
+
+@router.get("/info", tags=["operations"], summary="Models, precision, limits and engine stats")
+async def info(request: Request) -> Response:
+    rt = runtime(request)
+    s = rt.settings
+    body = {
+        "version": package_version(),
+        "service_type": s.service_type,
+        "state": rt.state,
+        "models": {
+            name: {
+                "max_length": m.max_length,
+                "dimension": m.dimension,
+                "device": m.device,
+                "dtype": m.dtype,
+                "dtype_reason": m.precision_reason,
+            }
+            for name, m in rt.models.items()
+        },
+        "limits": {
+            "max_request_bytes": s.max_request_bytes,
+            "max_inputs": s.max_inputs,
+            "max_documents": s.max_documents,
+            "max_input_chars": s.max_input_chars,
+            "max_request_tokens": s.max_request_tokens,
+            "max_batch_size": s.max_batch_size,
+            "max_batch_tokens": s.max_batch_tokens,
+            "max_queue_tokens": s.max_queue_tokens,
+            "truncate": s.truncate,
+        },
+        "engine": rt.stats(),
+    }
+    return Response(json_body(body), media_type="application/json")
+
+
+@router.get("/metrics", tags=["operations"], summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    return Response(runtime(request).metrics.render(), media_type=CONTENT_TYPE)

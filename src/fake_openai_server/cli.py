@@ -1,0 +1,80 @@
+"""Entry point: settings → the app for SERVICE_TYPE → uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from fake_openai_server import logs
+from fake_openai_server.settings import Settings, SettingsError
+
+log = logging.getLogger("fake_openai_server")
+
+
+def settings_error_lines(error: ValidationError) -> list[str]:
+    """One line per bad setting, naming it as its environment variable."""
+    lines = []
+    for item in error.errors():
+        name = "_".join(str(part) for part in item["loc"]).upper()
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if item["type"] == "literal_error":
+            message = f"{message} (got {item.get('input')!r})"
+        lines.append(f"{name}: {message}" if name else message)
+    return lines
+
+
+def load_settings(argv: list[str] | None) -> Settings:
+    try:
+        return Settings(_cli_parse_args=argv if argv is not None else sys.argv[1:])
+    except ValidationError as error:
+        for line in settings_error_lines(error):
+            print(f"fake-openai-server: invalid setting: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SettingsError as error:
+        print(f"fake-openai-server: invalid setting: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = load_settings(argv)
+    try:
+        settings.all_api_keys()
+    except SettingsError as error:
+        print(f"fake-openai-server: invalid setting: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logs.configure(settings.log_level, settings.log_json)
+
+    from fake_openai_server.api.app import build_app
+
+    app = build_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.effective_port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+
+    def stop_on_load_failure() -> None:
+        server.should_exit = True
+
+    app.state.on_load_failure = stop_on_load_failure
+    log.info(
+        "starting %s service on %s:%d",
+        settings.service_type,
+        settings.host,
+        settings.effective_port,
+    )
+    server.run()
+    if app.state.runtime.state == "failed":
+        print(
+            f"fake-openai-server: could not load the model: {app.state.runtime.failure}",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)

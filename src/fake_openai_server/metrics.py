@@ -1,0 +1,68 @@
+"""Prometheus metrics, one registry per app (tests build many apps in one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from fake_openai_server.engine.batcher import BatchReport
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "fos_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "fos_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_items = Histogram(
+            "fos_batch_items",
+            "Items per forward pass",
+            ["model"],
+            buckets=_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.batch_tokens = Counter(
+            "fos_batch_tokens", "Tokens run through the model", ["model"], registry=r
+        )
+        self.padded_tokens = Counter(
+            "fos_batch_padded_tokens", "Tokens including padding", ["model"], registry=r
+        )
+        self.inference = Histogram(
+            "fos_inference_seconds",
+            "Time per forward pass",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_tokens = Gauge(
+            "fos_queue_tokens", "Tokens waiting for the model", ["model"], registry=r
+        )
+
+    def batch_observer(self, model: str) -> Callable[[BatchReport], None]:
+        def observe(report: BatchReport) -> None:
+            self.batch_items.labels(model).observe(report.items)
+            self.batch_tokens.labels(model).inc(report.tokens)
+            self.padded_tokens.labels(model).inc(report.padded_tokens)
+            self.inference.labels(model).observe(report.seconds)
+
+        return observe
+
+    def track_queue(self, model: str, depth: Callable[[], int]) -> None:
+        self.queue_tokens.labels(model).set_function(depth)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

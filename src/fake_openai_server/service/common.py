@@ -1,0 +1,113 @@
+"""Pieces shared by the embeddings and rerank services."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from typing import TypeVar
+
+import numpy as np
+
+from fake_openai_server.backends.base import Encoded, FloatArray
+from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
+
+T = TypeVar("T")
+
+# Texts are tokenized in chunks of this size on the tokenizer threads, so a
+# large request starts running on the model while the rest is still tokenized.
+TOKENIZE_CHUNK = 64
+
+
+def basename(model_id: str) -> str:
+    return model_id.rstrip("/").rsplit("/", 1)[-1]
+
+
+class ModelNames:
+    """Names a client may send as ``model``: the id, its last path part, aliases."""
+
+    def __init__(self, model_ids: Sequence[str], aliases: Mapping[str, str]) -> None:
+        self.model_ids = list(model_ids)
+        self._names: dict[str, str] = {}
+        for model_id in self.model_ids:
+            self._names[model_id] = model_id
+            self._names.setdefault(basename(model_id), model_id)
+        for alias, target in aliases.items():
+            if target in self.model_ids:
+                self._names[alias] = target
+        self.aliases = {a: t for a, t in aliases.items() if t in self.model_ids}
+
+    @property
+    def default(self) -> str:
+        return self.model_ids[0]
+
+    def resolve(self, requested: str | None) -> str:
+        if requested is None or requested == "":
+            return self.default
+        try:
+            return self._names[requested]
+        except KeyError:
+            served = ", ".join(self.model_ids + sorted(self.aliases))
+            raise ServiceError(
+                ErrorKind.MODEL_NOT_FOUND,
+                f"The model '{excerpt(requested, 80)}' does not exist on this server. "
+                f"Served models: {served}.",
+                param="model",
+            ) from None
+
+
+def check_texts(texts: Sequence[str], param: str, max_chars: int) -> None:
+    """Reject empty texts and texts over MAX_INPUT_CHARS, naming the index."""
+    for index, text in enumerate(texts):
+        if not text.strip():
+            raise ServiceError(
+                ErrorKind.INVALID_REQUEST,
+                f"{param}[{index}] is empty; every text must contain at least one "
+                "non-whitespace character.",
+                param=param,
+            )
+        if len(text) > max_chars:
+            raise ServiceError(
+                ErrorKind.INVALID_REQUEST,
+                f"{param}[{index}] has {len(text)} characters, over the limit "
+                f"MAX_INPUT_CHARS={max_chars}.",
+                param=param,
+            )
+
+
+async def pipeline(
+    executor: Executor,
+    prepare: Callable[[Sequence[T]], list[Encoded]],
+    items: Sequence[T],
+    run: Callable[[list[Encoded]], Awaitable[FloatArray]],
+) -> tuple[list[Encoded], FloatArray]:
+    """Prepare ``items`` in chunks on ``executor`` and run each chunk as soon as it is ready.
+
+    A large request starts on the model while the rest is still being tokenized.
+    If any chunk fails, the others are cancelled (their queued work is dropped).
+    Returns the encoded items and the stacked outputs, both in input order.
+    """
+    loop = asyncio.get_running_loop()
+
+    async def one(chunk: Sequence[T]) -> tuple[list[Encoded], FloatArray]:
+        encoded = await loop.run_in_executor(executor, prepare, chunk)
+        return encoded, await run(encoded)
+
+    chunks = [items[i : i + TOKENIZE_CHUNK] for i in range(0, len(items), TOKENIZE_CHUNK)]
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(chunk)) for chunk in chunks]
+    except ExceptionGroup as group_error:
+        raise group_error.exceptions[0] from None
+    results = [task.result() for task in tasks]
+    encoded = [e for part, _ in results for e in part]
+    return encoded, np.concatenate([out for _, out in results])
+
+
+def check_request_tokens(tokens: int, limit: int) -> None:
+    if tokens > limit:
+        raise ServiceError(
+            ErrorKind.INVALID_REQUEST,
+            f"The request has {tokens} tokens, over the limit MAX_REQUEST_TOKENS={limit}; "
+            "send fewer or shorter inputs per request.",
+        )

@@ -1,0 +1,171 @@
+"""Embeddings: resolve the model, prefix, tokenize once, batch, post-process."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import cast
+
+import numpy as np
+
+from fake_openai_server.backends.base import EmbeddingBackend, Encoded, FloatArray
+from fake_openai_server.engine.batcher import Batcher
+from fake_openai_server.errors import ErrorKind, ServiceError
+from fake_openai_server.families import INPUT_TYPE_ALIASES, Family, apply_prefix
+from fake_openai_server.service.common import (
+    ModelNames,
+    check_request_tokens,
+    check_texts,
+    pipeline,
+)
+from fake_openai_server.settings import Settings
+
+LANGCHAIN_HINT = (
+    "Token ids are not accepted: clients such as LangChain's OpenAIEmbeddings send "
+    "tiktoken (OpenAI) token ids, which mean nothing to this model. Send text instead "
+    "(LangChain: OpenAIEmbeddings(..., check_embedding_ctx_length=False)), or start the "
+    "server with ALLOW_TOKEN_IDS=true if you send this model's own token ids."
+)
+
+
+@dataclass
+class EmbeddingModel:
+    backend: EmbeddingBackend
+    batcher: Batcher
+    family: Family
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    vectors: FloatArray
+    prompt_tokens: int
+
+
+def normalize_input_type(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return INPUT_TYPE_ALIASES[value.lower()]
+    except KeyError:
+        allowed = ", ".join(sorted(INPUT_TYPE_ALIASES))
+        raise ServiceError(
+            ErrorKind.INVALID_REQUEST,
+            f"input_type must be one of: {allowed}.",
+            param="input_type",
+        ) from None
+
+
+class EmbeddingsService:
+    def __init__(
+        self,
+        models: dict[str, EmbeddingModel],
+        settings: Settings,
+        tokenizer_pool: Executor,
+    ) -> None:
+        self.models = models
+        self.names = ModelNames(list(models), settings.aliases())
+        self.settings = settings
+        self._pool = tokenizer_pool
+
+    def resolve(self, requested: str | None) -> EmbeddingModel:
+        return self.models[self.names.resolve(requested)]
+
+    async def embed(
+        self,
+        inputs: Sequence[str] | Sequence[Sequence[int]],
+        *,
+        model: str | None = None,
+        input_type: str | None = None,
+        dimensions: int | None = None,
+    ) -> EmbeddingResult:
+        entry = self.resolve(model)
+        settings = self.settings
+        if len(inputs) > settings.max_inputs:
+            raise ServiceError(
+                ErrorKind.INVALID_REQUEST,
+                f"input has {len(inputs)} items, over the limit MAX_INPUTS={settings.max_inputs}.",
+                param="input",
+            )
+        dimension = entry.backend.info.dimension or 0
+        if dimensions is not None and not 1 <= dimensions <= dimension:
+            raise ServiceError(
+                ErrorKind.INVALID_REQUEST,
+                f"dimensions must be between 1 and {dimension} for this model; got {dimensions}.",
+                param="dimensions",
+            )
+
+        tokens_so_far = 0
+
+        async def run(encoded: list[Encoded]) -> FloatArray:
+            nonlocal tokens_so_far
+            for item in encoded:
+                if item.truncated and not settings.truncate:
+                    raise ServiceError(
+                        ErrorKind.INVALID_REQUEST,
+                        f"An input has {item.original_length} tokens, over this model's maximum "
+                        f"of {entry.backend.info.max_length} (TRUNCATE=false).",
+                        param="input",
+                    )
+            tokens_so_far += sum(len(item.ids) for item in encoded)
+            check_request_tokens(tokens_so_far, settings.max_request_tokens)
+            return await entry.batcher.submit([item.ids for item in encoded])
+
+        if inputs and not isinstance(inputs[0], str):
+            rows = cast(Sequence[Sequence[int]], inputs)
+            encoded, vectors = await pipeline(self._pool, self._token_id_preparer(entry), rows, run)
+        else:
+            texts = [str(text) for text in inputs]
+            check_texts(texts, "input", settings.max_input_chars)
+            kind = normalize_input_type(input_type) or settings.default_input_type
+            prefixed = [apply_prefix(entry.family, text, kind) for text in texts]
+            encoded, vectors = await pipeline(self._pool, entry.backend.tokenize, prefixed, run)
+
+        if dimensions is not None:
+            vectors = vectors[:, :dimensions]
+        if settings.normalize:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.maximum(norms, np.float32(1e-12))
+        _check_vectors(vectors)
+        return EmbeddingResult(
+            np.ascontiguousarray(vectors, dtype=np.float32),
+            sum(len(item.ids) for item in encoded),
+        )
+
+    def _token_id_preparer(self, entry: EmbeddingModel) -> _TokenIdPreparer:
+        if not self.settings.allow_token_ids:
+            raise ServiceError(ErrorKind.INVALID_REQUEST, LANGCHAIN_HINT, param="input")
+        return _TokenIdPreparer(entry.backend)
+
+
+class _TokenIdPreparer:
+    """Checks raw token ids against the vocabulary and adds the special tokens."""
+
+    def __init__(self, backend: EmbeddingBackend) -> None:
+        self.backend = backend
+
+    def __call__(self, rows: Sequence[Sequence[int]]) -> list[Encoded]:
+        vocab = self.backend.info.vocab_size
+        for row in rows:
+            if not row:
+                raise ServiceError(
+                    ErrorKind.INVALID_REQUEST, "A token id list is empty.", param="input"
+                )
+            bad = next((t for t in row if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ServiceError(
+                    ErrorKind.INVALID_REQUEST,
+                    f"Token id {bad} is outside this model's vocabulary (0..{vocab - 1}).",
+                    param="input",
+                )
+        return [self.backend.wrap_ids(row) for row in rows]
+
+
+def _check_vectors(vectors: FloatArray) -> None:
+    """Never return NaN or all-zero vectors: Dify normalises them into NaN."""
+    if not np.isfinite(vectors).all() or not np.abs(vectors).max(axis=1).all():
+        raise ServiceError(
+            ErrorKind.MODEL_FAILURE,
+            "The model produced an invalid (non-finite or zero) vector; retry, or run the "
+            "server with DTYPE=float32.",
+        )

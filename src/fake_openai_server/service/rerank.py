@@ -1,0 +1,103 @@
+"""Rerank: pair the query with each document, score in shared batches, sort."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from fake_openai_server.backends.base import Encoded, FloatArray, RerankBackend
+from fake_openai_server.engine.batcher import Batcher
+from fake_openai_server.errors import ErrorKind, ServiceError
+from fake_openai_server.service.common import (
+    ModelNames,
+    check_request_tokens,
+    check_texts,
+    pipeline,
+)
+from fake_openai_server.settings import Settings
+
+
+@dataclass
+class RerankModel:
+    backend: RerankBackend
+    batcher: Batcher
+
+
+@dataclass(frozen=True)
+class Ranked:
+    index: int
+    score: float
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    ranked: list[Ranked]  # highest score first, cut to top_n
+    tokens: int
+
+
+class RerankService:
+    def __init__(self, models: dict[str, RerankModel], settings: Settings, pool: Executor) -> None:
+        self.models = models
+        self.names = ModelNames(list(models), settings.aliases())
+        self.settings = settings
+        self._pool = pool
+
+    async def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        model: str | None = None,
+        top_n: int | None = None,
+        raw_scores: bool = False,
+    ) -> RerankResult:
+        entry = self.models[self.names.resolve(model)]
+        settings = self.settings
+        if not query.strip():
+            raise ServiceError(ErrorKind.INVALID_REQUEST, "query is empty.", param="query")
+        if not documents:
+            raise ServiceError(
+                ErrorKind.INVALID_REQUEST, "documents must not be empty.", param="documents"
+            )
+        if len(documents) > settings.max_documents:
+            raise ServiceError(
+                ErrorKind.INVALID_REQUEST,
+                f"documents has {len(documents)} items, over the limit "
+                f"MAX_DOCUMENTS={settings.max_documents}.",
+                param="documents",
+            )
+        if top_n is not None and top_n < 0:
+            raise ServiceError(
+                ErrorKind.INVALID_REQUEST,
+                f"top_n must be 0 or more (0 or absent: every document); got {top_n}.",
+                param="top_n",
+            )
+        check_texts([query], "query", settings.max_input_chars)
+        check_texts(documents, "documents", settings.max_input_chars)
+
+        tokens_so_far = 0
+
+        async def run(encoded: list[Encoded]) -> FloatArray:
+            nonlocal tokens_so_far
+            tokens_so_far += sum(len(item.ids) for item in encoded)
+            check_request_tokens(tokens_so_far, settings.max_request_tokens)
+            return await entry.batcher.submit([item.ids for item in encoded])
+
+        prepare = partial(entry.backend.tokenize_pairs, query)
+        encoded, logits = await pipeline(self._pool, prepare, documents, run)
+        scores = logits if raw_scores else entry.backend.activate(logits)
+        if not np.isfinite(scores).all():
+            raise ServiceError(
+                ErrorKind.MODEL_FAILURE,
+                "The model produced a non-finite score; retry, or run with DTYPE=float32.",
+            )
+        # Stable sort: equal scores keep document order.
+        order = np.argsort(-scores, kind="stable")
+        if top_n:
+            order = order[:top_n]
+        ranked = [Ranked(int(i), float(scores[i])) for i in order]
+        return RerankResult(ranked, sum(len(item.ids) for item in encoded))

@@ -1,0 +1,192 @@
+"""The one settings object: every field is an environment variable and a CLI flag.
+
+Settings are read once, in ``cli.main`` (or in ``app.create_app`` for
+``uvicorn --factory``), and passed down explicitly. Nothing else in the
+package reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ServiceType = Literal["embeddings", "reranker", "all"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+DType = Literal["auto", "float32", "bfloat16", "float16", "int8"]
+InputType = Literal["query", "document", "classification", "clustering", "similarity"]
+
+DEFAULT_PORTS: dict[str, int] = {"embeddings": 8081, "reranker": 8082, "all": 8080}
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class SettingsError(ValueError):
+    """Settings that cannot work together; the message names the settings."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="",
+        case_sensitive=False,
+        extra="ignore",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_prog_name="fake-openai-server",
+        validate_default=True,
+    )
+
+    # --- what to serve -------------------------------------------------------
+    service_type: ServiceType = Field(
+        "embeddings", description="embeddings | reranker | all (both in one process)"
+    )
+    embeddings_model: CsvList = Field(
+        default_factory=lambda: ["cl-nagoya/ruri-large"],
+        description="Embedding model(s): Hugging Face ids or local paths, comma-separated",
+    )
+    reranker_model: str = Field(
+        "cl-nagoya/ruri-v3-reranker-310m", description="Reranker model: Hugging Face id or path"
+    )
+    model_aliases: CsvList = Field(
+        default_factory=list,
+        description="Extra names clients may send as `model`, as alias=model pairs "
+        "(e.g. text-embedding-3-small=cl-nagoya/ruri-large)",
+    )
+
+    # --- network ---------------------------------------------------------------
+    host: str = Field("0.0.0.0", description="Address to listen on")
+    port: int | None = Field(
+        None, ge=1, le=65535, description="Port (default 8081 embeddings, 8082 reranker, 8080 all)"
+    )
+
+    # --- model execution -----------------------------------------------------
+    device: Device = Field("auto", description="auto → cuda, then mps, then cpu")
+    dtype: DType = Field(
+        "auto",
+        description="auto → float16 on CUDA; on CPU bfloat16 when the processor has native "
+        "bfloat16, else float32",
+    )
+    max_seq_length: int | None = Field(
+        None, ge=8, description="Tokens per input seen by the model (default: the model's own)"
+    )
+    truncate: bool = Field(
+        True, description="Cut over-long inputs to max_seq_length (false: reply 400 instead)"
+    )
+    normalize: bool = Field(False, description="L2-normalise embeddings (ruri does not)")
+    allow_token_ids: bool = Field(
+        False, description="Accept `input` as token ids of this model's own tokenizer"
+    )
+    default_input_type: InputType | None = Field(
+        None, description="Prefix family applied when a request has no input_type (default: none)"
+    )
+    query_prefix: str | None = Field(None, description="Override the family's query prefix")
+    document_prefix: str | None = Field(None, description="Override the family's document prefix")
+
+    # --- engine --------------------------------------------------------------
+    max_batch_size: int = Field(64, ge=1, description="Most items in one forward pass")
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="Most padded tokens (items x longest) in one forward pass"
+    )
+    max_queue_tokens: int = Field(
+        2_000_000, ge=1, description="Tokens waiting in the queue before new requests get 429"
+    )
+    tokenizer_workers: int = Field(
+        2, ge=1, description="Threads that tokenize requests beside the model"
+    )
+    cpu_threads: int | None = Field(None, ge=1, description="torch threads on CPU (default: all)")
+    warmup: bool = Field(True, description="Run warm-up batches before reporting ready")
+
+    # --- limits --------------------------------------------------------------
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body")
+    max_inputs: int = Field(2048, ge=1, description="Inputs per embeddings request")
+    max_documents: int = Field(1000, ge=1, description="Documents per rerank request")
+    max_input_chars: int = Field(
+        1_000_000, ge=1, description="Characters per input or document (before cutting)"
+    )
+    max_request_tokens: int = Field(
+        300_000, ge=1, description="Tokens per request, after truncation"
+    )
+
+    # --- security and operations ----------------------------------------------
+    api_keys: CsvList = Field(
+        default_factory=list, description="Accepted API keys, comma-separated (empty: no auth)"
+    )
+    api_keys_file: Path | None = Field(None, description="File with one API key per line")
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM, time given to in-flight requests"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    log_json: bool = Field(False, description="Log one JSON object per line")
+
+    @field_validator("embeddings_model", "model_aliases", "api_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.service_type in ("embeddings", "all") and not self.embeddings_model:
+            raise SettingsError("EMBEDDINGS_MODEL is empty: name at least one embedding model")
+        for pair in self.model_aliases:
+            if "=" not in pair:
+                raise SettingsError(f"MODEL_ALIASES entry {pair!r} must look like alias=model")
+        if self.device == "mps" and self.dtype in ("bfloat16", "int8"):
+            raise SettingsError(f"DTYPE={self.dtype} is not supported with DEVICE=mps")
+        if self.device == "cpu" and self.dtype == "float16":
+            raise SettingsError(
+                "DTYPE=float16 needs DEVICE=cuda; on CPU use DTYPE=bfloat16 or float32"
+            )
+        if self.max_seq_length is not None and self.max_batch_tokens < self.max_seq_length:
+            raise SettingsError(
+                f"MAX_BATCH_TOKENS={self.max_batch_tokens} is smaller than "
+                f"MAX_SEQ_LENGTH={self.max_seq_length}: one full-length input could never run"
+            )
+        if self.max_queue_tokens < self.max_batch_tokens:
+            raise SettingsError(
+                f"MAX_QUEUE_TOKENS={self.max_queue_tokens} is smaller than "
+                f"MAX_BATCH_TOKENS={self.max_batch_tokens}: the queue could never fill one batch"
+            )
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        return self.port if self.port is not None else DEFAULT_PORTS[self.service_type]
+
+    @property
+    def serves_embeddings(self) -> bool:
+        return self.service_type in ("embeddings", "all")
+
+    @property
+    def serves_rerank(self) -> bool:
+        return self.service_type in ("reranker", "all")
+
+    def aliases(self) -> dict[str, str]:
+        """alias → model, from MODEL_ALIASES."""
+        pairs = (pair.split("=", 1) for pair in self.model_aliases)
+        return {alias.strip(): model.strip() for alias, model in pairs}
+
+    def all_api_keys(self) -> list[str]:
+        """API_KEYS plus the lines of API_KEYS_FILE (blank lines and # comments skipped)."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            try:
+                text = self.api_keys_file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise SettingsError(
+                    f"API_KEYS_FILE={self.api_keys_file} cannot be read: {exc.strerror}"
+                ) from None
+            keys += [
+                line.strip()
+                for line in text.splitlines()
+                if line.strip() and not line.startswith("#")
+            ]
+        return keys
