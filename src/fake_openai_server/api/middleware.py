@@ -39,6 +39,16 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def _as_json(scope: Scope) -> Scope:
+    """Treat every POST body as JSON: curl -d and some clients send no JSON content type."""
+    content_type = _header(scope, b"content-type") or ""
+    if "json" in content_type:
+        return scope
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+    headers.append((b"content-type", b"application/json"))
+    return {**scope, "headers": headers}
+
+
 def _bearer_token(authorization: str | None) -> str:
     """The key in ``Authorization: Bearer <key>``; '' when absent or empty."""
     if not authorization:
@@ -109,6 +119,8 @@ class Guard:
             if length is not None and length.isdigit() and int(length) > self.max_body:
                 await reply(self._too_large())
                 return
+            if scope["method"] == "POST":
+                scope = _as_json(scope)
             await self._call_limited(scope, receive, send_with_id)
         finally:
             self.metrics.requests.labels(route, str(status)).inc()

@@ -167,7 +167,7 @@ class SentenceTransformerBackend:
         ]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._runner = _TorchRunner(model, precision, pad_id, "sentence_embedding")
-        dimension = model.get_sentence_embedding_dimension()
+        dimension = model.get_embedding_dimension()
         self.info = ModelInfo(
             name=name,
             max_length=self.max_length,
