@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-Size = Literal["tiny", "full"]
+Size = Literal["tiny", "small", "full"]
 
 RURI_LARGE = "cl-nagoya/ruri-large"
 RERANKER = "cl-nagoya/ruri-v3-reranker-310m"
@@ -87,6 +87,8 @@ class BertShape:
 
 BERT_SHAPES: dict[Size, BertShape] = {
     "tiny": BertShape(hidden=64, layers=2, heads=4, intermediate=128, vocab_size=0),
+    # A small BERT for quick benchmark runs, with ruri-large's vocabulary.
+    "small": BertShape(hidden=384, layers=6, heads=12, intermediate=1536, vocab_size=32768),
     # cl-nagoya/ruri-large: BERT-large with a 32,768 vocabulary.
     "full": BertShape(hidden=1024, layers=24, heads=16, intermediate=4096, vocab_size=32768),
 }
@@ -94,7 +96,7 @@ BERT_SHAPES: dict[Size, BertShape] = {
 
 def _init(size: Size) -> dict[str, Any]:
     """Tiny models get a wider weight spread, so that different texts score differently."""
-    return {"initializer_range": 0.2} if size == "tiny" else {}
+    return {"initializer_range": 0.05} if size == "tiny" else {}
 
 
 def _snapshot_dir(hf_home: Path, repo_id: str) -> Path:
@@ -161,7 +163,7 @@ def build_ruri_large(hf_home: Path, size: Size = "tiny") -> Path:
     snapshot = _snapshot_dir(hf_home, RURI_LARGE)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     chars = _KANA + _KANJI_COMMON + _ASCII + _PUNCT
-    if size == "full":
+    if size != "tiny":
         chars += [chr(c) for c in range(0x4E00, 0x9FA0) if chr(c) not in _KANJI_COMMON]
     vocab = specials + chars + ["##" + c for c in chars]
     if shape.vocab_size:
@@ -292,6 +294,9 @@ def build_reranker(hf_home: Path, size: Size = "tiny") -> Path:
     pieces = _modernbert_tokenizer(snapshot, vocab_hint=2000)
     if size == "full":
         vocab, hidden, layers, heads, inter = 102400, 768, 25, 12, 3072
+    elif size == "small":
+        # ruri-v3-70m's width and heads, six layers: the small benchmark shape.
+        vocab, hidden, layers, heads, inter = 102400, 384, 6, 6, 1536
     else:
         vocab, hidden, layers, heads, inter = pieces, 64, 2, 4, 128
     config = _modernbert_config(
@@ -332,7 +337,7 @@ def build_all(hf_home: Path, size: Size = "tiny", ruri_v3: tuple[str, ...] = ())
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf-home", type=Path, required=True)
-    parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    parser.add_argument("--size", choices=["tiny", "small", "full"], default="tiny")
     parser.add_argument(
         "--ruri-v3", nargs="*", default=[], choices=sorted(RURI_V3), help="also build these"
     )
