@@ -57,11 +57,13 @@ def build_app(settings: Settings, loader: BackendLoader = load_backends) -> Fast
     app.state.settings = settings
     app.state.started = int(time.time())
 
-    app.include_router(system.router)
+    routers = [system.router]
     if settings.serves_embeddings:
-        app.include_router(embeddings.router)
+        routers.append(embeddings.router)
     if settings.serves_rerank:
-        app.include_router(rerank.router)
+        routers.append(rerank.router)
+    for router in routers:
+        app.include_router(router)
     install_error_handlers(app)
 
     @app.exception_handler(ClientGone)
@@ -72,7 +74,10 @@ def build_app(settings: Settings, loader: BackendLoader = load_backends) -> Fast
     async def _body_too_large(_: Request, __: BodyTooLarge) -> Response:
         return error_response(too_large(settings.max_request_bytes))
 
+    # Metrics label each request by its route's path. FastAPI includes routers lazily
+    # (app.routes holds opaque wrappers), so take the paths from the routers themselves.
     routes = [getattr(route, "path", "") for route in app.routes]
+    routes += [getattr(route, "path", "") for router in routers for route in router.routes]
     app.add_middleware(
         Guard,
         metrics=metrics,
