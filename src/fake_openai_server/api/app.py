@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from starlette.responses import Response
@@ -65,6 +66,7 @@ def build_app(settings: Settings, loader: BackendLoader = load_backends) -> Fast
     for router in routers:
         app.include_router(router)
     install_error_handlers(app)
+    document_statuses_truthfully(app)
 
     @app.exception_handler(ClientGone)
     async def _client_gone(_: Request, __: ClientGone) -> Response:
@@ -86,6 +88,26 @@ def build_app(settings: Settings, loader: BackendLoader = load_backends) -> Fast
         routes=routes,
     )
     return app
+
+
+def document_statuses_truthfully(app: FastAPI) -> None:
+    """Drop the 422 FastAPI documents for every route with a body: this server answers
+    400 in the OpenAI error envelope instead (``api/errors.py``)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        components = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_embeddings_app(settings: Settings, loader: BackendLoader = load_backends) -> FastAPI:

@@ -51,6 +51,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+# Documented for the routes without a body that still need a key when keys are set.
+KEY_RESPONSES: dict[int | str, dict[str, Any]] = {401: ERROR_RESPONSES[401]}
+
+
 def error_response(error: ServiceError, headers: dict[str, str] | None = None) -> Response:
     status, error_type, code = ERROR_TABLE[error.kind]
     body = {

@@ -6,9 +6,10 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from fake_openai_server.api.deps import runtime
+from fake_openai_server.api.errors import KEY_RESPONSES
 from fake_openai_server.api.schemas import Health, ModelList, Readiness
 from fake_openai_server.api.serialize import json_body
 from fake_openai_server.metrics import CONTENT_TYPE
@@ -47,7 +48,13 @@ async def ready(request: Request) -> Response:
     )
 
 
-@router.get("/v1/models", response_model=ModelList, tags=["models"], summary="Served models")
+@router.get(
+    "/v1/models",
+    response_model=ModelList,
+    responses=KEY_RESPONSES,
+    tags=["models"],
+    summary="Served models",
+)
 @router.get("/models", include_in_schema=False)
 async def list_models(request: Request) -> Response:
     rt = runtime(request)
@@ -63,7 +70,12 @@ async def list_models(request: Request) -> Response:
     return Response(json_body({"object": "list", "data": data}), media_type="application/json")
 
 
-@router.get("/info", tags=["operations"], summary="Models, precision, limits and engine stats")
+@router.get(
+    "/info",
+    responses=KEY_RESPONSES,
+    tags=["operations"],
+    summary="Models, precision, limits and engine stats",
+)
 async def info(request: Request) -> Response:
     rt = runtime(request)
     s = rt.settings
@@ -97,6 +109,21 @@ async def info(request: Request) -> Response:
     return Response(json_body(body), media_type="application/json")
 
 
-@router.get("/metrics", tags=["operations"], summary="Prometheus metrics")
+@router.get(
+    "/metrics",
+    tags=["operations"],
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+        # Spelled out: with a plain-text route, a "model" would be documented as text/plain.
+        401: {
+            "description": KEY_RESPONSES[401]["description"],
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+            },
+        },
+    },
+)
 async def metrics(request: Request) -> Response:
     return Response(runtime(request).metrics.render(), media_type=CONTENT_TYPE)
