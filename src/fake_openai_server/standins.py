@@ -96,7 +96,7 @@ BERT_SHAPES: dict[Size, BertShape] = {
 
 def _init(size: Size) -> dict[str, Any]:
     """Tiny models get a wider weight spread, so that different texts score differently."""
-    return {"initializer_range": 0.05} if size == "tiny" else {}
+    return {"initializer_range": 0.1} if size == "tiny" else {}
 
 
 def _snapshot_dir(hf_home: Path, repo_id: str) -> Path:
