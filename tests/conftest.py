@@ -31,6 +31,11 @@ def hf_home() -> Iterator[Path]:
     shutil.rmtree(_HF_HOME, ignore_errors=True)
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
 def _settings(**overrides: object) -> object:
     from fake_openai_server.settings import Settings
 

@@ -27,6 +27,9 @@ from fake_openai_server.errors import ErrorKind, ServiceError
 
 log = logging.getLogger(__name__)
 
+# A batch may hold at most this many padded tokens per real token.
+MAX_PADDING = 1.25
+
 RunBatch = Callable[[Sequence[TokenIds]], FloatArray]
 BatchObserver = Callable[["BatchReport"], None]
 
@@ -189,22 +192,30 @@ class Batcher:
         self._pending = kept
 
     def _take_batch(self) -> list[_Item]:
-        """The oldest item plus the waiting items closest to it in length, within budget."""
+        """The oldest item plus the waiting items closest to it in length.
+
+        Within the batch size and the padded-token budget, and only while padding
+        stays under ``MAX_PADDING`` of the real tokens: short texts are not padded
+        to the length of long ones, they form their own batch next.
+        """
         self._drop_finished()
         if not self._pending:
             return []
         anchor = self._pending[0].cost
         by_closeness = sorted(self._pending, key=lambda item: abs(item.cost - anchor))
         batch: list[_Item] = []
-        longest = 0
+        longest = real = 0
         for item in by_closeness:
             if len(batch) >= self.max_batch_size:
                 break
             widest = max(longest, item.cost)
-            if batch and widest * (len(batch) + 1) > self.max_batch_tokens:
+            padded = widest * (len(batch) + 1)
+            if batch and (
+                padded > self.max_batch_tokens or padded > MAX_PADDING * (real + item.cost)
+            ):
                 continue
             batch.append(item)
-            longest = widest
+            longest, real = widest, real + item.cost
         chosen = set(map(id, batch))
         self._pending = [item for item in self._pending if id(item) not in chosen]
         self._queued_tokens -= sum(item.cost for item in batch)
