@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 # --- errors -------------------------------------------------------------------
 
@@ -27,8 +27,16 @@ class ErrorResponse(BaseModel):
 
 # --- embeddings ---------------------------------------------------------------
 
-TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
-EmbeddingInput = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+# Documented constraints that the service layer enforces with its own, more precise
+# messages ("input[3] is empty..."): they go into the OpenAPI document only, so that
+# the document tells clients (and the schema fuzzer) what is accepted.
+Text = Annotated[StrictStr, Field(json_schema_extra={"minLength": 1, "pattern": r"\S"})]
+Texts = Annotated[list[Text], Field(json_schema_extra={"minItems": 1})]
+TokenId = Annotated[StrictInt, Field(json_schema_extra={"minimum": 0})]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+EmbeddingInput = (
+    Text | Texts | TokenIds | Annotated[list[TokenIds], Field(json_schema_extra={"minItems": 1})]
+)
 
 
 class EmbeddingsRequest(BaseModel):
@@ -41,7 +49,11 @@ class EmbeddingsRequest(BaseModel):
     encoding_format: Literal["float", "base64"] | None = Field(
         None, description="float (default) or base64 (little-endian float32)"
     )
-    dimensions: StrictInt | None = Field(None, description="Keep the first N dimensions")
+    dimensions: StrictInt | None = Field(
+        None,
+        description="Keep the first N dimensions",
+        json_schema_extra={"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]},
+    )
     input_type: StrictStr | None = Field(
         None,
         description="query | document (aliases search_query, search_document, passage) | "
@@ -89,19 +101,21 @@ class DocumentObject(BaseModel):
 class RerankRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    query: StrictStr
-    documents: list[StrictStr | DocumentObject]
+    query: Text
+    documents: Annotated[list[Text | DocumentObject], Field(json_schema_extra={"minItems": 1})]
     model: StrictStr | None = None
     top_n: StrictInt | None = Field(
-        None, description="Results to return; absent, null, 0 or >= the count: every document"
+        None,
+        description="Results to return; absent, null, 0 or >= the count: every document",
+        json_schema_extra={"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}]},
     )
-    return_documents: bool | None = Field(
+    return_documents: StrictBool | None = Field(
         None, description="Echo each document (default: true on /v1 and /rerank, false on /v2)"
     )
     rank_fields: list[StrictStr] | None = Field(
         None, description="For object documents: the fields to rank on (default: text)"
     )
-    raw_scores: bool = Field(False, description="Return logits instead of sigmoid scores")
+    raw_scores: StrictBool = Field(False, description="Return logits instead of sigmoid scores")
 
 
 class RerankDocument(BaseModel):
