@@ -7,9 +7,42 @@ Requests ignore unknown fields (clients send ``user``, ``drop_params``,
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+
+from fake_openai_server.errors import ErrorKind, ServiceError
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def reject_lone_surrogates(data: Any) -> Any:
+    """Refuse text that is not valid Unicode: JSON's ``\\ud800`` escapes decode to lone
+    surrogates, which no tokenizer, encoder or reply can carry (they used to cause 500s)."""
+    try:
+        orjson.dumps(data)  # fast path, in C: fails on surrogates (and on ints over 64 bits)
+        return data
+    except orjson.JSONEncodeError:
+        pass
+    stack = [data]
+    while stack:  # no recursion: bodies may be deeply nested
+        value = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise ServiceError(
+                    ErrorKind.INVALID_REQUEST,
+                    "The request contains a lone UTF-16 surrogate escape (such as \\ud800), "
+                    "which is not valid Unicode text.",
+                )
+        elif isinstance(value, dict):
+            stack.extend(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return data
+
 
 # --- errors -------------------------------------------------------------------
 
@@ -60,6 +93,8 @@ class EmbeddingsRequest(BaseModel):
         "classification | clustering | similarity: selects the model's prefix",
     )
     user: Any = Field(None, description="Accepted and ignored")
+
+    _valid_unicode = model_validator(mode="before")(reject_lone_surrogates)
 
     def items(self) -> list[str] | list[list[int]]:
         """``input`` as a list of texts or a list of token-id lists."""
@@ -116,6 +151,8 @@ class RerankRequest(BaseModel):
         None, description="For object documents: the fields to rank on (default: text)"
     )
     raw_scores: StrictBool = Field(False, description="Return logits instead of sigmoid scores")
+
+    _valid_unicode = model_validator(mode="before")(reject_lone_surrogates)
 
 
 class RerankDocument(BaseModel):
