@@ -139,6 +139,19 @@ def _cut(text: str, max_length: int) -> str:
     return text[: min(max_length * CHARS_PER_TOKEN_CAP, MAX_TOKENIZER_CHARS)]
 
 
+def _end_tokens(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer appends after the text ([SEP] for BERT, </s> for ruri-v3).
+
+    A cut sequence keeps them, as the tokenizer's own truncation does.
+    """
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[start + len(plain) :])
+    return []
+
+
 def _encode_one(ids: list[int], max_length: int, end: list[int]) -> Encoded:
     """Cut ``ids`` (tokenized to max_length + 1) to max_length, keeping the end tokens."""
     if len(ids) <= max_length:
@@ -162,9 +175,7 @@ class SentenceTransformerBackend:
         self.max_length = _max_length(model.max_seq_length, max_seq_length)
         model.max_seq_length = self.max_length
         self._tokenizers = _PerThreadTokenizer(tokenizer)
-        self._end = [
-            tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-        ]
+        self._end = _end_tokens(tokenizer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._runner = _TorchRunner(model, precision, pad_id, "sentence_embedding")
         dimension = model.get_embedding_dimension()
