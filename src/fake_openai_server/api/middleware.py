@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterable
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fake_openai_server.api.errors import error_response
@@ -21,15 +22,22 @@ PUBLIC_PATHS = frozenset({"/health", "/ready"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-class BodyTooLarge(Exception):
-    """Raised from ``receive`` when a body grows past the limit while being read."""
-
-
 def too_large(limit: int) -> ServiceError:
     return ServiceError(
         ErrorKind.PAYLOAD_TOO_LARGE,
         f"The request body is over the limit MAX_REQUEST_BYTES={limit}.",
     )
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` when a body grows past the limit while being read.
+
+    An HTTPException, because FastAPI turns any other exception raised while it reads
+    the body into "400 There was an error parsing the body"; this one stays a 413.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, too_large(limit).message)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -140,7 +148,7 @@ class Guard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(self.max_body)
             return message
 
         async def tracking_send(message: Message) -> None:
