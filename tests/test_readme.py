@@ -1,0 +1,32 @@
+"""The README is the front door: it documents every setting and its commands are real."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+from fake_openai_server.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_every_setting_is_documented_with_env_and_flag() -> None:
+    for name in Settings.model_fields:
+        env, flag = name.upper(), "--" + name.replace("_", "-")
+        row = re.search(rf"^\| `{env}` \| `{flag}` \|.+\|$", README, re.MULTILINE)
+        assert row, f"README has no settings row for {env} / {flag}"
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    commands = re.findall(r"```bash\n(.+?)\n```", README, re.DOTALL)
+    assert "uv run pytest" in commands
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^uv run pytest$", ci, re.MULTILINE)
+
+
+def test_the_server_command_is_the_console_script() -> None:
+    assert "uv run fake-openai-server" in re.findall(r"```bash\n(.+?)\n```", README, re.DOTALL)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["fake-openai-server"] == "fake_openai_server.cli:main"
