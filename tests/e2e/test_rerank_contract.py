@@ -1,0 +1,256 @@
+"""Rerank over a real socket, at every path clients use.
+
+``rerank_server`` runs the stand-in ruri-v3 reranker (ModernBERT, SentencePiece);
+``fake_server`` runs the fake backend, whose logits tests compute themselves
+(``fake_logit``: shared distinct characters minus 2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import RERANKER_MODEL, assert_error
+from tests.support.fakes import fake_logit
+from tests.support.live import LiveServer
+
+PATHS = ["/v1/rerank", "/rerank", "/v2/rerank", "/v1/v1/rerank"]
+V1_PATHS = ["/v1/rerank", "/rerank", "/v1/v1/rerank"]
+
+QUERY = "日本の首都はどこですか"
+DOCS = [
+    "東京は日本の首都です。",
+    "ラーメンは醤油、味噌、塩など多様なスープがあります。",
+    "富士山は日本で最も高い山です。",
+    "京都には歴史ある寺社が多く残っています。",
+    "首都東京の人口は多いです。",
+]
+
+
+def rerank(server: LiveServer, body: dict[str, Any], path: str = "/v1/rerank") -> Any:
+    with server.client() as client:
+        reply = client.post(path, json=body)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def expected_fake_order(query: str, docs: list[str]) -> list[int]:
+    """Indices by fake score, highest first; ties keep document order."""
+    return sorted(range(len(docs)), key=lambda i: -fake_logit(query, docs[i]))
+
+
+# --- the reply ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_reply_has_every_field(rerank_server: LiveServer, path: str) -> None:
+    reply = rerank(rerank_server, {"query": QUERY, "documents": DOCS}, path)
+    assert {"id", "model", "results", "usage", "meta"} <= set(reply)
+    assert isinstance(reply["id"], str) and reply["id"]
+    assert reply["model"] == RERANKER_MODEL
+    usage = reply["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] > len(DOCS)
+    assert reply["meta"]["billed_units"]["search_units"] == 1
+    assert reply["meta"]["tokens"]["input_tokens"] == usage["total_tokens"]
+    results = reply["results"]
+    assert sorted(r["index"] for r in results) == list(range(len(DOCS)))
+    scores = [r["relevance_score"] for r in results]
+    assert scores == sorted(scores, reverse=True)
+    assert all(0 < s < 1 for s in scores)
+
+
+def test_ids_differ_between_requests(fake_server: LiveServer) -> None:
+    body = {"query": QUERY, "documents": DOCS}
+    assert rerank(fake_server, body)["id"] != rerank(fake_server, body)["id"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_scores_and_order_match_independent_expectation(fake_server: LiveServer, path: str) -> None:
+    reply = rerank(fake_server, {"query": QUERY, "documents": DOCS}, path)
+    order = expected_fake_order(QUERY, DOCS)
+    assert [r["index"] for r in reply["results"]] == order
+    for r in reply["results"]:
+        assert r["relevance_score"] == pytest.approx(
+            sigmoid(fake_logit(QUERY, DOCS[r["index"]])), rel=1e-6
+        )
+
+
+def test_same_scores_on_every_path(rerank_server: LiveServer) -> None:
+    replies = [rerank(rerank_server, {"query": QUERY, "documents": DOCS}, p) for p in PATHS]
+    by_index = [{r["index"]: r["relevance_score"] for r in reply["results"]} for reply in replies]
+    for other in by_index[1:]:
+        for index, score in by_index[0].items():
+            assert other[index] == pytest.approx(score, abs=1e-5)
+
+
+# --- top_n -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("top_n", ["absent", None, 0, len(DOCS), len(DOCS) + 1, 1000])
+@pytest.mark.parametrize("path", PATHS)
+def test_every_document_comes_back_unless_top_n_asks_for_fewer(
+    fake_server: LiveServer, path: str, top_n: object
+) -> None:
+    body: dict[str, Any] = {"query": QUERY, "documents": DOCS}
+    if top_n != "absent":
+        body["top_n"] = top_n
+    reply = rerank(fake_server, body, path)
+    assert [r["index"] for r in reply["results"]] == expected_fake_order(QUERY, DOCS)
+
+
+@pytest.mark.parametrize("top_n", [1, 2, len(DOCS) - 1])
+def test_top_n_below_the_count_cuts_to_the_best(rerank_server: LiveServer, top_n: int) -> None:
+    full = rerank(rerank_server, {"query": QUERY, "documents": DOCS})["results"]
+    cut = rerank(rerank_server, {"query": QUERY, "documents": DOCS, "top_n": top_n})["results"]
+    assert [r["index"] for r in cut] == [r["index"] for r in full[:top_n]]
+
+
+@pytest.mark.parametrize("top_n", [-1, -100, "3", 1.5, True])
+def test_bad_top_n_is_400(fake_server: LiveServer, top_n: object) -> None:
+    with fake_server.client() as client:
+        reply = client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS, "top_n": top_n})
+    assert_error(reply, 400, param="top_n", contains="top_n")
+
+
+# --- return_documents and document objects --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "flag", "echoed"),
+    [
+        *[(p, "absent", True) for p in V1_PATHS],
+        ("/v2/rerank", "absent", False),
+        *[(p, True, True) for p in PATHS],
+        *[(p, False, False) for p in PATHS],
+        ("/v1/rerank", None, True),
+        ("/v2/rerank", None, False),
+    ],
+)
+def test_return_documents(fake_server: LiveServer, path: str, flag: object, echoed: bool) -> None:
+    body: dict[str, Any] = {"query": QUERY, "documents": DOCS}
+    if flag != "absent":
+        body["return_documents"] = flag
+    for r in rerank(fake_server, body, path)["results"]:
+        if echoed:
+            assert r["document"] == {"text": DOCS[r["index"]]}
+        else:
+            assert "document" not in r
+
+
+def test_documents_as_objects_with_text(fake_server: LiveServer) -> None:
+    docs = [{"text": d} for d in DOCS]
+    reply = rerank(fake_server, {"query": QUERY, "documents": docs, "return_documents": True})
+    assert [r["index"] for r in reply["results"]] == expected_fake_order(QUERY, DOCS)
+    for r in reply["results"]:
+        assert r["document"]["text"] == DOCS[r["index"]]
+
+
+def test_mixed_string_and_object_documents(rerank_server: LiveServer) -> None:
+    plain = rerank(rerank_server, {"query": QUERY, "documents": DOCS})["results"]
+    mixed_docs = [d if i % 2 else {"text": d} for i, d in enumerate(DOCS)]
+    mixed = rerank(rerank_server, {"query": QUERY, "documents": mixed_docs})["results"]
+    assert [r["index"] for r in mixed] == [r["index"] for r in plain]
+
+
+def test_rank_fields_choose_what_is_ranked(fake_server: LiveServer) -> None:
+    """``rank_fields`` ranks on the named fields; the whole object is echoed back."""
+    docs = [
+        {"title": "東京", "text": "zzz", "id": "a"},
+        {"title": "xyz", "text": "yyy", "id": "b"},
+    ]
+    by_text = rerank(fake_server, {"query": "東京", "documents": docs})["results"]
+    by_title = rerank(fake_server, {"query": "東京", "documents": docs, "rank_fields": ["title"]})[
+        "results"
+    ]
+    assert by_text[0]["relevance_score"] == by_text[1]["relevance_score"]
+    assert by_title[0]["index"] == 0
+    assert by_title[0]["relevance_score"] > by_title[1]["relevance_score"]
+    assert by_title[0]["document"]["id"] == "a"
+
+
+def test_unknown_fields_are_accepted(fake_server: LiveServer) -> None:
+    body = {
+        "query": QUERY,
+        "documents": DOCS,
+        "max_chunks_per_doc": 10,
+        "max_tokens_per_doc": 4096,
+        "rank_fields": ["text"],
+        "priority": 0,
+        "user": "someone",
+    }
+    for path in PATHS:
+        reply = rerank(fake_server, body, path)
+        assert [r["index"] for r in reply["results"]] == expected_fake_order(QUERY, DOCS)
+
+
+# --- raw scores ------------------------------------------------------------------------
+
+
+def test_raw_scores_are_logits(rerank_server: LiveServer) -> None:
+    normal = rerank(rerank_server, {"query": QUERY, "documents": DOCS})["results"]
+    raw = rerank(rerank_server, {"query": QUERY, "documents": DOCS, "raw_scores": True})["results"]
+    assert [r["index"] for r in raw] == [r["index"] for r in normal]
+    scores = {r["index"]: r["relevance_score"] for r in normal}
+    for r in raw:
+        assert sigmoid(r["relevance_score"]) == pytest.approx(scores[r["index"]], abs=1e-6)
+
+
+def test_raw_scores_exact_against_fake(fake_server: LiveServer) -> None:
+    raw = rerank(fake_server, {"query": QUERY, "documents": DOCS, "raw_scores": True})["results"]
+    for r in raw:
+        assert r["relevance_score"] == fake_logit(QUERY, DOCS[r["index"]])
+
+
+# --- model -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [RERANKER_MODEL, "ruri-v3-reranker-310m", None, ""])
+def test_model_is_optional_or_a_served_name(rerank_server: LiveServer, name: str | None) -> None:
+    reply = rerank(rerank_server, {"query": QUERY, "documents": DOCS, "model": name})
+    assert reply["model"] in (RERANKER_MODEL, name)
+    assert len(reply["results"]) == len(DOCS)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_unknown_model_is_404(rerank_server: LiveServer, path: str) -> None:
+    with rerank_server.client() as client:
+        reply = client.post(
+            path, json={"query": QUERY, "documents": DOCS, "model": "rerank-english-v3.0"}
+        )
+    assert_error(reply, 404, param="model", code="model_not_found", contains=RERANKER_MODEL)
+
+
+# --- invalid requests ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"query": "", "documents": DOCS}, "query"),
+        ({"query": "   ", "documents": DOCS}, "query"),
+        ({"documents": DOCS}, "query"),
+        ({"query": 1, "documents": DOCS}, "query"),
+        ({"query": QUERY, "documents": []}, "documents"),
+        ({"query": QUERY}, "documents"),
+        ({"query": QUERY, "documents": "東京"}, "documents"),
+        ({"query": QUERY, "documents": ["ok", ""]}, "documents"),
+        ({"query": QUERY, "documents": ["ok", 1]}, "documents"),
+        ({"query": QUERY, "documents": ["ok", None]}, "documents"),
+        ({"query": QUERY, "documents": [{"title": "no text"}]}, "documents"),
+        ({"query": QUERY, "documents": [{"text": ""}]}, "documents"),
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank"])
+def test_invalid_requests_are_400_naming_the_field(
+    fake_server: LiveServer, path: str, body: dict[str, Any], param: str
+) -> None:
+    with fake_server.client() as client:
+        reply = client.post(path, json=body)
+    assert_error(reply, 400, param=param, contains=param)
