@@ -6,6 +6,7 @@ request id → metrics → API key → body size limit → the route.
 from __future__ import annotations
 
 import hmac
+import logging
 import re
 import time
 import uuid
@@ -17,6 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fake_openai_server.api.errors import error_response
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = frozenset({"/health", "/ready"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -163,3 +166,12 @@ class Guard:
             if not started_response:
                 response = error_response(self._too_large())
                 await response(scope, receive, send)
+        except Exception as exc:
+            # Answer here instead of letting Starlette's ServerErrorMiddleware do it: that
+            # one re-raises after replying, and uvicorn then drops the keep-alive
+            # connection, so the client's next request on it fails with a reset.
+            if started_response:
+                raise
+            log.error("unhandled %s", type(exc).__name__, exc_info=exc)
+            response = error_response(ServiceError(ErrorKind.INTERNAL, "Internal server error."))
+            await response(scope, receive, send)
