@@ -1,0 +1,295 @@
+"""The other routes (/v1/models, /health, /ready, /info, /metrics) and the error
+envelope on every kind of failure: validation, unknown route, wrong method,
+invalid JSON, not ready, and 500s that never carry an exception's text."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from fake_openai_server.api.app import build_app
+from fake_openai_server.backends.base import Encoded, FloatArray, TokenIds
+from fake_openai_server.service.runtime import BackendLoader, Backends
+from fake_openai_server.settings import Settings
+from tests.e2e.conftest import EMBEDDINGS_MODEL, RERANKER_MODEL, assert_error
+from tests.support.fakes import FakeEmbeddingBackend, FakeRerankBackend, fake_loader
+from tests.support.live import LiveServer, serve_app, wait_ready
+
+SECRET = "/home/operator/.cache/secret-model/weights.bin"
+
+
+# --- /v1/models -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/models"])
+def test_models_list_in_openai_format(fake_server: LiveServer, path: str) -> None:
+    with fake_server.client() as client:
+        reply = client.get(path)
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == [EMBEDDINGS_MODEL, RERANKER_MODEL]
+    for card in body["data"]:
+        assert set(card) == {"id", "object", "created", "owned_by"}
+        assert card["object"] == "model"
+        assert isinstance(card["created"], int) and card["created"] > 1_600_000_000
+        assert isinstance(card["owned_by"], str) and card["owned_by"]
+
+
+def test_models_list_names_only_what_the_service_serves(
+    embeddings_server: LiveServer, rerank_server: LiveServer
+) -> None:
+    with embeddings_server.client() as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [EMBEDDINGS_MODEL]
+    with rerank_server.client() as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [RERANKER_MODEL]
+
+
+def test_embeddings_service_has_no_rerank_route_and_vice_versa(
+    embeddings_server: LiveServer, rerank_server: LiveServer
+) -> None:
+    with embeddings_server.client() as client:
+        reply = client.post("/v1/rerank", json={"query": "q", "documents": ["d"]})
+        assert_error(reply, 404, code="not_found")
+    with rerank_server.client() as client:
+        reply = client.post("/v1/embeddings", json={"input": "a"})
+        assert_error(reply, 404, code="not_found")
+
+
+# --- probes, /info, /metrics -------------------------------------------------------------
+
+
+def test_health_and_ready(fake_server: LiveServer) -> None:
+    with fake_server.client() as client:
+        health = client.get("/health")
+        ready = client.get("/ready")
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def test_info_publishes_models_and_limits(embeddings_server: LiveServer) -> None:
+    with embeddings_server.client() as client:
+        info = client.get("/info").json()
+    assert info["service_type"] == "embeddings"
+    assert info["state"] == "ready"
+    assert isinstance(info["version"], str) and info["version"]
+    model = info["models"][EMBEDDINGS_MODEL]
+    assert model["dimension"] == 64
+    assert model["max_length"] == 512
+    assert model["dtype"] == "float32"
+    assert model["device"] == "cpu"
+    limits = info["limits"]
+    for key in ("max_request_bytes", "max_inputs", "max_input_chars", "max_request_tokens"):
+        assert isinstance(limits[key], int) and limits[key] > 0
+
+
+def test_metrics_in_prometheus_text(fake_server: LiveServer) -> None:
+    with fake_server.client() as client:
+        assert client.post("/v1/embeddings", json={"input": "東京"}).status_code == 200
+        assert client.post("/v1/embeddings", json={"input": ""}).status_code == 400
+        reply = client.get("/metrics")
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/plain")
+    text = reply.text
+    assert "# HELP fos_requests_total" in text
+    assert "# TYPE fos_requests_total counter" in text
+    assert 'fos_requests_total{route="/v1/embeddings",status="200"}' in text
+    assert 'fos_requests_total{route="/v1/embeddings",status="400"}' in text
+    assert "fos_batch_items_bucket" in text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {family.name for family in text_string_to_metric_families(text)}
+    assert {"fos_requests", "fos_request_seconds", "fos_batch_items"} <= names
+    assert "東京" not in text
+
+
+# --- error envelope everywhere -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/nope"),
+        ("POST", "/v1/nope"),
+        ("GET", "/v1/embeddings/extra"),
+        ("GET", "/v3/rerank"),
+    ],
+)
+def test_unknown_route_is_404_envelope(fake_server: LiveServer, method: str, path: str) -> None:
+    with fake_server.client() as client:
+        reply = client.request(method, path, json={} if method == "POST" else None)
+    assert_error(reply, 404, code="not_found")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/embeddings"),
+        ("GET", "/embeddings"),
+        ("GET", "/v1/rerank"),
+        ("PUT", "/v2/rerank"),
+        ("DELETE", "/health"),
+        ("POST", "/v1/models"),
+        ("POST", "/ready"),
+    ],
+)
+def test_wrong_method_is_405_envelope(fake_server: LiveServer, method: str, path: str) -> None:
+    with fake_server.client() as client:
+        reply = client.request(method, path)
+    assert_error(reply, 405, code="method_not_allowed")
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/rerank", "/v2/rerank", "/rerank"])
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b'{"input": "a",}', b"", b"[1, 2]", b'"text"', b"null", b"\xff\xfe"],
+    ids=repr,
+)
+def test_invalid_json_is_400_envelope(fake_server: LiveServer, path: str, content: bytes) -> None:
+    with fake_server.client() as client:
+        reply = client.post(path, content=content, headers={"content-type": "application/json"})
+    assert_error(reply, 400)
+
+
+def test_json_without_content_type_is_accepted(fake_server: LiveServer) -> None:
+    """curl -d sends application/x-www-form-urlencoded; the body is JSON all the same."""
+    with fake_server.client() as client:
+        reply = client.post(
+            "/v1/embeddings",
+            content=b'{"input": "a"}',
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+    assert reply.status_code == 200, reply.text
+
+
+def test_validation_error_names_the_field(fake_server: LiveServer) -> None:
+    with fake_server.client() as client:
+        reply = client.post("/v1/embeddings", json={"input": "a", "model": 123})
+    assert_error(reply, 400, param="model", contains="model")
+
+
+def test_huge_invalid_value_is_not_echoed_whole(fake_server: LiveServer) -> None:
+    with fake_server.client() as client:
+        reply = client.post("/v1/embeddings", json={"input": "a", "model": "x" * 100_000})
+    error = assert_error(reply, 404, code="model_not_found")
+    assert len(reply.content) < 2_000, error
+
+
+# --- not ready ---------------------------------------------------------------------------
+
+
+def blocking_loader(release: threading.Event, fail: bool = False) -> BackendLoader:
+    inner = fake_loader()
+
+    def load(settings: Settings) -> Backends:
+        release.wait(timeout=60)
+        if fail:
+            raise RuntimeError(f"cannot open {SECRET}")
+        return inner(settings)
+
+    return load
+
+
+def test_ready_is_503_while_loading_then_200() -> None:
+    release = threading.Event()
+    app = build_app(Settings(service_type="all", warmup=False), blocking_loader(release))
+    try:
+        with serve_app(app, wait=False) as server, server.client() as client:
+            ready = client.get("/ready")
+            assert ready.status_code == 503
+            assert ready.json()["status"] == "loading"
+            assert client.get("/health").status_code == 200
+            for path, body in [
+                ("/v1/embeddings", {"input": "a"}),
+                ("/v1/rerank", {"query": "q", "documents": ["d"]}),
+            ]:
+                reply = client.post(path, json=body)
+                assert_error(reply, 503, code="model_not_ready")
+                assert reply.headers["retry-after"].isdigit()
+            release.set()
+            wait_ready(server.base_url, timeout=30)
+            assert client.post("/v1/embeddings", json={"input": "a"}).status_code == 200
+    finally:
+        release.set()
+
+
+def test_failed_loading_is_503_without_the_exception_text() -> None:
+    release = threading.Event()
+    release.set()
+    app = build_app(Settings(service_type="all", warmup=False), blocking_loader(release, True))
+    with serve_app(app, wait=False) as server, server.client() as client:
+        for _ in range(100):
+            ready = client.get("/ready")
+            if ready.json()["status"] != "loading":
+                break
+            threading.Event().wait(0.05)
+        assert ready.status_code == 503
+        assert ready.json()["status"] == "failed"
+        assert "secret" not in ready.text
+        reply = client.post("/v1/embeddings", json={"input": "a"})
+        assert_error(reply, 503)
+        assert "secret" not in reply.text
+
+
+# --- 500s ----------------------------------------------------------------------------------
+
+
+class ExplodingEmbeddings(FakeEmbeddingBackend):
+    def __init__(self, name: str, where: str) -> None:
+        super().__init__(name)
+        self.where = where
+
+    def tokenize(self, texts: Sequence[str]) -> list[Encoded]:
+        if self.where == "tokenize" and "boom" in texts[0]:
+            raise RuntimeError(f"tokenizer crashed reading {SECRET}")
+        return super().tokenize(texts)
+
+    def embed(self, batch: Sequence[TokenIds]) -> FloatArray:
+        if self.where == "embed" and len(batch[0]) == 6:  # BOS + "boom" + EOS
+            raise RuntimeError(f"CUDA error at {SECRET}")
+        if self.where == "nan" and len(batch[0]) == 6:
+            return np.full((len(batch), 8), np.nan, dtype=np.float32)
+        return super().embed(batch)
+
+
+class ExplodingRerank(FakeRerankBackend):
+    def score(self, batch: Sequence[TokenIds]) -> FloatArray:
+        raise ValueError(f"shape mismatch in {SECRET}")
+
+
+def exploding_loader(where: str) -> BackendLoader:
+    def load(settings: Settings) -> Backends:
+        return Backends(
+            embeddings={EMBEDDINGS_MODEL: ExplodingEmbeddings(EMBEDDINGS_MODEL, where)},
+            rerank={RERANKER_MODEL: ExplodingRerank(RERANKER_MODEL)},
+        )
+
+    return load
+
+
+@pytest.mark.parametrize("where", ["tokenize", "embed", "nan"])
+def test_500_never_carries_exception_text(where: str) -> None:
+    app = build_app(Settings(service_type="all", warmup=False), exploding_loader(where))
+    with serve_app(app) as server, server.client() as client:
+        reply = client.post("/v1/embeddings", json={"input": "boom"})
+        error = assert_error(reply, 500)
+        assert error["type"] == "server_error"
+        assert "secret" not in reply.text and "/home" not in reply.text
+        assert "RuntimeError: " not in reply.text
+        rerank = client.post("/v1/rerank", json={"query": "q", "documents": ["d"]})
+        assert_error(rerank, 500)
+        assert "secret" not in rerank.text
+        # The server keeps serving.
+        assert client.post("/v1/embeddings", json={"input": "all fine"}).status_code == 200
+        assert client.get("/health").status_code == 200
+
+
+def test_error_replies_carry_a_request_id(fake_server: LiveServer) -> None:
+    with fake_server.client() as client:
+        reply = client.post("/v1/embeddings", json={"input": ""})
+        mine = client.post("/v1/embeddings", json={"input": ""}, headers={"x-request-id": "abc-1"})
+    assert reply.headers["x-request-id"]
+    assert mine.headers["x-request-id"] == "abc-1"
