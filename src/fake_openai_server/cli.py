@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import signal
 import sys
+import threading
+from collections.abc import Generator
+from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
@@ -38,6 +44,37 @@ def load_settings(argv: list[str] | None) -> Settings:
         raise SystemExit(2) from None
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, except that a SIGTERM which ended in a clean drain exits 0.
+
+    On SIGTERM uvicorn stops accepting connections, lets in-flight requests finish
+    (up to SHUTDOWN_GRACE_SECONDS), then raises the signal again so that the process
+    dies of it (exit status 143): orchestrators count that as a failure. Here the
+    signal is not raised again; a SIGINT (Ctrl-C) still is.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        received: list[int] = []
+
+        def handle(sig: int, frame: FrameType | None) -> None:
+            received.append(sig)
+            self.handle_exit(sig, frame)
+
+        signals = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, handle) for sig in signals}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+        if signal.SIGINT in received:
+            signal.raise_signal(signal.SIGINT)
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = load_settings(argv)
     try:
@@ -56,10 +93,11 @@ def main(argv: list[str] | None = None) -> None:
         port=settings.effective_port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,
+        # 0 means no grace (int(0.5) or None used to mean "wait forever").
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds),
         server_header=False,
     )
-    server = uvicorn.Server(config)
+    server = Server(config)
 
     def stop_on_load_failure() -> None:
         server.should_exit = True
