@@ -1,0 +1,443 @@
+"""Real clients over a real socket: the openai and cohere SDKs, and plain JSON in the
+exact shapes Dify, Open WebUI, RAGFlow, FastGPT and n8n send, asserting on what each
+of them reads (see client-contract.md).
+
+Base URLs: the openai SDK appends ``/embeddings`` to its base URL, so it needs
+``http://host:port/v1``; the cohere SDK appends ``v1/rerank`` (``Client``) or
+``v2/rerank`` (``ClientV2``), so it needs the bare ``http://host:port``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import math
+from typing import Any
+from urllib.parse import urlsplit
+
+import cohere
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from fake_openai_server.standins import japanese_text
+from tests.e2e.conftest import EMBEDDINGS_MODEL, RERANKER_MODEL, STANDIN_DIM
+from tests.support.fakes import fake_logit, fake_text_vector
+from tests.support.live import LiveServer
+
+TEXTS = ["東京は日本の首都です。", "瑠璃色は深い青色のことです。", "Dify", "富士山"]
+QUERY = "日本の首都はどこですか"
+DOCS = [
+    "東京は日本の首都です。",
+    "ラーメンは醤油、味噌、塩など多様なスープがあります。",
+    "富士山は日本で最も高い山です。",
+    "首都東京の人口は多いです。",
+]
+
+
+class Recorder:
+    """Keeps the JSON bodies a client sends, to assert on the request shape."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.paths: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> None:
+        self.paths.append(request.url.path)
+        self.bodies.append(json.loads(request.content) if request.content else {})
+
+
+def float_vectors(server: LiveServer, texts: list[str]) -> np.ndarray:
+    with server.client() as client:
+        reply = client.post("/v1/embeddings", json={"input": texts, "encoding_format": "float"})
+    assert reply.status_code == 200, reply.text
+    return np.asarray([d["embedding"] for d in reply.json()["data"]], dtype=np.float32)
+
+
+def scores_alone(server: LiveServer, query: str, docs: list[str]) -> list[float]:
+    """Each document's score when it is ranked on its own (pair scores are independent)."""
+    out = []
+    with server.client() as client:
+        for doc in docs:
+            reply = client.post("/v1/rerank", json={"query": query, "documents": [doc]})
+            assert reply.status_code == 200, reply.text
+            out.append(reply.json()["results"][0]["relevance_score"])
+    return out
+
+
+# --- openai SDK ---------------------------------------------------------------------------
+
+
+def openai_client(server: LiveServer, recorder: Recorder | None = None) -> openai.OpenAI:
+    hooks = {"request": [recorder]} if recorder else {}
+    return openai.OpenAI(
+        base_url=f"{server.base_url}/v1",
+        api_key="unused",
+        max_retries=0,
+        http_client=httpx.Client(event_hooks=hooks),  # type: ignore[arg-type]
+    )
+
+
+def test_openai_sdk_default_base64_path(embeddings_server: LiveServer) -> None:
+    recorder = Recorder()
+    client = openai_client(embeddings_server, recorder)
+    reply = client.embeddings.create(model=EMBEDDINGS_MODEL, input=TEXTS)
+    assert recorder.bodies[0]["encoding_format"] == "base64"  # the SDK's own default
+    assert recorder.paths == ["/v1/embeddings"]
+    assert [d.index for d in reply.data] == list(range(len(TEXTS)))
+    got = np.asarray([d.embedding for d in reply.data], dtype=np.float32)
+    assert got.shape == (len(TEXTS), STANDIN_DIM)
+    np.testing.assert_allclose(got, float_vectors(embeddings_server, TEXTS), atol=1e-5)
+    assert reply.model == EMBEDDINGS_MODEL
+    assert reply.usage.prompt_tokens == reply.usage.total_tokens > len(TEXTS)
+
+
+def test_openai_sdk_explicit_float_and_string_input(fake_server: LiveServer) -> None:
+    recorder = Recorder()
+    client = openai_client(fake_server, recorder)
+    reply = client.embeddings.create(
+        model="ruri-large", input="東京", encoding_format="float", dimensions=4
+    )
+    assert recorder.bodies[0]["encoding_format"] == "float"
+    assert len(reply.data) == 1
+    np.testing.assert_allclose(reply.data[0].embedding, fake_text_vector("東京")[:4], rtol=1e-6)
+
+
+def test_openai_sdk_base64_exact(fake_server: LiveServer) -> None:
+    reply = openai_client(fake_server).embeddings.create(model=EMBEDDINGS_MODEL, input=TEXTS)
+    for text, item in zip(TEXTS, reply.data, strict=True):
+        np.testing.assert_array_equal(np.float32(item.embedding), fake_text_vector(text))
+
+
+def test_openai_sdk_sees_errors_as_its_own_exceptions(fake_server: LiveServer) -> None:
+    client = openai_client(fake_server)
+    with pytest.raises(openai.NotFoundError) as not_found:
+        client.embeddings.create(model="text-embedding-3-small", input="a")
+    assert not_found.value.code == "model_not_found"
+    assert EMBEDDINGS_MODEL in not_found.value.message
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.embeddings.create(model=EMBEDDINGS_MODEL, input="")
+    assert bad.value.param == "input"
+
+
+def test_openai_sdk_token_ids_get_the_langchain_hint(fake_server: LiveServer) -> None:
+    """What LangChain's OpenAIEmbeddings users see by default (tiktoken ids, base64)."""
+    client = openai_client(fake_server)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.embeddings.create(model=EMBEDDINGS_MODEL, input=[[9906, 1917], [35287]])
+    assert "check_embedding_ctx_length=False" in bad.value.message
+    assert bad.value.param == "input"
+
+
+def test_async_openai_concurrent_calls(embeddings_server: LiveServer) -> None:
+    texts = [japanese_text(10 + 7 * i, seed=i) for i in range(16)]
+    expected = float_vectors(embeddings_server, texts)
+
+    async def main() -> list[list[float]]:
+        async with openai.AsyncOpenAI(
+            base_url=f"{embeddings_server.base_url}/v1", api_key="unused", max_retries=0
+        ) as client:
+            replies = await asyncio.gather(
+                *(client.embeddings.create(model=EMBEDDINGS_MODEL, input=t) for t in texts)
+            )
+        return [r.data[0].embedding for r in replies]
+
+    got = np.asarray(asyncio.run(main()), dtype=np.float32)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_langchain_openai_embeddings(embeddings_server: LiveServer) -> None:
+    """Only where langchain-openai is installed (``uv run --with langchain-openai pytest``)."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    embeddings = langchain_openai.OpenAIEmbeddings(
+        model=EMBEDDINGS_MODEL,
+        base_url=f"{embeddings_server.base_url}/v1",
+        api_key="unused",
+        check_embedding_ctx_length=False,
+        max_retries=0,
+    )
+    docs = embeddings.embed_documents(TEXTS)
+    query = embeddings.embed_query(TEXTS[0])
+    expected = float_vectors(embeddings_server, TEXTS)
+    np.testing.assert_allclose(np.float32(docs), expected, atol=1e-5)
+    np.testing.assert_allclose(np.float32(query), expected[0], atol=1e-5)
+
+
+# --- cohere SDK ----------------------------------------------------------------------------
+
+
+def test_cohere_v1_rerank(rerank_server: LiveServer) -> None:
+    recorder = Recorder()
+    client = cohere.Client(
+        base_url=rerank_server.base_url,
+        api_key="unused",
+        httpx_client=httpx.Client(event_hooks={"request": [recorder]}),
+    )
+    reply = client.rerank(
+        model=RERANKER_MODEL,
+        query=QUERY,
+        documents=DOCS,
+        top_n=3,
+        return_documents=True,
+        max_chunks_per_doc=10,
+    )
+    assert recorder.paths == ["/v1/rerank"]
+    expected = scores_alone(rerank_server, QUERY, DOCS)
+    best = sorted(range(len(DOCS)), key=lambda i: -expected[i])[:3]
+    assert [r.index for r in reply.results] == best
+    for r in reply.results:
+        assert r.relevance_score == pytest.approx(expected[r.index], abs=1e-5)
+        assert r.document is not None and r.document.text == DOCS[r.index]
+    assert reply.id
+    assert reply.meta is not None and reply.meta.billed_units is not None
+    assert reply.meta.billed_units.search_units == 1
+
+
+def test_cohere_v1_rerank_object_documents(fake_server: LiveServer) -> None:
+    client = cohere.Client(base_url=fake_server.base_url, api_key="unused")
+    docs = [{"text": d, "title": f"doc {i}"} for i, d in enumerate(DOCS)]
+    reply = client.rerank(query=QUERY, documents=docs, rank_fields=["text"])
+    order = sorted(range(len(DOCS)), key=lambda i: -fake_logit(QUERY, DOCS[i]))
+    assert [r.index for r in reply.results] == order
+
+
+def test_cohere_v1_with_a_base_url_ending_in_v1(fake_server: LiveServer) -> None:
+    """A common mistake (base URL ".../v1") still works: the SDK hits /v1/v1/rerank."""
+    recorder = Recorder()
+    client = cohere.Client(
+        base_url=f"{fake_server.base_url}/v1",
+        api_key="unused",
+        httpx_client=httpx.Client(event_hooks={"request": [recorder]}),
+    )
+    reply = client.rerank(query=QUERY, documents=DOCS)
+    assert recorder.paths == ["/v1/v1/rerank"]
+    assert len(reply.results) == len(DOCS)
+
+
+def test_cohere_v2_rerank(rerank_server: LiveServer) -> None:
+    recorder = Recorder()
+    client = cohere.ClientV2(
+        base_url=rerank_server.base_url,
+        api_key="unused",
+        httpx_client=httpx.Client(event_hooks={"request": [recorder]}),
+    )
+    reply = client.rerank(
+        model=RERANKER_MODEL, query=QUERY, documents=DOCS, top_n=2, max_tokens_per_doc=4096
+    )
+    assert recorder.paths == ["/v2/rerank"]
+    expected = scores_alone(rerank_server, QUERY, DOCS)
+    best = sorted(range(len(DOCS)), key=lambda i: -expected[i])[:2]
+    assert [r.index for r in reply.results] == best
+    for r in reply.results:
+        assert r.relevance_score == pytest.approx(expected[r.index], abs=1e-5)
+    assert "document" not in reply.model_dump(exclude_none=True)["results"][0]
+
+
+def test_cohere_sdk_sees_unknown_model_as_404(rerank_server: LiveServer) -> None:
+    client = cohere.ClientV2(base_url=rerank_server.base_url, api_key="unused")
+    with pytest.raises(cohere.NotFoundError):
+        client.rerank(model="rerank-v3.5", query=QUERY, documents=DOCS)
+
+
+# --- Dify ------------------------------------------------------------------------------------
+
+
+def test_dify_embeddings_one_text_per_request(embeddings_server: LiveServer) -> None:
+    headers = {"Content-Type": "application/json", "Authorization": ""}
+    expected = float_vectors(embeddings_server, TEXTS)
+    with httpx.Client(base_url=embeddings_server.base_url, timeout=60, headers=headers) as session:
+        # The credential check: an ordinary call with "ping".
+        check = session.post("/v1/embeddings", json={"model": EMBEDDINGS_MODEL, "input": ["ping"]})
+        assert check.status_code == 200, check.text
+        assert check.json()["usage"]["total_tokens"] > 0
+        for text, want in zip(TEXTS, expected, strict=True):
+            for extra in ({}, {"encoding_format": "float"}):
+                reply = session.post(
+                    "/v1/embeddings", json={"model": EMBEDDINGS_MODEL, "input": [text], **extra}
+                )
+                assert reply.status_code == 200, reply.text
+                body = reply.json()
+                vector = np.asarray(body["data"][0]["embedding"], dtype=np.float64)
+                normed = vector / np.linalg.norm(vector)  # what Dify does with it
+                assert np.isfinite(normed).all()
+                np.testing.assert_allclose(vector, want, atol=1e-5)
+                assert body["usage"]["prompt_tokens"] > 0
+                assert body["usage"]["total_tokens"] > 0
+
+
+def test_dify_embeddings_with_its_document_prefix(embeddings_server: LiveServer) -> None:
+    """Dify joins a user-set prefix as f"{prefix} {text}"."""
+    with embeddings_server.client(headers={"Authorization": ""}) as session:
+        reply = session.post(
+            "/v1/embeddings", json={"model": EMBEDDINGS_MODEL, "input": ["文章: 東京は首都です"]}
+        )
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["data"][0]["embedding"]) == STANDIN_DIM
+
+
+def dify_rerank(server: LiveServer, docs: list[str], top_n: int, threshold: float) -> list[Any]:
+    """Dify's OpenAI-API-compatible rerank: reads index and relevance_score only."""
+    with server.client(headers={"Authorization": ""}) as session:
+        reply = session.post(
+            "/v1/rerank",
+            json={"model": RERANKER_MODEL, "query": QUERY, "documents": docs, "top_n": top_n},
+        )
+    assert reply.status_code == 200, reply.text
+    kept = []
+    for result in reply.json()["results"]:
+        index = result["index"]
+        assert 0 <= index < len(docs)
+        if result["relevance_score"] >= threshold:
+            kept.append((docs[index], result["relevance_score"]))
+    return kept
+
+
+def test_dify_rerank_credential_check(rerank_server: LiveServer) -> None:
+    docs = [
+        "Carson City is the capital city of the American state of Nevada.",
+        "The Commonwealth of the Northern Mariana Islands is a group of islands in the Pacific "
+        "Ocean. Its capital is Saipan.",
+        "Washington, D.C. is the capital of the United States.",
+    ]
+    kept = dify_rerank(rerank_server, docs, top_n=3, threshold=0.0)
+    assert sorted(doc for doc, _ in kept) == sorted(docs)
+
+
+@pytest.mark.parametrize("top_n", [0, len(DOCS)])
+def test_dify_rerank_top_n_zero_or_count_returns_everything(
+    rerank_server: LiveServer, top_n: int
+) -> None:
+    kept = dify_rerank(rerank_server, DOCS, top_n=top_n, threshold=0.0)
+    assert sorted(doc for doc, _ in kept) == sorted(DOCS)
+    expected = dict(zip(DOCS, scores_alone(rerank_server, QUERY, DOCS), strict=True))
+    for doc, score in kept:
+        assert score == pytest.approx(expected[doc], abs=1e-5)
+
+
+# --- Open WebUI -------------------------------------------------------------------------------
+
+
+def raw_post(server: LiveServer, path: str, body: dict[str, Any], headers: dict[str, str]) -> Any:
+    """POST with http.client: httpx refuses header values with trailing spaces ("Bearer "),
+    which Open WebUI's aiohttp/requests send as they are."""
+    url = urlsplit(server.base_url)
+    connection = http.client.HTTPConnection(url.hostname or "", url.port, timeout=60)
+    try:
+        connection.request("POST", path, json.dumps(body), headers)
+        reply = connection.getresponse()
+        data = reply.read()
+    finally:
+        connection.close()
+    assert reply.status == 200, data[:500]
+    return json.loads(data)
+
+
+OPEN_WEBUI_HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer "}
+
+
+def test_open_webui_embeddings(embeddings_server: LiveServer) -> None:
+    body = {"input": TEXTS, "model": EMBEDDINGS_MODEL}
+    data = raw_post(embeddings_server, "/v1/embeddings", body, OPEN_WEBUI_HEADERS)
+    got = np.asarray([elem["embedding"] for elem in data["data"]], dtype=np.float32)
+    np.testing.assert_allclose(got, float_vectors(embeddings_server, TEXTS), atol=1e-5)
+
+
+def test_open_webui_rerank_every_document_comes_back(rerank_server: LiveServer) -> None:
+    docs = [*DOCS, *(japanese_text(30, seed=s) for s in range(6))]
+    body = {"model": RERANKER_MODEL, "query": QUERY, "documents": docs, "top_n": len(docs)}
+    data = raw_post(rerank_server, "/v1/rerank", body, OPEN_WEBUI_HEADERS)
+    results = sorted(data["results"], key=lambda x: x.get("index", 0))
+    scores = [r["relevance_score"] for r in results]
+    assert len(scores) == len(docs)  # else the zip below shifts scores onto other documents
+    expected = scores_alone(rerank_server, QUERY, docs)
+    for (doc, score), want in zip(zip(docs, scores, strict=True), expected, strict=True):
+        assert score == pytest.approx(want, abs=1e-5), doc
+
+
+# --- RAGFlow ------------------------------------------------------------------------------------
+
+
+def test_ragflow_embeddings_batches_of_16(embeddings_server: LiveServer) -> None:
+    texts = [japanese_text(20 + i, seed=100 + i) for i in range(40)]
+    client = openai_client(embeddings_server)
+    vectors: list[list[float]] = []
+    total = 0
+    for start in range(0, len(texts), 16):
+        reply = client.embeddings.create(
+            input=texts[start : start + 16],
+            model=EMBEDDINGS_MODEL,
+            encoding_format="float",
+            extra_body={"drop_params": True},
+        )
+        vectors += [d.embedding for d in sorted(reply.data, key=lambda d: d.index)]
+        total += reply.usage.total_tokens
+    np.testing.assert_allclose(
+        np.float32(vectors), float_vectors(embeddings_server, texts), atol=1e-5
+    )
+    assert total > len(texts)
+
+
+def test_ragflow_rerank(fake_server: LiveServer) -> None:
+    with fake_server.client() as session:
+        reply = session.post(
+            "/v1/rerank",
+            json={"model": RERANKER_MODEL, "query": QUERY, "documents": DOCS, "top_n": len(DOCS)},
+        )
+    assert reply.status_code == 200, reply.text
+    rank = np.zeros(len(DOCS), dtype=float)
+    for d in reply.json()["results"]:
+        rank[d["index"]] = d["relevance_score"]
+    assert ((rank > 0) & (rank < 1)).all()  # kept as is, not min-max normalised
+    for i, doc in enumerate(DOCS):
+        assert rank[i] == pytest.approx(1 / (1 + math.exp(-fake_logit(QUERY, doc))), rel=1e-6)
+
+
+# --- FastGPT, n8n, Jina-style -------------------------------------------------------------------
+
+
+def test_fastgpt_rerank_without_top_n(rerank_server: LiveServer) -> None:
+    with rerank_server.client() as session:
+        reply = session.post(
+            "/v1/rerank", json={"model": RERANKER_MODEL, "query": QUERY, "documents": DOCS}
+        )
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert sorted(r["index"] for r in body["results"]) == list(range(len(DOCS)))
+    assert body["meta"]["tokens"]["input_tokens"] == body["usage"]["total_tokens"] > 0
+
+
+def test_n8n_rerank_at_v1_v1(rerank_server: LiveServer) -> None:
+    with rerank_server.client() as session:
+        reply = session.post(
+            "/v1/v1/rerank",
+            json={"model": RERANKER_MODEL, "query": QUERY, "documents": DOCS, "top_n": 2},
+        )
+    assert reply.status_code == 200, reply.text
+    results = reply.json()["results"]
+    assert len(results) == 2
+    assert results[0]["relevance_score"] >= results[1]["relevance_score"]
+    assert results[0]["document"]["text"] == DOCS[results[0]["index"]]
+
+
+def test_jina_style_client(fake_server: LiveServer) -> None:
+    with fake_server.client() as session:
+        reply = session.post(
+            "/v1/rerank",
+            json={
+                "model": RERANKER_MODEL,
+                "query": QUERY,
+                "documents": DOCS,
+                "top_n": 2,
+                "return_documents": True,
+            },
+        )
+        body = reply.json()
+        assert body["usage"]["total_tokens"] > 0
+        assert [r["document"]["text"] for r in body["results"]] == [
+            DOCS[r["index"]] for r in body["results"]
+        ]
+        failed = session.post("/v1/rerank", json={"query": "", "documents": DOCS})
+    assert failed.status_code == 400
+    assert "query" in failed.json()["detail"]
