@@ -110,9 +110,22 @@ def main(argv: list[str] | None = None) -> None:
         settings.effective_port,
     )
     server.run()
-    if app.state.runtime.state == "failed":
+    # Not runtime.state: the lifespan's shutdown has moved it on to "stopping" by now.
+    failure = app.state.runtime.failure
+    if failure is not None:
+        reason = failure.splitlines()[0] if failure.strip() else failure
         print(
-            f"fake-openai-server: could not load the model: {app.state.runtime.failure}",
+            f"fake-openai-server: could not load {configured_models(settings)}: {reason}",
             file=sys.stderr,
         )
         raise SystemExit(1)
+
+
+def configured_models(settings: Settings) -> str:
+    """The model settings in force, as the user wrote them (for error messages)."""
+    parts = []
+    if settings.serves_embeddings:
+        parts.append(f"EMBEDDINGS_MODEL={','.join(settings.embeddings_model)}")
+    if settings.serves_rerank:
+        parts.append(f"RERANKER_MODEL={settings.reranker_model}")
+    return " and ".join(parts)
