@@ -12,10 +12,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from fake_openai_server.backends.base import EmbeddingBackend, ModelInfo, RerankBackend
-from fake_openai_server.engine.batcher import Batcher
+from fake_openai_server.engine.batcher import Batcher, RunBatch
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.families import family_for, with_overrides
 from fake_openai_server.metrics import Metrics
@@ -110,7 +110,7 @@ class Runtime:
                 time.perf_counter() - started,
             )
 
-    def _batcher(self, name: str, run: Any) -> Batcher:
+    def _batcher(self, name: str, run: RunBatch) -> Batcher:
         s = self.settings
         batcher = Batcher(
             run,
