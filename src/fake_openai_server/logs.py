@@ -35,3 +35,16 @@ def configure(level: str, as_json: bool) -> None:
     # Libraries that chatter at INFO about things an operator need not see.
     for name in ("httpx", "huggingface_hub", "sentence_transformers", "transformers"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
+
+# Libraries that install their own stderr handler when imported (transformers does not
+# even propagate to the root logger), bypassing the format chosen here.
+LIBRARY_LOGGERS = ("huggingface_hub", "transformers", "sentence_transformers")
+
+
+def adopt_library_loggers() -> None:
+    """Call after importing the model libraries: their records go through our handler."""
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
