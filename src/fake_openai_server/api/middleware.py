@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fake_openai_server.api.errors import error_response
-from fake_openai_server.errors import ErrorKind, ServiceError
+from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -134,8 +134,18 @@ class Guard:
                 scope = _as_json(scope)
             await self._call_limited(scope, receive, send_with_id)
         finally:
+            seconds = time.perf_counter() - started
             self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+            self.metrics.latency.labels(route).observe(seconds)
+            # The access log, at debug level: never a body, header or key.
+            log.debug(
+                "%s %s %d %.1fms request_id=%s",
+                scope["method"],
+                excerpt(scope["path"], 100),
+                status,
+                seconds * 1000,
+                request_id,
+            )
 
     def _too_large(self) -> ServiceError:
         return too_large(self.max_body)
