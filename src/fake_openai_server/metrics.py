@@ -21,6 +21,9 @@ class Metrics:
         self.requests = Counter(
             "fos_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )
+        self.in_progress = Gauge(
+            "fos_requests_in_progress", "HTTP requests being served", ["route"], registry=r
+        )
         self.latency = Histogram(
             "fos_request_seconds",
             "HTTP request latency",

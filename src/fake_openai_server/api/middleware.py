@@ -117,6 +117,8 @@ class Guard:
             response = error_response(error)
             await response(scope, receive, send_with_id)
 
+        in_progress = self.metrics.in_progress.labels(route)
+        in_progress.inc()
         try:
             if not self._authorized(scope):
                 await reply(
@@ -135,6 +137,7 @@ class Guard:
             await self._call_limited(scope, receive, send_with_id)
         finally:
             seconds = time.perf_counter() - started
+            in_progress.dec()
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(seconds)
             # The access log, at debug level: never a body, header or key.
