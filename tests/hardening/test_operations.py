@@ -1,0 +1,165 @@
+"""The real CLI in a subprocess, as operators run it: logs and SIGTERM.
+
+One server run (LOG_LEVEL=debug, LOG_JSON=true, both APIs over the tiny stand-ins)
+serves requests carrying a distinctive text, then gets SIGTERM with requests in
+flight. The tests below check what that run did.
+
+SIGTERM, as it behaves (and as docs/operations.ja.md describes it):
+- requests in flight finish with their normal reply, within SHUTDOWN_GRACE_SECONDS;
+- the listening socket closes at once: a *new* connection is refused (a connection
+  error, not a 503), and keep-alive connections close after their reply;
+- then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.live import run_cli
+
+SECRET = "秘密の合言葉はコバルトブルー42号"  # must never reach the log
+REQUEST_ID = "hardening-log-check-1"
+IN_FLIGHT = 4
+INPUTS = 48
+
+
+@dataclass
+class Run:
+    log: str
+    secret_replies: list[httpx.Response]
+    pending_at_signal: int
+    refused_during_drain: bool
+    pending_when_refused: int
+    replies: list[httpx.Response]
+    exit_code: int
+
+
+def _in_progress(base_url: str, route: str) -> float:
+    text = httpx.get(f"{base_url}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "fos_requests_in_progress" and sample.labels["route"] == route:
+                return sample.value
+    return 0.0
+
+
+def _secret_requests(client: httpx.Client) -> list[httpx.Response]:
+    return [
+        client.post(
+            "/v1/embeddings",
+            json={"input": [SECRET, f"前置き {SECRET}"]},
+            headers={"X-Request-Id": REQUEST_ID},
+        ),
+        client.post("/v1/rerank", json={"query": SECRET, "documents": [SECRET, "別の文書"]}),
+        # errors that name the input in the reply must still keep it out of the log
+        client.post("/v1/embeddings", json={"input": SECRET, "model": SECRET}),
+        client.post("/v1/embeddings", json={"input": [SECRET, ""]}),
+        client.post("/v1/rerank", json={"query": SECRET, "documents": [{"title": SECRET}]}),
+    ]
+
+
+@pytest.fixture(scope="module")
+def run(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    env = {
+        "SERVICE_TYPE": "all",
+        "DTYPE": "float32",
+        "WARMUP": "false",
+        "LOG_LEVEL": "debug",
+        "LOG_JSON": "true",
+        "SHUTDOWN_GRACE_SECONDS": "60",
+        "MAX_BATCH_SIZE": "1",  # one input per forward pass: the in-flight requests take a while
+    }
+    text = "東京は日本の首都です。瑠璃色は深い青色のことです。" * 20  # ~500 tokens
+    with run_cli(env, tmp_path_factory.mktemp("cli")) as server:
+        process = server.process
+        assert process is not None
+        with server.client() as client:
+            secret_replies = _secret_requests(client)
+
+        url = f"{server.base_url}/v1/embeddings"
+        with ThreadPoolExecutor(IN_FLIGHT) as pool:
+            futures: list[Future[httpx.Response]] = [
+                pool.submit(
+                    httpx.post,
+                    url,
+                    json={"input": [f"{i}-{j} {text}" for j in range(INPUTS)]},
+                    timeout=120,
+                )
+                for i in range(IN_FLIGHT)
+            ]
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # until the server holds every request
+                if _in_progress(server.base_url, "/v1/embeddings") == IN_FLIGHT:
+                    break
+                time.sleep(0.02)
+            process.send_signal(signal.SIGTERM)
+            pending_at_signal = sum(not f.done() for f in futures)
+
+            refused = False
+            while not all(f.done() for f in futures):
+                try:
+                    httpx.get(f"{server.base_url}/health", timeout=2)
+                except httpx.ConnectError:
+                    refused = True
+                    break
+                time.sleep(0.05)
+            pending_when_refused = sum(not f.done() for f in futures)
+            replies = [f.result() for f in futures]
+        exit_code = process.wait(timeout=60)
+        yield Run(
+            log=server.log(),
+            secret_replies=secret_replies,
+            pending_at_signal=pending_at_signal,
+            refused_during_drain=refused,
+            pending_when_refused=pending_when_refused,
+            replies=replies,
+            exit_code=exit_code,
+        )
+
+
+def test_sigterm_lets_in_flight_requests_finish(run: Run) -> None:
+    assert run.pending_at_signal == IN_FLIGHT, "requests finished before SIGTERM: make them slower"
+    assert [r.status_code for r in run.replies] == [200] * IN_FLIGHT, [
+        r.text[:200] for r in run.replies
+    ]
+    assert all(len(r.json()["data"]) == INPUTS for r in run.replies)
+    assert "Waiting for connections to close" in run.log
+
+
+def test_sigterm_refuses_new_connections_while_draining(run: Run) -> None:
+    assert run.refused_during_drain, "a new connection was accepted during the drain"
+    assert run.pending_when_refused > 0
+
+
+def test_sigterm_exits_0(run: Run) -> None:
+    assert run.exit_code == 0, run.log[-3000:]
+
+
+def test_request_text_never_logged_even_at_debug(run: Run) -> None:
+    statuses = [r.status_code for r in run.secret_replies]
+    assert statuses == [200, 200, 404, 400, 400], [r.text[:200] for r in run.secret_replies]
+    access = [line for line in run.log.splitlines() if REQUEST_ID in line]
+    assert access, "no debug access-log line: was LOG_LEVEL=debug applied?"
+    assert json.loads(access[0])["level"] == "debug"
+    assert "/v1/embeddings 200" in access[0]
+    for fragment in (SECRET, SECRET[:6], SECRET[-8:], json.dumps(SECRET)[1:12]):
+        assert fragment not in run.log
+
+
+def test_json_logs_one_object_per_line(run: Run) -> None:
+    lines = [line for line in run.log.splitlines() if line.strip()]
+    assert len(lines) >= 5
+    for line in lines:
+        entry = json.loads(line)  # fails on any non-JSON line (tracebacks, progress bars)
+        assert isinstance(entry, dict)
+        assert {"time", "level", "logger", "message"} <= entry.keys()
