@@ -1,0 +1,240 @@
+"""The real entry points in subprocesses, as users start them: ``python -m
+fake_openai_server`` and ``uvicorn --factory``; refusals for bad settings; a clean exit
+(not a hang) when the model cannot be loaded; ``--help``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from fake_openai_server.settings import Settings
+from tests.e2e.conftest import EMBEDDINGS_MODEL, RERANKER_MODEL
+from tests.support.live import LiveServer, free_port, run_cli, wait_ready
+
+# Settings the tests' parent environment might carry; a subprocess must not inherit them.
+_SETTING_NAMES = [name.upper() for name in Settings.model_fields]
+
+
+def clean_env(**env: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if k.upper() not in _SETTING_NAMES}
+    return {**base, **env}
+
+
+def run_entrypoint(
+    env: dict[str, str], args: list[str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fake_openai_server", *(args or [])],
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+# --- defaults ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("service_type", "port"), [("embeddings", 8081), ("reranker", 8082), (None, 8081)]
+)
+def test_default_ports(
+    monkeypatch: pytest.MonkeyPatch, service_type: str | None, port: int
+) -> None:
+    for name in _SETTING_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    if service_type is not None:
+        monkeypatch.setenv("SERVICE_TYPE", service_type)
+    settings = Settings()
+    assert settings.effective_port == port
+    assert settings.embeddings_model == [EMBEDDINGS_MODEL]
+    assert settings.reranker_model == RERANKER_MODEL
+    monkeypatch.setenv("PORT", "9999")
+    assert Settings().effective_port == 9999
+
+
+@contextlib.contextmanager
+def uvicorn_factory(env: dict[str, str], log_path: Path, wait: bool = True) -> Iterator[LiveServer]:
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "fake_openai_server.api.app:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, env=clean_env(**env), stdout=log, stderr=subprocess.STDOUT
+        )
+    server = LiveServer(f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+    try:
+        if wait:
+            wait_ready(server.base_url, process=process)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+MISSING_MODEL = "nobody/no-such-model"
+
+
+@pytest.fixture(scope="session")
+def background(
+    cli_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """The slow subprocesses of this module, started together so their start-ups overlap:
+    the reranker CLI, uvicorn --factory, and a CLI whose model does not exist."""
+    logs = tmp_path_factory.mktemp("cli-background")
+    with contextlib.ExitStack() as stack:
+        reranker = stack.enter_context(
+            run_cli({**cli_env, "SERVICE_TYPE": "reranker", "WARMUP": "false"}, logs, wait=False)
+        )
+        factory = stack.enter_context(
+            uvicorn_factory(
+                {**cli_env, "SERVICE_TYPE": "all", "WARMUP": "false"},
+                logs / "uvicorn.log",
+                wait=False,
+            )
+        )
+        missing_port = free_port()
+        missing_log = (logs / "missing.log").open("w")
+        stack.callback(missing_log.close)
+        env = {**cli_env, "EMBEDDINGS_MODEL": MISSING_MODEL, "HOST": "127.0.0.1"}
+        missing = subprocess.Popen(
+            [sys.executable, "-m", "fake_openai_server"],
+            env=clean_env(**env, PORT=str(missing_port)),
+            stdout=subprocess.DEVNULL,
+            stderr=missing_log,
+        )
+        stack.callback(lambda: missing.poll() is None and missing.kill())
+        yield {
+            "reranker": reranker,
+            "factory": factory,
+            "missing": (missing, missing_port, logs / "missing.log"),
+        }
+
+
+# --- serving ------------------------------------------------------------------------------
+
+
+def test_python_m_serves_embeddings(
+    background: dict[str, Any], cli_embeddings_server: LiveServer
+) -> None:
+    with cli_embeddings_server.client() as client:
+        assert client.get("/ready").status_code == 200
+        info = client.get("/info").json()
+        assert info["service_type"] == "embeddings"
+        assert list(info["models"]) == [EMBEDDINGS_MODEL]
+        reply = client.post("/v1/embeddings", json={"input": ["東京は日本の首都です"]})
+        assert reply.status_code == 200, reply.text
+        assert len(reply.json()["data"][0]["embedding"]) == 64
+        assert client.post("/v1/rerank", json={"query": "q", "documents": ["d"]}).status_code == 404
+
+
+def test_python_m_serves_reranker(background: dict[str, Any]) -> None:
+    server: LiveServer = background["reranker"]
+    wait_ready(server.base_url, process=server.process)
+    with server.client() as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [RERANKER_MODEL]
+        reply = client.post(
+            "/v2/rerank", json={"query": "日本の首都", "documents": ["東京", "大阪", "京都"]}
+        )
+        assert reply.status_code == 200, reply.text
+        assert len(reply.json()["results"]) == 3
+        assert client.post("/v1/embeddings", json={"input": "a"}).status_code == 404
+
+
+def test_uvicorn_factory_serves(background: dict[str, Any]) -> None:
+    server: LiveServer = background["factory"]
+    wait_ready(server.base_url, process=server.process)
+    with server.client() as client:
+        models = [m["id"] for m in client.get("/v1/models").json()["data"]]
+        assert models == [EMBEDDINGS_MODEL, RERANKER_MODEL]
+        embeddings = client.post("/v1/embeddings", json={"input": "東京"})
+        assert embeddings.status_code == 200, embeddings.text
+        rerank = client.post("/v1/rerank", json={"query": "東京", "documents": ["東京", "大阪"]})
+        assert rerank.status_code == 200, rerank.text
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+
+def assert_refused(done: subprocess.CompletedProcess[str], *names: str) -> str:
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    for name in names:
+        assert name in lines[0], lines[0]
+    assert "Traceback" not in done.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("env", "args"),
+    [({"SERVICE_TYPE": "rerank"}, []), ({}, ["--service-type", "embedding"])],
+)
+def test_unknown_service_type_is_refused(env: dict[str, str], args: list[str]) -> None:
+    line = assert_refused(run_entrypoint(env, args), "SERVICE_TYPE", "embeddings", "reranker")
+    assert "rerank" in line or "embedding" in line  # echoes what it got
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        (
+            {"MAX_SEQ_LENGTH": "512", "MAX_BATCH_TOKENS": "100"},
+            ("MAX_SEQ_LENGTH", "MAX_BATCH_TOKENS"),
+        ),
+        (
+            {"MAX_BATCH_TOKENS": "5000", "MAX_QUEUE_TOKENS": "1000"},
+            ("MAX_BATCH_TOKENS", "MAX_QUEUE_TOKENS"),
+        ),
+        ({"DEVICE": "cpu", "DTYPE": "float16"}, ("DEVICE", "DTYPE")),
+        ({"PORT": "70000"}, ("PORT",)),
+        ({"DTYPE": "fp8"}, ("DTYPE", "float32")),
+    ],
+)
+def test_contradictory_or_invalid_settings_are_refused(
+    env: dict[str, str], names: tuple[str, ...]
+) -> None:
+    assert_refused(run_entrypoint(env), *names)
+
+
+def test_missing_model_exits_with_a_clear_message(background: dict[str, Any]) -> None:
+    """Offline and not in the cache: exit non-zero and say so, instead of hanging."""
+    process, port, log_path = background["missing"]
+    code = process.wait(timeout=180)
+    stderr = log_path.read_text()
+    assert code == 1, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert MISSING_MODEL in last, last
+    assert "could not load" in last, last
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_help_lists_every_setting() -> None:
+    done = run_entrypoint({}, ["--help"])
+    assert done.returncode == 0, done.stderr
+    for name in Settings.model_fields:
+        flag = "--" + name.replace("_", "-")
+        assert flag in done.stdout, flag
