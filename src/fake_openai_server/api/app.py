@@ -15,7 +15,7 @@ from starlette.responses import Response
 from fake_openai_server.api import embeddings, rerank, system
 from fake_openai_server.api.deps import ClientGone, client_gone_response
 from fake_openai_server.api.errors import error_response, install_error_handlers
-from fake_openai_server.api.middleware import BodyTooLarge, Guard, too_large
+from fake_openai_server.api.middleware import PUBLIC_PATHS, BodyTooLarge, Guard, too_large
 from fake_openai_server.metrics import Metrics
 from fake_openai_server.service.runtime import BackendLoader, Runtime, load_backends
 from fake_openai_server.settings import Settings
@@ -66,7 +66,8 @@ def build_app(settings: Settings, loader: BackendLoader = load_backends) -> Fast
     for router in routers:
         app.include_router(router)
     install_error_handlers(app)
-    document_statuses_truthfully(app)
+    api_keys = settings.all_api_keys()
+    document_statuses_truthfully(app, keys_required=bool(api_keys))
 
     @app.exception_handler(ClientGone)
     async def _client_gone(_: Request, __: ClientGone) -> Response:
@@ -83,25 +84,31 @@ def build_app(settings: Settings, loader: BackendLoader = load_backends) -> Fast
     app.add_middleware(
         Guard,
         metrics=metrics,
-        api_keys=settings.all_api_keys(),
+        api_keys=api_keys,
         max_body_bytes=settings.max_request_bytes,
         routes=routes,
     )
     return app
 
 
-def document_statuses_truthfully(app: FastAPI) -> None:
+def document_statuses_truthfully(app: FastAPI, keys_required: bool) -> None:
     """Drop the 422 FastAPI documents for every route with a body: this server answers
-    400 in the OpenAI error envelope instead (``api/errors.py``)."""
+    400 in the OpenAI error envelope instead (``api/errors.py``). When API keys are set,
+    document the bearer scheme on every route that needs one."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = generate()
-        for operations in schema.get("paths", {}).values():
+        for path, operations in schema.get("paths", {}).items():
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)
+                if keys_required and path not in PUBLIC_PATHS:
+                    operation["security"] = [{"apiKey": []}]
+        if keys_required:
+            schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+            schemes["apiKey"] = {"type": "http", "scheme": "bearer"}
         components = schema.get("components", {}).get("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
