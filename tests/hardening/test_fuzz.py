@@ -1,0 +1,124 @@
+"""Property-based fuzzing of every route, generated from the app's own OpenAPI document.
+
+schemathesis generates schema-valid (positive) and schema-violating (negative)
+requests for each documented operation and sends them over a real socket to the
+app served by uvicorn, over the deterministic fake backends, behind an API key.
+Every reply must pass schemathesis's checks: no 5xx, the status code, content
+type, headers and body are the documented ones, invalid data is rejected, and a
+route that needs a key refuses a request without it.
+
+Schema-valid requests may still get a (documented) 400: some constraints depend on
+the model (``dimensions``, token ids in the vocabulary) or on other fields
+(``rank_fields``), so the positive-acceptance check is left out; the test instead
+requires a healthy share of 200s, so that the success path is fuzzed too.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+from fake_openai_server.api.app import build_app
+from fake_openai_server.settings import Settings
+from tests.support.fakes import fake_loader
+from tests.support.live import LiveServer, serve_app
+
+KEY = "fuzz-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+EXAMPLES = 120  # per operation and generation mode
+APP = build_app(
+    Settings(service_type="all", warmup=False, allow_token_ids=True, api_keys=[KEY]),
+    fake_loader(),
+)
+SCHEMA = schemathesis.openapi.from_dict(APP.openapi())
+OPERATIONS = {result.ok().label: result.ok() for result in SCHEMA.get_all_operations()}
+STATUSES: Counter[tuple[str, str, int]] = Counter()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LiveServer]:
+    with serve_app(APP) as live:
+        yield live
+
+
+def test_every_route_is_documented(server: LiveServer) -> None:
+    served = httpx.get(f"{server.base_url}/openapi.json", headers=AUTH).json()
+    assert served == APP.openapi()
+    assert set(OPERATIONS) == {
+        "GET /health",
+        "GET /ready",
+        "GET /v1/models",
+        "GET /info",
+        "GET /metrics",
+        "POST /v1/embeddings",
+        "POST /v1/rerank",
+        "POST /v2/rerank",
+    }
+
+
+def _fuzz(label: str, mode: GenerationMode, base_url: str, session: requests.Session) -> None:
+    operation = OPERATIONS[label]
+
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,  # the same requests on every run: failures reproduce
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def check(case: schemathesis.Case) -> None:
+        response = case.call_and_validate(
+            base_url=base_url,
+            session=session,
+            headers=AUTH,
+            excluded_checks=[positive_data_acceptance],
+        )
+        STATUSES[(label, mode.value, response.status_code)] += 1
+
+    try:
+        check()
+    except Unsatisfiable:
+        # No parameters and no body: there is nothing to make invalid.
+        assert operation.method.upper() == "GET", label
+        assert mode is GenerationMode.NEGATIVE
+
+
+@pytest.mark.parametrize("label", sorted(OPERATIONS))
+def test_fuzz(label: str, server: LiveServer) -> None:
+    operation = OPERATIONS[label]
+    with requests.Session() as session:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            _fuzz(label, mode, server.base_url, session)
+
+    sent = {mode: n for (op, mode, _), n in STATUSES.items() if op == label}
+    assert all(status < 500 for (op, _, status) in STATUSES if op == label)
+    if operation.method.upper() == "POST":
+        counts = Counter[str]()
+        for (op, mode, status), n in STATUSES.items():
+            if op == label:
+                counts[mode] += n
+                counts[f"{mode}-{status}"] += n
+        assert counts["positive"] >= EXAMPLES * 0.9, counts
+        assert counts["negative"] >= EXAMPLES * 0.9, counts
+        assert counts["positive-200"] >= 0.15 * counts["positive"], counts
+    else:
+        assert sent
+
+
+def test_fuzzing_sent_over_a_thousand_requests() -> None:
+    """Runs after the fuzz tests above (file order): the total they sent."""
+    if len({op for op, _, _ in STATUSES}) < len(OPERATIONS):
+        pytest.skip("run with the whole module")
+    total = sum(STATUSES.values())
+    assert total >= 1000, STATUSES
