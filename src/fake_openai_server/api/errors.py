@@ -55,11 +55,17 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 KEY_RESPONSES: dict[int | str, dict[str, Any]] = {401: ERROR_RESPONSES[401]}
 
 
+# The last guard against echoing input: no message is longer, whatever it quotes.
+MESSAGE_LIMIT = 600
+
+
 def error_response(error: ServiceError, headers: dict[str, str] | None = None) -> Response:
     status, error_type, code = ERROR_TABLE[error.kind]
+    message = excerpt(error.message, MESSAGE_LIMIT)
+    param = None if error.param is None else excerpt(error.param, 80)
     body = {
-        "error": {"message": error.message, "type": error_type, "param": error.param, "code": code},
-        "detail": error.message,
+        "error": {"message": message, "type": error_type, "param": param, "code": code},
+        "detail": message,
     }
     all_headers = dict(headers or {})
     if error.kind in RETRY_AFTER_SECONDS:

@@ -12,7 +12,7 @@ from fake_openai_server.api.deps import runtime, unless_disconnected
 from fake_openai_server.api.errors import ERROR_RESPONSES
 from fake_openai_server.api.schemas import DocumentObject, RerankRequest, RerankResponse
 from fake_openai_server.api.serialize import json_body
-from fake_openai_server.errors import ErrorKind, ServiceError
+from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 
 router = APIRouter(tags=["rerank"])
 
@@ -31,7 +31,7 @@ def document_texts(body: RerankRequest) -> list[str]:
         else:
             text = fields.get("text", "")
         if not isinstance(text, str) or not text:
-            wanted = ", ".join(body.rank_fields or ["text"])
+            wanted = excerpt(", ".join(body.rank_fields or ["text"]), 80)
             raise ServiceError(
                 ErrorKind.INVALID_REQUEST,
                 f"documents[{index}] has no usable text (fields: {wanted}).",

@@ -11,7 +11,7 @@ import numpy as np
 
 from fake_openai_server.backends.base import EmbeddingBackend, Encoded, FloatArray
 from fake_openai_server.engine.batcher import Batcher
-from fake_openai_server.errors import ErrorKind, ServiceError
+from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.families import INPUT_TYPE_ALIASES, Family, apply_prefix
 from fake_openai_server.service.common import (
     ModelNames,
@@ -91,7 +91,8 @@ class EmbeddingsService:
         if dimensions is not None and not 1 <= dimensions <= dimension:
             raise ServiceError(
                 ErrorKind.INVALID_REQUEST,
-                f"dimensions must be between 1 and {dimension} for this model; got {dimensions}.",
+                f"dimensions must be between 1 and {dimension} for this model; "
+                f"got {excerpt(str(dimensions), 20)}.",
                 param="dimensions",
             )
 
@@ -155,7 +156,8 @@ class _TokenIdPreparer:
             if bad is not None:
                 raise ServiceError(
                     ErrorKind.INVALID_REQUEST,
-                    f"Token id {bad} is outside this model's vocabulary (0..{vocab - 1}).",
+                    f"Token id {excerpt(str(bad), 20)} is outside this model's vocabulary "
+                    f"(0..{vocab - 1}).",
                     param="input",
                 )
         return [self.backend.wrap_ids(row) for row in rows]

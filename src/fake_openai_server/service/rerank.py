@@ -11,7 +11,7 @@ import numpy as np
 
 from fake_openai_server.backends.base import Encoded, FloatArray, RerankBackend
 from fake_openai_server.engine.batcher import Batcher
-from fake_openai_server.errors import ErrorKind, ServiceError
+from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.service.common import (
     ModelNames,
     check_request_tokens,
@@ -73,7 +73,8 @@ class RerankService:
         if top_n is not None and top_n < 0:
             raise ServiceError(
                 ErrorKind.INVALID_REQUEST,
-                f"top_n must be 0 or more (0 or absent: every document); got {top_n}.",
+                f"top_n must be 0 or more (0 or absent: every document); "
+                f"got {excerpt(str(top_n), 20)}.",
                 param="top_n",
             )
         check_texts([query], "query", settings.max_input_chars)
