@@ -327,3 +327,10 @@ def test_input_over_max_input_chars_is_400_naming_the_limit(fake_server: LiveSer
         reply = client.post("/v1/embeddings", json={"input": ["ok", "a" * 1_000_001]})
         assert_error(reply, 400, param="input", contains=("input[1]", "MAX_INPUT_CHARS"))
         assert client.post("/v1/embeddings", json={"input": "a" * 1_000_000}).status_code == 200
+
+
+def test_too_many_inputs_is_400_naming_the_limit(fake_server: LiveServer) -> None:
+    with fake_server.client() as client:
+        assert client.post("/v1/embeddings", json={"input": ["a"] * 2048}).status_code == 200
+        reply = client.post("/v1/embeddings", json={"input": ["a"] * 2049})
+    assert_error(reply, 400, param="input", contains="MAX_INPUTS=2048")

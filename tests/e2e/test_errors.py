@@ -140,6 +140,7 @@ def test_wrong_method_is_405_envelope(fake_server: LiveServer, method: str, path
     with fake_server.client() as client:
         reply = client.request(method, path)
     assert_error(reply, 405, code="method_not_allowed")
+    assert reply.headers["allow"]
 
 
 @pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/rerank", "/v2/rerank", "/rerank"])

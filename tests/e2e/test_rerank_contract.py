@@ -254,3 +254,18 @@ def test_invalid_requests_are_400_naming_the_field(
     with fake_server.client() as client:
         reply = client.post(path, json=body)
     assert_error(reply, 400, param=param, contains=param)
+
+
+# --- token counts -----------------------------------------------------------------------
+
+
+def test_token_counts_are_the_tokenizers_own(rerank_server: LiveServer) -> None:
+    """usage counts every (query, document) pair as the cross-encoder saw it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(RERANKER_MODEL)
+    pairs = [len(tokenizer(QUERY, doc)["input_ids"]) for doc in DOCS]
+    assert all(n > len(tokenizer(QUERY)["input_ids"]) for n in pairs)
+    reply = rerank(rerank_server, {"query": QUERY, "documents": DOCS, "top_n": 1})
+    assert reply["usage"]["total_tokens"] == sum(pairs)
+    assert reply["meta"]["tokens"]["input_tokens"] == sum(pairs)
