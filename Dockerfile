@@ -85,6 +85,10 @@ RUN --mount=type=cache,target=/root/.cache/uv,sharing=locked \
     rm -f /tmp/ca-bundle.pem
 
 # ... then the project itself, installed as a regular (non-editable) package.
+# Its installed files (per the wheel's RECORD) are gathered under /overlay so
+# the runtime image adds them as a small layer on top of the dependencies: a
+# change in src/ does not rewrite the multi-GB dependency layer.
+FROM builder AS project
 COPY README.md ./
 COPY src ./src
 RUN --mount=type=cache,target=/root/.cache/uv,sharing=locked \
@@ -96,8 +100,16 @@ RUN --mount=type=cache,target=/root/.cache/uv,sharing=locked \
     fi; \
     uv sync --frozen --no-dev --no-editable; \
     rm -f /tmp/ca-bundle.pem; \
+    cd /opt/venv/lib/python3.11/site-packages; \
+    mkdir -p /overlay; \
+    cut -d, -f1 fake_openai_server-*.dist-info/RECORD \
+        | awk -F/ '$1 == ".." { print; next } { print $1 }' | sort -u \
+        | while read -r p; do \
+            r="$(realpath -s -m --relative-to=/ "$p")"; (cd / && cp -a --parents "$r" /overlay/); \
+          done; \
+    find /overlay -type f | sort; \
     /opt/venv/bin/python -c "import fake_openai_server"; \
-    test -x /opt/venv/bin/fake-openai-server
+    test -x /overlay/opt/venv/bin/fake-openai-server
 
 # ------------------------------------------------------------------------ runtime
 FROM python-base AS runtime
@@ -111,8 +123,9 @@ RUN set -eux; \
     chown -R app:app /data
 
 # The venv only: no uv, pip or compilers in the runtime image. Owned by root,
-# read-only for the service user.
+# read-only for the service user. Dependencies first, then the project's files.
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=project /overlay/ /
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
