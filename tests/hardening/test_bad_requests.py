@@ -1,0 +1,292 @@
+"""A catalogue of hostile and malformed requests.
+
+Each gets its 4xx in the OpenAI error envelope (all four keys, a short message),
+and the server keeps serving: a normal request right after it succeeds.
+"""
+
+from __future__ import annotations
+
+import http.client
+import select
+import socket
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+import pytest
+
+from fake_openai_server.api.app import build_app
+from fake_openai_server.api.errors import MESSAGE_LIMIT
+from fake_openai_server.settings import Settings
+from tests.support.fakes import fake_loader, fake_text_vector
+from tests.support.live import LiveServer, serve_app
+
+LIMIT = 8 * 1024 * 1024  # MAX_REQUEST_BYTES (the default)
+MILLION = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LiveServer]:
+    settings = Settings(
+        service_type="all",
+        warmup=False,
+        allow_token_ids=True,  # so that token-id payloads reach the checks they aim at
+        max_request_bytes=LIMIT,
+        max_input_chars=10_000,
+        max_request_tokens=5_000,
+    )
+    with serve_app(build_app(settings, fake_loader())) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    with server.client() as c:
+        yield c
+
+
+def assert_envelope(reply: httpx.Response | tuple[int, bytes], status: int) -> dict[str, object]:
+    if isinstance(reply, httpx.Response):
+        code, body, text = reply.status_code, reply.json(), reply.text
+    else:
+        code, raw = reply
+        body, text = httpx.Response(200, content=raw).json(), raw.decode()
+    assert code == status, text[:500]
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str)
+    assert 0 < len(error["message"]) <= MESSAGE_LIMIT + 40
+    assert len(text) < 4 * MESSAGE_LIMIT  # never an echo of the request
+    return error  # type: ignore[no-any-return]
+
+
+def assert_still_serving(client: httpx.Client) -> None:
+    reply = client.post("/v1/embeddings", json={"input": ["東京", "大阪"]})
+    assert reply.status_code == 200, reply.text
+    got = [item["embedding"] for item in reply.json()["data"]]
+    np.testing.assert_allclose(got, [fake_text_vector("東京"), fake_text_vector("大阪")], rtol=1e-6)
+
+
+@dataclass
+class Bad:
+    name: str
+    body: bytes
+    status: int = 400
+    path: str = "/v1/embeddings"
+    method: str = "POST"
+    headers: dict[str, str] = field(default_factory=dict)
+    says: str = ""  # a fragment the message must contain
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _json_list(item: bytes, count: int) -> bytes:
+    return b"[" + b",".join([item] * count) + b"]"
+
+
+CATALOGUE = [
+    # wrong types
+    Bad("input-number", b'{"input": 5}', says="'input'"),
+    Bad("input-object", b'{"input": {"text": "a"}}', says="'input'"),
+    Bad("input-mixed-list", b'{"input": ["a", 1]}', says="'input'"),
+    Bad("input-null", b'{"input": null}', says="'input'"),
+    Bad("input-missing", b'{"model": "cl-nagoya/ruri-large"}', says="'input' is required"),
+    Bad("model-number", b'{"input": "a", "model": 5}', says="'model'"),
+    Bad("dimensions-string", b'{"input": "a", "dimensions": "8"}', says="'dimensions'"),
+    Bad("dimensions-zero", b'{"input": "a", "dimensions": 0}', says="dimensions"),
+    Bad("encoding-unknown", b'{"input": "a", "encoding_format": "hex"}', says="encoding_format"),
+    Bad("input-type-unknown", b'{"input": "a", "input_type": "poem"}', says="input_type"),
+    Bad("query-number", b'{"query": 1, "documents": ["a"]}', path="/v1/rerank", says="query"),
+    Bad("documents-string", b'{"query": "q", "documents": "a"}', path="/v1/rerank"),
+    Bad("top-n-string", b'{"query": "q", "documents": ["a"], "top_n": "2"}', path="/v2/rerank"),
+    Bad("top-n-negative", b'{"query": "q", "documents": ["a"], "top_n": -1}', path="/v1/rerank"),
+    Bad(
+        "return-documents-string",
+        b'{"query": "q", "documents": ["a"], "return_documents": "yes"}',
+        path="/v1/rerank",
+    ),
+    # empty things
+    Bad("empty-string", b'{"input": ""}', says="empty"),
+    Bad("blank-string", b'{"input": ["a", " \\t\\n"]}', says="input[1]"),
+    Bad("empty-list", b'{"input": []}', says="empty"),
+    Bad("empty-query", b'{"query": "", "documents": ["a"]}', path="/v1/rerank"),
+    Bad("no-documents", b'{"query": "q", "documents": []}', path="/v1/rerank"),
+    Bad("empty-body", b"", says="JSON object"),
+    Bad("null-body", b"null", says="JSON object"),
+    Bad("array-body", b'["a"]', says="JSON object"),
+    Bad("string-body", b'"a"', says="JSON object"),
+    # not JSON, not UTF-8, not Unicode
+    Bad("truncated-json", b'{"input": ["a", "b"', says="JSON"),
+    Bad("trailing-garbage", b'{"input": "a"} xyz', says="JSON"),
+    Bad("invalid-utf8", b'{"input": "\xff\xfe\xfa"}'),
+    Bad("overlong-utf8", b'{"input": "\xc0\xaf"}'),
+    Bad("lone-surrogate", b'{"input": "a\\ud800b"}', says="surrogate"),
+    Bad("lone-surrogate-model", b'{"input": "a", "model": "\\udfff"}', says="surrogate"),
+    Bad(
+        "lone-surrogate-rerank",
+        b'{"query": "q", "documents": [{"text": "a", "meta": "\\ud83d"}]}',
+        path="/v1/rerank",
+        says="surrogate",
+    ),
+    Bad("nul-and-controls", b'{"input": "\\u0000\\u0001\\u001f", "model": "\\u0000"}', status=404),
+    # NaN and friends where token ids go
+    Bad("nan-token", b'{"input": [1, NaN, 2]}', says="'input'"),
+    Bad("infinity-token", b'{"input": [1, Infinity]}', says="'input'"),
+    Bad("minus-infinity-token", b'{"input": [[1, -Infinity]]}', says="'input'"),
+    Bad("float-token", b'{"input": [1.5, 2]}', says="'input'"),
+    Bad("negative-token", b'{"input": [-1, 2]}', says="vocabulary"),
+    Bad("huge-token", b'{"input": [1' + b"0" * 4000 + b"]}", says="vocabulary"),
+    Bad("too-many-digits", b'{"input": [1' + b"0" * 5000 + b"]}"),
+    Bad("bool-token", b'{"input": [true, false]}', says="'input'"),
+    # deep nesting
+    Bad("deep-array", b"[" * 100_000 + b"]" * 100_000),
+    Bad("deep-object", b'{"a":' * 100_000 + b"1" + b"}" * 100_000),
+    Bad("deep-input", b'{"input": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
+    Bad("deep-unknown-field", b'{"input": "a", "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
+    # many and large
+    Bad(
+        "million-empty-strings",
+        b'{"input": ' + _json_list(b'""', MILLION) + b"}",
+        says="MAX_INPUTS",
+    ),
+    Bad("million-lists", b'{"input": ' + _json_list(b"[7]", MILLION) + b"}", says="MAX_INPUTS"),
+    Bad(
+        "million-documents",
+        b'{"query": "q", "documents": ' + _json_list(b'"a"', MILLION) + b"}",
+        path="/v1/rerank",
+        says="MAX_DOCUMENTS",
+    ),
+    Bad("long-text", b'{"input": "' + b"a" * 20_000 + b'"}', says="MAX_INPUT_CHARS=10000"),
+    Bad(
+        "too-many-tokens",
+        b'{"input": ' + _json_list(b'"' + b"a" * 30 + b'"', 200) + b"}",
+        says="MAX_REQUEST_TOKENS=5000",
+    ),
+    Bad("long-model-name", b'{"input": "a", "model": "' + b"m" * 100_000 + b'"}', status=404),
+    Bad(
+        "long-rank-fields",
+        b'{"query": "q", "documents": [{"t": "a"}], "rank_fields": ["' + b"f" * 100_000 + b'"]}',
+        path="/v1/rerank",
+    ),
+    # routes, methods, content types
+    Bad("unknown-route", b"", method="GET", path="/v1/chat/completions", status=404),
+    Bad("unknown-post", b"{}", path="/v1/completions", status=404),
+    Bad("traversal", b"", method="GET", path="/../../etc/passwd", status=404),
+    Bad("long-path", b"", method="GET", path="/" + "x" * 8000, status=404),
+    Bad("get-embeddings", b"", method="GET", status=405),
+    Bad("put-rerank", b"{}", method="PUT", path="/v1/rerank", status=405),
+    Bad("delete-health", b"", method="DELETE", path="/health", status=405),
+    Bad("post-models", b"{}", path="/v1/models", status=405),
+    Bad(
+        "form-body",
+        b"input=hello",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        says="JSON",
+    ),
+    Bad("xml-body", b"<input>a</input>", headers={"Content-Type": "application/xml"}, says="JSON"),
+    Bad(
+        "multipart-body",
+        b'--b\r\nContent-Disposition: form-data; name="input"\r\n\r\na\r\n--b--\r\n',
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+        says="JSON",
+    ),
+]
+
+
+@pytest.mark.parametrize("bad", CATALOGUE, ids=str)
+def test_bad_request_gets_its_4xx_and_the_server_goes_on(bad: Bad, client: httpx.Client) -> None:
+    reply = client.request(bad.method, bad.path, content=bad.body, headers=bad.headers)
+    error = assert_envelope(reply, bad.status)
+    assert bad.says in str(error["message"])
+    assert reply.headers["x-request-id"]
+    assert_still_serving(client)
+
+
+def test_million_token_ids_are_cut_like_text(client: httpx.Client) -> None:
+    """Not an error: with TRUNCATE=true (the default) a long input is cut to the model's
+    maximum length, token ids too; MAX_REQUEST_TOKENS counts what is left."""
+    reply = client.post("/v1/embeddings", content=b'{"input": ' + _json_list(b"7", MILLION) + b"}")
+    assert reply.status_code == 200, reply.text[:300]
+    assert reply.json()["usage"]["prompt_tokens"] == 32  # the fake model's maximum length
+
+
+def test_json_under_a_wrong_content_type_is_still_json(client: httpx.Client) -> None:
+    """curl -d and some clients send JSON as text/plain or form data: it is accepted."""
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"Content-Type": content_type} if content_type else {}
+        reply = client.post("/v1/embeddings", content=b'{"input": "a"}', headers=headers)
+        assert reply.status_code == 200, (content_type, reply.text)
+
+
+def test_utf16_json_is_decoded(client: httpx.Client) -> None:
+    """JSON may come in UTF-16 or UTF-32 (RFC 8259 readers detect it)."""
+    reply = client.post("/v1/embeddings", content='{"input": "東京"}'.encode("utf-16"))
+    assert reply.status_code == 200, reply.text
+    np.testing.assert_allclose(reply.json()["data"][0]["embedding"], fake_text_vector("東京"))
+
+
+def test_request_id_is_honoured_only_when_sane(client: httpx.Client) -> None:
+    sane = client.get("/health", headers={"X-Request-Id": "abc-123.DEF:9_x"})
+    assert sane.headers["x-request-id"] == "abc-123.DEF:9_x"
+    for insane in ("a" * 129, "a b", "<script>", "é"):
+        reply = client.get("/health", headers={"X-Request-Id": insane.encode("utf-8")})
+        assert reply.headers["x-request-id"] != insane
+        assert len(reply.headers["x-request-id"]) == 32
+
+
+# --- bodies over MAX_REQUEST_BYTES, over a raw socket ---------------------------------
+
+
+def _raw(server: LiveServer, head: bytes, chunks: Iterable[bytes] = ()) -> tuple[int, bytes, int]:
+    """Send ``head`` then ``chunks`` until the server answers; the reply and the bytes sent."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head)
+        sent = 0
+        for chunk in chunks:
+            if select.select([sock], [], [], 0)[0]:
+                break  # the server has answered: stop sending
+            sock.sendall(chunk)
+            sent += len(chunk)
+        reply = http.client.HTTPResponse(sock)
+        reply.begin()
+        return reply.status, reply.read(), sent
+
+
+def test_declared_length_over_the_limit_is_413_before_any_body(server: LiveServer) -> None:
+    head = (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % (LIMIT + 1)
+    )
+    status, body, _ = _raw(server, head)  # no body at all: the answer must not wait for it
+    error = assert_envelope((status, body), 413)
+    assert f"MAX_REQUEST_BYTES={LIMIT}" in str(error["message"])
+    assert error["code"] == "request_too_large"
+
+
+def test_chunked_body_over_the_limit_is_cut_off_with_413(server: LiveServer) -> None:
+    piece = b" " * 65536
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    total = 3 * LIMIT // len(piece)
+    head = (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    status, body, sent = _raw(server, head, [chunk] * total + [b"0\r\n\r\n"])
+    assert_envelope((status, body), 413)
+    assert sent < total * len(chunk), "the server read the whole body before answering"
+
+
+def test_body_over_the_limit_sent_whole_is_413(client: httpx.Client) -> None:
+    reply = client.post("/v1/embeddings", content=b'{"input": "' + b"a" * LIMIT + b'"}')
+    assert_envelope(reply, 413)
+    assert_still_serving(client)
+
+
+def test_body_at_the_limit_is_parsed(client: httpx.Client) -> None:
+    """Just under MAX_REQUEST_BYTES is a normal request (here: over MAX_INPUT_CHARS)."""
+    padding = LIMIT - len(b'{"input": ""}')
+    reply = client.post("/v1/embeddings", content=b'{"input": "' + b"a" * padding + b'"}')
+    assert_envelope(reply, 400)
