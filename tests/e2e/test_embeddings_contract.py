@@ -291,6 +291,8 @@ def test_multi_megabyte_inputs_are_answered_and_the_server_survives(
         assert client.get("/health").status_code == 200
         assert client.post("/v1/embeddings", json={"input": JA}).status_code == 200
     assert server.process is not None and server.process.poll() is None, server.log()
+    log = server.log()
+    assert "aaaaaaaa" not in log and JA not in log and huge_japanese[:20] not in log  # no texts
 
 
 MECAB_CRASH = f"""
