@@ -51,12 +51,21 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.batch_failures = Counter(
+            "fos_batch_failures",
+            "Forward passes that raised (their requests got 500)",
+            ["model"],
+            registry=r,
+        )
         self.queue_tokens = Gauge(
             "fos_queue_tokens", "Tokens waiting for the model", ["model"], registry=r
         )
 
     def batch_observer(self, model: str) -> Callable[[BatchReport], None]:
         def observe(report: BatchReport) -> None:
+            if report.failed:
+                self.batch_failures.labels(model).inc()
+                return
             self.batch_items.labels(model).observe(report.items)
             self.batch_tokens.labels(model).inc(report.tokens)
             self.padded_tokens.labels(model).inc(report.padded_tokens)

@@ -219,5 +219,5 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: Literal["loading", "ready", "failed", "stopping"]
+    status: Literal["loading", "ready", "failed", "failing", "stopping"]
     detail: str | None = None

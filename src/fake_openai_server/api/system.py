@@ -33,17 +33,17 @@ async def health() -> dict[str, str]:
     "/ready",
     response_model=Readiness,
     tags=["probes"],
-    summary="200 once the model is loaded and warmed, 503 before",
-    responses={503: {"model": Readiness, "description": "Loading, failed or stopping"}},
+    summary="200 once the model is loaded and warmed and while its batches run; 503 otherwise",
+    responses={503: {"model": Readiness, "description": "Loading, failed, failing or stopping"}},
 )
 async def ready(request: Request) -> Response:
-    rt = runtime(request)
-    body: dict[str, Any] = {"status": rt.state}
-    if rt.state == "failed":
-        body["detail"] = "model loading failed; see the server log"
+    status, detail = runtime(request).readiness()
+    body: dict[str, Any] = {"status": status}
+    if detail is not None:
+        body["detail"] = detail
     return Response(
         json_body(body),
-        status_code=200 if rt.state == "ready" else 503,
+        status_code=200 if status == "ready" else 503,
         media_type="application/json",
     )
 
@@ -82,7 +82,7 @@ async def info(request: Request) -> Response:
     body = {
         "version": package_version(),
         "service_type": s.service_type,
-        "state": rt.state,
+        "state": rt.readiness()[0],
         "models": {
             name: {
                 "max_length": m.max_length,

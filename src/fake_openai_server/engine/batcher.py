@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # A batch may hold at most this many padded tokens per real token.
 MAX_PADDING = 1.25
+GATHER_SHARE = 0.05
+GATHER_CAP = 0.05
 
 RunBatch = Callable[[Sequence[TokenIds]], FloatArray]
 BatchObserver = Callable[["BatchReport"], None]
@@ -40,6 +42,7 @@ class BatchReport:
     tokens: int
     padded_tokens: int
     seconds: float
+    failed: bool = False
 
 
 @dataclass
@@ -49,6 +52,7 @@ class EngineStats:
     tokens: int = 0
     padded_tokens: int = 0
     busy_seconds: float = 0.0
+    failed_batches: int = 0
 
     @property
     def mean_batch_size(self) -> float:
@@ -62,6 +66,7 @@ class EngineStats:
             "padded_tokens": self.padded_tokens,
             "busy_seconds": round(self.busy_seconds, 3),
             "mean_batch_size": round(self.mean_batch_size, 2),
+            "failed_batches": self.failed_batches,
         }
 
 
@@ -121,6 +126,8 @@ class Batcher:
         self._observer = observer
         self.name = name
         self.stats = EngineStats()
+        # Failed batches since the last one that ran: /ready reports a model that keeps failing.
+        self.consecutive_failures = 0
         self._pending: list[_Item] = []
         self._queued_tokens = 0
         self._wake = asyncio.Event()
@@ -226,8 +233,15 @@ class Batcher:
     # --- worker ------------------------------------------------------------------
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
+        last_items, last_seconds = 0, 0.0
         while True:
             await self._wake.wait()
+            if last_items > 1 and len(self._pending) < last_items:
+                # The clients of the pass that just ended come back within milliseconds:
+                # wait a moment (a small share of that pass) so they join this pass
+                # instead of splitting into cohorts that alternate half-empty passes.
+                await self._gather(last_items, min(GATHER_CAP, GATHER_SHARE * last_seconds))
+            last_items = 0
             batch = self._take_batch()
             if not batch:
                 self._wake.clear()
@@ -240,6 +254,7 @@ class Batcher:
                 raise
             except Exception as exc:
                 log.exception("%s: a batch of %d items failed", self.name, len(batch))
+                self._record_failure(batch, time.perf_counter() - started)
                 error = ServiceError(
                     ErrorKind.MODEL_FAILURE,
                     f"The model failed on a batch ({type(exc).__name__}); retry the request.",
@@ -248,11 +263,27 @@ class Batcher:
                     if not job.done:
                         job.future.set_exception(error)
                 continue
-            self._record(batch, time.perf_counter() - started)
+            last_seconds = time.perf_counter() - started
+            last_items = len(batch)
+            self._record(batch, last_seconds)
             for item, row in zip(batch, out, strict=True):
                 item.job.put(item.position, row, item.total)
 
+    async def _gather(self, wanted: int, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while len(self._pending) < wanted and loop.time() < deadline:
+            await asyncio.sleep(0.002)
+
+    def _record_failure(self, batch: list[_Item], seconds: float) -> None:
+        self.consecutive_failures += 1
+        self.stats.failed_batches += 1
+        if self._observer is not None:
+            tokens = sum(item.cost for item in batch)
+            self._observer(BatchReport(len(batch), tokens, 0, seconds, failed=True))
+
     def _record(self, batch: list[_Item], seconds: float) -> None:
+        self.consecutive_failures = 0
         tokens = sum(item.cost for item in batch)
         report = BatchReport(len(batch), tokens, len(batch) * batch[0].cost, seconds)
         self.stats.batches += 1

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 State = Literal["loading", "ready", "failed", "stopping"]
 
+# After this many failed batches in a row (and none since that ran), /ready says 503
+# "failing": the model is likely broken (e.g. a lost CUDA context) rather than unlucky
+# once. Requests are still served, so the first batch that runs makes it ready again.
+FAILING_AFTER = 3
+
 WARMUP_TEXT = "東京は日本の首都です。瑠璃色は深い青色のことです。" * 64
 
 
@@ -165,6 +170,16 @@ class Runtime:
                 if self.state == "loading"
                 else "The server cannot serve requests now (see /ready).",
             )
+
+    def readiness(self) -> tuple[str, str | None]:
+        """What /ready reports: the state, or "failing" while a model keeps failing."""
+        if self.state == "failed":
+            return "failed", "model loading failed; see the server log"
+        failing = [b.name for b in self._batchers if b.consecutive_failures >= FAILING_AFTER]
+        if self.state == "ready" and failing:
+            names = ", ".join(failing)
+            return "failing", f"the last {FAILING_AFTER} or more batches failed on {names}"
+        return self.state, None
 
     def stats(self) -> dict[str, dict[str, float]]:
         return {b.name: b.stats.as_dict() for b in self._batchers}
