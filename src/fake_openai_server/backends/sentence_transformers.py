@@ -107,8 +107,17 @@ class _TorchRunner:
         self.output = output
         self.device = torch.device(precision.device)
 
-    @torch.inference_mode()
     def run(self, batch: Sequence[TokenIds]) -> torch.Tensor:
+        try:
+            return self._run(batch)
+        except torch.cuda.OutOfMemoryError:
+            # The batch fails (its requests get 500); give back what it left cached so
+            # that the next batches can run.
+            torch.cuda.empty_cache()
+            raise
+
+    @torch.inference_mode()
+    def _run(self, batch: Sequence[TokenIds]) -> torch.Tensor:
         longest = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(batch), longest), dtype=torch.long)
