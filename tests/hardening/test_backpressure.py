@@ -1,0 +1,258 @@
+"""Backpressure: a bounded queue (429 + Retry-After), dropped work for clients that
+left, and model failures that fail their batch and nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from fake_openai_server.api.app import build_app
+from fake_openai_server.backends.base import FloatArray, TokenIds
+from fake_openai_server.service.runtime import FAILING_AFTER, Backends
+from fake_openai_server.settings import Settings
+from tests.hardening.fake_app import fake_app_process, rss_bytes
+from tests.support.fakes import FakeEmbeddingBackend, char_ids, fake_loader, fake_text_vector
+from tests.support.live import LiveServer, serve_app
+
+
+def metric(base_url: str, name: str, **labels: str) -> float:
+    """One sample of the server's /metrics, parsed as Prometheus text; 0 when absent."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def engine_items(base_url: str) -> int:
+    engine = httpx.get(f"{base_url}/info", timeout=10).json()["engine"]
+    return int(sum(stats["items"] for stats in engine.values()))
+
+
+# --- overload --------------------------------------------------------------------------
+
+QUEUE_TOKENS = 256  # MAX_QUEUE_TOKENS: about three of the requests below
+BURST = 40  # concurrent requests per wave: over ten times what the queue holds
+WAVES = 6
+
+
+def _texts(wave: int, n: int) -> list[str]:
+    return [f"波{wave}-要求{n}-文{k}: 東京の天気は晴れ" for k in range(4)]  # ~22 tokens each
+
+
+async def _wave(
+    base_url: str, wave: int
+) -> tuple[list[tuple[list[str], httpx.Response, float]], float]:
+    """One burst; also the deepest queue seen on /metrics while it ran."""
+    deepest = 0.0
+    done = asyncio.Event()
+    limits = httpx.Limits(max_connections=BURST + 5)
+    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
+
+        async def watch() -> None:
+            nonlocal deepest
+            while not done.is_set():
+                text = (await client.get("/metrics")).text
+                for family in text_string_to_metric_families(text):
+                    for sample in family.samples:
+                        if sample.name == "fos_queue_tokens":
+                            deepest = max(deepest, sample.value)
+                await asyncio.sleep(0.005)
+
+        async def one(n: int) -> tuple[list[str], httpx.Response, float]:
+            texts = _texts(wave, n)
+            started = time.perf_counter()
+            reply = await client.post("/v1/embeddings", json={"input": texts})
+            return texts, reply, time.perf_counter() - started
+
+        watcher = asyncio.create_task(watch())
+        results = await asyncio.gather(*(one(n) for n in range(BURST)))
+        done.set()
+        await watcher
+    return list(results), deepest
+
+
+def test_a_burst_over_the_queue_gets_200s_and_429s_only(tmp_path: Path) -> None:
+    settings = {
+        "service_type": "embeddings",
+        "warmup": False,
+        "max_batch_size": 8,
+        "max_batch_tokens": QUEUE_TOKENS,
+        "max_queue_tokens": QUEUE_TOKENS,
+    }
+    statuses: dict[int, int] = {}
+    rss: list[int] = []
+    with fake_app_process(settings, delay=0.02) as server:
+        assert server.process is not None
+        for wave in range(WAVES):
+            results, deepest = asyncio.run(_wave(server.base_url, wave))
+            rss.append(rss_bytes(server.process.pid))
+            assert len(results) == BURST  # none lost: every request got a reply
+            assert deepest <= QUEUE_TOKENS, f"queue grew to {deepest} tokens"
+            for texts, reply, seconds in results:
+                statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
+                if reply.status_code == 429:
+                    assert int(reply.headers["retry-after"]) >= 1
+                    error = reply.json()["error"]
+                    assert (error["type"], error["code"]) == (
+                        "rate_limit_error",
+                        "server_overloaded",
+                    )
+                    assert "MAX_QUEUE_TOKENS=256" in error["message"]
+                    assert seconds < 5, "a 429 must come at once, not after queueing"
+                else:
+                    assert reply.status_code == 200, reply.text
+                    got = [item["embedding"] for item in reply.json()["data"]]
+                    np.testing.assert_allclose(got, [fake_text_vector(t) for t in texts], rtol=1e-6)
+        # the server still answers normally once the burst is over
+        reply = httpx.post(f"{server.base_url}/v1/embeddings", json={"input": "後で"}, timeout=10)
+        assert reply.status_code == 200
+
+    assert set(statuses) == {200, 429}, statuses
+    assert statuses[429] >= BURST * WAVES // 4, statuses  # the queue really was full
+    growth = rss[-1] - rss[0]  # after the first wave: the server is warm
+    assert growth < 30 * 1024 * 1024, (
+        f"RSS grew by {growth / 2**20:.1f} MiB over {WAVES} waves: {rss}"
+    )
+
+
+# --- client disconnect ---------------------------------------------------------------
+
+DELAY = 0.4  # seconds per batch of the fake model
+
+
+@pytest.fixture(scope="module")
+def slow_server() -> Iterator[LiveServer]:
+    settings = Settings(service_type="all", warmup=False, max_batch_size=1)
+    with serve_app(build_app(settings, fake_loader(DELAY))) as server:
+        yield server
+
+
+def _one(path: str, text: str) -> dict[str, object]:
+    if path == "/v1/embeddings":
+        return {"input": text}
+    return {"query": "問", "documents": [text]}
+
+
+def _five(path: str) -> dict[str, object]:
+    if path == "/v1/embeddings":
+        return {"input": [f"去った{i}" for i in range(5)]}
+    return {"query": "問", "documents": [f"去った{i}" for i in range(5)]}
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/rerank"])
+def test_work_of_a_client_that_left_is_not_computed(slow_server: LiveServer, path: str) -> None:
+    base = slow_server.base_url
+    before = engine_items(base)
+    gone_before = metric(base, "fos_requests_total", route=path, status="499")
+    with (
+        httpx.Client(base_url=base, timeout=30) as client,
+        httpx.Client(base_url=base, timeout=DELAY / 4) as impatient,
+    ):
+        busy = threading.Thread(target=client.post, args=(path,), kwargs={"json": _one(path, "先")})
+        busy.start()  # one item: this model is busy for DELAY seconds
+        time.sleep(DELAY / 8)
+        with pytest.raises(httpx.ReadTimeout):
+            impatient.post(path, json=_five(path))  # five items queued, then the client leaves
+        busy.join()
+        # A later request queues behind whatever is left; by the time it is answered,
+        # the five items of the client that left would have run.
+        after = client.post(path, json=_one(path, "後"))
+        assert after.status_code == 200
+    assert engine_items(base) - before == 2, "the items of the client that left were computed"
+    assert metric(base, "fos_requests_total", route=path, status="499") == gone_before + 1
+
+
+# --- model failure ------------------------------------------------------------------
+
+POISON = "☠"  # a batch holding this character makes the model raise
+
+
+class PoisonedBackend(FakeEmbeddingBackend):
+    def embed(self, batch: Sequence[TokenIds]) -> FloatArray:
+        if any(char_ids(POISON)[0] in ids for ids in batch):
+            time.sleep(self.delay)
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return super().embed(batch)
+
+
+def poisoned_loader(settings: Settings) -> Backends:
+    return Backends(embeddings={n: PoisonedBackend(n, 0.2) for n in settings.embeddings_model})
+
+
+@pytest.fixture
+def poisoned_server() -> Iterator[LiveServer]:
+    app = build_app(Settings(service_type="embeddings", warmup=False), poisoned_loader)
+    with serve_app(app) as server:
+        yield server
+
+
+def _ready(base_url: str) -> tuple[int, dict[str, str]]:
+    reply = httpx.get(f"{base_url}/ready", timeout=10)
+    return reply.status_code, reply.json()
+
+
+def test_a_failing_batch_fails_its_requests_and_the_server_goes_on(
+    poisoned_server: LiveServer,
+) -> None:
+    base = poisoned_server.base_url
+    with httpx.Client(base_url=base, timeout=30) as client:
+        results: dict[str, httpx.Response] = {}
+
+        def post(name: str, text: str) -> None:
+            results[name] = client.post("/v1/embeddings", json={"input": text})
+
+        busy = threading.Thread(target=post, args=("busy", "先に来た"))
+        busy.start()
+        time.sleep(0.05)  # the model is busy: the next two queue and share one batch
+        threads = [
+            threading.Thread(target=post, args=("poison", f"毒{POISON}")),
+            threading.Thread(target=post, args=("bystander", "隣人")),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in [busy, *threads]:
+            thread.join()
+
+        assert results["busy"].status_code == 200
+        for name in ("poison", "bystander"):
+            reply = results[name]
+            assert reply.status_code == 500, (name, reply.text)
+            error = reply.json()["error"]
+            assert (error["type"], error["code"]) == ("server_error", "model_failure")
+            assert "CUDA" not in error["message"] and "20.00 GiB" not in error["message"]
+
+        later = client.post("/v1/embeddings", json={"input": "その後"})
+        assert later.status_code == 200
+        np.testing.assert_allclose(later.json()["data"][0]["embedding"], fake_text_vector("その後"))
+        # one failure among successes: the model works, and /ready says so
+        assert _ready(base) == (200, {"status": "ready"})
+        assert metric(base, "fos_batch_failures_total", model="cl-nagoya/ruri-large") == 1
+
+
+def test_ready_reports_a_model_that_keeps_failing(poisoned_server: LiveServer) -> None:
+    base = poisoned_server.base_url
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for attempt in range(FAILING_AFTER):
+            assert _ready(base)[0] == 200, attempt
+            assert client.post("/v1/embeddings", json={"input": POISON}).status_code == 500
+        status, body = _ready(base)
+        assert status == 503
+        assert body["status"] == "failing"
+        assert "cl-nagoya/ruri-large" in body["detail"]
+        assert client.get("/info").json()["state"] == "failing"
+        assert client.get("/health").status_code == 200  # alive, only not ready
+
+        # still serving: the first batch that runs makes it ready again
+        reply = client.post("/v1/embeddings", json={"input": "回復"})
+        assert reply.status_code == 200
+        assert _ready(base) == (200, {"status": "ready"})
