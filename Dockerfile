@@ -169,3 +169,8 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=10m --retries=3 \
 # DTYPE, HF_HOME, HF_HUB_OFFLINE, ...), so override any of them with -e.
 # One-shot commands replace it, e.g. `python -m fake_openai_server.preload`.
 CMD ["fake-openai-server"]
+
+# Last, so that editing them rebuilds nothing.
+LABEL org.opencontainers.image.title="fake-openai-server" \
+      org.opencontainers.image.description="OpenAI-compatible embeddings and Cohere/Jina-compatible rerank for Japanese (ruri) models" \
+      org.opencontainers.image.licenses="MIT"

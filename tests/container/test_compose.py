@@ -117,6 +117,7 @@ def test_services_build_the_one_dockerfile(path: Path) -> None:
         assert ("./volumes", volume) in service.volumes, service.name
         assert service.raw["healthcheck"]["test"] == healthcheck, service.name
         assert service.raw["restart"] == "unless-stopped"
+        assert service.raw.get("init") is True, "tini as PID 1 forwards SIGTERM"
         devices = service.raw["deploy"]["resources"]["reservations"]["devices"]
         assert any(
             d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices

@@ -44,6 +44,15 @@ def healthcheck_command(test: list[str]) -> list[str]:
     return rest
 
 
+def cache_mount(image: BuiltImage, volume: Path) -> dict[Path, str]:
+    """The volume's HF cache bound at HF_HOME. (Compose binds ./volumes at /data, but
+    `buildah run` lays its own copy of an image-declared VOLUME over a bind mount at
+    that very path, so the test binds the directory inside it.)"""
+    hf_home = image.env["HF_HOME"]
+    (target,) = image.config["Volumes"]
+    return {volume / hf_home.removeprefix(target + "/"): hf_home}
+
+
 def data_volume(service: composefiles.Service) -> str:
     (target,) = [target for source, target in service.volumes if source.startswith(".")]
     return target
@@ -87,7 +96,7 @@ def test_one_shot_preload_command(built_image: BuiltImage, model_volume: Path) -
         built_image.id,
         env,
         ["python", "-m", "fake_openai_server.preload"],
-        volumes={model_volume: "/data"},
+        volumes=cache_mount(built_image, model_volume),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "cl-nagoya/ruri-large" in result.stderr + result.stdout
@@ -119,7 +128,7 @@ def test_compose_service_answers_over_http(
         built_image.id,
         built_image.command,
         env,
-        {model_volume: data_volume(service)},
+        cache_mount(built_image, model_volume),
         port,
         tmp_path / "server.log",
         service_name,
