@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 
 # A batch may hold at most this many padded tokens per real token.
 MAX_PADDING = 1.25
-GATHER_SHARE = 0.05
-GATHER_CAP = 0.05
 
 RunBatch = Callable[[Sequence[TokenIds]], FloatArray]
 BatchObserver = Callable[["BatchReport"], None]
@@ -233,15 +231,8 @@ class Batcher:
     # --- worker ------------------------------------------------------------------
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        last_items, last_seconds = 0, 0.0
         while True:
             await self._wake.wait()
-            if last_items > 1 and len(self._pending) < last_items:
-                # The clients of the pass that just ended come back within milliseconds:
-                # wait a moment (a small share of that pass) so they join this pass
-                # instead of splitting into cohorts that alternate half-empty passes.
-                await self._gather(last_items, min(GATHER_CAP, GATHER_SHARE * last_seconds))
-            last_items = 0
             batch = self._take_batch()
             if not batch:
                 self._wake.clear()
@@ -263,17 +254,9 @@ class Batcher:
                     if not job.done:
                         job.future.set_exception(error)
                 continue
-            last_seconds = time.perf_counter() - started
-            last_items = len(batch)
-            self._record(batch, last_seconds)
+            self._record(batch, time.perf_counter() - started)
             for item, row in zip(batch, out, strict=True):
                 item.job.put(item.position, row, item.total)
-
-    async def _gather(self, wanted: int, seconds: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        while len(self._pending) < wanted and loop.time() < deadline:
-            await asyncio.sleep(0.002)
 
     def _record_failure(self, batch: list[_Item], seconds: float) -> None:
         self.consecutive_failures += 1
