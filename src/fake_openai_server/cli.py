@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     server.run()
     # Not runtime.state: the lifespan's shutdown has moved it on to "stopping" by now.
     failure = app.state.runtime.failure
+    if failure is not None and app.state.runtime.misconfigured:
+        print(f"fake-openai-server: invalid setting: {failure}", file=sys.stderr)
+        raise SystemExit(2)
     if failure is not None:
         reason = failure.splitlines()[0] if failure.strip() else failure
         print(

@@ -155,6 +155,12 @@ class Settings(BaseSettings):
                 f"MAX_QUEUE_TOKENS={self.max_queue_tokens} is smaller than "
                 f"MAX_BATCH_TOKENS={self.max_batch_tokens}: the queue could never fill one batch"
             )
+        if self.max_queue_tokens < self.max_request_tokens:
+            raise SettingsError(
+                f"MAX_QUEUE_TOKENS={self.max_queue_tokens} is smaller than "
+                f"MAX_REQUEST_TOKENS={self.max_request_tokens}: a request within its limit "
+                "could be refused with 429 on an idle server"
+            )
         return self
 
     @property

@@ -21,7 +21,7 @@ from fake_openai_server.families import family_for, with_overrides
 from fake_openai_server.metrics import Metrics
 from fake_openai_server.service.embeddings import EmbeddingModel, EmbeddingsService
 from fake_openai_server.service.rerank import RerankModel, RerankService
-from fake_openai_server.settings import Settings
+from fake_openai_server.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,19 @@ def load_backends(settings: Settings) -> Backends:
     return backends
 
 
+def check_limits(settings: Settings, backends: Backends) -> None:
+    """Limits that contradict a model, known only once it is loaded (its maximum length)."""
+    infos = [b.info for b in backends.embeddings.values()]
+    infos += [b.info for b in backends.rerank.values()]
+    for info in infos:
+        if info.max_length > settings.max_batch_tokens:
+            raise SettingsError(
+                f"MAX_BATCH_TOKENS={settings.max_batch_tokens} is smaller than the maximum "
+                f"length {info.max_length} of {info.name}: a full-length input would not fit "
+                "in one batch; raise MAX_BATCH_TOKENS or set MAX_SEQ_LENGTH lower"
+            )
+
+
 def warm_up(backends: Backends, max_batch_size: int) -> None:
     """Run the shapes traffic will bring once, so the first request is not the slow one."""
     for backend in backends.embeddings.values():
@@ -81,6 +94,7 @@ class Runtime:
         self.metrics = metrics or Metrics()
         self.state: State = "loading"
         self.failure: str | None = None
+        self.misconfigured = False  # the failure is a setting that contradicts a model
         self.embeddings: EmbeddingsService | None = None
         self.rerank: RerankService | None = None
         self.models: dict[str, ModelInfo] = {}
@@ -95,8 +109,13 @@ class Runtime:
         started = time.perf_counter()
         try:
             backends = await asyncio.to_thread(self._loader, self.settings)
+            check_limits(self.settings, backends)
             if self.settings.warmup:
                 await asyncio.to_thread(warm_up, backends, self.settings.max_batch_size)
+        except SettingsError as exc:
+            self.state, self.failure, self.misconfigured = "failed", str(exc), True
+            log.error("invalid setting: %s", self.failure)
+            return
         except Exception as exc:
             self.state = "failed"
             self.failure = f"{type(exc).__name__}: {exc}"
