@@ -88,6 +88,7 @@ def test_a_burst_over_the_queue_gets_200s_and_429s_only(tmp_path: Path) -> None:
         "max_batch_size": 8,
         "max_batch_tokens": QUEUE_TOKENS,
         "max_queue_tokens": QUEUE_TOKENS,
+        "max_request_tokens": QUEUE_TOKENS,
     }
     statuses: dict[int, int] = {}
     rss: list[int] = []

@@ -1,0 +1,144 @@
+"""Limits: published at /info, contradictions refused at start-up; metrics exposed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
+
+from fake_openai_server.api.app import build_app
+from fake_openai_server.settings import Settings
+from tests.support.fakes import DIM, MAX_LENGTH, fake_loader
+from tests.support.live import LiveServer, free_port, serve_app
+
+LIMITS = {
+    "max_request_bytes": 123_456,
+    "max_inputs": 77,
+    "max_documents": 55,
+    "max_input_chars": 3_333,
+    "max_request_tokens": 2_000,
+    "max_batch_size": 16,
+    "max_batch_tokens": 512,
+    "max_queue_tokens": 50_000,
+}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LiveServer]:
+    settings = Settings(service_type="all", warmup=False, **LIMITS)  # type: ignore[arg-type]
+    with serve_app(build_app(settings, fake_loader())) as live:
+        yield live
+
+
+def test_info_publishes_every_limit_and_the_models(server: LiveServer) -> None:
+    info = httpx.get(f"{server.base_url}/info").json()
+    assert info["limits"] == {**LIMITS, "truncate": True}
+    assert info["version"]
+    assert info["state"] == "ready"
+    embedding = info["models"]["cl-nagoya/ruri-large"]
+    assert (embedding["max_length"], embedding["dimension"]) == (MAX_LENGTH, DIM)
+    assert info["models"]["cl-nagoya/ruri-v3-reranker-310m"]["max_length"] == 4 * MAX_LENGTH
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "limit"),
+    [
+        ("/v1/embeddings", {"input": ["a"] * 78}, "MAX_INPUTS=77"),
+        ("/v1/embeddings", {"input": "a" * 3_334}, "MAX_INPUT_CHARS=3333"),
+        ("/v1/embeddings", {"input": ["a" * 25] * 77 * 2}, "MAX_INPUTS=77"),
+        ("/v1/embeddings", {"input": ["a" * 30] * 77}, "MAX_REQUEST_TOKENS=2000"),
+        ("/v1/rerank", {"query": "q", "documents": ["a"] * 56}, "MAX_DOCUMENTS=55"),
+        ("/v2/rerank", {"query": "q" * 3_334, "documents": ["a"]}, "MAX_INPUT_CHARS=3333"),
+        ("/v1/embeddings", {"input": "a" * 130_000}, "MAX_REQUEST_BYTES=123456"),
+    ],
+)
+def test_each_limit_names_itself_and_its_value(
+    server: LiveServer, path: str, body: object, limit: str
+) -> None:
+    reply = httpx.post(f"{server.base_url}{path}", json=body)
+    assert reply.status_code in (400, 413), reply.text[:300]
+    assert limit in reply.json()["error"]["message"]
+
+
+def test_contradictory_limits_are_refused_naming_both() -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(max_queue_tokens=20_000, max_request_tokens=30_000, max_batch_tokens=1_000)
+    message = str(refused.value)
+    assert "MAX_QUEUE_TOKENS=20000" in message
+    assert "MAX_REQUEST_TOKENS=30000" in message
+
+
+def _run_cli(env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, "HOST": "127.0.0.1", "PORT": str(free_port()), **env}
+    return subprocess.run(
+        [sys.executable, "-m", "fake_openai_server"],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_cli_refuses_a_queue_smaller_than_a_request() -> None:
+    done = _run_cli({"MAX_QUEUE_TOKENS": "20000", "MAX_REQUEST_TOKENS": "30000"}, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "MAX_QUEUE_TOKENS=20000" in done.stderr and "MAX_REQUEST_TOKENS=30000" in done.stderr
+
+
+def test_cli_refuses_a_batch_budget_below_the_models_max_length(hf_home: Path) -> None:
+    """The model's maximum length is known only once it is loaded: refused then."""
+    done = _run_cli({"SERVICE_TYPE": "embeddings", "DTYPE": "float32", "MAX_BATCH_TOKENS": "256"})
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "invalid setting" in last
+    assert "MAX_BATCH_TOKENS=256" in last
+    assert "512" in last and "cl-nagoya/ruri-large" in last  # the model and its length
+    assert "Traceback" not in done.stderr
+
+
+# --- metrics --------------------------------------------------------------------------
+
+
+def _samples(base_url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    text = httpx.get(f"{base_url}/metrics").text
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
+
+
+def test_metrics_cover_requests_latency_queue_batches_and_inference(server: LiveServer) -> None:
+    with httpx.Client(base_url=server.base_url) as client:
+        assert client.post("/v1/embeddings", json={"input": ["東京", "大阪"]}).status_code == 200
+        assert client.post("/v2/rerank", json={"query": "q", "documents": ["a"]}).status_code == 200
+        assert client.post("/v1/embeddings", json={"input": ""}).status_code == 400
+        assert client.get("/nowhere").status_code == 404
+    samples = _samples(server.base_url)
+
+    def value(name: str, **labels: str) -> float:
+        return sum(v for got, v in samples.get(name, []) if labels.items() <= got.items())
+
+    assert value("fos_requests_total", route="/v1/embeddings", status="200") >= 1
+    assert value("fos_requests_total", route="/v1/embeddings", status="400") >= 1
+    assert value("fos_requests_total", route="/v2/rerank", status="200") >= 1
+    assert value("fos_requests_total", route="other", status="404") >= 1  # no label per path
+    assert value("fos_request_seconds_count", route="/v1/embeddings") >= 2
+    assert "fos_request_seconds_bucket" in samples
+    assert value("fos_requests_in_progress", route="/metrics") == 1  # this very scrape
+    model = "cl-nagoya/ruri-large"
+    assert value("fos_batch_items_count", model=model) >= 1
+    assert value("fos_batch_items_sum", model=model) >= 2
+    assert value("fos_batch_tokens_total", model=model) >= 2
+    assert value("fos_batch_padded_tokens_total", model=model) >= 2
+    assert value("fos_inference_seconds_count", model=model) >= 1
+    assert value("fos_inference_seconds_count", model="cl-nagoya/ruri-v3-reranker-310m") >= 1
+    assert ({"model": model}, 0.0) in samples["fos_queue_tokens"]
