@@ -5,6 +5,7 @@ invalid JSON, not ready, and 500s that never carry an exception's text."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -226,7 +227,7 @@ def test_failed_loading_is_503_without_the_exception_text() -> None:
             ready = client.get("/ready")
             if ready.json()["status"] != "loading":
                 break
-            threading.Event().wait(0.05)
+            time.sleep(0.05)
         assert ready.status_code == 503
         assert ready.json()["status"] == "failed"
         assert "secret" not in ready.text
