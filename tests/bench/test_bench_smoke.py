@@ -1,0 +1,62 @@
+"""The benchmark harness end to end on the tiny stand-ins: it measures and reports.
+
+No performance assertions: this proves the harness works (servers start, every
+scenario runs over HTTP, the engine's counters are read, the server's outputs
+match the model's, the report is written), not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import run
+
+
+@pytest.mark.slow
+def test_bench_runs_every_scenario_and_writes_its_report(hf_home: Path, tmp_path: Path) -> None:
+    args = ["--shape", "tiny", "--device", "cpu", "--hf-home", str(hf_home), "--reuse"]
+    results = run.main([*args, "--out", str(tmp_path)])
+
+    written = json.loads((tmp_path / "tiny-cpu.json").read_text())
+    assert written["command"] == "uv run python -m bench.run " + " ".join(
+        [*args, "--out", str(tmp_path)]
+    )
+    assert written["shape"] == "tiny"
+    assert written["machine"]["cores"] >= 1
+    assert set(written["matmul_gflops"]) >= {"float32", results["precision"]}
+    assert written["tokenizer"]["embeddings_texts_per_s"] > 0
+
+    plan = run.plan_for("tiny", "cpu")
+    emb = written["embeddings"]
+    assert set(emb["ceiling"]) >= {"float32", results["precision"]}
+    assert emb["server"]["dtype"] == results["precision"]  # the server ran at DTYPE=auto
+    assert set(emb["scenarios"]) == {"1", "2", "2u", "3"}
+    expected_texts = {"1": plan.sequential, "2": plan.corpus, "2u": plan.corpus, "3": plan.bulk}
+    for key, scenario in emb["scenarios"].items():
+        assert scenario["texts"] == expected_texts[key]
+        assert scenario["per_s"] > 0
+        # /info differences: the server ran exactly the tokens the benchmark sent.
+        assert scenario["tokens"] == scenario["client_tokens"]
+        assert scenario["forward_batches"] >= 1
+        assert sum(scenario["batch_histogram"].values()) == scenario["forward_batches"]
+        assert scenario["peak_rss_mib"] > 0
+        if key != "2u":  # 2u's texts are not run in-process
+            assert scenario["min_cosine_to_in_process"] > 0.99
+        assert {"vs_float32", f"vs_{results['precision']}"} <= set(scenario["ratios"])
+    assert emb["scenarios"]["1"]["mean_batch_size"] == 1.0
+    assert emb["scenarios"]["3"]["forward_batches"] < plan.bulk  # one request, batched
+
+    rerank = written["rerank"]["scenarios"]
+    assert set(rerank) == {"4-sequential", "4-concurrent"}
+    assert rerank["4-concurrent"]["pairs"] == plan.rerank_concurrent * plan.documents
+    for scenario in rerank.values():
+        assert scenario["tokens"] == scenario["client_tokens"]
+        assert scenario["max_score_difference"] < 0.05
+
+    report = (tmp_path / "tiny-cpu.md").read_text()
+    assert report.startswith("# Benchmark: tiny shape on cpu")
+    for needle in ("In-process ceiling", "2 many Dify users", "4 rerank, concurrent", "MeCab"):
+        assert needle in report
