@@ -1,0 +1,165 @@
+"""API keys: every route without, with a wrong and with a right key."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from fake_openai_server.api import embeddings, rerank, system
+from fake_openai_server.api.app import build_app
+from fake_openai_server.settings import Settings
+from tests.support.fakes import fake_loader
+from tests.support.live import LiveServer, serve_app
+
+PUBLIC = {"/health", "/ready"}
+ENV_KEYS = ("sk-env-one", "sk-env-two")
+FILE_KEYS = ("sk-file-three", "sk-file-four")
+EMBED = {"input": "鍵のテスト"}
+RANK = {"query": "鍵", "documents": ["鍵のテスト", "別"]}
+
+
+def _routes() -> list[tuple[str, str]]:
+    """Every method and path the app serves, hidden aliases and the docs included."""
+    app = build_app(Settings(service_type="all", warmup=False), fake_loader())
+    found = {("GET", getattr(r, "path", "")) for r in app.routes if getattr(r, "path", "")}
+    for router in (system.router, embeddings.router, rerank.router):
+        for route in router.routes:
+            for method in getattr(route, "methods", ()):
+                if method != "HEAD":
+                    found.add((method, getattr(route, "path", "")))
+    return sorted(found)
+
+
+ROUTES = _routes()
+
+
+@dataclass
+class Reply:
+    status_code: int
+    headers: dict[str, str]
+    text: str
+
+    def json(self) -> dict[str, Any]:
+        return cast(dict[str, Any], json.loads(self.text))
+
+
+def _call(server: LiveServer, method: str, path: str, authorization: str | None) -> Reply:
+    """http.client, not httpx: it sends header values as given ('Bearer ' with its space)."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    headers = {} if authorization is None else {"Authorization": authorization}
+    body = None
+    if method == "POST":
+        body = json.dumps(EMBED if "embeddings" in path else RANK).encode()
+        headers["Content-Type"] = "application/json"
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.putrequest(method, path)
+        for name, value in headers.items():
+            connection.putheader(name, value.encode("utf-8"))
+        connection.putheader("Content-Length", str(len(body or b"")))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        text = response.read().decode("utf-8", "replace")
+        return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, text)
+    finally:
+        connection.close()
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """API_KEYS from the environment, plus API_KEYS_FILE (comments and blank lines skipped)."""
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys_file.write_text(f"# team keys\n\n{FILE_KEYS[0]}\n  {FILE_KEYS[1]}  \n", encoding="utf-8")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("API_KEYS", f"{ENV_KEYS[0]}, {ENV_KEYS[1]}")
+        env.setenv("API_KEYS_FILE", str(keys_file))
+        settings = Settings(service_type="all", warmup=False)
+    assert sorted(settings.all_api_keys()) == sorted(ENV_KEYS + FILE_KEYS)
+    with serve_app(build_app(settings, fake_loader())) as server:
+        yield server
+
+
+def test_the_route_list_is_complete() -> None:
+    paths = {path for _, path in ROUTES}
+    assert {"/v1/embeddings", "/embeddings", "/v1/rerank", "/rerank", "/v1/v1/rerank"} <= paths
+    assert {"/v2/rerank", "/v1/models", "/models", "/info", "/metrics", "/openapi.json"} <= paths
+    assert paths >= PUBLIC
+
+
+WRONG = [
+    None,
+    "",
+    "Bearer ",
+    "Bearer wrong",
+    f"Bearer {ENV_KEYS[0][:-1]}",  # a prefix of a right key
+    f"Bearer {ENV_KEYS[0]}x",
+    f"Bearer {ENV_KEYS[0]} {ENV_KEYS[1]}",
+    f"Basic {ENV_KEYS[0]}",
+    f"Token {FILE_KEYS[0]}",
+    "Bearer # team keys",  # a comment line of the file is not a key
+    "Bearer \u00e9\u00e8",
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES, ids=lambda x: str(x))
+def test_every_route_needs_a_right_key(keyed: LiveServer, method: str, path: str) -> None:
+    for authorization in WRONG:
+        reply = _call(keyed, method, path, authorization)
+        if path in PUBLIC:
+            assert reply.status_code == 200, (authorization, reply.text)
+            continue
+        assert reply.status_code == 401, (authorization, reply.status_code)
+        error = reply.json()["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+        assert reply.headers["x-request-id"]
+        for key in ENV_KEYS + FILE_KEYS:
+            assert key not in reply.text
+    for key in ENV_KEYS + FILE_KEYS:
+        for authorization in (f"Bearer {key}", f"bearer {key}", f"BEARER  {key} "):
+            reply = _call(keyed, method, path, authorization)
+            assert reply.status_code == 200, (authorization, reply.text[:300])
+
+
+def test_unknown_routes_need_a_key_too(keyed: LiveServer) -> None:
+    """Without a key nothing about the routes is told: 401, not 404."""
+    assert _call(keyed, "GET", "/v1/secret-admin", None).status_code == 401
+    assert _call(keyed, "GET", "/v1/secret-admin", f"Bearer {ENV_KEYS[1]}").status_code == 404
+
+
+@pytest.fixture(scope="module")
+def open_server() -> Iterator[LiveServer]:
+    with serve_app(build_app(Settings(service_type="all", warmup=False), fake_loader())) as server:
+        yield server
+
+
+@pytest.mark.parametrize("authorization", [None, "", "Bearer ", "Bearer sk-anything", "junk"])
+def test_without_keys_any_authorization_is_accepted(
+    open_server: LiveServer, authorization: str | None
+) -> None:
+    """Dify sends an empty header and Open WebUI 'Bearer ' when the user set no key."""
+    for method, path in ROUTES:
+        reply = _call(open_server, method, path, authorization)
+        assert reply.status_code == 200, (method, path, reply.text[:300])
+
+
+def test_an_unreadable_keys_file_is_refused_at_start_up(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-keys.txt"
+    done = subprocess.run(
+        [sys.executable, "-m", "fake_openai_server"],
+        env={**os.environ, "API_KEYS_FILE": str(missing)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "API_KEYS_FILE" in done.stderr and str(missing) in done.stderr
