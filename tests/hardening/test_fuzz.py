@@ -122,3 +122,47 @@ def test_fuzzing_sent_over_a_thousand_requests() -> None:
         pytest.skip("run with the whole module")
     total = sum(STATUSES.values())
     assert total >= 1000, STATUSES
+
+
+# --- the real tokenizers and models (tiny stand-ins) ----------------------------------
+
+REAL_EXAMPLES = 60
+
+
+@pytest.mark.parametrize(
+    ("fixture", "label"),
+    [
+        ("embeddings_server", "POST /v1/embeddings"),
+        ("rerank_server", "POST /v1/rerank"),
+    ],
+)
+def test_fuzz_real_models(fixture: str, label: str, request: pytest.FixtureRequest) -> None:
+    """Schema-valid text, any Unicode, through MeCab, the HF tokenizers and the models."""
+    server: LiveServer = request.getfixturevalue(fixture)
+    document = httpx.get(f"{server.base_url}/openapi.json").json()
+    operation = next(
+        result.ok()
+        for result in schemathesis.openapi.from_dict(document).get_all_operations()
+        if result.ok().label == label
+    )
+    seen: Counter[int] = Counter()
+
+    @settings(
+        max_examples=REAL_EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=operation.as_strategy(generation_mode=GenerationMode.POSITIVE))
+    def check(case: schemathesis.Case) -> None:
+        response = case.call_and_validate(
+            base_url=server.base_url, session=session, excluded_checks=[positive_data_acceptance]
+        )
+        seen[response.status_code] += 1
+
+    with requests.Session() as session:
+        check()
+    assert sum(seen.values()) >= REAL_EXAMPLES * 0.9, seen
+    assert seen[200] >= 0.15 * sum(seen.values()), seen
