@@ -101,6 +101,7 @@ def test_a_burst_over_the_queue_gets_200s_and_429s_only(tmp_path: Path) -> None:
             assert deepest <= QUEUE_TOKENS, f"queue grew to {deepest} tokens"
             for texts, reply, seconds in results:
                 statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
+                assert reply.headers["x-request-id"]
                 if reply.status_code == 429:
                     assert int(reply.headers["retry-after"]) >= 1
                     error = reply.json()["error"]
@@ -228,6 +229,7 @@ def test_a_failing_batch_fails_its_requests_and_the_server_goes_on(
         for name in ("poison", "bystander"):
             reply = results[name]
             assert reply.status_code == 500, (name, reply.text)
+            assert reply.headers["x-request-id"]
             error = reply.json()["error"]
             assert (error["type"], error["code"]) == ("server_error", "model_failure")
             assert "CUDA" not in error["message"] and "20.00 GiB" not in error["message"]
