@@ -169,34 +169,48 @@ def _encode_one(ids: list[int], max_length: int, end: list[int]) -> Encoded:
     return Encoded(cut, truncated=True, original_length=len(ids))
 
 
-class SentenceTransformerBackend:
+class _LoadedModel:
+    """What both backends share: the model in its precision, its length, tokenizers, runner."""
+
+    def __init__(
+        self, model: Any, precision: Precision, max_seq_length: int | None, output: str
+    ) -> None:
+        if precision.dtype == "int8":
+            _quantize_int8(model)
+        model.eval()
+        self.model = model
+        self.precision = precision
+        self.max_length = _max_length(model.max_seq_length, max_seq_length)
+        model.max_seq_length = self.max_length
+        tokenizer = model.tokenizer
+        self.vocab_size = len(tokenizer)
+        self._tokenizers = _PerThreadTokenizer(tokenizer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._runner = _TorchRunner(model, precision, pad_id, output)
+
+    def _info(self, name: str, **extra: Any) -> ModelInfo:
+        return ModelInfo(
+            name=name,
+            max_length=self.max_length,
+            vocab_size=self.vocab_size,
+            dtype=self.precision.dtype,
+            device=self.precision.device,
+            precision_reason=self.precision.reason,
+            **extra,
+        )
+
+
+class SentenceTransformerBackend(_LoadedModel):
     """Embeddings from a ``SentenceTransformer`` (Transformer + Pooling [+ Normalize])."""
 
     def __init__(self, name: str, precision: Precision, max_seq_length: int | None) -> None:
         from sentence_transformers import SentenceTransformer
 
         model = SentenceTransformer(name, **_load_common(precision))
-        if precision.dtype == "int8":
-            _quantize_int8(model)
-        model.eval()
-        self.model = model
-        tokenizer = model.tokenizer
-        self.max_length = _max_length(model.max_seq_length, max_seq_length)
-        model.max_seq_length = self.max_length
-        self._tokenizers = _PerThreadTokenizer(tokenizer)
-        self._end = _end_tokens(tokenizer)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._runner = _TorchRunner(model, precision, pad_id, "sentence_embedding")
+        super().__init__(model, precision, max_seq_length, "sentence_embedding")
+        self._end = _end_tokens(model.tokenizer)
         dimension = model.get_embedding_dimension()
-        self.info = ModelInfo(
-            name=name,
-            max_length=self.max_length,
-            dimension=int(dimension) if dimension is not None else None,
-            vocab_size=len(tokenizer),
-            dtype=precision.dtype,
-            device=precision.device,
-            precision_reason=precision.reason,
-        )
+        self.info = self._info(name, dimension=int(dimension) if dimension is not None else None)
 
     def tokenize(self, texts: Sequence[str]) -> list[Encoded]:
         tokenizer = self._tokenizers.get()
@@ -214,35 +228,18 @@ class SentenceTransformerBackend:
         return result
 
 
-class CrossEncoderBackend:
+class CrossEncoderBackend(_LoadedModel):
     """Scores from a ``CrossEncoder`` (a sequence-classification model, one label)."""
 
     def __init__(self, name: str, precision: Precision, max_seq_length: int | None) -> None:
         from sentence_transformers import CrossEncoder
 
         model = CrossEncoder(name, **_load_common(precision))
-        if precision.dtype == "int8":
-            _quantize_int8(model)
-        model.eval()
-        self.model = model
-        tokenizer = model.tokenizer
-        self.max_length = _max_length(model.max_seq_length, max_seq_length)
-        model.max_seq_length = self.max_length
-        self._tokenizers = _PerThreadTokenizer(tokenizer)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._runner = _TorchRunner(model, precision, pad_id, "scores")
+        super().__init__(model, precision, max_seq_length, "scores")
         self._activation: Callable[[torch.Tensor], torch.Tensor] = (
             model.activation_fn or torch.nn.Identity()
         )
-        self.info = ModelInfo(
-            name=name,
-            max_length=self.max_length,
-            vocab_size=len(tokenizer),
-            dtype=precision.dtype,
-            device=precision.device,
-            precision_reason=precision.reason,
-            extra={"activation": type(self._activation).__name__},
-        )
+        self.info = self._info(name, extra={"activation": type(self._activation).__name__})
 
     def tokenize_pairs(self, query: str, documents: Sequence[str]) -> list[Encoded]:
         tokenizer = self._tokenizers.get()
