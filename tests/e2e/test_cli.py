@@ -17,7 +17,7 @@ import pytest
 
 from fake_openai_server.settings import Settings
 from tests.e2e.conftest import EMBEDDINGS_MODEL, RERANKER_MODEL
-from tests.support.live import LiveServer, free_port, run_cli, wait_ready
+from tests.support.live import LiveServer, free_port, run_cli, run_server_process, wait_ready
 
 # Settings the tests' parent environment might carry; a subprocess must not inherit them.
 _SETTING_NAMES = [name.upper() for name in Settings.model_fields]
@@ -76,22 +76,8 @@ def uvicorn_factory(env: dict[str, str], log_path: Path, wait: bool = True) -> I
         "--port",
         str(port),
     ]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, env=clean_env(**env), stdout=log, stderr=subprocess.STDOUT
-        )
-    server = LiveServer(f"http://127.0.0.1:{port}", process=process, log_path=log_path)
-    try:
-        if wait:
-            wait_ready(server.base_url, process=process)
+    with run_server_process(command, port, log_path, clean_env(**env), wait) as server:
         yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 MISSING_MODEL = "nobody/no-such-model"

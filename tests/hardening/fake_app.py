@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 
-from tests.support.live import LiveServer, free_port, wait_ready
+from tests.support.live import LiveServer, free_port, run_server_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,21 +30,10 @@ def rss_bytes(pid: int) -> int:
 def fake_app_process(settings: dict[str, Any], delay: float) -> Iterator[LiveServer]:
     port = free_port()
     overrides = {**settings, "host": "127.0.0.1", "port": port}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.hardening.fake_app", json.dumps(overrides), str(delay)],
-        cwd=ROOT,
-    )
-    try:
-        base_url = f"http://127.0.0.1:{port}"
-        wait_ready(base_url, timeout=60, process=process)
-        yield LiveServer(base_url, process=process)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    command = [sys.executable, "-m", "tests.hardening.fake_app", json.dumps(overrides), str(delay)]
+    log_path = Path(tempfile.mkdtemp(prefix="fos-fake-")) / "server.log"
+    with run_server_process(command, port, log_path, cwd=ROOT) as server:
+        yield server
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -83,30 +84,45 @@ def serve_app(app: FastAPI, wait: bool = True) -> Iterator[LiveServer]:
 
 
 @contextlib.contextmanager
-def run_cli(
-    env: dict[str, str], log_dir: Path, args: list[str] | None = None, wait: bool = True
+def run_server_process(
+    command: list[str],
+    port: int,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+    **popen: Any,
 ) -> Iterator[LiveServer]:
-    """Run ``python -m fake_openai_server`` as users do, in a subprocess."""
-    port = free_port()
-    full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **env}
-    log_path = log_dir / f"server-{port}.log"
+    """Run a server ``command`` listening on ``port``; stop it (SIGTERM, then kill) after."""
     with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fake_openai_server", *(args or [])],
-            env=full_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, **popen)
     server = LiveServer(f"http://127.0.0.1:{port}", process=process, log_path=log_path)
     try:
         if wait:
             wait_ready(server.base_url, process=process)
         yield server
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def run_cli(
+    env: dict[str, str], log_dir: Path, args: list[str] | None = None, wait: bool = True
+) -> Iterator[LiveServer]:
+    """Run ``python -m fake_openai_server`` as users do, in a subprocess."""
+    port = free_port()
+    full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **env}
+    command = [sys.executable, "-m", "fake_openai_server", *(args or [])]
+    with run_server_process(
+        command, port, log_dir / f"server-{port}.log", full_env, wait
+    ) as server:
+        yield server
