@@ -27,8 +27,10 @@ from fake_openai_server.errors import ErrorKind, ServiceError
 
 log = logging.getLogger(__name__)
 
-# A batch may hold at most this many padded tokens per real token.
-MAX_PADDING = 1.25
+# A batch may hold at most this many padded tokens per real token. Padding costs
+# compute in proportion; a smaller batch hardly does (bench/: 1.25 -> 1.1 gave
+# +12% texts/s with 32 one-text clients and +7% on a bulk request, small shape, CPU).
+MAX_PADDING = 1.1
 
 RunBatch = Callable[[Sequence[TokenIds]], FloatArray]
 BatchObserver = Callable[["BatchReport"], None]
