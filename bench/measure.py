@@ -61,11 +61,11 @@ def process_cpu(pid: int | str = "self") -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def machine_busy() -> float:
-    """CPU seconds the whole machine spent busy since boot (all cores)."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
-    user, nice, system, _idle, _iowait, irq, softirq = values
-    return (user + nice + system + irq + softirq) / _TICK
+def machine_busy() -> tuple[float, float]:
+    """CPU seconds since boot, all cores: busy here, and stolen by the hypervisor."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values
+    return (user + nice + system + irq + softirq) / _TICK, steal / _TICK
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -92,7 +92,7 @@ class Meter:
     server_pid: int | None = None
     wall: float = field(default_factory=time.perf_counter)
     bench: float = field(default_factory=process_cpu)
-    busy: float = field(default_factory=machine_busy)
+    machine: tuple[float, float] = field(default_factory=machine_busy)
     server: float = 0.0
 
     def __post_init__(self) -> None:
@@ -103,8 +103,14 @@ class Meter:
         wall = time.perf_counter() - self.wall
         bench = process_cpu() - self.bench
         server = process_cpu(self.server_pid) - self.server if self.server_pid else 0.0
-        other = max(0.0, machine_busy() - self.busy - bench - server)
-        out = {"wall_s": wall, "client_cpu_s": bench, "other_load_cores": other / wall}
+        busy, steal = machine_busy()
+        other = max(0.0, busy - self.machine[0] - bench - server)
+        out = {
+            "wall_s": wall,
+            "client_cpu_s": bench,
+            "other_load_cores": other / wall,
+            "stolen_cores": (steal - self.machine[1]) / wall,
+        }
         if self.server_pid is not None:
             out["server_cpu_cores"] = server / wall
         return out

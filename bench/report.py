@@ -65,7 +65,30 @@ def targets(shape: str, results: dict[str, Any]) -> list[dict[str, Any]]:
 def diagnostics(results: dict[str, Any]) -> list[str]:
     """What limits each scenario, read off the meters."""
     cores = results["machine"]["cores"] or 1
+    precision = results["precision"]
     lines = []
+    emb = results.get("embeddings", {})
+    one = emb.get("scenarios", {}).get("1")
+    if one:
+        in_process = emb["ceiling"][precision]["single_text_p50_ms"]
+        forward = one["forward_ms_mean"]
+        lines.append(
+            f"scenario 1: p50 {one['p50_ms']:.1f} ms = forward pass {forward:.1f} ms "
+            f"(mean, in the server) + {one['p50_ms'] - forward:.1f} ms outside the "
+            f"model (HTTP, JSON, tokenization, thread hand-offs); in-process encode of one text "
+            f"(tokenization included): {in_process:.1f} ms."
+        )
+    for part_name in ("embeddings", "rerank"):
+        ceiling = results.get(part_name, {}).get("ceiling", {})
+        if "float32" in ceiling and precision in ceiling and precision != "float32":
+            gain = ceiling[precision]["per_s"] / ceiling["float32"]["per_s"]
+            matmul = results["matmul_gflops"]
+            lines.append(
+                f"{part_name}: in-process {precision} is {gain:.2f}× in-process float32; a plain "
+                f"matrix product is {matmul[precision] / matmul['float32']:.2f}× faster in "
+                f"{precision} than in float32 here. Ratios to float32 above these come only "
+                "from batching better than `encode`/`predict` do."
+            )
     for part_name in ("embeddings", "rerank"):
         for key, s in results.get(part_name, {}).get("scenarios", {}).items():
             label = f"scenario {key} ({part_name})"
@@ -89,6 +112,10 @@ def diagnostics(results: dict[str, Any]) -> list[str]:
                 lines.append(
                     f"{label}: the server ran {s['tokens']} tokens, the benchmark's tokenizer "
                     f"counts {s['client_tokens']}: the server does not see the same inputs."
+                )
+            if s.get("stolen_cores", 0) > 0.05:
+                lines.append(
+                    f"{label}: the hypervisor took {s['stolen_cores']:.2f} cores (steal time)."
                 )
             client = s["client_cpu_s"] / s["wall_s"]
             if client > 0.1:
@@ -133,6 +160,8 @@ def render(results: dict[str, Any]) -> str:
         f"- Software: Python {m['python']}, torch {m['torch']}, transformers "
         f"{m['transformers']}, sentence-transformers {m['sentence_transformers']}",
         f"- Server precision (DTYPE=auto): **{precision}** — {results['precision_reason']}",
+        "- Server settings: defaults"
+        + "".join(f", {k}={v}" for k, v in results.get("server_settings", {}).items()),
         "- Matrix product ceiling ("
         + f"{results['matmul_n']}×{results['matmul_n']}): "
         + ", ".join(f"{k} {_f(v, 0)} GFLOP/s" for k, v in mm.items()),

@@ -102,7 +102,13 @@ def _ratios(per_s: float, ceilings: dict[str, dict[str, Any]]) -> dict[str, floa
 
 
 def run_embeddings(
-    hf_home: Path, device: str, precision: str, plan: Plan, wanted: set[str], log_dir: Path
+    hf_home: Path,
+    device: str,
+    precision: str,
+    plan: Plan,
+    wanted: set[str],
+    log_dir: Path,
+    server_env: dict[str, str],
 ) -> dict[str, Any]:
     snapshot = _snapshot(hf_home, EMBED_MODEL)
     config = model_config(snapshot)
@@ -150,7 +156,7 @@ def run_embeddings(
         _log(f"  {result['per_s']:.2f} texts/s (batch {result['best_batch_size']})")
 
     _log("embeddings server: starting")
-    with serve(hf_home, "embeddings", device, log_dir) as server:
+    with serve(hf_home, "embeddings", device, log_dir, server_env) as server:
         part["server"] = {
             "startup_s": server.startup_s,
             **asyncio.run(server_dtype(server, EMBED_MODEL)),
@@ -190,7 +196,12 @@ def run_embeddings(
 
 
 def run_rerank(
-    hf_home: Path, device: str, precision: str, plan: Plan, log_dir: Path
+    hf_home: Path,
+    device: str,
+    precision: str,
+    plan: Plan,
+    log_dir: Path,
+    server_env: dict[str, str],
 ) -> dict[str, Any]:
     snapshot = _snapshot(hf_home, RERANK_MODEL)
     config = model_config(snapshot)
@@ -223,7 +234,7 @@ def run_rerank(
         _log(f"  {result['per_s']:.2f} pairs/s (batch {result['best_batch_size']})")
 
     _log("rerank server: starting")
-    with serve(hf_home, "reranker", device, log_dir) as server:
+    with serve(hf_home, "reranker", device, log_dir, server_env) as server:
         part["server"] = {
             "startup_s": server.startup_s,
             **asyncio.run(server_dtype(server, RERANK_MODEL)),
@@ -288,6 +299,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--reuse", action="store_true", help="use the stand-ins already under --hf-home"
     )
+    parser.add_argument(
+        "--server-env",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help="settings for the server beyond its defaults (e.g. MAX_BATCH_SIZE=32 DTYPE=int8)",
+    )
     args = parser.parse_args(argv)
     names = {v: k for k, v in SCENARIOS.items()}
     wanted = set()
@@ -297,6 +315,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"unknown scenario {item!r}: use 1-4 or {', '.join(SCENARIOS.values())}")
         wanted.add(key)
     args.scenarios = wanted
+    pairs = [item.partition("=") for item in args.server_env]
+    if any(not name or not sep for name, sep, _ in pairs):
+        parser.error("--server-env takes NAME=VALUE pairs")
+    args.server_env = {name.upper(): value for name, _, value in pairs}
     if args.reuse and args.hf_home is None:
         parser.error("--reuse needs --hf-home")
     return args
@@ -341,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "precision_reason": precision.reason,
         "plan": asdict(plan),
         "sizes_note": _sizes_note(plan, args.shape, device),
+        "server_settings": args.server_env,
         "load_before": list(load_before),
     }
     _log(f"{args.shape} shape on {device}; server precision {precision.dtype}")
@@ -369,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 _snapshot(hf_home, EMBED_MODEL), texts_300(plan.tokenizer_texts, seed=9000)
             )
             results["embeddings"] = run_embeddings(
-                hf_home, device, precision.dtype, plan, args.scenarios, log_dir
+                hf_home, device, precision.dtype, plan, args.scenarios, log_dir, args.server_env
             )
         if "4" in args.scenarios:
             results["tokenizer"]["rerank_pairs_per_s"] = tokenizer_rate(
@@ -377,7 +400,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 corpus_texts(plan.tokenizer_texts, seed=9000),
                 pairs_with=QUERY,
             )
-            results["rerank"] = run_rerank(hf_home, device, precision.dtype, plan, log_dir)
+            results["rerank"] = run_rerank(
+                hf_home, device, precision.dtype, plan, log_dir, args.server_env
+            )
         overall = measured_from.stop()
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)

@@ -49,12 +49,14 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _server_env(hf_home: Path, service_type: str, device: str, port: int) -> dict[str, str]:
+def _server_env(
+    hf_home: Path, service_type: str, device: str, port: int, settings: dict[str, str]
+) -> dict[str, str]:
     """This environment minus anything the server would read as a setting; then ours."""
     from fake_openai_server.settings import Settings
 
-    settings = {name.upper() for name in Settings.model_fields}
-    env = {k: v for k, v in os.environ.items() if k.upper() not in settings}
+    names = {name.upper() for name in Settings.model_fields}
+    env = {k: v for k, v in os.environ.items() if k.upper() not in names}
     env.pop("HF_HUB_CACHE", None)
     env.update(
         HF_HOME=str(hf_home),
@@ -65,18 +67,26 @@ def _server_env(hf_home: Path, service_type: str, device: str, port: int) -> dic
         DEVICE=device,
         LOG_LEVEL="warning",
     )
+    env.update(settings)
     return env
 
 
 @contextlib.contextmanager
-def serve(hf_home: Path, service_type: str, device: str, log_dir: Path) -> Iterator[Server]:
+def serve(
+    hf_home: Path,
+    service_type: str,
+    device: str,
+    log_dir: Path,
+    settings: dict[str, str] | None = None,
+) -> Iterator[Server]:
+    """``python -m fake_openai_server`` with default settings (plus ``settings``), ready."""
     port = _free_port()
     log_path = log_dir / f"server-{service_type}.log"
     started = time.perf_counter()
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "fake_openai_server"],
-            env=_server_env(hf_home, service_type, device, port),
+            env=_server_env(hf_home, service_type, device, port, settings or {}),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -149,6 +159,7 @@ def _engine_delta(before: dict[str, Any], after: dict[str, Any], wall: float) ->
     busy = after["busy_seconds"] - before["busy_seconds"]
     return {
         "forward_batches": d["batches"],
+        "forward_ms_mean": 1000 * busy / d["batches"] if d["batches"] else 0.0,
         "mean_batch_size": d["items"] / d["batches"] if d["batches"] else 0.0,
         "tokens": d["tokens"],
         "padding_efficiency": d["tokens"] / d["padded_tokens"] if d["padded_tokens"] else 0.0,
