@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -165,7 +168,8 @@ def render(results: dict[str, Any]) -> str:
         "- Matrix product ceiling ("
         + f"{results['matmul_n']}×{results['matmul_n']}): "
         + ", ".join(f"{k} {_f(v, 0)} GFLOP/s" for k, v in mm.items()),
-        f"- Load average (1/5/15 min) before: {' / '.join(_f(x) for x in results['load_before'])};"
+        "- Load average (1/5/15 min, the benchmark included) before: "
+        f"{' / '.join(_f(x) for x in results['load_before'])};"
         f" after: {' / '.join(_f(x) for x in results['load_after'])}",
         f"- {results['load_note']}",
         f"- Sizes: {results['sizes_note']}",
@@ -334,3 +338,55 @@ def _render_part(
         )
     out.append("")
     return out
+
+
+def _load_note(results: dict[str, Any]) -> str:
+    """Other processes' CPU use over the measured phases (ceilings and scenarios)."""
+    phases = [
+        (f"{name} {kind} {key}", m)
+        for name in ("embeddings", "rerank")
+        for kind in ("ceiling", "scenarios")
+        for key, m in results.get(name, {}).get(kind, {}).items()
+    ]
+    wall = sum(m["wall_s"] for _, m in phases)
+    if not wall:
+        return "no measured phase"
+    mean = sum(m["other_load_cores"] * m["wall_s"] for _, m in phases) / wall
+    results["other_load_cores"] = mean
+    noisy = [
+        f"{label} ({m['other_load_cores']:.2f})"
+        for label, m in phases
+        if m["other_load_cores"] > 0.15
+    ]
+    note = (
+        f"other processes used {mean:.2f} cores on average during the measured phases "
+        "(/proc/stat minus the CPU time of the benchmark and of the server)"
+    )
+    if noisy:
+        note += "; other work was running during " + ", ".join(noisy) + ": those figures are low"
+    return note
+
+
+def finish(results: dict[str, Any]) -> None:
+    """Derived figures: fractions of the matmul ceiling, load note, targets, diagnostics."""
+    precision = results["precision"]
+    for part in ("embeddings", "rerank"):
+        for s in results.get(part, {}).get("scenarios", {}).values():
+            s["matmul_ceiling_fraction"] = s["gflops"] / results["matmul_gflops"][precision]
+    results["load_note"] = _load_note(results)
+    results["targets"] = targets(results["shape"], results)
+    results["diagnostics"] = diagnostics(results)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Render a results JSON again (``python -m bench.report bench/results/full-cpu.json``)."""
+    for name in argv if argv is not None else sys.argv[1:]:
+        path = Path(name)
+        results = json.loads(path.read_text())
+        finish(results)
+        path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        path.with_suffix(".md").write_text(render(results))
+
+
+if __name__ == "__main__":
+    main()

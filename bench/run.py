@@ -58,7 +58,6 @@ from typing import Any
 import numpy as np
 
 from bench.measure import (
-    Meter,
     embed_ceiling,
     encoder_flops,
     free_memory,
@@ -69,7 +68,7 @@ from bench.measure import (
     token_counts,
     tokenizer_rate,
 )
-from bench.report import diagnostics, render, targets
+from bench.report import finish, render
 from bench.server import embeddings_scenarios, min_cosine, rerank_scenarios, serve, server_dtype
 from bench.workload import (
     EMBED_MODEL,
@@ -379,7 +378,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if "4" in args.scenarios:
                 standins.build_reranker(hf_home, args.shape)
             results["build_s"] = time.perf_counter() - build
-        measured_from = Meter()
         results["matmul_n"] = plan.matmul_n
         results["matmul_gflops"] = {
             name: matmul_gflops(name, device, plan.matmul_n)
@@ -403,29 +401,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["rerank"] = run_rerank(
                 hf_home, device, precision.dtype, plan, log_dir, args.server_env
             )
-        overall = measured_from.stop()
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)
         if temporary:
             shutil.rmtree(hf_home, ignore_errors=True)
     results["load_after"] = list(os.getloadavg())
     results["run_s"] = time.perf_counter() - started
-    results["other_load_cores"] = overall["other_load_cores"]
-    results["load_note"] = (
-        f"other processes used {overall['other_load_cores']:.2f} cores on average while this "
-        "ran (from /proc/stat minus the benchmark's and the server's own CPU time)"
-        + (
-            ": other work was running, so the figures are noisy"
-            if overall["other_load_cores"] > 0.15
-            else ""
-        )
-    )
-    for part in ("embeddings", "rerank"):
-        for key, s in results.get(part, {}).get("scenarios", {}).items():
-            s["matmul_ceiling_fraction"] = s["gflops"] / results["matmul_gflops"][precision.dtype]
-            del key
-    results["targets"] = targets(args.shape, results)
-    results["diagnostics"] = diagnostics(results)
+    finish(results)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{args.shape}-{device}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
