@@ -211,6 +211,11 @@ def render(results: dict[str, Any]) -> str:
         out += [
             "## Targets of issue 3",
             "",
+            *(
+                ["The targets were set for a 2-core CPU; on this device they are only a guide.", ""]
+                if results["device"] != "cpu"
+                else []
+            ),
             "| target | wanted | measured | met |",
             "|---|---|---:|---|",
         ]
