@@ -80,18 +80,18 @@ async def pipeline(
     prepare: Callable[[Sequence[T]], list[Encoded]],
     items: Sequence[T],
     run: Callable[[list[Encoded]], Awaitable[FloatArray]],
-) -> tuple[list[Encoded], FloatArray]:
+) -> FloatArray:
     """Prepare ``items`` in chunks on ``executor`` and run each chunk as soon as it is ready.
 
     A large request starts on the model while the rest is still being tokenized.
     If any chunk fails, the others are cancelled (their queued work is dropped).
-    Returns the encoded items and the stacked outputs, both in input order.
+    Returns the outputs stacked in input order.
     """
     loop = asyncio.get_running_loop()
 
-    async def one(chunk: Sequence[T]) -> tuple[list[Encoded], FloatArray]:
+    async def one(chunk: Sequence[T]) -> FloatArray:
         encoded = await loop.run_in_executor(executor, prepare, chunk)
-        return encoded, await run(encoded)
+        return await run(encoded)
 
     chunks = [items[i : i + TOKENIZE_CHUNK] for i in range(0, len(items), TOKENIZE_CHUNK)]
     try:
@@ -99,15 +99,21 @@ async def pipeline(
             tasks = [group.create_task(one(chunk)) for chunk in chunks]
     except ExceptionGroup as group_error:
         raise group_error.exceptions[0] from None
-    results = [task.result() for task in tasks]
-    encoded = [e for part, _ in results for e in part]
-    return encoded, np.concatenate([out for _, out in results])
+    return np.concatenate([task.result() for task in tasks])
 
 
-def check_request_tokens(tokens: int, limit: int) -> None:
-    if tokens > limit:
-        raise ServiceError(
-            ErrorKind.INVALID_REQUEST,
-            f"The request has {tokens} tokens, over the limit MAX_REQUEST_TOKENS={limit}; "
-            "send fewer or shorter inputs per request.",
-        )
+class RequestTokens:
+    """A request's tokens, counted chunk by chunk against MAX_REQUEST_TOKENS."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+
+    def add(self, encoded: Sequence[Encoded]) -> None:
+        self.total += sum(len(item.ids) for item in encoded)
+        if self.total > self.limit:
+            raise ServiceError(
+                ErrorKind.INVALID_REQUEST,
+                f"The request has {self.total} tokens, over the limit "
+                f"MAX_REQUEST_TOKENS={self.limit}; send fewer or shorter inputs per request.",
+            )

@@ -15,7 +15,7 @@ from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.families import INPUT_TYPE_ALIASES, Family, apply_prefix
 from fake_openai_server.service.common import (
     ModelNames,
-    check_request_tokens,
+    RequestTokens,
     check_texts,
     pipeline,
 )
@@ -96,10 +96,9 @@ class EmbeddingsService:
                 param="dimensions",
             )
 
-        tokens_so_far = 0
+        tokens = RequestTokens(settings.max_request_tokens)
 
         async def run(encoded: list[Encoded]) -> FloatArray:
-            nonlocal tokens_so_far
             for item in encoded:
                 if item.truncated and not settings.truncate:
                     raise ServiceError(
@@ -108,19 +107,18 @@ class EmbeddingsService:
                         f"of {entry.backend.info.max_length} (TRUNCATE=false).",
                         param="input",
                     )
-            tokens_so_far += sum(len(item.ids) for item in encoded)
-            check_request_tokens(tokens_so_far, settings.max_request_tokens)
+            tokens.add(encoded)
             return await entry.batcher.submit([item.ids for item in encoded])
 
         if inputs and not isinstance(inputs[0], str):
             rows = cast(Sequence[Sequence[int]], inputs)
-            encoded, vectors = await pipeline(self._pool, self._token_id_preparer(entry), rows, run)
+            vectors = await pipeline(self._pool, self._token_id_preparer(entry), rows, run)
         else:
             texts = [str(text) for text in inputs]
             check_texts(texts, "input", settings.max_input_chars)
             kind = normalize_input_type(input_type) or settings.default_input_type
             prefixed = [apply_prefix(entry.family, text, kind) for text in texts]
-            encoded, vectors = await pipeline(self._pool, entry.backend.tokenize, prefixed, run)
+            vectors = await pipeline(self._pool, entry.backend.tokenize, prefixed, run)
 
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
@@ -130,7 +128,7 @@ class EmbeddingsService:
         _check_vectors(vectors)
         return EmbeddingResult(
             np.ascontiguousarray(vectors, dtype=np.float32),
-            sum(len(item.ids) for item in encoded),
+            tokens.total,
         )
 
     def _token_id_preparer(self, entry: EmbeddingModel) -> _TokenIdPreparer:

@@ -14,7 +14,7 @@ from fake_openai_server.engine.batcher import Batcher
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.service.common import (
     ModelNames,
-    check_request_tokens,
+    RequestTokens,
     check_texts,
     pipeline,
 )
@@ -80,16 +80,14 @@ class RerankService:
         check_texts([query], "query", settings.max_input_chars)
         check_texts(documents, "documents", settings.max_input_chars)
 
-        tokens_so_far = 0
+        tokens = RequestTokens(settings.max_request_tokens)
 
         async def run(encoded: list[Encoded]) -> FloatArray:
-            nonlocal tokens_so_far
-            tokens_so_far += sum(len(item.ids) for item in encoded)
-            check_request_tokens(tokens_so_far, settings.max_request_tokens)
+            tokens.add(encoded)
             return await entry.batcher.submit([item.ids for item in encoded])
 
         prepare = partial(entry.backend.tokenize_pairs, query)
-        encoded, logits = await pipeline(self._pool, prepare, documents, run)
+        logits = await pipeline(self._pool, prepare, documents, run)
         scores = logits if raw_scores else entry.backend.activate(logits)
         if not np.isfinite(scores).all():
             raise ServiceError(
@@ -101,4 +99,4 @@ class RerankService:
         if top_n:
             order = order[:top_n]
         ranked = [Ranked(int(i), float(scores[i])) for i in order]
-        return RerankResult(ranked, sum(len(item.ids) for item in encoded))
+        return RerankResult(ranked, tokens.total)
