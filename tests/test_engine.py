@@ -17,7 +17,7 @@ from fake_openai_server.backends.base import FloatArray, TokenIds
 from fake_openai_server.engine.batcher import Batcher
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.settings import Settings
-from tests.support.fakes import fake_loader, fake_text_vector
+from tests.support.fakes import fake_plugin, fake_text_vector
 from tests.support.live import serve_app
 
 pytestmark = pytest.mark.anyio
@@ -168,7 +168,7 @@ async def test_shared_inference_thread() -> None:
 def test_many_dify_users_share_batches_over_http() -> None:
     """32 concurrent one-text requests (Dify's shape): shared batches, own vectors."""
     settings = Settings(warmup=False)
-    app = build_app(settings, fake_loader(delay=0.05))
+    app = build_app(settings, fake_plugin(delay=0.05))
     texts = [f"ユーザー{i}の文書です" for i in range(32)]
 
     async def scenario(base_url: str) -> list[list[float]]:

@@ -16,7 +16,7 @@ from fake_openai_server.backends.base import Encoded, FloatArray, TokenIds
 from fake_openai_server.service.runtime import BackendLoader, Backends
 from fake_openai_server.settings import Settings
 from tests.e2e.conftest import EMBEDDINGS_MODEL, RERANKER_MODEL, assert_error
-from tests.support.fakes import FakeEmbeddingBackend, FakeRerankBackend, fake_loader
+from tests.support.fakes import FakeEmbeddingBackend, FakeRerankBackend, fake_plugin
 from tests.support.live import LiveServer, serve_app, wait_ready
 
 SECRET = "/home/operator/.cache/secret-model/weights.bin"
@@ -184,7 +184,7 @@ def test_huge_invalid_value_is_not_echoed_whole(fake_server: LiveServer) -> None
 
 
 def blocking_loader(release: threading.Event, fail: bool = False) -> BackendLoader:
-    inner = fake_loader()
+    inner = fake_plugin()
 
     def load(settings: Settings) -> Backends:
         release.wait(timeout=60)

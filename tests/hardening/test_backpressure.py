@@ -19,7 +19,7 @@ from fake_openai_server.backends.base import FloatArray, TokenIds
 from fake_openai_server.service.runtime import FAILING_AFTER, Backends
 from fake_openai_server.settings import Settings
 from tests.hardening.fake_app import fake_app_process, rss_bytes
-from tests.support.fakes import FakeEmbeddingBackend, char_ids, fake_loader, fake_text_vector
+from tests.support.fakes import FakeEmbeddingBackend, char_ids, fake_plugin, fake_text_vector
 from tests.support.live import LiveServer, serve_app
 
 
@@ -135,7 +135,7 @@ DELAY = 0.4  # seconds per batch of the fake model
 @pytest.fixture(scope="module")
 def slow_server() -> Iterator[LiveServer]:
     settings = Settings(service_type="all", warmup=False, max_batch_size=1)
-    with serve_app(build_app(settings, fake_loader(DELAY))) as server:
+    with serve_app(build_app(settings, fake_plugin(delay=DELAY))) as server:
         yield server
 
 

@@ -9,8 +9,8 @@ from typing import cast
 
 import numpy as np
 
-from fake_openai_server.backends.base import EmbeddingBackend, Encoded, FloatArray
-from fake_openai_server.engine.batcher import Batcher
+from fake_openai_server.backends.base import Encoded, FloatArray, ModelInfo, Tokenizer
+from fake_openai_server.engine.core import Engine
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.families import INPUT_TYPE_ALIASES, Family, apply_prefix
 from fake_openai_server.service.common import (
@@ -31,8 +31,8 @@ LANGCHAIN_HINT = (
 
 @dataclass
 class EmbeddingModel:
-    backend: EmbeddingBackend
-    batcher: Batcher
+    info: ModelInfo
+    tokenizer: Tokenizer
     family: Family
 
 
@@ -61,11 +61,13 @@ class EmbeddingsService:
         self,
         models: dict[str, EmbeddingModel],
         settings: Settings,
+        engine: Engine,
         tokenizer_pool: Executor,
     ) -> None:
         self.models = models
         self.names = ModelNames(list(models), settings.aliases())
         self.settings = settings
+        self._engine = engine
         self._pool = tokenizer_pool
 
     def resolve(self, requested: str | None) -> EmbeddingModel:
@@ -79,7 +81,8 @@ class EmbeddingsService:
         input_type: str | None = None,
         dimensions: int | None = None,
     ) -> EmbeddingResult:
-        entry = self.resolve(model)
+        name = self.names.resolve(model)
+        entry = self.models[name]
         settings = self.settings
         if len(inputs) > settings.max_inputs:
             raise ServiceError(
@@ -87,7 +90,7 @@ class EmbeddingsService:
                 f"input has {len(inputs)} items, over the limit MAX_INPUTS={settings.max_inputs}.",
                 param="input",
             )
-        dimension = entry.backend.info.dimension or 0
+        dimension = entry.info.dimension or 0
         if dimensions is not None and not 1 <= dimensions <= dimension:
             raise ServiceError(
                 ErrorKind.INVALID_REQUEST,
@@ -104,11 +107,11 @@ class EmbeddingsService:
                     raise ServiceError(
                         ErrorKind.INVALID_REQUEST,
                         f"An input has {item.original_length} tokens, over this model's maximum "
-                        f"of {entry.backend.info.max_length} (TRUNCATE=false).",
+                        f"of {entry.info.max_length} (TRUNCATE=false).",
                         param="input",
                     )
             tokens.add(encoded)
-            return await entry.batcher.submit([item.ids for item in encoded])
+            return await self._engine.submit(name, [item.ids for item in encoded])
 
         if inputs and not isinstance(inputs[0], str):
             rows = cast(Sequence[Sequence[int]], inputs)
@@ -118,7 +121,7 @@ class EmbeddingsService:
             check_texts(texts, "input", settings.max_input_chars)
             kind = normalize_input_type(input_type) or settings.default_input_type
             prefixed = [apply_prefix(entry.family, text, kind) for text in texts]
-            vectors = await pipeline(self._pool, entry.backend.tokenize, prefixed, run)
+            vectors = await pipeline(self._pool, entry.tokenizer.encode, prefixed, run)
 
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
@@ -134,17 +137,17 @@ class EmbeddingsService:
     def _token_id_preparer(self, entry: EmbeddingModel) -> _TokenIdPreparer:
         if not self.settings.allow_token_ids:
             raise ServiceError(ErrorKind.INVALID_REQUEST, LANGCHAIN_HINT, param="input")
-        return _TokenIdPreparer(entry.backend)
+        return _TokenIdPreparer(entry)
 
 
 class _TokenIdPreparer:
     """Checks raw token ids against the vocabulary and adds the special tokens."""
 
-    def __init__(self, backend: EmbeddingBackend) -> None:
-        self.backend = backend
+    def __init__(self, model: EmbeddingModel) -> None:
+        self.model = model
 
     def __call__(self, rows: Sequence[Sequence[int]]) -> list[Encoded]:
-        vocab = self.backend.info.vocab_size
+        vocab = self.model.info.vocab_size
         for row in rows:
             if not row:
                 raise ServiceError(
@@ -158,7 +161,7 @@ class _TokenIdPreparer:
                     f"(0..{vocab - 1}).",
                     param="input",
                 )
-        return [self.backend.wrap_ids(row) for row in rows]
+        return [self.model.tokenizer.wrap_ids(row) for row in rows]
 
 
 def _check_vectors(vectors: FloatArray) -> None:

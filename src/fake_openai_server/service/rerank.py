@@ -9,8 +9,8 @@ from functools import partial
 
 import numpy as np
 
-from fake_openai_server.backends.base import Encoded, FloatArray, RerankBackend
-from fake_openai_server.engine.batcher import Batcher
+from fake_openai_server.backends.base import RERANK_COLUMNS, Encoded, FloatArray, ModelInfo, Tokenizer
+from fake_openai_server.engine.core import Engine
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.service.common import (
     ModelNames,
@@ -23,8 +23,8 @@ from fake_openai_server.settings import Settings
 
 @dataclass
 class RerankModel:
-    backend: RerankBackend
-    batcher: Batcher
+    info: ModelInfo
+    tokenizer: Tokenizer
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,13 @@ class RerankResult:
 
 
 class RerankService:
-    def __init__(self, models: dict[str, RerankModel], settings: Settings, pool: Executor) -> None:
+    def __init__(
+        self, models: dict[str, RerankModel], settings: Settings, engine: Engine, pool: Executor
+    ) -> None:
         self.models = models
         self.names = ModelNames(list(models), settings.aliases())
         self.settings = settings
+        self._engine = engine
         self._pool = pool
 
     async def rerank(
@@ -55,7 +58,8 @@ class RerankService:
         top_n: int | None = None,
         raw_scores: bool = False,
     ) -> RerankResult:
-        entry = self.models[self.names.resolve(model)]
+        name = self.names.resolve(model)
+        entry = self.models[name]
         settings = self.settings
         if not query.strip():
             raise ServiceError(ErrorKind.INVALID_REQUEST, "query is empty.", param="query")
@@ -84,11 +88,12 @@ class RerankService:
 
         async def run(encoded: list[Encoded]) -> FloatArray:
             tokens.add(encoded)
-            return await entry.batcher.submit([item.ids for item in encoded])
+            return await self._engine.submit(name, [item.ids for item in encoded])
 
-        prepare = partial(entry.backend.tokenize_pairs, query)
-        logits = await pipeline(self._pool, prepare, documents, run)
-        scores = logits if raw_scores else entry.backend.activate(logits)
+        prepare = partial(entry.tokenizer.encode_pairs, query)
+        rows = await pipeline(self._pool, prepare, documents, run)
+        # Each row holds the raw logit and the model's own activation of it.
+        scores = rows[:, RERANK_COLUMNS.index("logit" if raw_scores else "score")]
         if not np.isfinite(scores).all():
             raise ServiceError(
                 ErrorKind.MODEL_FAILURE,
