@@ -13,6 +13,8 @@ the behaviour with the plugin's options (``fake_plugin(...)``):
 - ``tokenizer_raise``: a text holding this character makes the tokenizer raise;
 - ``load_error``: loading raises with this message; ``load_gate``: loading waits for
   this file to exist;
+- ``model_raise`` / ``model_raise_rerank``: every batch (of the reranker) raises;
+- ``echo``: each row is [first id, length] instead of a vector;
 - ``record``: a file to which the engine appends each batch (one JSON list of
   [first id, length] per line).
 """
@@ -122,9 +124,14 @@ class FakeModel:
     def __init__(self, info: ModelInfo, options: dict[str, Any]) -> None:
         self.info = info
         self.delay = float(options.get("delay", 0.0))
-        self.triggers = {char_ids(char)[0]: fault for char, fault in options.get("triggers", {}).items()}
+        self.triggers = {
+            char_ids(char)[0]: fault for char, fault in options.get("triggers", {}).items()
+        }
         self.record = options.get("record")
-        self.always_raise = bool(options.get("model_raise"))
+        self.echo = bool(options.get("echo"))
+        self.always_raise = bool(options.get("model_raise")) or (
+            info.task == "rerank" and bool(options.get("model_raise_rerank"))
+        )
 
     def export_tokenizer(self, folder: str) -> None:
         pass
@@ -137,7 +144,9 @@ class FakeModel:
             time.sleep(self.delay)
         if self.always_raise:
             raise ValueError(f"shape mismatch in {SECRET}")
-        faults = {self.triggers[i] for ids in batch for i in set(ids.tolist()) & self.triggers.keys()}
+        faults = {
+            self.triggers[i] for ids in batch for i in set(ids.tolist()) & self.triggers.keys()
+        }
         rows = self.rows(batch)
         if "raise" in faults:
             raise RuntimeError(f"CUDA error at {SECRET}")
@@ -158,6 +167,8 @@ class FakeModel:
         return Done(rows)
 
     def rows(self, batch: Sequence[IdArray]) -> FloatArray:
+        if self.echo:
+            return np.array([[ids[0], len(ids)] for ids in batch], dtype=np.float32)
         if self.info.task == "embeddings":
             return np.stack([fake_vector(ids.tolist()) for ids in batch])
         logits = np.asarray([_logit_of(ids.tolist()) for ids in batch], dtype=np.float32)

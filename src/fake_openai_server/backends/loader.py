@@ -63,6 +63,11 @@ def load_models(settings: Settings, options: dict[str, Any]) -> list[Model]:
     return models
 
 
+def prepare_tokenizers() -> None:
+    """Import the tokenizer libraries (seconds), while the engine process loads the models."""
+    import transformers  # noqa: F401
+
+
 def open_tokenizer(info: ModelInfo, options: dict[str, Any]) -> Tokenizer:
     from fake_openai_server.backends.tokenizer import HFTokenizer
 

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import numpy as np
+import torch
 
 from fake_openai_server.backends.base import (
     Done,
@@ -29,6 +28,7 @@ from fake_openai_server.backends.base import (
 )
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Precision:
@@ -87,7 +87,7 @@ class _OnDevice:
     def __init__(self, rows: torch.Tensor) -> None:
         self._host = torch.empty(rows.shape, dtype=torch.float32, pin_memory=True)
         self._host.copy_(rows, non_blocking=True)
-        self._done = torch.cuda.Event()
+        self._done = torch.cuda.Event()  # type: ignore[no-untyped-call]
         self._done.record()
 
     def result(self) -> FloatArray:
@@ -161,7 +161,9 @@ class _LoadedModel:
 
     task: Task
 
-    def __init__(self, name: str, model: Any, precision: Precision, max_seq_length: int | None) -> None:
+    def __init__(
+        self, name: str, model: Any, precision: Precision, max_seq_length: int | None
+    ) -> None:
         if precision.dtype == "int8":
             _quantize_int8(model)
         model.eval()

@@ -12,8 +12,6 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from fake_openai_server.backends.base import Encoded, ModelInfo
 
 # Text is cut to this many characters per allowed token before it reaches the
@@ -97,4 +95,4 @@ class HFTokenizer:
 
     def wrap_ids(self, ids: Sequence[int]) -> Encoded:
         wrapped = self._tokenizers.get().build_inputs_with_special_tokens(list(ids))
-        return fit(np.asarray(wrapped, dtype=np.int32), self.max_length, self._end)
+        return fit(list(wrapped), self.max_length, self._end)

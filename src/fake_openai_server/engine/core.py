@@ -509,7 +509,9 @@ class Engine:
     def readiness(self) -> tuple[str, str | None]:
         if self.state != "ready":
             return self.state, self.detail
-        failing = [n for n, lane in self._lanes.items() if lane.consecutive_failures >= FAILING_AFTER]
+        failing = [
+            n for n, lane in self._lanes.items() if lane.consecutive_failures >= FAILING_AFTER
+        ]
         if failing:
             names = ", ".join(failing)
             return "failing", f"the last {FAILING_AFTER} or more batches failed on {names}"

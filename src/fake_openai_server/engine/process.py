@@ -106,7 +106,9 @@ class EngineProcess:
         """Start the process and wait until its models are loaded and warm."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._process = subprocess.Popen(
+            # fork + exec off the event loop: a large process takes a while to fork.
+            self._process = await asyncio.to_thread(
+                subprocess.Popen,
                 [sys.executable, "-m", "fake_openai_server.engine.worker", str(child.fileno())],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
@@ -117,7 +119,9 @@ class EngineProcess:
         reader, self._writer = await asyncio.open_unix_connection(sock=parent)
         config = {
             # The keys stay in this process: the engine has no use for them.
-            "settings": self._settings.model_dump(mode="json", exclude={"api_keys", "api_keys_file"}),
+            "settings": self._settings.model_dump(
+                mode="json", exclude={"api_keys", "api_keys_file"}
+            ),
             "plugin": self._plugin.module,
             "options": self._plugin.options or {},
             "workdir": self._workdir,
@@ -127,7 +131,9 @@ class EngineProcess:
             kind, body = await wire.read_frame(reader)
         except (asyncio.IncompleteReadError, ConnectionError):
             code = await self._reap()
-            raise EngineGone(f"the engine process ended while loading ({describe_exit(code)})") from None
+            raise EngineGone(
+                f"the engine process ended while loading ({describe_exit(code)})"
+            ) from None
         if kind == wire.Kind.FAILED:
             await self._reap()
             raise LoadFailed(str(json.loads(body).get("error", "unknown error")))
@@ -143,7 +149,9 @@ class EngineProcess:
 
     def run(self, target: int, rows: Sequence[IdArray]) -> asyncio.Future[tuple[FloatArray, float]]:
         """Send one batch for model ``target``; the future gets (rows, seconds of device time)."""
-        future: asyncio.Future[tuple[FloatArray, float]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[FloatArray, float]] = (
+            asyncio.get_running_loop().create_future()
+        )
         if not self.alive or self._writer is None:
             future.set_exception(EngineGone("the engine process is not running"))
             return future
@@ -212,8 +220,8 @@ class EngineProcess:
         if self._process is not None and self._process.poll() is None:
             self._process.kill()
 
-    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """Let the process finish what it was sent, then end it; kill it after ``timeout``."""
+    async def stop(self) -> None:
+        """Let the process finish what it was sent, then end it; kill it after STOP_TIMEOUT."""
         if self._process is None:
             return
         self.on_exit = None
@@ -221,9 +229,9 @@ class EngineProcess:
             with contextlib.suppress(OSError, RuntimeError):
                 self._writer.write(wire.frame(wire.Kind.STOP))
         try:
-            await asyncio.wait_for(asyncio.to_thread(self._process.wait), timeout)
+            await asyncio.wait_for(asyncio.to_thread(self._process.wait), STOP_TIMEOUT)
         except TimeoutError:
-            log.warning("the engine process did not stop in %.0fs; killing it", timeout)
+            log.warning("the engine process did not stop in %.0fs; killing it", STOP_TIMEOUT)
             self._process.kill()
             await asyncio.to_thread(self._process.wait)
         if self._reader_task is not None:

@@ -2,25 +2,34 @@
 
 A batch starts from the oldest waiting item (no request starves) and takes the items
 closest to it in length, within the batch size, the padded-token budget and the
-padding the device can afford. Items sit in buckets of ``BUCKET_WIDTH`` tokens, each
-in arrival order, so forming a batch looks at the buckets around the oldest item and
-costs O(batch + buckets looked at), whatever the length of the queue. Items of a
+padding the device can afford. Items sit in buckets of lengths within ``BUCKET_RATIO``
+of each other, each in arrival order, so forming a batch looks at the buckets around
+the oldest item and costs O(batch + buckets looked at), whatever the length of the
+queue. Items of a
 request that has gone (cancelled, timed out) are left where they are and skipped when
 reached; the queue is compacted once they outnumber the live ones.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from fake_openai_server.backends.base import IdArray
 
-BUCKET_WIDTH = 16
-# A batch looks at most this many buckets on either side of its oldest item (with the
-# default width, 1,024 tokens): beyond that the padding rules refuse anyway.
-MAX_BUCKET_DISTANCE = 64
+# Lengths in one bucket differ by at most 3%, well inside any padding rule, so a batch
+# never has to skip an item in the middle of a bucket.
+BUCKET_RATIO = 1.03
+_LOG_RATIO = math.log(BUCKET_RATIO)
+# A batch looks at most this many buckets on either side of its oldest item (lengths
+# 100 times shorter or longer): beyond that the padding rules refuse anyway.
+MAX_BUCKET_DISTANCE = 160
+
+
+def bucket_of(length: int) -> int:
+    return int(math.log(max(length, 1)) / _LOG_RATIO)
 
 
 @dataclass(eq=False, slots=True)
@@ -68,7 +77,7 @@ class BucketQueue:
 
     def push(self, items: list[Item]) -> None:
         for item in items:
-            self._buckets.setdefault(item.cost // BUCKET_WIDTH, deque()).append(item)
+            self._buckets.setdefault(bucket_of(item.cost), deque()).append(item)
             self._arrivals.append(item)
             self.tokens += item.cost
         self.items += len(items)
@@ -86,7 +95,7 @@ class BucketQueue:
         anchor = self._oldest()
         if anchor is None:
             return []
-        home = anchor.cost // BUCKET_WIDTH
+        home = bucket_of(anchor.cost)
         batch: list[Item] = []
         longest = real = 0
         # Buckets in order of distance from the anchor's: home, home-1, home+1, ...
@@ -104,8 +113,7 @@ class BucketQueue:
                         continue
                     widest = max(longest, item.cost)
                     if batch and not limits.fits(len(batch) + 1, widest, real + item.cost):
-                        # Further out on this side the padding only grows. (Lengths vary
-                        # a little inside the anchor's own bucket: look on both sides.)
+                        # Further out on this side the padding only grows.
                         if distance:
                             sides[side] = False
                         break

@@ -9,7 +9,13 @@ from functools import partial
 
 import numpy as np
 
-from fake_openai_server.backends.base import RERANK_COLUMNS, Encoded, FloatArray, ModelInfo, Tokenizer
+from fake_openai_server.backends.base import (
+    RERANK_COLUMNS,
+    Encoded,
+    FloatArray,
+    ModelInfo,
+    Tokenizer,
+)
 from fake_openai_server.engine.core import Engine
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.service.common import (

@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Literal
 
 from fake_openai_server.backends.base import ModelInfo, Tokenizer
@@ -82,9 +83,12 @@ class Runtime:
         """Start the engine and open the tokenizers; on failure, record why (``/ready`` says)."""
         started = time.perf_counter()
         self._lag = asyncio.get_running_loop().create_task(self._measure_lag(), name="loop-lag")
+        # The tokenizer libraries load here while the engine process loads the models.
+        preparing = asyncio.ensure_future(asyncio.to_thread(self._prepare_tokenizers))
         try:
             models = await self.engine.start()
             check_limits(self.settings, models)
+            await preparing
             tokenizers = await asyncio.to_thread(self._open_tokenizers, models)
         except SettingsError as exc:
             self.state, self.failure, self.misconfigured = "failed", str(exc), True
@@ -98,6 +102,9 @@ class Runtime:
             self.state, self.failure = "failed", f"{type(exc).__name__}: {exc}"
             log.error("start-up failed: %s", self.failure)
             return
+        finally:
+            if not preparing.done():
+                preparing.cancel()
         self._build(models, tokenizers)
         self.state = "ready"
         for info in models:
@@ -112,6 +119,11 @@ class Runtime:
                 time.perf_counter() - started,
             )
 
+    def _prepare_tokenizers(self) -> None:
+        prepare = getattr(importlib.import_module(self.plugin.module), "prepare_tokenizers", None)
+        if prepare is not None:
+            prepare()
+
     def _open_tokenizers(self, models: list[ModelInfo]) -> dict[str, Tokenizer]:
         plugin = importlib.import_module(self.plugin.module)
         options = self.plugin.options or {}
@@ -121,7 +133,7 @@ class Runtime:
         s = self.settings
         engine = self.engine
         for info in models:
-            self.metrics.track_queue(info.name, lambda name=info.name: engine.queued_tokens(name))
+            self.metrics.track_queue(info.name, partial(engine.queued_tokens, info.name))
             self.tokenizer_kinds[info.name] = tokenizers[info.name].kind
         embedders = {
             info.name: EmbeddingModel(
