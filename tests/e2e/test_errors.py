@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fake_openai_server.api.app import build_app
-from fake_openai_server.engine.process import Plugin
+from fake_openai_server.backends.base import Plugin
 from fake_openai_server.settings import Settings
 from tests.e2e.conftest import EMBEDDINGS_MODEL, RERANKER_MODEL, assert_error
 from tests.support.fakes import SECRET, fake_plugin

@@ -39,9 +39,10 @@ from fake_openai_server.backends.base import (
     IdArray,
     ModelInfo,
     Pending,
+    Plugin,
     Task,
 )
-from fake_openai_server.engine.process import Plugin
+from fake_openai_server.backends.base import Plugin
 from fake_openai_server.settings import Settings
 
 BOS, EOS, SEP = 1, 2, 3

@@ -17,7 +17,7 @@ from fake_openai_server.api import embeddings, rerank, system
 from fake_openai_server.api.deps import ClientGone, client_gone_response
 from fake_openai_server.api.errors import error_response, install_error_handlers
 from fake_openai_server.api.middleware import PUBLIC_PATHS, BodyTooLarge, Guard, too_large
-from fake_openai_server.engine.process import Plugin
+from fake_openai_server.backends.base import Plugin
 from fake_openai_server.metrics import Metrics
 from fake_openai_server.service.runtime import Runtime
 from fake_openai_server.settings import Settings

@@ -63,6 +63,14 @@ class ModelInfo:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Plugin:
+    """A backend plugin (a module with ``load_models`` and ``open_tokenizer``) and its options."""
+
+    module: str = "fake_openai_server.backends.loader"
+    options: dict[str, Any] | None = None
+
+
 class Pending(Protocol):
     def result(self) -> FloatArray:
         """Wait for the launched batch (releasing the GIL) and return its rows."""

@@ -29,20 +29,19 @@ from typing import Literal
 
 import numpy as np
 
-from fake_openai_server.backends.base import FloatArray, IdArray, ModelInfo
-from fake_openai_server.engine.process import (
-    BatchFailed,
-    EngineGone,
-    EngineProcess,
-    Loaded,
-    LoadFailed,
-    Plugin,
-    describe_exit,
-)
+from fake_openai_server.backends.base import FloatArray, IdArray, ModelInfo, Plugin
+from fake_openai_server.engine.process import EngineProcess, Loaded
 from fake_openai_server.engine.queue import BatchLimits, BucketQueue, Item
 from fake_openai_server.engine.worker import PassCost
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.settings import Settings
+from fake_openai_server.workers import (
+    CallFailed,
+    StartFailed,
+    WorkerGone,
+    WorkerProcess,
+    describe_exit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +190,7 @@ class Engine:
 
     # --- lifecycle ---------------------------------------------------------------------
     async def start(self) -> list[ModelInfo]:
-        """Start the engine process; raises ``LoadFailed`` / ``EngineGone`` if it cannot."""
+        """Start the engine process; raises ``StartFailed`` / ``WorkerGone`` if it cannot."""
         started = time.perf_counter()
         loaded = await self._spawn()
         self._start_seconds = time.perf_counter() - started
@@ -225,7 +224,7 @@ class Engine:
     async def _spawn(self) -> Loaded:
         process = EngineProcess(self.settings, self._plugin, self._workdir)
         self._process = process  # before it has started, so that stop() can end it
-        loaded = await process.start()
+        loaded = await process.load()
         process.on_exit = self._engine_exited
         self._head_since = time.perf_counter()
         log.info("engine process %d ready", loaded.pid)
@@ -375,14 +374,14 @@ class Engine:
         try:
             out, seconds = done.result()
             if out.shape[0] != len(batch):
-                raise BatchFailed(f"{out.shape[0]} rows for {len(batch)} items", oom=False)
-        except BatchFailed as exc:
+                raise CallFailed(f"{out.shape[0]} rows for {len(batch)} items", oom=False)
+        except CallFailed as exc:
             log.error(
                 "%s: a batch of %d items failed (%s)", lane.info.name, len(batch), exc.error_type
             )
             self._failed(flight, model_failure(exc))
             return
-        except EngineGone:
+        except WorkerGone:
             # The process died with this batch in it. The batch that was running failed;
             # those behind it never ran.
             error = model_failure() if was_head else not_ready_restarting()
@@ -469,7 +468,7 @@ class Engine:
                 self.detail = f"a forward pass hung for {running:.0f}s; restarting the engine"
                 self._process.kill()
 
-    def _engine_exited(self, process: EngineProcess) -> None:
+    def _engine_exited(self, process: WorkerProcess) -> None:
         if self.state in ("stopping", "failed") or process is not self._process:
             return
         reason = describe_exit(process.exit_code)
@@ -489,7 +488,7 @@ class Engine:
             attempt += 1
             try:
                 loaded = await asyncio.wait_for(self._spawn(), left)
-            except (EngineGone, LoadFailed, TimeoutError, OSError) as exc:
+            except (WorkerGone, StartFailed, TimeoutError, OSError) as exc:
                 log.error("engine restart %d failed: %s", attempt, exc or type(exc).__name__)
                 await asyncio.sleep(min(2.0**attempt, 10.0, max(deadline - loop.time(), 0)))
                 continue
@@ -518,7 +517,7 @@ class Engine:
         return "ready", None
 
 
-def model_failure(error: BatchFailed | None = None) -> ServiceError:
+def model_failure(error: CallFailed | None = None) -> ServiceError:
     if error is not None and error.oom:
         message = (
             "The model ran out of device memory on a batch holding this request; retry it, "

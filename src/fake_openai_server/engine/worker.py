@@ -34,9 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from fake_openai_server import logs
+from fake_openai_server import logs, wire
 from fake_openai_server.backends.base import IdArray, Model, Pending
-from fake_openai_server.engine import wire
 from fake_openai_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,23 +65,30 @@ def _timed(model: Model, batch: Sequence[IdArray]) -> float:
 def calibrate(model: Model, max_batch_tokens: int) -> PassCost:
     """Warm the model up with the shapes traffic brings, and measure the cost of a pass.
 
-    A pass of 16 tokens is mostly fixed cost; then batches double until a pass takes
-    three times as long (the per-token cost dominates) or the batch budget is reached.
+    After a first pass of each shape (the slow one: kernels get chosen and memory
+    allocated), a pass of 16 tokens is mostly fixed cost; then batches double until a
+    pass takes three times as long (the per-token cost dominates) or the batch budget
+    is reached. The best of a few runs is taken: other work only ever slows a pass.
     """
     fill = min(100, max(model.info.vocab_size - 1, 1))
     length = min(256, model.info.max_length)
-    small = [np.full(min(16, length), fill, dtype=np.int32)]
-    t_small = statistics.median(_timed(model, small) for _ in range(3))
+
+    def batch(rows: int, tokens: int) -> list[IdArray]:
+        return [np.full(tokens, fill, dtype=np.int32)] * rows
+
+    small = min(16, length)
+    for shape in ((1, small), (8, length), (1, model.info.max_length)):
+        _timed(model, batch(*shape))
+    t_small = min(_timed(model, batch(1, small)) for _ in range(3))
     tokens = 512
     while True:
         rows = max(1, tokens // length)
-        t_big = _timed(model, [np.full(length, fill, dtype=np.int32)] * rows)
+        t_big = min(_timed(model, batch(rows, length)) for _ in range(2))
         if t_big >= 3 * t_small or 2 * rows * length > max_batch_tokens:
             break
         tokens *= 2
-    _timed(model, [np.full(model.info.max_length, fill, dtype=np.int32)])
-    per_token = max(t_big - t_small, 0.0) / max(rows * length - len(small[0]), 1)
-    fixed = max(t_small - len(small[0]) * per_token, 0.0)
+    per_token = max(t_big - t_small, 0.0) / max(rows * length - small, 1)
+    fixed = max(t_small - small * per_token, 0.0)
     return PassCost(pass_seconds=fixed, token_seconds=per_token)
 
 

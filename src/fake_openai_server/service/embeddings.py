@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 from typing import cast
 
 import numpy as np
@@ -19,6 +20,7 @@ from fake_openai_server.service.common import (
     check_texts,
     pipeline,
 )
+from fake_openai_server.service.tokenizing import TokenizerPool
 from fake_openai_server.settings import Settings
 
 LANGCHAIN_HINT = (
@@ -62,13 +64,13 @@ class EmbeddingsService:
         models: dict[str, EmbeddingModel],
         settings: Settings,
         engine: Engine,
-        tokenizer_pool: Executor,
+        tokenizers: TokenizerPool,
     ) -> None:
         self.models = models
         self.names = ModelNames(list(models), settings.aliases())
         self.settings = settings
         self._engine = engine
-        self._pool = tokenizer_pool
+        self._tokenizers = tokenizers
 
     def resolve(self, requested: str | None) -> EmbeddingModel:
         return self.models[self.names.resolve(requested)]
@@ -115,13 +117,18 @@ class EmbeddingsService:
 
         if inputs and not isinstance(inputs[0], str):
             rows = cast(Sequence[Sequence[int]], inputs)
-            vectors = await pipeline(self._pool, self._token_id_preparer(entry), rows, run)
+            preparer = self._token_id_preparer(entry)
+
+            async def prepare(chunk: Sequence[Sequence[int]]) -> list[Encoded]:
+                return await asyncio.to_thread(preparer, chunk)
+
+            vectors = await pipeline(prepare, rows, run)
         else:
             texts = [str(text) for text in inputs]
             check_texts(texts, "input", settings.max_input_chars)
             kind = normalize_input_type(input_type) or settings.default_input_type
             prefixed = [apply_prefix(entry.family, text, kind) for text in texts]
-            vectors = await pipeline(self._pool, entry.tokenizer.encode, prefixed, run)
+            vectors = await pipeline(partial(self._tokenizers.encode, name), prefixed, run)
 
         if dimensions is not None:
             vectors = vectors[:, :dimensions]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
 
@@ -24,6 +23,7 @@ from fake_openai_server.service.common import (
     check_texts,
     pipeline,
 )
+from fake_openai_server.service.tokenizing import TokenizerPool
 from fake_openai_server.settings import Settings
 
 
@@ -47,13 +47,17 @@ class RerankResult:
 
 class RerankService:
     def __init__(
-        self, models: dict[str, RerankModel], settings: Settings, engine: Engine, pool: Executor
+        self,
+        models: dict[str, RerankModel],
+        settings: Settings,
+        engine: Engine,
+        tokenizers: TokenizerPool,
     ) -> None:
         self.models = models
         self.names = ModelNames(list(models), settings.aliases())
         self.settings = settings
         self._engine = engine
-        self._pool = pool
+        self._tokenizers = tokenizers
 
     async def rerank(
         self,
@@ -65,7 +69,6 @@ class RerankService:
         raw_scores: bool = False,
     ) -> RerankResult:
         name = self.names.resolve(model)
-        entry = self.models[name]
         settings = self.settings
         if not query.strip():
             raise ServiceError(ErrorKind.INVALID_REQUEST, "query is empty.", param="query")
@@ -96,8 +99,8 @@ class RerankService:
             tokens.add(encoded)
             return await self._engine.submit(name, [item.ids for item in encoded])
 
-        prepare = partial(entry.tokenizer.encode_pairs, query)
-        rows = await pipeline(self._pool, prepare, documents, run)
+        prepare = partial(self._tokenizers.encode_pairs, name, query)
+        rows = await pipeline(prepare, documents, run)
         # Each row holds the raw logit and the model's own activation of it.
         scores = rows[:, RERANK_COLUMNS.index("logit" if raw_scores else "score")]
         if not np.isfinite(scores).all():

@@ -15,19 +15,19 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Literal
 
-from fake_openai_server.backends.base import ModelInfo, Tokenizer
+from fake_openai_server.backends.base import ModelInfo, Plugin, Tokenizer
 from fake_openai_server.engine.core import Engine
-from fake_openai_server.engine.process import EngineGone, LoadFailed, Plugin
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.families import family_for, with_overrides
 from fake_openai_server.metrics import Metrics
 from fake_openai_server.service.embeddings import EmbeddingModel, EmbeddingsService
 from fake_openai_server.service.rerank import RerankModel, RerankService
+from fake_openai_server.service.tokenizing import TokenizerPool
 from fake_openai_server.settings import Settings, SettingsError
+from fake_openai_server.workers import StartFailed, WorkerGone
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,7 @@ class Runtime:
             observers=self.metrics.batch_observer,
             on_fatal=self._fatal,
         )
-        self._tokenizers = ThreadPoolExecutor(
-            settings.tokenizer_workers, thread_name_prefix="tokenizer"
-        )
+        self.tokenizers = TokenizerPool(settings, self.plugin)
         self._lag: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -90,11 +88,12 @@ class Runtime:
             check_limits(self.settings, models)
             await preparing
             tokenizers = await asyncio.to_thread(self._open_tokenizers, models)
+            await self.tokenizers.start(models, tokenizers)
         except SettingsError as exc:
             self.state, self.failure, self.misconfigured = "failed", str(exc), True
             log.error("invalid setting: %s", self.failure)
             return
-        except (LoadFailed, EngineGone) as exc:
+        except (StartFailed, WorkerGone) as exc:
             self.state, self.failure = "failed", str(exc)
             log.error("model loading failed: %s", self.failure)
             return
@@ -145,14 +144,14 @@ class Runtime:
             if info.task == "embeddings"
         }
         if embedders:
-            self.embeddings = EmbeddingsService(embedders, s, engine, self._tokenizers)
+            self.embeddings = EmbeddingsService(embedders, s, engine, self.tokenizers)
         rerankers = {
             info.name: RerankModel(info, tokenizers[info.name])
             for info in models
             if info.task == "rerank"
         }
         if rerankers:
-            self.rerank = RerankService(rerankers, s, engine, self._tokenizers)
+            self.rerank = RerankService(rerankers, s, engine, self.tokenizers)
         self.models = {info.name: info for info in models}
 
     def _fatal(self, reason: str) -> None:
@@ -195,7 +194,10 @@ class Runtime:
             return "failed", self.engine.detail
         if self.state != "ready":
             return self.state, None
-        return self.engine.readiness()
+        status, detail = self.engine.readiness()
+        if status == "ready":
+            detail = self.tokenizers.health()
+        return status, detail
 
     def stats(self) -> dict[str, dict[str, float]]:
         return self.engine.stats()
@@ -207,5 +209,5 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._lag
         await self.engine.stop()
-        self._tokenizers.shutdown(wait=False, cancel_futures=True)
+        await self.tokenizers.stop()
         shutil.rmtree(self._workdir, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Length-prefixed frames over a Unix socket, between the server and its worker processes.
+"""Length-prefixed frames over a Unix socket, between the server and its worker processes
+(the engine process, and the tokenizer processes).
 
 A frame is ``<u32 length><u8 kind><payload>`` where ``length`` counts the kind byte and
 the payload. Token ids and outputs travel as raw little-endian int32 / float32 arrays, so
@@ -28,7 +29,8 @@ MAX_FRAME = 1 << 30  # a frame this large is a bug, not a batch
 
 
 class Kind:
-    """Frame kinds. Server → worker: CONFIG, CALL, STOP. Worker → server: READY, DONE, FAILED."""
+    """Frame kinds. Server → worker: CONFIG, CALL, STOP. Worker → server: READY, DONE
+    (rows of floats), TOKENS (token ids), FAILED."""
 
     CONFIG = 1
     READY = 2
@@ -36,6 +38,7 @@ class Kind:
     DONE = 4
     FAILED = 5
     STOP = 6
+    TOKENS = 7
 
 
 def frame(kind: int, *parts: bytes | memoryview) -> bytes:
@@ -124,3 +127,56 @@ def unpack_failed(body: bytes) -> tuple[int, dict[str, Any]]:
     (call_id,) = _FAILED.unpack_from(body)
     error: dict[str, Any] = json.loads(body[_FAILED.size :])
     return call_id, error
+
+
+# --- texts and their tokens (tokenizer worker processes) ---------------------------------
+_TEXTS = struct.Struct("<QHBI")  # call id, target (model index), operation, texts
+_TOKENS = struct.Struct("<QI")  # call id, items
+
+
+def pack_texts(call_id: int, target: int, operation: int, texts: Sequence[str]) -> bytes:
+    encoded = [text.encode("utf-8", "surrogatepass") for text in texts]
+    lengths = np.fromiter((len(b) for b in encoded), dtype="<i4", count=len(encoded))
+    return frame(
+        Kind.CALL,
+        _TEXTS.pack(call_id, target, operation, len(encoded)),
+        lengths.tobytes(),
+        b"".join(encoded),
+    )
+
+
+def unpack_texts(body: bytes) -> tuple[int, int, int, list[str]]:
+    call_id, target, operation, n = _TEXTS.unpack_from(body)
+    lengths = np.frombuffer(body, dtype="<i4", count=n, offset=_TEXTS.size).tolist()
+    texts, start = [], _TEXTS.size + 4 * n
+    for length in lengths:
+        texts.append(body[start : start + length].decode("utf-8", "surrogatepass"))
+        start += length
+    return call_id, target, operation, texts
+
+
+def pack_tokens(
+    call_id: int, rows: Sequence[IdArray], original: Sequence[int], truncated: Sequence[bool]
+) -> bytes:
+    n = len(rows)
+    lengths = np.fromiter((len(row) for row in rows), dtype="<i4", count=n)
+    ids = np.concatenate(rows).astype("<i4", copy=False) if n else np.empty(0, "<i4")
+    return frame(
+        Kind.TOKENS,
+        _TOKENS.pack(call_id, n),
+        lengths.tobytes(),
+        np.asarray(original, dtype="<i4").tobytes(),
+        np.asarray(truncated, dtype=np.uint8).tobytes(),
+        ids.tobytes(),
+    )
+
+
+def unpack_tokens(body: bytes) -> tuple[int, list[IdArray], list[int], list[bool]]:
+    call_id, n = _TOKENS.unpack_from(body)
+    offset = _TOKENS.size
+    lengths = np.frombuffer(body, dtype="<i4", count=n, offset=offset)
+    original = np.frombuffer(body, dtype="<i4", count=n, offset=offset + 4 * n).tolist()
+    truncated = np.frombuffer(body, dtype=np.uint8, count=n, offset=offset + 8 * n)
+    ids = np.frombuffer(body, dtype="<i4", offset=offset + 9 * n)
+    rows = np.split(ids, np.cumsum(lengths)[:-1]) if n else []
+    return call_id, rows, original, [bool(t) for t in truncated]
