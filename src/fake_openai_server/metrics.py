@@ -84,6 +84,21 @@ class Metrics:
             registry=r,
         )
 
+        self.engine_restarts = Gauge(
+            "fos_engine_restarts",
+            "Times the engine process was replaced (it died or hung) since the server started",
+            registry=r,
+        )
+        self.tokenizer_restarts = Gauge(
+            "fos_tokenizer_process_restarts",
+            "Times a tokenizer process was replaced since the server started",
+            registry=r,
+        )
+
+    def track_restarts(self, engine: Callable[[], int], tokenizers: Callable[[], int]) -> None:
+        self.engine_restarts.set_function(engine)
+        self.tokenizer_restarts.set_function(tokenizers)
+
     def observe_loop_lag(self, seconds: float) -> None:
         self.loop_lag.observe(seconds)
 

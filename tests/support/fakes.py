@@ -11,8 +11,10 @@ the behaviour with the plugin's options (``fake_plugin(...)``):
   ``raise``s, runs out of memory (``oom``), returns ``nan``, ``too_few`` or
   ``too_many`` rows, ``hang``s, or ``die``s (the engine process kills itself);
 - ``tokenizer_raise``: a text holding this character makes the tokenizer raise;
+- ``tokenizer_delay``: seconds every tokenizer call takes;
 - ``load_error``: loading raises with this message; ``load_gate``: loading waits for
-  this file to exist;
+  this file to exist; ``fail_after_first_load``: a marker file; every load after the
+  first one fails;
 - ``model_raise`` / ``model_raise_rerank``: every batch (of the reranker) raises;
 - ``echo``: each row is [first id, length] instead of a vector;
 - ``record``: a file to which the engine appends each batch (one JSON list of
@@ -42,7 +44,6 @@ from fake_openai_server.backends.base import (
     Plugin,
     Task,
 )
-from fake_openai_server.backends.base import Plugin
 from fake_openai_server.settings import Settings
 
 BOS, EOS, SEP = 1, 2, 3
@@ -93,8 +94,11 @@ class FakeTokenizer:
     def __init__(self, info: ModelInfo, options: dict[str, Any]) -> None:
         self.max_length = info.max_length
         self.explode = options.get("tokenizer_raise")
+        self.delay = float(options.get("tokenizer_delay", 0.0))
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
+        if self.delay:
+            time.sleep(self.delay)
         if self.explode and any(self.explode in text for text in texts):
             raise RuntimeError(f"tokenizer crashed reading {SECRET}")
         return [self.wrap_ids(char_ids(text)) for text in texts]
@@ -190,6 +194,11 @@ def load_models(settings: Settings, options: dict[str, Any]) -> list[FakeModel]:
         deadline = time.monotonic() + 60
         while not Path(gate).exists() and time.monotonic() < deadline:
             time.sleep(0.02)
+    once = options.get("fail_after_first_load")
+    if once:
+        if Path(once).exists():
+            raise RuntimeError("the model files are gone")
+        Path(once).touch()
     if options.get("load_error"):
         raise RuntimeError(str(options["load_error"]))
     dimension = int(options.get("dimension", DIM))

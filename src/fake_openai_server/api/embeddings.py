@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from fake_openai_server.api.deps import runtime, unless_disconnected
+from fake_openai_server.api.deps import answer_in_time, runtime
 from fake_openai_server.api.errors import ERROR_RESPONSES
 from fake_openai_server.api.schemas import EmbeddingsRequest, EmbeddingsResponse
 from fake_openai_server.api.serialize import embeddings_body
@@ -28,7 +28,7 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
         raise ServiceError(
             ErrorKind.INVALID_REQUEST, "input must not be an empty list.", param="input"
         )
-    result = await unless_disconnected(
+    result = await answer_in_time(
         request,
         service.embed(
             items, model=body.model, input_type=body.input_type, dimensions=body.dimensions

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from fake_openai_server.api.deps import runtime, unless_disconnected
+from fake_openai_server.api.deps import answer_in_time, runtime
 from fake_openai_server.api.errors import ERROR_RESPONSES
 from fake_openai_server.api.schemas import DocumentObject, RerankRequest, RerankResponse
 from fake_openai_server.api.serialize import json_body
@@ -48,7 +48,7 @@ def echo(doc: str | DocumentObject) -> dict[str, Any]:
 async def _rerank(body: RerankRequest, request: Request, api_version: str) -> Response:
     service = runtime(request).require_rerank()
     texts = document_texts(body)
-    result = await unless_disconnected(
+    result = await answer_in_time(
         request,
         service.rerank(
             body.query, texts, model=body.model, top_n=body.top_n, raw_scores=body.raw_scores

@@ -10,7 +10,8 @@ model is busy.
 The engine is supervised: a batch that fails fails its requests only; an engine
 process that dies or hangs is replaced, the requests it held answered with an error
 and ``/ready`` saying why meanwhile; if no replacement starts within the restart
-bound, ``on_fatal`` is called and the server exits non-zero so that its supervisor
+bound (twice STALL_TIMEOUT or twice the first start-up, whichever is longer),
+``on_fatal`` is called and the server exits non-zero so that its supervisor
 replaces it. No request waits on a process that is gone.
 
 The engine knows items, their cost in tokens and futures; nothing of texts or HTTP.
@@ -60,8 +61,6 @@ MAX_PADDING = 1.1
 # "failing": the model is likely broken rather than unlucky once. Requests are still
 # served, so the first batch that runs makes it ready again.
 FAILING_AFTER = 3
-# A restarted engine must be ready within max(this, twice the first start-up).
-RESTART_FLOOR_SECONDS = 120.0
 # How often the stall watchdog looks at the running batch.
 WATCH_INTERVAL = 0.5
 
@@ -171,7 +170,7 @@ class Engine:
         self.settings = settings
         self._plugin = plugin
         self._workdir = workdir
-        self._observers = observers
+        self.observers = observers
         self.on_fatal = on_fatal
         self.state: State = "loading"
         self.detail: str | None = None  # why the state is not "ready"
@@ -203,7 +202,7 @@ class Engine:
                 max_padding=MAX_PADDING,
                 free_waste=free_waste(cost, s.max_batch_tokens),
             )
-            observer = self._observers(info.name) if self._observers else None
+            observer = self.observers(info.name) if self.observers else None
             self._lanes[info.name] = _Lane(index, info, limits, observer=observer)
             log.info(
                 "%s: a forward pass costs %.1f ms + %.1f µs per token: batches may carry "
@@ -480,7 +479,7 @@ class Engine:
         self._restarting = asyncio.get_running_loop().create_task(self._restart())
 
     async def _restart(self) -> None:
-        bound = max(RESTART_FLOOR_SECONDS, 2 * self._start_seconds)
+        bound = max(2 * self.settings.stall_timeout, 2 * self._start_seconds)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + bound
         attempt = 0

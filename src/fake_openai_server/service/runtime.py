@@ -75,6 +75,7 @@ class Runtime:
             on_fatal=self._fatal,
         )
         self.tokenizers = TokenizerPool(settings, self.plugin)
+        self.metrics.track_restarts(lambda: self.engine.restarts, lambda: self.tokenizers.restarts)
         self._lag: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

@@ -67,7 +67,7 @@ class TokenizerPool:
         self._threads = ThreadPoolExecutor(THREADS, thread_name_prefix="tokenizer")
         self._tokenizers: list[Tokenizer] = []
         self._index: dict[str, int] = {}
-        self._workers: list[TokenizerProcess] = []
+        self.workers: list[TokenizerProcess] = []
         self._config: dict[str, Any] = {}
         self._stopping = False
         self.wanted = 0
@@ -102,8 +102,8 @@ class TokenizerPool:
             )
         log.info(
             "tokenizing in %s",
-            f"{len(self._workers)} tokenizer processes"
-            if self._workers
+            f"{len(self.workers)} tokenizer processes"
+            if self.workers
             else f"{THREADS} threads of the server process",
         )
 
@@ -111,11 +111,11 @@ class TokenizerPool:
         worker = TokenizerProcess(self._config)
         await worker.start()
         worker.on_exit = self._exited
-        self._workers.append(worker)
+        self.workers.append(worker)
 
     def _exited(self, worker: WorkerProcess) -> None:
-        if worker in self._workers:
-            self._workers.remove(worker)
+        if worker in self.workers:
+            self.workers.remove(worker)
         if self._stopping:
             return
         self.restarts += 1
@@ -138,11 +138,11 @@ class TokenizerPool:
         except Exception as exc:
             log.error("a new tokenizer process could not start (%s)", exc)
             return
-        log.info("tokenizer processes whole again (%d)", len(self._workers))
+        log.info("tokenizer processes whole again (%d)", len(self.workers))
 
     def health(self) -> str | None:
         """Why the pool is not whole, for /ready (which still says 200: requests are served)."""
-        missing = self.wanted - len(self._workers)
+        missing = self.wanted - len(self.workers)
         if missing > 0:
             return f"{missing} of {self.wanted} tokenizer processes are being replaced"
         return None
@@ -156,7 +156,7 @@ class TokenizerPool:
 
     async def _run(self, model: str, operation: int, texts: list[str]) -> list[Encoded]:
         target = self._index[model]
-        live = [worker for worker in self._workers if worker.alive]
+        live = [worker for worker in self.workers if worker.alive]
         if not live:
             loop = asyncio.get_running_loop()
             tokenizer = self._tokenizers[target]
@@ -180,6 +180,6 @@ class TokenizerPool:
         self._stopping = True
         for task in list(self._respawning):
             task.cancel()
-        await asyncio.gather(*(worker.stop() for worker in self._workers), return_exceptions=True)
-        self._workers.clear()
+        await asyncio.gather(*(worker.stop() for worker in self.workers), return_exceptions=True)
+        self.workers.clear()
         self._threads.shutdown(wait=False, cancel_futures=True)
