@@ -186,7 +186,9 @@ def test_a_killed_tokenizer_process_costs_only_what_it_held() -> None:
         pool = app.state.runtime.tokenizers
         worker = pool.workers[0]
         victim = worker.pid
-        texts = [f"文書{i}" for i in range(40)]
+        # Long enough not to be tokenized on the event loop (INLINE_CHARS) — though with
+        # tokenizer processes nothing is.
+        texts = [f"文書{i}" + "あ" * 1000 for i in range(40)]
 
         async def under_load() -> tuple[list[tuple[httpx.Response, float]], list[Any]]:
             async def kill_soon() -> list[Any]:

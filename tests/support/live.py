@@ -19,7 +19,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-READY_TIMEOUT = 120.0
+READY_TIMEOUT = 240.0
 
 
 @dataclass

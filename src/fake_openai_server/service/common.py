@@ -89,6 +89,8 @@ async def pipeline(
     async def one(chunk: Sequence[T]) -> FloatArray:
         return await run(await prepare(chunk))
 
+    if len(items) <= TOKENIZE_CHUNK:
+        return await one(items)  # one chunk (Dify's one text): no tasks to spare
     chunks = [items[i : i + TOKENIZE_CHUNK] for i in range(0, len(items), TOKENIZE_CHUNK)]
     try:
         async with asyncio.TaskGroup() as group:

@@ -30,6 +30,9 @@ from fake_openai_server.workers import CallFailed, WorkerGone, WorkerProcess, de
 log = logging.getLogger(__name__)
 
 THREADS = 2  # tokenizer threads in this process, when there are no tokenizer processes
+# Without tokenizer processes, texts this short in all are tokenized right here, on the
+# event loop: a hop to a thread costs more than the tokenizing (a fraction of a ms).
+INLINE_CHARS = 1_000
 MAX_AUTO_WORKERS = 8
 RESPAWN_DELAY = 0.5  # seconds before a tokenizer process that died is replaced
 
@@ -156,10 +159,12 @@ class TokenizerPool:
 
     async def _run(self, model: str, operation: int, texts: list[str]) -> list[Encoded]:
         target = self._index[model]
+        tokenizer = self._tokenizers[target]
         live = [worker for worker in self.workers if worker.alive]
         if not live:
+            if sum(map(len, texts)) <= INLINE_CHARS:
+                return tokenize(tokenizer, operation, texts)
             loop = asyncio.get_running_loop()
-            tokenizer = self._tokenizers[target]
             return await loop.run_in_executor(self._threads, tokenize, tokenizer, operation, texts)
         worker = min(live, key=lambda w: w.in_flight)
         try:
