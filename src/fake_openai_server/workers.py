@@ -81,6 +81,7 @@ class WorkerProcess:
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count()
         self.exit_code: int | None = None
+        self._ended = False  # its socket has closed: it is gone, if not yet reaped
         self.on_exit: Callable[[WorkerProcess], None] | None = None
 
     @property
@@ -89,7 +90,7 @@ class WorkerProcess:
 
     @property
     def alive(self) -> bool:
-        return self._writer is not None and self.exit_code is None
+        return self._writer is not None and not self._writer.is_closing() and not self._ended
 
     @property
     def in_flight(self) -> int:
@@ -135,7 +136,11 @@ class WorkerProcess:
             return future
         call_id = next(self._ids)
         self._calls[call_id] = future
-        self._writer.write(pack(call_id))
+        try:
+            self._writer.write(pack(call_id))
+        except (OSError, RuntimeError):  # the socket closed under us: the reader will know
+            self._calls.pop(call_id, None)
+            future.set_exception(WorkerGone(f"{self.module} is not running"))
         return future
 
     def decode(self, kind: int, body: bytes) -> tuple[int, Any]:
@@ -171,6 +176,7 @@ class WorkerProcess:
             future.set_result(result)
 
     async def _gone(self) -> None:
+        self._ended = True
         code = await self._reap()
         error = WorkerGone(f"{self.module} ended ({describe_exit(code)})")
         calls, self._calls = self._calls, {}
