@@ -256,6 +256,10 @@ class Engine:
     def queued_tokens(self, model: str) -> int:
         return self._lanes[model].queue.tokens
 
+    @property
+    def queued_items(self) -> int:
+        return sum(len(lane.queue) for lane in self._lanes.values())
+
     def stats(self) -> dict[str, dict[str, float]]:
         return {name: lane.stats.as_dict() for name, lane in self._lanes.items()}
 
