@@ -14,7 +14,7 @@ import pytest
 
 from fake_openai_server.api.app import build_app
 from fake_openai_server.backends.base import FloatArray, TokenIds
-from fake_openai_server.engine.batcher import Batcher
+from fake_openai_server.engine.batcher import Batcher, BatchReport
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.settings import Settings
 from tests.support.fakes import fake_loader, fake_text_vector
@@ -148,6 +148,26 @@ async def test_failed_batch_fails_only_its_requests() -> None:
     assert results[0][0, 0] == 12 and results[2][0, 0] == 14  # type: ignore[index]
     assert (await batcher.submit([[15]]))[0, 0] == 15  # still serving
     await batcher.stop()
+
+
+async def test_reports_how_long_each_item_waited_for_the_model() -> None:
+    """The queue wait an autoscaler reads: ~0 for a lone request, a whole forward pass
+    for a request that arrived while the model was busy."""
+    run = Recorder(delay=0.2)
+    reports: list[BatchReport] = []
+    batcher = Batcher(
+        run, max_batch_size=1, max_batch_tokens=4096, max_queue_tokens=100, observer=reports.append
+    )
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit([[1]]))
+    await asyncio.sleep(0.05)  # the first pass is running
+    await asyncio.gather(first, batcher.submit([[2], [3]]))
+    await batcher.stop()
+    waits = [report.queue_seconds for report in reports]
+    assert [len(w) for w in waits] == [1, 1, 1]  # one per item, batches of one
+    assert waits[0][0] < 0.05
+    assert 0.1 < waits[1][0] < 0.2 + 0.2  # waited for the rest of the first pass
+    assert 0.3 < waits[2][0] < 0.4 + 0.2  # and for item 2's pass as well
 
 
 async def test_shared_inference_thread() -> None:

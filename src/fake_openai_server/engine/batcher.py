@@ -43,6 +43,7 @@ class BatchReport:
     padded_tokens: int
     seconds: float
     failed: bool = False
+    queue_seconds: tuple[float, ...] = ()  # per item: from submit() to its forward pass
 
 
 @dataclass
@@ -77,6 +78,7 @@ class _Job:
     future: asyncio.Future[FloatArray]
     remaining: int
     out: FloatArray | None = None
+    queued_at: float = field(default_factory=time.perf_counter)
 
     @property
     def done(self) -> bool:
@@ -270,7 +272,9 @@ class Batcher:
     def _record(self, batch: list[_Item], seconds: float) -> None:
         self.consecutive_failures = 0
         tokens = sum(item.cost for item in batch)
-        report = BatchReport(len(batch), tokens, len(batch) * batch[0].cost, seconds)
+        began = time.perf_counter() - seconds  # when this forward pass started
+        waits = tuple(began - item.job.queued_at for item in batch)
+        report = BatchReport(len(batch), tokens, len(batch) * batch[0].cost, seconds, False, waits)
         self.stats.batches += 1
         self.stats.items += report.items
         self.stats.tokens += report.tokens
