@@ -1,12 +1,17 @@
-"""``python -m tests.hardening.fake_app SETTINGS_JSON DELAY``: the app over the fake
-backends in a process of its own, so that a test can measure the server's memory."""
+"""``python -m tests.hardening.fake_app SETTINGS_JSON DELAY [LOAD_SECONDS]``: the app over
+the fake backends in a process of its own, served as the CLI serves it (so SIGTERM drains
+as in production), so that a test can measure the server's memory or stop it.
+
+LOAD_SECONDS makes model loading take that long (``/ready`` says 503 meanwhile)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,9 +46,27 @@ def main() -> None:
     from fake_openai_server.settings import Settings
     from tests.support.fakes import fake_loader
 
+    from fake_openai_server.cli import Server
+    from fake_openai_server.service.runtime import Backends
+
     settings = Settings(**json.loads(sys.argv[1]))
-    app = build_app(settings, fake_loader(float(sys.argv[2])))
-    uvicorn.run(app, host=settings.host, port=settings.effective_port, log_level="warning")
+    fakes = fake_loader(float(sys.argv[2]))
+    load_seconds = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+
+    def load(settings: Settings) -> Backends:
+        time.sleep(load_seconds)
+        return fakes(settings)
+
+    app = build_app(settings, load)
+    # As cli.main() serves: same graceful-shutdown bound, exit 0 after a clean drain.
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.effective_port,
+        log_level="warning",
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds),
+    )
+    Server(config).run()
 
 
 if __name__ == "__main__":
