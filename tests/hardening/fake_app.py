@@ -41,17 +41,16 @@ def fake_app_process(settings: dict[str, Any], delay: float) -> Iterator[LiveSer
         yield server
 
 
-def main() -> None:
+def serve(overrides: dict[str, Any], delay: float, load_seconds: float = 0.0) -> None:
+    """Serve the app over the fakes until SIGTERM (a drain, as the CLI does) or SIGINT."""
     from fake_openai_server.api.app import build_app
+    from fake_openai_server.cli import Server
+    from fake_openai_server.service.runtime import Backends
     from fake_openai_server.settings import Settings
     from tests.support.fakes import fake_loader
 
-    from fake_openai_server.cli import Server
-    from fake_openai_server.service.runtime import Backends
-
-    settings = Settings(**json.loads(sys.argv[1]))
-    fakes = fake_loader(float(sys.argv[2]))
-    load_seconds = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+    settings = Settings(**overrides)
+    fakes = fake_loader(delay)
 
     def load(settings: Settings) -> Backends:
         time.sleep(load_seconds)
@@ -67,6 +66,11 @@ def main() -> None:
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds),
     )
     Server(config).run()
+
+
+def main() -> None:
+    load_seconds = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+    serve(json.loads(sys.argv[1]), float(sys.argv[2]), load_seconds)
 
 
 if __name__ == "__main__":

@@ -12,24 +12,25 @@ from __future__ import annotations
 
 import csv
 import io
-import json
+import multiprocessing
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.lb import replica as replica_process
 from tests.lb.dns import DnsServer
 from tests.support.fakes import fake_text_vector
 from tests.support.live import free_port, stop_process
@@ -40,12 +41,24 @@ ALIAS = "embeddings-replica"  # compose.multi-gpu.yaml's network alias
 RERANK_ALIAS = "reranker-replica"
 BATCH_SECONDS = 0.1  # each fake forward pass: requests spend a while inside a replica
 GRACE_SECONDS = 10
+# Replicas are forked by a server process that has already imported the app.
+_PROCESSES = multiprocessing.get_context("forkserver")
+_PROCESSES.set_forkserver_preload([replica_process.__name__])
 
 
 def haproxy_binary() -> str | None:
     return shutil.which("haproxy") or next(
         (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.path.exists(p)), None
     )
+
+
+def haproxy_version() -> tuple[int, int]:
+    binary = haproxy_binary()
+    assert binary is not None
+    out = subprocess.run([binary, "-v"], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"version (\d+)\.(\d+)", out)
+    assert match, out
+    return int(match[1]), int(match[2])
 
 
 def _port_free_on(addresses: list[str]) -> int:
@@ -92,7 +105,7 @@ class Replica:
     port: int
     log_path: Path
     load_seconds: float = 0.0
-    process: subprocess.Popen[bytes] | None = None
+    process: BaseProcess | None = None
 
     @property
     def base_url(self) -> str:
@@ -105,18 +118,18 @@ class Replica:
             "port": self.port,
             "shutdown_grace_seconds": GRACE_SECONDS,
         }
-        command = [
-            sys.executable,
-            "-m",
-            "tests.hardening.fake_app",
-            json.dumps(settings),
-            str(BATCH_SECONDS),
-            str(self.load_seconds),
-        ]
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
-            )
+        self.process = _PROCESSES.Process(
+            target=replica_process.run,
+            args=(settings, BATCH_SECONDS, self.load_seconds, str(self.log_path)),
+            daemon=True,
+        )
+        self.process.start()
+
+    def exit_code(self, timeout: float) -> int | None:
+        """Wait for the process to end; its exit code (-9: SIGKILL)."""
+        assert self.process is not None
+        self.process.join(timeout)
+        return self.process.exitcode
 
     def ready(self) -> bool:
         try:
@@ -131,12 +144,16 @@ class Replica:
         return metric(self.base_url, "fos_requests_total", route="/v1/embeddings", status=status)
 
     def signal(self, sig: signal.Signals) -> None:
-        assert self.process is not None
-        self.process.send_signal(sig)
+        assert self.process is not None and self.process.pid is not None
+        os.kill(self.process.pid, sig)
 
     def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process, timeout=GRACE_SECONDS + 5)
+        if self.process is not None and self.process.is_alive():
+            self.process.terminate()
+            self.process.join(GRACE_SECONDS + 5)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join()
 
 
 @dataclass

@@ -18,7 +18,7 @@ class DnsServer:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.bind(("127.0.0.1", 0))
         self._sock.settimeout(0.2)
-        self.address = "127.0.0.1:%d" % self._sock.getsockname()[1]
+        self.address = f"127.0.0.1:{self._sock.getsockname()[1]}"
         self.queries = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True, name="dns")

@@ -24,7 +24,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.lb.cluster import GRACE_SECONDS, Cluster, Load, Replica, Result, haproxy_binary
+from tests.lb.cluster import (
+    GRACE_SECONDS,
+    Cluster,
+    Load,
+    Replica,
+    Result,
+    haproxy_binary,
+    haproxy_version,
+)
 from tests.lb.cluster import wait_until as until
 
 START_TIMEOUT = 60  # two Python processes importing the app on a loaded 2-core machine
@@ -73,7 +81,7 @@ def test_sigkill_fails_only_requests_inside_the_killed_replica(cluster: Cluster)
     slot = cluster.slot_of(a)
     a.signal(signal.SIGKILL)
     killed_at = time.monotonic()
-    assert a.process is not None and a.process.wait(timeout=10) == -signal.SIGKILL
+    assert a.exit_code(timeout=10) == -signal.SIGKILL
     until("HAProxy marks it down", lambda: cluster.states()[a.address].startswith("DOWN"))
     keep_loading(load, 50)
     results = load.stop()
@@ -109,8 +117,7 @@ def test_rolling_restart_loses_no_request(cluster: Cluster) -> None:
         until("requests inside the replica", lambda r=replica: r.in_flight() >= 2)  # type: ignore[misc]
         drained.append(replica.in_flight())
         replica.signal(signal.SIGTERM)
-        assert replica.process is not None
-        assert replica.process.wait(timeout=GRACE_SECONDS + 5) == 0  # drained, then exited
+        assert replica.exit_code(timeout=GRACE_SECONDS + 5) == 0  # drained, then exited
         replica.start()  # the same address and port, as a restarted container
         until("it is ready again", replica.ready, timeout=START_TIMEOUT)
         until("HAProxy marks it up", lambda r=replica: cluster.states()[r.address] == "UP")  # type: ignore[misc]
@@ -145,7 +152,17 @@ def test_added_replica_gets_requests_once_ready_and_none_fail(cluster: Cluster) 
     results = load.stop()
 
     failed = [r for r in results if r.error]
-    summary("replica added under load", results, failed)
+    early = c.served("503")  # requests it got while its model was loading
+    summary(
+        f"replica added under load ({early:.0f} sent to it before ready, resent)", results, failed
+    )
     assert failed == []
-    assert c.served("503") == 0  # nothing was sent to it while it loaded
     assert a.served() > 0 and b.served() > 0
+    if haproxy_version() >= (3, 1):
+        assert early == 0  # init-state down: nothing before its first check passes
+    else:
+        # Older HAProxy counts a replica up from its listing by DNS to its first check,
+        # at most one check interval (1 s): what it got meanwhile it answered 503 and
+        # the LB resent (no client saw it). At most that second's worth of requests.
+        per_second = len(results) / (results[-1].ended - results[0].started)
+        assert early <= per_second * 1.0 + load.clients
