@@ -11,6 +11,7 @@ this DNS server and at free ports.
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import multiprocessing
 import os
@@ -228,17 +229,30 @@ class Load:
 class LogLine:
     """One line of HAProxy's `option httplog`."""
 
-    server: str  # e.g. embeddings/embeddings-2
+    accepted: float  # when HAProxy accepted the request (epoch seconds)
+    total: float  # seconds from then to the end of the reply (%Ta)
+    server: str  # e.g. embeddings/embeddings-2: the last one tried
     status: int
     termination: str  # e.g. ----, SH--, sC--
     retries: str  # %rc: "0", "1", "+1" (redispatched)
     request_id: str
 
+    @property
+    def ended(self) -> float:
+        return self.accepted + self.total
+
 
 _HTTPLOG = re.compile(
-    r" (?P<backend>\S+)/(?P<server>\S+) \S+ (?P<status>-?\d+) \S+ \S+ \S+ (?P<term>\S{4}) "
+    r"\[(?P<accepted>[^\]]+)\] \S+ (?P<backend>\S+)/(?P<server>\S+) "
+    r"\S+/\S+/\S+/\S+/(?P<total>-?\d+) (?P<status>-?\d+) \S+ \S+ \S+ (?P<term>\S{4}) "
     r"\S+/\S+/\S+/\S+/(?P<retries>\+?\d+) \S+ \{(?P<request_id>[^}]*)\}"
 )
+
+
+def _log_time(text: str) -> float:
+    """HAProxy's local time, e.g. 26/Nov/2026:00:48:11.833, as epoch seconds."""
+    moment = datetime.datetime.strptime(text, "%d/%b/%Y:%H:%M:%S.%f")
+    return time.mktime(moment.timetuple()) + moment.microsecond / 1e6
 
 
 class Cluster:
@@ -336,6 +350,8 @@ class Cluster:
             if match := _HTTPLOG.search(line):
                 lines.append(
                     LogLine(
+                        _log_time(match["accepted"]),
+                        int(match["total"]) / 1000,
                         f"{match['backend']}/{match['server']}",
                         int(match["status"]),
                         match["term"],
