@@ -118,14 +118,14 @@ def test_rolling_restart_loses_no_request(cluster: Cluster) -> None:
     a, b, load = start(cluster)
     stops = []  # (slot, when SIGTERM was sent)
     for replica in (a, b):
-        until("requests inside the replica", lambda r=replica: r.in_flight() >= 2)  # type: ignore[misc]
+        until("requests inside the replica", lambda r=replica: r.in_flight() >= 2)
         stops.append((cluster.slot_of(replica), time.time()))
         replica.signal(signal.SIGTERM)
         assert replica.exit_code(timeout=GRACE_SECONDS + 5) == 0  # drained, then exited
         replica.start()  # the same address and port, as a restarted container
         until("it is ready again", replica.ready, timeout=START_TIMEOUT)
-        until("HAProxy marks it up", lambda r=replica: cluster.states()[r.address] == "UP")  # type: ignore[misc]
-        until("it serves again", lambda r=replica: r.served() >= 10)  # type: ignore[misc]
+        until("HAProxy marks it up", lambda r=replica: cluster.states()[r.address] == "UP")
+        until("it serves again", lambda r=replica: r.served() >= 10)
     keep_loading(load, 20)
     results = load.stop()
 
