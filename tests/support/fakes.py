@@ -12,6 +12,7 @@ the behaviour with the plugin's options (``fake_plugin(...)``):
   ``too_many`` rows, ``hang``s, or ``die``s (the engine process kills itself);
 - ``tokenizer_raise``: a text holding this character makes the tokenizer raise;
 - ``tokenizer_delay``: seconds every tokenizer call takes;
+- ``load_seconds``: loading takes this long;
 - ``load_error``: loading raises with this message; ``load_gate``: loading waits for
   this file to exist; ``fail_after_first_load``: a marker file; every load after the
   first one fails;
@@ -189,6 +190,7 @@ def _info(name: str, task: Task, dimension: int | None = None) -> ModelInfo:
 
 
 def load_models(settings: Settings, options: dict[str, Any]) -> list[FakeModel]:
+    time.sleep(float(options.get("load_seconds", 0.0)))
     gate = options.get("load_gate")
     if gate:
         deadline = time.monotonic() + 60
