@@ -49,6 +49,7 @@ import sys
 import threading
 import unicodedata
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -79,6 +80,9 @@ def fast_encoder(tokenizer: Any) -> tuple[FastEncoder | None, str]:
 
     encoder: FastEncoder
     if isinstance(tokenizer, PreTrainedTokenizerFast):
+        unsupported = RustEncoder.unsupported(tokenizer)
+        if unsupported:
+            return None, unsupported
         encoder = RustEncoder(tokenizer)
     elif isinstance(tokenizer, BertJapaneseTokenizer):
         unsupported = MecabWordPieceEncoder.unsupported(tokenizer)
@@ -126,18 +130,39 @@ def _self_check(encoder: FastEncoder, tokenizer: Any) -> str:
 class RustEncoder:
     """A fast (tokenizer.json) tokenizer: its own Rust backend, called directly.
 
-    transformers does exactly this call, plus Python work per text (BatchEncoding, padding
-    checks, warnings). Truncation for pairs lives in the backend; since changing it on a
-    shared backend races with other threads' calls, each max_length gets its own copy.
+    Single texts: exactly transformers' call, without its Python work per text
+    (BatchEncoding, padding and length checks). Pairs: the Rust library encodes a pair as
+    each text on its own, then truncation, then the special tokens; here the query is encoded
+    once for all documents and the library's truncation arithmetic is done on the ids.
+    That also skips what the library does besides: it keeps every cut-off piece of both
+    texts as "overflowing" encodings, one per combination, which for an 8,000-character
+    query and document at max_length 512 is some 960 encodings and half a second per pair.
     """
 
     kind = "Rust tokenizers (tokenizer.json), called directly"
 
     def __init__(self, tokenizer: Any) -> None:
         self._plain = _backend_copy(tokenizer)
-        self._truncation_side: str = tokenizer.truncation_side
-        self._truncating: dict[int, Tokenizer] = {}
-        self._lock = threading.Lock()
+        self._pairs = _rust_pair_template(self._plain, tokenizer.truncation_side)
+
+    @staticmethod
+    def unsupported(tokenizer: Any) -> str:
+        """Why this fast tokenizer has no fast path, or "" when it has one."""
+        from transformers import PreTrainedTokenizerFast
+
+        name = type(tokenizer).__name__
+        # A class that changes these does Python work of its own around the Rust call.
+        for method in (
+            "__call__",
+            "_encode_plus",
+            "set_truncation_and_padding",
+            "_convert_encoding",
+        ):
+            if getattr(type(tokenizer), method) is not getattr(PreTrainedTokenizerFast, method):
+                return f"{name} overrides {method}: no fast path"
+        if _rust_pair_template(_backend_copy(tokenizer), tokenizer.truncation_side) is None:
+            return f"{name}: its pairs are not [special] first [special] second [special]"
+        return ""
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._plain.encode_batch_fast(list(texts))]
@@ -145,29 +170,11 @@ class RustEncoder:
     def encode_pairs(
         self, query: str, documents: Sequence[str], max_length: int
     ) -> list[list[int]]:
-        backend = self._truncating.get(max_length) or self._new_truncating(max_length)
-        return [e.ids for e in backend.encode_batch_fast([(query, doc) for doc in documents])]
-
-    def _new_truncating(self, max_length: int) -> Tokenizer:
-        with self._lock:
-            backend = self._truncating.get(max_length)
-            if backend is None:
-                backend = copy.deepcopy(self._plain)
-                # What transformers' set_truncation_and_padding sets for truncation="longest_first".
-                backend.enable_truncation(
-                    max_length, stride=0, strategy="longest_first", direction=self._truncation_side
-                )
-                self._truncating[max_length] = backend
-            return backend
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"plain": self._plain, "side": self._truncation_side}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self._plain = state["plain"]
-        self._truncation_side = state["side"]
-        self._truncating = {}
-        self._lock = threading.Lock()
+        assert self._pairs is not None  # unsupported() said so
+        texts = [query, *documents]
+        encodings = self._plain.encode_batch_fast(texts, add_special_tokens=False)
+        first, *seconds = (e.ids for e in encodings)
+        return [self._pairs.join(first, second, max_length) for second in seconds]
 
 
 def _backend_copy(tokenizer: Any) -> Tokenizer:
@@ -197,12 +204,14 @@ class MecabWordPieceEncoder:
     greedy longest match, so the same words give the same pieces.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, libmecab: str | None = None) -> None:
+        """``libmecab``: the library to call, "" for fugashi's own (GIL-holding) call;
+        by default the one fugashi loaded, where it can be found."""
         word = tokenizer.word_tokenizer
         self._normalize: bool = word.normalize_text
         self._lower: bool = word.do_lower_case
         self._mecab_args = _mecab_args(tokenizer.mecab_kwargs or {}) + ["-Owakati"]
-        self._libmecab = _loaded_libmecab()
+        self._libmecab = _loaded_libmecab() if libmecab is None else libmecab
         self.kind = (
             "MeCab (libmecab via ctypes, GIL released) + WordPiece (Rust tokenizers)"
             if self._libmecab
@@ -215,8 +224,7 @@ class MecabWordPieceEncoder:
         # MecabTokenizer lowercases every surface except these.
         self._never_lower = _any_of({*word.never_split, *tokenizer.all_special_tokens} - {""})
         self._rust = _wordpiece(tokenizer)
-        self._prefix, self._middle, self._suffix = _pair_template(tokenizer)
-        self._truncation_side: str = tokenizer.truncation_side
+        self._pairs = _slow_pair_template(tokenizer)
         self._slow = tokenizer
         self._slow_lock = threading.Lock()  # slow tokenizers are not thread-safe
         self._local = threading.local()
@@ -250,7 +258,7 @@ class MecabWordPieceEncoder:
         self, query: str, documents: Sequence[str], max_length: int
     ) -> list[list[int]]:
         first, *seconds = self._encode([query, *documents], special=False)
-        return [self._pair(first, second, max_length) for second in seconds]
+        return [self._pairs.join(first, second, max_length) for second in seconds]
 
     def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
         """Each text's ids, with or without the special tokens around them."""
@@ -264,26 +272,6 @@ class MecabWordPieceEncoder:
                 with self._slow_lock:
                     ids[i] = list(self._slow(texts[i], add_special_tokens=special)["input_ids"])
         return ids
-
-    def _pair(self, first: list[int], second: list[int], max_length: int) -> list[int]:
-        """transformers' prepare_for_model + truncate_sequences ("longest_first") for a pair."""
-        special = len(self._prefix) + len(self._middle) + len(self._suffix)
-        remove = len(first) + len(second) + special - max_length
-        if remove > 0:
-            # Cut the longer side down towards the shorter one, then both evenly, the
-            # second side taking the odd token (exactly the slow tokenizer's arithmetic).
-            towards_equal = min(abs(len(second) - len(first)), remove)
-            rest = remove - towards_equal
-            if len(first) > len(second):
-                cut_first, cut_second = towards_equal + rest // 2, rest - rest // 2
-            else:
-                cut_first, cut_second = rest // 2, towards_equal + rest - rest // 2
-            if self._truncation_side == "right":
-                first = first[:-cut_first] if cut_first > 0 else first
-                second = second[:-cut_second] if cut_second > 0 else second
-            else:
-                first, second = first[cut_first:], second[cut_second:]
-        return self._prefix + first + self._middle + second + self._suffix
 
     def _words(self, text: str) -> str | None:
         """MeCab's surfaces joined by spaces, or None when the slow tokenizer must run."""
@@ -309,7 +297,7 @@ class MecabWordPieceEncoder:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for unpicklable in ("_local", "_slow_lock", "_libmecab"):
+        for unpicklable in ("_local", "_slow_lock"):
             del state[unpicklable]
         return state
 
@@ -317,7 +305,6 @@ class MecabWordPieceEncoder:
         self.__dict__.update(state)
         self._local = threading.local()
         self._slow_lock = threading.Lock()
-        self._libmecab = _loaded_libmecab()
 
 
 def _any_of(strings: set[str]) -> re.Pattern[str] | None:
@@ -357,7 +344,7 @@ def _wordpiece(tokenizer: Any) -> Tokenizer:
         )
     )
     rust.pre_tokenizer = pre_tokenizers.Split(_python_whitespace(), behavior="removed")
-    before, after = _around(tokenizer.build_inputs_with_special_tokens([-1]), [-1])
+    before, after = _around(tokenizer.build_inputs_with_special_tokens([-1]), -1)
     names = {i: str(tokenizer.convert_ids_to_tokens(i)) for i in before + after}
     rust.post_processor = processors.TemplateProcessing(
         single=[names[i] for i in before] + ["$A"] + [names[i] for i in after],
@@ -373,16 +360,87 @@ def _python_whitespace() -> Regex:
     return Regex("[" + "".join(f"\\x{{{c:x}}}" for c in spaces) + "]+")
 
 
-def _pair_template(tokenizer: Any) -> tuple[list[int], list[int], list[int]]:
-    """The special ids before, between and after a pair, from the tokenizer itself."""
+@dataclass(frozen=True)
+class _PairTemplate:
+    """How a tokenizer joins and cuts a pair: [prefix] first [middle] second [suffix]."""
+
+    prefix: list[int]
+    middle: list[int]
+    suffix: list[int]
+    side: str  # which end truncation cuts: "right" or "left"
+    rust: bool  # the Rust library's longest_first arithmetic, else transformers' Python one
+
+    def join(self, first: list[int], second: list[int], max_length: int) -> list[int]:
+        special = len(self.prefix) + len(self.middle) + len(self.suffix)
+        cut = _rust_longest_first if self.rust else _python_longest_first
+        keep_first, keep_second = cut(len(first), len(second), max_length, special)
+        if self.side == "right":
+            first, second = first[:keep_first], second[:keep_second]
+        else:
+            first = first[len(first) - keep_first :]
+            second = second[len(second) - keep_second :]
+        return self.prefix + first + self.middle + second + self.suffix
+
+
+def _python_longest_first(n1: int, n2: int, max_length: int, special: int) -> tuple[int, int]:
+    """How many ids of each text transformers' slow tokenizer keeps (truncate_sequences)."""
+    remove = n1 + n2 + special - max_length
+    if not max_length or remove <= 0:  # max_length 0 reads as "no limit" there
+        return n1, n2
+    # Cut the longer text down towards the shorter one, then both evenly, the second
+    # text giving up the odd id.
+    towards_equal = min(abs(n1 - n2), remove)
+    rest = remove - towards_equal
+    if n1 > n2:
+        cut1, cut2 = towards_equal + rest // 2, rest - rest // 2
+    else:
+        cut1, cut2 = rest // 2, towards_equal + rest - rest // 2
+    return max(n1 - cut1, 0), max(n2 - cut2, 0)
+
+
+def _rust_longest_first(n1: int, n2: int, max_length: int, special: int) -> tuple[int, int]:
+    """How many ids of each text the Rust library keeps (utils/truncation.rs)."""
+    limit = max_length - special
+    if limit < 0:
+        # The library subtracts in unsigned arithmetic, which wraps: no limit at all.
+        return n1, n2
+    if n1 + n2 <= limit:
+        return n1, n2
+    short, long = sorted((n1, n2))
+    # The shorter text stays whole if it leaves room; otherwise both get half, the
+    # second (as ordered here: the longer, or on a tie the pair's second) the odd id.
+    long = short if short > limit else max(short, limit - short)
+    if short + long > limit:
+        short, long = limit // 2, limit // 2 + limit % 2
+    return (short, long) if n1 <= n2 else (long, short)
+
+
+def _slow_pair_template(tokenizer: Any) -> _PairTemplate:
+    """The special ids around a pair, from the slow tokenizer itself."""
     full = tokenizer.build_inputs_with_special_tokens([-1], [-2])
-    prefix, rest = _around(full, [-1])
-    middle, suffix = _around(rest, [-2])
-    return prefix, middle, suffix
+    prefix, rest = _around(full, -1)
+    middle, suffix = _around(rest, -2)
+    return _PairTemplate(prefix, middle, suffix, tokenizer.truncation_side, rust=False)
 
 
-def _around(ids: list[int], marker: list[int]) -> tuple[list[int], list[int]]:
-    at = ids.index(marker[0])
+def _rust_pair_template(backend: Tokenizer, side: str) -> _PairTemplate | None:
+    """The special ids around a pair, from the Rust post-processor; None if they are not
+    simply before, between and after the two texts."""
+    first, second = (backend.encode(t, add_special_tokens=False) for t in ("東京", "大阪"))
+    pair = backend.post_process(first, second, add_special_tokens=True)
+    texts = [i for i, special in enumerate(pair.special_tokens_mask) if not special]
+    if not first.ids or not second.ids or not texts:
+        return None
+    start, end = texts[0], texts[-1] + 1
+    between = pair.ids[start + len(first.ids) : end - len(second.ids)]
+    template = _PairTemplate(pair.ids[:start], between, pair.ids[end:], side, rust=True)
+    if template.join(first.ids, second.ids, 1 << 30) != pair.ids:
+        return None
+    return template
+
+
+def _around(ids: list[int], marker: int) -> tuple[list[int], list[int]]:
+    at = ids.index(marker)
     return list(ids[:at]), list(ids[at + 1 :])
 
 
