@@ -17,19 +17,22 @@ import copy
 import os
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.measure import Meter
 from fake_openai_server import standins
 from fake_openai_server.backends.fast_tokenizers import fast_encoder
 
 Work = Callable[[Any, int], None]
+_OTHER_LOAD: list[float] = []  # cores used by other processes during each measurement
 
 
 def _rate(make: Callable[[], Any], work: Work, calls: int, threads: int) -> float:
-    """Calls per second: ``calls`` calls of ``work(state, i)`` spread over ``threads``."""
+    """Calls per second: ``calls`` calls of ``work(state, i)`` spread over ``threads``.
+
+    Other processes' CPU use during the run goes to ``_OTHER_LOAD``."""
     states = [make() for _ in range(threads)]
     for state in states:
         work(state, 0)  # warm up: MeCab taggers, caches
@@ -39,12 +42,14 @@ def _rate(make: Callable[[], Any], work: Work, calls: int, threads: int) -> floa
             work(state, i)
 
     workers = [threading.Thread(target=run, args=(s, n)) for n, s in enumerate(states)]
-    start = time.perf_counter()
+    meter = Meter()
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
-    return calls / (time.perf_counter() - start)
+    used = meter.stop()
+    _OTHER_LOAD.append(used["other_load_cores"] + used["stolen_cores"])
+    return calls / used["wall_s"]
 
 
 def _tokenizer(folder: Path) -> Any:
@@ -125,6 +130,7 @@ def main() -> None:
         _, kind = fast_encoder(reranker)
         print(f"\nreranker stand-in, 50-character query x {n} documents of 300; {kind}")
         _rerank(reranker, queries, documents)
+    print(f"\nother processes used {min(_OTHER_LOAD):.2f}..{max(_OTHER_LOAD):.2f} cores meanwhile")
 
 
 if __name__ == "__main__":

@@ -299,7 +299,7 @@ def test_mecab_wordpiece_pairs(ruri_large: Any, max_length: int) -> None:
     rng = random.Random(max_length)
     for _ in range(6):
         query = rng.choice([rng.choice(CORPUS), standins.japanese_text(rng.randint(0, 900))])
-        documents = rng.sample(CORPUS, 40)
+        documents = [*rng.sample(CORPUS, 40), query]  # equal lengths: the tie rule
         expected = ruri_large(
             [query] * len(documents),
             documents,
@@ -333,7 +333,8 @@ def test_fast_tokenizer_pairs(reranker: Any, max_length: int, query_chars: int) 
     tokens and below that the Rust library cuts nothing at all."""
     encoder = _encoder(reranker)
     query = standins.japanese_text(query_chars, seed=query_chars)
-    documents = random.Random(max_length).sample(SHORT_DOCUMENTS, 80)
+    # The query itself too: equal lengths are where the two ways of cutting a pair differ.
+    documents = [*random.Random(max_length).sample(SHORT_DOCUMENTS, 80), query]
     expected = reranker(
         [query] * len(documents), documents, truncation="longest_first", max_length=max_length
     )["input_ids"]
