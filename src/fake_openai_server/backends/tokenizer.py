@@ -78,7 +78,10 @@ class HFTokenizer:
         self.max_length = max_length
         self._end = end_tokens(tokenizer)
         self._tokenizers = _PerThread(tokenizer)
-        self._fast, reason = fast_encoder(tokenizer)
+        try:
+            self._fast, reason = fast_encoder(tokenizer)
+        except Exception as exc:  # a library version it does not expect: stay correct
+            self._fast, reason = None, f"the fast path failed to start ({type(exc).__name__})"
         if self._fast is not None:
             self.kind = self._fast.kind
         else:
