@@ -121,7 +121,7 @@ PLANS: dict[str, Plan] = {
     # 300-character text (2u), requests of 512 texts (3), one client p50 (1), rerank 16
     # clients x 32 documents (4).
     "null": Plan(
-        corpus=1536,
+        corpus=768,
         sequential=500,
         clients=32,
         many_clients=256,
