@@ -168,19 +168,27 @@ class GpuSampler:
             f"--id={index}",
             "--query-gpu=utilization.gpu,memory.used",
             "--format=csv,noheader,nounits",
-            f"-lms={int(self.INTERVAL_S * 1000)}",
+            f"--loop-ms={int(self.INTERVAL_S * 1000)}",
         ]
         if shutil.which("nvidia-smi"):
             with contextlib.suppress(OSError):
                 self._process = subprocess.Popen(
                     command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
                 )
-                self.source = "nvidia-smi"
                 self._thread = threading.Thread(target=self._read_smi, daemon=True)
+                self._thread.start()
+                deadline = time.monotonic() + 3
+                while not self.samples and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if self.samples:
+                    self.source = "nvidia-smi"
+                else:  # it failed or prints nothing usable (e.g. "[N/A]"): try torch
+                    self.stop()
+                    self._process = self._thread = None
+                    self._stop.clear()
         if self._thread is None and self._torch_sample() is not None:
             self.source = "torch.cuda.utilization"
             self._thread = threading.Thread(target=self._poll_torch, daemon=True)
-        if self._thread is not None:
             self._thread.start()
         return self
 

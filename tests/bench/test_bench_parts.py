@@ -5,6 +5,7 @@ null stand-ins it measures the server's own ceiling with."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -117,6 +118,42 @@ def test_gpu_sampler_without_a_gpu_reports_nothing(monkeypatch: pytest.MonkeyPat
     with measure.sample_gpu("cpu") as none:
         assert none is None
         assert "gpu_busy" not in measure.Meter().stop()
+
+
+def _fake_smi(folder: Path, body: str) -> None:
+    script = folder / "nvidia-smi"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(0o755)
+
+
+def test_gpu_sampler_reads_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stand-in nvidia-smi: checks the query it is given and prints a sample every 0.05 s.
+    _fake_smi(
+        tmp_path,
+        'case "$*" in *--query-gpu=utilization.gpu,memory.used*--loop-ms=200*) ;; '
+        "*) exit 2;; esac\n"
+        "while true; do echo '75, 1234'; sleep 0.05; done\n",
+    )
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with measure.sample_gpu("cuda") as sampler:
+        meter = measure.Meter()
+        time.sleep(0.5)
+        out = meter.stop()
+    assert sampler is not None and sampler.source == "nvidia-smi"
+    assert out["gpu_busy"] == pytest.approx(0.75)
+    assert out["gpu_memory_mib"] == 1234.0
+    assert out["gpu_samples"] >= 3
+
+
+def test_gpu_sampler_falls_back_when_nvidia_smi_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_smi(tmp_path, "echo 'No devices were found'; exit 6\n")
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(measure.GpuSampler, "_torch_sample", staticmethod(lambda: None))
+    with measure.sample_gpu("cuda") as sampler:
+        assert sampler is not None and sampler.source == "none"
+        assert measure.Meter().stop()["gpu_busy"] is None
 
 
 def test_gpu_sampler_window_skips_the_sample_that_began_before_it() -> None:
