@@ -157,7 +157,7 @@ def plan_for(shape: str, device: str) -> Plan:
         plan,
         corpus=1024,
         sequential=100,
-        many_requests=2048,
+        many_requests=3072,
         uniform_requests=1024,
         bulk=512,
         bulk_repeats=8,
