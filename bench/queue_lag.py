@@ -304,9 +304,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    command = "uv run python -m bench.queue_lag " + shlex.join(
-        argv if argv is not None else sys.argv[1:]
-    )
+    command = " ".join(
+        ["uv run python -m bench.queue_lag", shlex.join(argv if argv is not None else sys.argv[1:])]
+    ).strip()
     settings = {"MAX_QUEUE_TOKENS": str(args.max_queue_tokens), **args.server_env}
     results: dict[str, Any] = {
         "command": command,

@@ -422,7 +422,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(device, "auto")
     plan = plan_for(args.shape, device)
-    command = "uv run python -m bench.run " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = " ".join(
+        ["uv run python -m bench.run", shlex.join(argv if argv is not None else sys.argv[1:])]
+    ).strip()
     results: dict[str, Any] = {
         "command": command,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
