@@ -5,17 +5,19 @@ nothing is refused), then queues ~100,000 short items at once (by default 50
 requests of 2,000 one-word texts, from 50 connections) and, while the engine
 works through them:
 
-- probes ``GET /health`` every 10 ms, open loop (each probe is sent on time from a
-  free connection, whatever earlier probes still wait for, and its latency counts
-  from its due time): the latency of a request that does no work is the time the
-  event loop was busy elsewhere (an orchestrator's liveness probe sees exactly this);
+- probes ``GET /health`` every 10 ms, open loop (a probe is due every 10 ms whatever
+  earlier ones still wait for, sent over 4 connections, and its latency counts from
+  its due time): the latency of a request that does no work is the time the event
+  loop was busy elsewhere (an orchestrator's liveness probe sees exactly this);
 - polls ``/metrics`` for the queue depth (``fos_queue_tokens``) and for an
   event-loop lag metric if the server has one (``--lag-metric``, default
   ``fos_event_loop_lag_seconds``; a gauge, a summary or a histogram);
 - samples the resident memory of the server's whole process tree.
 
-It reports /health latency (p50 / p99 / max) idle before, during the overload and
-idle after, the queue's peak, how long the queue took to drain, and the RSS
+It reports /health latency (p50 / p99 / max) idle before, during the overload (in
+two phases: the intake, while the requests are read, parsed, tokenized and queued,
+up to the queue's peak; and the drain, while batches are taken from the full queue)
+and idle after, the queue's peak, how long the queue took to drain, and the RSS
 before, at its peak and after the queue drained. Run from the repository root::
 
     uv run python -m bench.queue_lag                      # tiny stand-in on CPU, ~2 minutes
@@ -52,6 +54,7 @@ from bench.workload import EMBED_MODEL
 from fake_openai_server import standins
 
 LAG_METRIC = "fos_event_loop_lag_seconds"
+PROBE_CONNECTIONS = 4
 QUEUE_METRIC = "fos_queue_tokens"
 WORDS = (  # noqa: SIM905 - one-word texts, as bench/soak.py uses
     "東京 大阪 京都 瑠璃色 深い 青 空 海 山 川 日本 首都 経済 歴史 文化 技術 研究 "
@@ -197,30 +200,34 @@ async def overload(server: Server, args: argparse.Namespace) -> dict[str, Any]:
         queue = sum(metric_samples(text, QUEUE_METRIC).values())
         return queue, metric_samples(text, args.lag_metric)
 
-    idle: list[Connection] = []
+    due_times: asyncio.Queue[float | None] = asyncio.Queue()
 
-    async def probe(scheduled: float) -> None:
-        # Open loop: each probe is due at its own time, whatever the others wait for, and
-        # its latency counts from then (a stalled loop cannot hide behind one slow probe).
-        connection = idle.pop() if idle else Connection(server.base_url)
-        status, _ = await connection.request(health)
-        probes.append((scheduled, time.monotonic() - scheduled))
-        idle.append(connection)
-        if status != 200:
-            raise RuntimeError(f"/health answered {status} under load")
+    async def prober() -> None:
+        # Open loop: a probe is due every interval whatever the others wait for, and its
+        # latency counts from its due time (a stalled server cannot hide behind one slow
+        # probe); a few connections send them, so a stall does not open hundreds more.
+        connection = Connection(server.base_url)
+        await connection.connect()
+        try:
+            while (due := await due_times.get()) is not None:
+                status, _ = await connection.request(health)
+                probes.append((due, time.monotonic() - due))
+                if status != 200:
+                    raise RuntimeError(f"/health answered {status} under load")
+        finally:
+            await connection.close()
 
     async def probes_every_interval() -> None:
         interval = args.probe_interval_ms / 1000
+        senders = [asyncio.create_task(prober()) for _ in range(PROBE_CONNECTIONS)]
         due = time.monotonic()
-        tasks: set[asyncio.Task[None]] = set()
         while not done.is_set():
-            task = asyncio.create_task(probe(due))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            due_times.put_nowait(due)
             due += interval
             await asyncio.sleep(max(0.0, due - time.monotonic()))
-        await asyncio.gather(*tasks)
-        await asyncio.gather(*(c.close() for c in idle))
+        for _ in senders:
+            due_times.put_nowait(None)
+        await asyncio.gather(*senders)
 
     async def poll() -> None:
         connection = Connection(server.base_url)
@@ -262,12 +269,11 @@ async def overload(server: Server, args: argparse.Namespace) -> dict[str, Any]:
     await asyncio.gather(*background)
     await asyncio.gather(*(c.close() for c in connections))
 
-    during = [latency for sent, latency in probes if started <= sent <= ended]
-    queued = [(at, q) for at, q, _ in polls]
-    busy = [at for at, q in queued if q > 0]
-    busy_probes = (
-        [latency for sent, latency in probes if busy[0] <= sent <= busy[-1]] if busy else []
-    )
+    def between(start: float, end: float) -> list[float]:
+        return [latency for due, latency in probes if start <= due <= end]
+
+    queued = [(at, q) for at, q, _ in polls if started <= at <= ended]
+    peak_at = max(queued, key=lambda item: item[1])[0] if queued else ended
     per_second: dict[int, dict[str, float]] = {}
     for sent, latency in probes:
         second = int(sent - started)
@@ -287,8 +293,10 @@ async def overload(server: Server, args: argparse.Namespace) -> dict[str, Any]:
         "drained": drained,
         "overload_s": ended - started,
         "items_per_s": len(statuses) * args.texts / (ended - started),
-        "health_during_overload": _latencies(during),
-        "health_while_queue_nonempty": _latencies(busy_probes),
+        "health_during_overload": _latencies(between(started, ended)),
+        "health_intake": _latencies(between(started, peak_at)),
+        "health_drain": _latencies(between(peak_at, ended)),
+        "queue_peak_after_s": peak_at - started,
         "queue_tokens_peak": max((q for _, q in queued), default=None),
         "queue_polls": len(queued),
         "event_loop_lag": summarize_lag(args.lag_metric, lag_before, [lag for *_, lag in polls]),
@@ -408,8 +416,16 @@ def render(r: dict[str, Any]) -> str:
     )
     rows = [
         ("idle, before", r["health_idle_before"]),
-        ("during the overload (first request sent to last answered)", o["health_during_overload"]),
-        ("while /metrics showed a non-empty queue", o["health_while_queue_nonempty"]),
+        ("the whole overload (first request sent to last answered)", o["health_during_overload"]),
+        (
+            "intake: requests read, parsed, tokenized and queued (the first "
+            f"{o['queue_peak_after_s']:.1f} s, until the queue's peak)",
+            o["health_intake"],
+        ),
+        (
+            "drain: batches taken from the full queue (queue peak to last answered)",
+            o["health_drain"],
+        ),
         ("idle, after the queue drained", r["health_idle_after"]),
     ]
     out = [
@@ -427,8 +443,9 @@ def render(r: dict[str, Any]) -> str:
         + "; the rest defaults",
         f"- Load: {o['requests']} requests of {o['texts_per_request']:,} one-word texts "
         f"(≈ {r['tokens_per_text']:.1f} tokens each), sent at once from {o['requests']} "
-        f"connections; GET /health probed every {r['probe_interval_ms']:g} ms, open loop "
-        f"(latency from each probe's due time); client on {r['client_loop']}",
+        f"connections; GET /health due every {r['probe_interval_ms']:g} ms, open loop "
+        f"(latency from each probe's due time, sent over {PROBE_CONNECTIONS} connections); "
+        f"client on {r['client_loop']}",
         f"- Other processes used {o.get('other_load_cores', float('nan')):.2f} cores during the "
         f"overload (the server's tree: {o.get('server_cpu_cores', float('nan')):.2f}, this "
         f"client: {o.get('client_cpu_s', 0) / o['overload_s']:.2f})",
