@@ -6,9 +6,12 @@ import contextlib
 import gc
 import os
 import platform
+import shutil
 import statistics
+import subprocess
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,13 +55,84 @@ def machine_info(device: str) -> dict[str, Any]:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (field 3 first)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def process_cpu(pid: int | str = "self") -> float:
     """CPU seconds (user + system, all threads) of one process."""
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / _TICK if fields else 0.0
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its living descendants (from the parent ids in /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(entry.name)
+            if fields:
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += children.get(current, [])
+    return tree
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process tree: each process's own plus its reaped children's.
+
+    A child that exits and is reaped moves its time into its parent's ``cutime``,
+    so the sum stays continuous while worker processes come and go.
+    """
+    total = 0
+    for member in process_tree(pid):
+        fields = _stat(member)
+        if fields:
+            total += sum(int(v) for v in fields[11:15])
+    return total / _TICK
+
+
+def _status_kib(pid: int, key: str) -> int | None:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1])
+    return None
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Peak RSS (VmHWM) summed over the process tree of ``pid``, in MiB.
+
+    Each process's own peak: when they peak at different times the sum overstates
+    the tree's peak, and pages shared between processes count once per process.
+    """
+    values = [_status_kib(member, "VmHWM:") for member in process_tree(pid)]
+    known = [v for v in values if v is not None]
+    return sum(known) / 1024 if known else float("nan")
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory (VmRSS) now, summed over the process tree of ``pid``, in MiB."""
+    values = [_status_kib(member, "VmRSS:") for member in process_tree(pid)]
+    known = [v for v in values if v is not None]
+    return sum(known) / 1024 if known else float("nan")
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Start a new VmHWM window in every process of the tree; False where not allowed."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        for member in process_tree(pid):
+            Path(f"/proc/{member}/clear_refs").write_text("5")
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
+        return False
+    return True
 
 
 def machine_busy() -> tuple[float, float]:
@@ -68,44 +142,150 @@ def machine_busy() -> tuple[float, float]:
     return (user + nice + system + irq + softirq) / _TICK, steal / _TICK
 
 
-def peak_rss_mib(pid: int) -> float:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+# --- GPU utilisation ----------------------------------------------------------------
+class GpuSampler:
+    """GPU busy % and memory in use, sampled in the background for a whole run.
+
+    ``nvidia-smi -lms`` in a subprocess where it exists, else ``torch.cuda.utilization``
+    (needs pynvml) in a thread, else nothing (every figure then reads n/a). Busy is
+    the driver's "utilization.gpu": the share of time a kernel was running. Memory is
+    the whole device's (every process on it), not the server's alone.
+    """
+
+    INTERVAL_S = 0.2
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float, float]] = []  # (monotonic, busy %, MiB)
+        self.source = "none"
+        self._process: subprocess.Popen[str] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> GpuSampler:
+        index = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip() or "0"
+        command = [
+            "nvidia-smi",
+            f"--id={index}",
+            "--query-gpu=utilization.gpu,memory.used",
+            "--format=csv,noheader,nounits",
+            f"--loop-ms={int(self.INTERVAL_S * 1000)}",
+        ]
+        if shutil.which("nvidia-smi"):
+            with contextlib.suppress(OSError):
+                self._process = subprocess.Popen(
+                    command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+                )
+                self._thread = threading.Thread(target=self._read_smi, daemon=True)
+                self._thread.start()
+                deadline = time.monotonic() + 3
+                while not self.samples and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if self.samples:
+                    self.source = "nvidia-smi"
+                else:  # it failed or prints nothing usable (e.g. "[N/A]"): try torch
+                    self.stop()
+                    self._process = self._thread = None
+                    self._stop.clear()
+        if self._thread is None and self._torch_sample() is not None:
+            self.source = "torch.cuda.utilization"
+            self._thread = threading.Thread(target=self._poll_torch, daemon=True)
+            self._thread.start()
+        return self
+
+    def _read_smi(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        for line in self._process.stdout:
+            busy, _, memory = line.partition(",")
+            with contextlib.suppress(ValueError):
+                self.samples.append((time.monotonic(), float(busy), float(memory)))
+
+    @staticmethod
+    def _torch_sample() -> tuple[float, float] | None:
+        try:
+            import torch
+
+            busy = float(torch.cuda.utilization())
+            free, total = torch.cuda.mem_get_info()
+        except Exception:  # no pynvml, no CUDA: no sampling
+            return None
+        return busy, (total - free) / 2**20
+
+    def _poll_torch(self) -> None:
+        while not self._stop.wait(self.INTERVAL_S):
+            sample = self._torch_sample()
+            if sample is not None:
+                self.samples.append((time.monotonic(), *sample))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._process is not None:
+            self._process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def window(self, started: float, ended: float) -> dict[str, Any]:
+        """Mean busy % and peak memory over the samples taken between two monotonic times.
+
+        A sample describes the period before it: the first one after ``started`` is
+        skipped when later ones exist.
+        """
+        inside = [s for s in self.samples if started <= s[0] <= ended]
+        if len(inside) > 2:
+            inside = inside[1:]
+        if not inside:
+            return {"gpu_busy": None, "gpu_memory_mib": None, "gpu_samples": 0}
+        return {
+            "gpu_busy": statistics.fmean(s[1] for s in inside) / 100,
+            "gpu_memory_mib": max(s[2] for s in inside),
+            "gpu_samples": len(inside),
+        }
 
 
-def reset_peak_rss(pid: int) -> bool:
-    """Start a new VmHWM window (``echo 5 > clear_refs``); False where not allowed."""
+_gpu: GpuSampler | None = None
+
+
+@contextlib.contextmanager
+def sample_gpu(device: str) -> Iterator[GpuSampler | None]:
+    """Sample the GPU for the duration (on CUDA); every :class:`Meter` reads its window."""
+    global _gpu
+    if device != "cuda":
+        yield None
+        return
+    _gpu = GpuSampler().start()
     try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
+        yield _gpu
+    finally:
+        _gpu.stop()
+        _gpu = None
 
 
 @dataclass
 class Meter:
-    """Wall time and CPU time of the benchmark, the server and everything else."""
+    """Wall time and CPU time of the benchmark, the server's process tree and the rest.
+
+    On CUDA (inside :func:`sample_gpu`) also the GPU's mean busy share and memory.
+    """
 
     server_pid: int | None = None
     wall: float = field(default_factory=time.perf_counter)
-    bench: float = field(default_factory=process_cpu)
+    monotonic: float = field(default_factory=time.monotonic)
+    bench: float = field(default_factory=time.process_time)
     machine: tuple[float, float] = field(default_factory=machine_busy)
     server: float = 0.0
 
     def __post_init__(self) -> None:
         if self.server_pid is not None:
-            self.server = process_cpu(self.server_pid)
+            self.server = tree_cpu(self.server_pid)
 
-    def stop(self) -> dict[str, float]:
+    def stop(self) -> dict[str, Any]:
         wall = time.perf_counter() - self.wall
-        bench = process_cpu() - self.bench
-        server = process_cpu(self.server_pid) - self.server if self.server_pid else 0.0
+        bench = time.process_time() - self.bench
+        server = tree_cpu(self.server_pid) - self.server if self.server_pid else 0.0
         busy, steal = machine_busy()
         other = max(0.0, busy - self.machine[0] - bench - server)
-        out = {
+        out: dict[str, Any] = {
             "wall_s": wall,
             "client_cpu_s": bench,
             "other_load_cores": other / wall,
@@ -113,6 +293,10 @@ class Meter:
         }
         if self.server_pid is not None:
             out["server_cpu_cores"] = server / wall
+            out["server_processes"] = len(process_tree(self.server_pid))
+        if _gpu is not None:
+            out.update(_gpu.window(self.monotonic, time.monotonic()))
+            out["gpu_sampler"] = _gpu.source
         return out
 
 
@@ -184,16 +368,25 @@ def _model_kwargs(dtype_name: str) -> dict[str, Any]:
     return {"model_kwargs": {"dtype": getattr(torch, dtype_name)}}
 
 
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def _sweep(
-    run: Callable[[int], Any], n: int, batch_sizes: Sequence[int]
+    run: Callable[[int], Any], n: int, batch_sizes: Sequence[int], device: str
 ) -> tuple[dict[str, Any], Any]:
     """Time ``run(batch_size)`` over ``n`` items for each batch size; keep the best."""
     by_size: dict[str, float] = {}
     best_out: Any = None
     meter = Meter()
     for size in batch_sizes:
+        _sync(device)
         started = time.perf_counter()
         out = run(size)
+        _sync(device)
         by_size[str(size)] = n / (time.perf_counter() - started)
         if by_size[str(size)] >= max(by_size.values()):
             best_out = out
@@ -203,6 +396,96 @@ def _sweep(
     return result, best_out
 
 
+# --- the model alone: pre-tokenized, length-sorted, padded batches; forward + pooling ---------
+def _padded(rows: Sequence[Sequence[int]], pad_id: int, device: str) -> dict[str, Any]:
+    """input_ids / attention_mask for ``rows``, padded on the right as the server pads."""
+    import torch
+
+    longest = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        attention[i, : len(ids)] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+
+
+def model_alone(
+    forward: Callable[[dict[str, Any]], Any],
+    rows: Sequence[Sequence[int]],
+    pad_id: int,
+    device: str,
+    batch_sizes: Sequence[int],
+    singles: Sequence[Sequence[int]] = (),
+) -> dict[str, Any]:
+    """Items per second of ``forward`` alone, at the best of ``batch_sizes``.
+
+    The items are tokenized beforehand, sorted by length (longest first) and cut
+    into padded batches already on the device: what is timed is the forward pass
+    and the pooling (or the classifier's activation), nothing the server must also
+    do per request. Each batch size runs whole passes over the items for at least
+    one second on CUDA (half a second on CPU), and at least two unless one takes over
+    5 s, after a warm-up (a whole pass on CUDA, where every new shape picks its kernels;
+    the shortest batch on CPU): the fastest pass counts, the first often pays for
+    kernels chosen or primitives built for new shapes. With ``singles``, also the p50
+    latency of one item at a time (the forward pass of one text), after a warm-up round.
+    """
+    import torch
+
+    order = sorted(rows, key=len, reverse=True)
+    min_seconds = 1.0 if device == "cuda" else 0.5
+    by_size: dict[str, float] = {}
+    meter = Meter()
+    with torch.inference_mode():
+        for size in batch_sizes:
+            batches = [
+                _padded(order[i : i + size], pad_id, device) for i in range(0, len(order), size)
+            ]
+            for features in batches if device == "cuda" else batches[-1:]:
+                forward(dict(features))
+            _sync(device)
+            passes: list[float] = []
+            started = time.perf_counter()
+            while True:  # whole passes for min_seconds (and two unless one is slow): the fastest
+                begun = time.perf_counter()
+                for features in batches:
+                    forward(dict(features))
+                _sync(device)
+                passes.append(time.perf_counter() - begun)
+                if time.perf_counter() - started >= min_seconds and (
+                    len(passes) >= 2 or passes[0] > 5
+                ):
+                    break
+            fastest = min(passes)
+            by_size[str(size)] = len(rows) / fastest
+        result: dict[str, Any] = meter.stop()
+        best = max(by_size, key=lambda k: by_size[k])
+        result.update(best_batch_size=int(best), per_s=by_size[best], per_s_by_batch_size=by_size)
+        if singles:
+            latencies = []
+            prepared = [_padded([ids], pad_id, device) for ids in singles]
+            for features in prepared:  # warm-up: every length once
+                forward(dict(features))
+            for features in prepared:
+                _sync(device)
+                started = time.perf_counter()
+                forward(dict(features))
+                _sync(device)
+                latencies.append(time.perf_counter() - started)
+            result["single_text_p50_ms"] = 1000 * statistics.median(latencies)
+    return result
+
+
+@dataclass
+class Ceiling:
+    """``encode``/``predict`` at one precision, and (optionally) the model alone."""
+
+    result: dict[str, Any]
+    outputs: np.ndarray
+    single_outputs: np.ndarray | None = None
+    model_alone: dict[str, Any] | None = None
+
+
 def embed_ceiling(
     snapshot: Path,
     device: str,
@@ -210,7 +493,8 @@ def embed_ceiling(
     corpus: list[str],
     singles: list[str],
     batch_sizes: Sequence[int],
-) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    model_alone_sizes: Sequence[int] = (),
+) -> Ceiling:
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(snapshot), device=device, **_model_kwargs(dtype_name))
@@ -223,7 +507,7 @@ def embed_ceiling(
         return out
 
     encode(corpus[:8], 8)  # warm-up
-    result, vectors = _sweep(lambda size: encode(corpus, size), len(corpus), batch_sizes)
+    result, vectors = _sweep(lambda size: encode(corpus, size), len(corpus), batch_sizes, device)
     encode(singles[:2], 1)
     latencies = []
     single_vectors = []
@@ -233,7 +517,19 @@ def embed_ceiling(
         latencies.append(time.perf_counter() - started)
     result["single_text_p50_ms"] = 1000 * statistics.median(latencies)
     result["single_text_per_s"] = len(singles) / sum(latencies)
-    return result, vectors, np.stack(single_vectors)
+    ceiling = Ceiling(result, vectors, np.stack(single_vectors))
+    if model_alone_sizes:
+        tokenizer = model.tokenizer
+        limit = {"truncation": True, "max_length": model.max_seq_length}
+        ceiling.model_alone = model_alone(
+            lambda features: model(features)["sentence_embedding"],
+            tokenizer(corpus, **limit)["input_ids"],
+            tokenizer.pad_token_id or 0,
+            device,
+            model_alone_sizes,
+            singles=tokenizer(singles, **limit)["input_ids"],
+        )
+    return ceiling
 
 
 def rerank_ceiling(
@@ -243,7 +539,8 @@ def rerank_ceiling(
     query: str,
     documents: list[str],
     batch_sizes: Sequence[int],
-) -> tuple[dict[str, Any], np.ndarray]:
+    model_alone_sizes: Sequence[int] = (),
+) -> Ceiling:
     from sentence_transformers import CrossEncoder
 
     model = CrossEncoder(str(snapshot), device=device, **_model_kwargs(dtype_name))
@@ -257,8 +554,27 @@ def rerank_ceiling(
         return out
 
     predict(pairs[:8], 8)  # warm-up
-    result, scores = _sweep(lambda size: predict(pairs, size), len(pairs), batch_sizes)
-    return result, scores
+    result, scores = _sweep(lambda size: predict(pairs, size), len(pairs), batch_sizes, device)
+    ceiling = Ceiling(result, scores)
+    if model_alone_sizes:
+        import torch
+
+        tokenizer = model.tokenizer
+        activation = model.activation_fn or torch.nn.Identity()
+        rows = tokenizer(
+            [query] * len(documents),
+            documents,
+            truncation="longest_first",
+            **({"max_length": model.max_seq_length} if model.max_seq_length else {}),
+        )["input_ids"]
+        ceiling.model_alone = model_alone(
+            lambda features: activation(model(features)["scores"]),
+            rows,
+            tokenizer.pad_token_id or 0,
+            device,
+            model_alone_sizes,
+        )
+    return ceiling
 
 
 def tokenizer_rate(snapshot: Path, texts: list[str], pairs_with: str | None = None) -> float:

@@ -1,4 +1,4 @@
-"""Verdicts against the targets of issue 3, diagnostics, and the markdown report."""
+"""Verdicts against the targets of issues 3 and 9, diagnostics, and the markdown report."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ def _target(name: str, wanted: str, measured: float, met: bool, unit: str = "x")
 
 
 def targets(shape: str, results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The targets of issue 3 (stated for this 2-core CPU; on a GPU they are only a guide)."""
-    if shape == "tiny":
+    """The targets of issue 3, set for this 2-core CPU (small and full shapes on CPU)."""
+    if shape in ("tiny", "null") or results.get("device", "cpu") != "cpu":
         return []
     rows = []
     emb = results.get("embeddings", {}).get("scenarios", {})
@@ -27,7 +27,7 @@ def targets(shape: str, results: dict[str, Any]) -> list[dict[str, Any]]:
                 "1: p50 / one in-process encode (same precision)", "≤ 1.05", ratio, ratio <= 1.05
             )
         )
-    for key, label in (("2", "2: 32 one-text clients"), ("3", "3: one request of 256 texts")):
+    for key, label in (("2", "2: 32 one-text clients"), ("3", "3: requests of many texts")):
         if key in emb:
             ratio = emb[key]["ratios"]["vs_float32"]
             rows.append(
@@ -39,7 +39,7 @@ def targets(shape: str, results: dict[str, Any]) -> list[dict[str, Any]]:
                     _target(f"{label}, of the matmul ceiling", "≥ 65%", frac, frac >= 0.65, "%")
                 )
     for key, label in (("2", "mixed lengths"), ("2u", "300-character texts")):
-        if key in emb:
+        if key in emb and emb[key].get("mean_batch_size") is not None:
             size = emb[key]["mean_batch_size"]
             rows.append(
                 _target(f"{key}: mean forward batch, {label}", "≥ 16", size, size >= 16, "texts")
@@ -47,8 +47,11 @@ def targets(shape: str, results: dict[str, Any]) -> list[dict[str, Any]]:
     rerank = results.get("rerank", {}).get("scenarios", {})
     if "4-concurrent" in rerank:
         ratio = rerank["4-concurrent"]["ratios"]["vs_float32"]
+        clients = rerank["4-concurrent"].get("clients", 8)
         rows.append(
-            _target("4: rerank, 8 clients, vs float32 in-process", "≥ 2.0", ratio, ratio >= 2.0)
+            _target(
+                f"4: rerank, {clients} clients, vs float32 in-process", "≥ 2.0", ratio, ratio >= 2.0
+            )
         )
     tokenizer = results.get("tokenizer", {}).get("embeddings_texts_per_s")
     served = [s["per_s"] for k, s in emb.items() if k in ("2", "3")]
@@ -65,6 +68,101 @@ def targets(shape: str, results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def targets_issue9(shape: str, results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 9's targets: the server's own ceiling (null shape, set for the 2-core CPU) and,
+    on CUDA, the server against the model alone (set for the full shape on an H100)."""
+    emb = results.get("embeddings", {}).get("scenarios", {})
+    rerank = results.get("rerank", {}).get("scenarios", {})
+    rows = []
+    if shape == "null":
+        two_u = emb.get("2u")
+        if two_u:
+            value = two_u["requests_per_s"]
+            rows.append(
+                _target(
+                    f"{two_u['clients']} clients × one 300-character text",
+                    "≥ 1,200 requests/s (64 clients)",
+                    value,
+                    value >= 1200 and two_u["clients"] == 64,
+                    "requests/s",
+                )
+            )
+        if "3" in emb:
+            value = emb["3"]["per_s"]
+            texts = emb["3"]["texts"] // max(1, emb["3"]["requests"])
+            rows.append(
+                _target(
+                    f"requests of {texts} texts", "≥ 2,500 texts/s", value, value >= 2500, "texts/s"
+                )
+            )
+        if "1" in emb:
+            value = emb["1"]["p50_ms"]
+            rows.append(_target("one client, one text: p50", "≤ 5 ms", value, value <= 5, "ms"))
+        four = rerank.get("4-concurrent")
+        if four:
+            value = four["per_s"]
+            rows.append(
+                _target(
+                    f"rerank, {four['clients']} clients × "
+                    f"{four['pairs'] // max(1, four['requests'])} documents",
+                    "≥ 2,500 pairs/s",
+                    value,
+                    value >= 2500,
+                    "pairs/s",
+                )
+            )
+        return rows
+    if results.get("device") != "cuda" or shape == "tiny":
+        return rows
+    for key, label, wanted in (
+        ("2-256", "256 one-text clients", 0.80),
+        ("2", "32 one-text clients", 0.50),
+        ("3", "requests of many texts", 0.90),
+    ):
+        s = emb.get(key)
+        if s and "vs_model_alone" in s["ratios"]:
+            ratio = s["ratios"]["vs_model_alone"]
+            clients = s.get("clients")
+            if key == "3":
+                label = f"requests of {s['texts'] // max(1, s['requests'])} texts"
+            elif clients:
+                label = f"{clients} one-text clients"
+            rows.append(
+                _target(f"{label} / the model alone", f"≥ {wanted:.2f}", ratio, ratio >= wanted)
+            )
+            if key == "2-256":
+                busy = s.get("gpu_busy")
+                rows.append(
+                    _target(
+                        f"{label}: GPU busy",
+                        "≥ 80%",
+                        busy,
+                        busy is not None and busy >= 0.80,
+                        "%",
+                    )
+                )
+    four = rerank.get("4-concurrent")
+    if four and "vs_model_alone" in four["ratios"]:
+        ratio = four["ratios"]["vs_model_alone"]
+        rows.append(
+            _target(
+                f"rerank, {four['clients']} clients × "
+                f"{four['pairs'] // max(1, four['requests'])} documents / the CrossEncoder alone",
+                "≥ 0.90",
+                ratio,
+                ratio >= 0.90,
+            )
+        )
+    if "1" in emb:
+        ratio = emb["1"]["p50_vs_in_process"]
+        rows.append(
+            _target(
+                "one client, one text: p50 / one in-process encode", "≤ 1.10", ratio, ratio <= 1.10
+            )
+        )
+    return rows
+
+
 def diagnostics(results: dict[str, Any]) -> list[str]:
     """What limits each scenario, read off the meters."""
     cores = results["machine"]["cores"] or 1
@@ -72,14 +170,16 @@ def diagnostics(results: dict[str, Any]) -> list[str]:
     lines = []
     emb = results.get("embeddings", {})
     one = emb.get("scenarios", {}).get("1")
-    if one:
+    if one and one.get("forward_ms_mean") is not None:
         in_process = emb["ceiling"][precision]["single_text_p50_ms"]
         forward = one["forward_ms_mean"]
+        alone = emb["ceiling"].get("model_alone", {}).get("single_text_p50_ms")
         lines.append(
             f"scenario 1: p50 {one['p50_ms']:.1f} ms = forward pass {forward:.1f} ms "
             f"(mean, in the server) + {one['p50_ms'] - forward:.1f} ms outside the "
             f"model (HTTP, JSON, tokenization, thread hand-offs); in-process encode of one text "
-            f"(tokenization included): {in_process:.1f} ms."
+            f"(tokenization included): {in_process:.1f} ms"
+            + (f"; the model alone, one pre-tokenized text: {alone:.1f} ms." if alone else ".")
         )
     for part_name in ("embeddings", "rerank"):
         ceiling = results.get(part_name, {}).get("ceiling", {})
@@ -95,13 +195,14 @@ def diagnostics(results: dict[str, Any]) -> list[str]:
     for part_name in ("embeddings", "rerank"):
         for key, s in results.get(part_name, {}).get("scenarios", {}).items():
             label = f"scenario {key} ({part_name})"
-            idle = 1 - s["model_busy_fraction"]
-            if idle > 0.1:
+            busy = s.get("model_busy_fraction")
+            idle = 1 - busy if busy is not None else 0.0
+            if key != "0" and idle > 0.1:
                 lines.append(
                     f"{label}: the model was idle {idle:.0%} of the wall time (HTTP, tokenization, "
                     "batch forming or JSON in series with it, or too few requests waiting)."
                 )
-            if s["padding_efficiency"] and s["padding_efficiency"] < 0.85:
+            if s.get("padding_efficiency") and s["padding_efficiency"] < 0.85:
                 lines.append(
                     f"{label}: padding took {1 - s['padding_efficiency']:.0%} of the tokens "
                     "computed."
@@ -111,7 +212,7 @@ def diagnostics(results: dict[str, Any]) -> list[str]:
                     f"{label}: other processes used {s['other_load_cores']:.2f} of {cores} cores "
                     "meanwhile; the numbers understate the server."
                 )
-            if s["tokens"] != s["client_tokens"]:
+            if s.get("tokens") is not None and s["tokens"] != s.get("client_tokens", 0):
                 lines.append(
                     f"{label}: the server ran {s['tokens']} tokens, the benchmark's tokenizer "
                     f"counts {s['client_tokens']}: the server does not see the same inputs."
@@ -124,7 +225,12 @@ def diagnostics(results: dict[str, Any]) -> list[str]:
             if client > 0.1:
                 lines.append(
                     f"{label}: this benchmark's own HTTP client used {client:.2f} cores beside "
-                    "the server."
+                    "the server"
+                    + (
+                        f" ({s['client_us_per_request']:.0f} µs of CPU per request)."
+                        if "client_us_per_request" in s
+                        else "."
+                    )
                 )
         for name, c in results.get(part_name, {}).get("ceiling", {}).items():
             if c["other_load_cores"] > 0.15:
@@ -143,13 +249,48 @@ def _f(value: float | None, digits: int = 2) -> str:
 
 
 def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.0f}%"
+    return "n/a" if value is None or value != value else f"{100 * value:.0f}%"
+
+
+def _source(results: dict[str, Any]) -> str:
+    src = results.get("server_source")
+    if not src:
+        return "this tree"
+    where = "this tree" if src.get("this_tree") else f"`{src['path']}` (`--server-src`)"
+    commit = src.get("commit")
+    if commit:
+        where += f", commit {commit[:12]}"
+        if src.get("subject"):
+            where += f" ({src['subject']})"
+        if src.get("dirty"):
+            where += ", with uncommitted changes in src/"
+    else:
+        where += ", commit unknown (no git metadata, no COMMIT file)"
+    if src.get("imported_from"):
+        where += f"; the server imports `{src['imported_from']}`"
+    return where
+
+
+def _rows(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["| target | wanted | measured | met |", "|---|---|---:|---|"]
+    for row in rows:
+        unit = row["unit"]
+        if unit == "%":
+            value = _pct(row["measured"])
+        elif unit == "x":
+            value = f"{_f(row['measured'])}×"
+        else:
+            value = f"{_f(row['measured'], 1 if unit == 'ms' else 0)} {unit}"
+        met = "yes" if row["met"] else "**no**"
+        out.append(f"| {row['target']} | {row['wanted']} | {value} | {met} |")
+    return out + [""]
 
 
 def render(results: dict[str, Any]) -> str:
     m = results["machine"]
     precision = results["precision"]
     mm = results["matmul_gflops"]
+    client = results.get("client", {})
     out = [
         f"# Benchmark: {results['shape']} shape on {results['device']}",
         "",
@@ -162,6 +303,7 @@ def render(results: dict[str, Any]) -> str:
         f" native bfloat16: {m['native_bfloat16']}",
         f"- Software: Python {m['python']}, torch {m['torch']}, transformers "
         f"{m['transformers']}, sentence-transformers {m['sentence_transformers']}",
+        f"- Server: {_source(results)}",
         f"- Server precision (DTYPE=auto): **{precision}** — {results['precision_reason']}",
         "- Server settings: defaults"
         + "".join(f", {k}={v}" for k, v in results.get("server_settings", {}).items()),
@@ -173,8 +315,20 @@ def render(results: dict[str, Any]) -> str:
         f" after: {' / '.join(_f(x) for x in results['load_after'])}",
         f"- {results['load_note']}",
         f"- Sizes: {results['sizes_note']}",
-        "",
     ]
+    if client:
+        out.append(
+            f"- Load generator: {client['http']} on {client['loop']}, one process, in this "
+            "benchmark's process on the same machine (its CPU is the 'client CPU' column)"
+        )
+    if results["device"] == "cuda":
+        sampler = results.get("gpu_sampler") or "none"
+        out.append(
+            f"- GPU busy: `utilization.gpu` (share of time a kernel ran) sampled every 0.2 s by "
+            f"{sampler}, mean over each phase; GPU memory: the whole device's, peak"
+            + ("" if sampler != "none" else " — no sampler available here: n/a")
+        )
+    out.append("")
     emb = results.get("embeddings")
     if emb:
         out += _render_part(emb, "texts", precision, results)
@@ -187,8 +341,8 @@ def render(results: dict[str, Any]) -> str:
             "## Tokenizers alone vs the model",
             "",
             "| tokenizer | per second, 1 thread | model in-process "
-            f"({precision}) | server, best scenario |",
-            "|---|---:|---:|---:|",
+            f"({precision}) | model alone | server, best scenario |",
+            "|---|---:|---:|---:|---:|",
         ]
         for key, label, part, unit in (
             (
@@ -200,34 +354,29 @@ def render(results: dict[str, Any]) -> str:
             ("rerank_pairs_per_s", "SentencePiece (reranker), query + document pairs", rr, "pairs"),
         ):
             if key in tok and part:
-                best = max((s["per_s"] for s in part["scenarios"].values()), default=None)
+                best = max(
+                    (s["per_s"] for k, s in part["scenarios"].items() if k != "0"), default=None
+                )
+                alone = part["ceiling"].get("model_alone", {}).get("per_s")
                 out.append(
                     f"| {label} | {_f(tok[key], 0)} {unit}/s | "
-                    f"{_f(part['ceiling'][precision]['per_s'])} | {_f(best)} |"
+                    f"{_f(part['ceiling'][precision]['per_s'])} | {_f(alone)} | {_f(best)} |"
                 )
         out.append("")
+    rows = results.get("targets_issue9", [])
+    if rows:
+        note = []
+        if results["shape"] == "null" and results["device"] != "cpu":
+            note = ["The null-shape targets were set for the 2-core CPU; here only a guide.", ""]
+        elif results["shape"] != "null" and results["shape"] != "full":
+            note = [
+                f"The GPU targets were set for the full shape; on {results['shape']} a guide.",
+                "",
+            ]
+        out += ["## Targets of issue 9", "", *note, *_rows(rows)]
     rows = results.get("targets", [])
     if rows:
-        out += [
-            "## Targets of issue 3",
-            "",
-            *(
-                ["The targets were set for a 2-core CPU; on this device they are only a guide.", ""]
-                if results["device"] != "cpu"
-                else []
-            ),
-            "| target | wanted | measured | met |",
-            "|---|---|---:|---|",
-        ]
-        for row in rows:
-            value = (
-                _pct(row["measured"])
-                if row["unit"] == "%"
-                else f"{_f(row['measured'])}{'×' if row['unit'] == 'x' else ' ' + row['unit']}"
-            )
-            met = "yes" if row["met"] else "**no**"
-            out.append(f"| {row['target']} | {row['wanted']} | {value} | {met} |")
-        out.append("")
+        out += ["## Targets of issue 3", "", *_rows(rows)]
     lines = results.get("diagnostics", [])
     if lines:
         out += ["## Diagnostics", ""] + [f"- {line}" for line in lines] + [""]
@@ -235,20 +384,30 @@ def render(results: dict[str, Any]) -> str:
 
 
 SCENARIO_LABELS = {
+    "0": "0 HTTP floor: GET /health",
     "1": "1 Dify indexing: 1 client, 1 text/request",
     "2": "2 many Dify users: 1 text/request",
-    "2u": "2u the same, 300-char texts only",
-    "3": "3 bulk: 1 request (base64)",
+    "2-256": "2-256 many more users: 1 text/request",
+    "2u": "2u 1 text/request, 300-char texts only",
+    "3": "3 bulk: requests of many texts (base64)",
     "4-sequential": "4 rerank, 1 client",
     "4-concurrent": "4 rerank, concurrent clients",
 }
+
+
+def _ceiling_label(name: str, c: dict[str, Any], method: str) -> str:
+    if name == "model_alone":
+        return f"model alone, {c.get('dtype', '')}"
+    return f"`{method}`, {name}"
 
 
 def _render_part(
     part: dict[str, Any], unit: str, precision: str, results: dict[str, Any]
 ) -> list[str]:
     shape = part["shape"]
+    cuda = results["device"] == "cuda"
     title = "Embeddings" if unit == "texts" else "Rerank"
+    method = "encode" if unit == "texts" else "predict"
     out = [
         f"## {title}: {part['model']} stand-in ({shape['architecture']}, {shape['hidden']} hidden, "
         f"{shape['layers']} layers, {shape['heads']} heads, {shape['intermediate']} intermediate, "
@@ -260,8 +419,8 @@ def _render_part(
         out.append(
             f"Texts: {c['texts']} chunks of {'/'.join(map(str, c['chars']))} characters in equal "
             f"parts, mean {c['mean_tokens']:.0f} tokens, {c['gflop_per_text']:.1f} GFLOP per text "
-            "(the in-process ceiling, scenario 2, and scenario 3 repeats them to fill its "
-            "request). Scenarios 1 and 2u: texts of 300 characters only"
+            "(the in-process ceilings and scenario 2 use them; 2-256 and 3 repeat them to fill "
+            "their requests). Scenarios 1 and 2u: texts of 300 characters only"
             + "".join(
                 f"; {key}: {t['texts']} texts, mean {t['mean_tokens']:.0f} tokens"
                 for key, t in part["texts"].items()
@@ -274,59 +433,87 @@ def _render_part(
         p = part["pairs"]
         out.append(
             f"Pairs: one query of {p['query_chars']} characters × {p['documents']} documents of "
-            f"{'/'.join(map(str, p['chars']))} characters, mean {p['mean_tokens']:.0f} tokens, "
-            f"{p['gflop_per_pair']:.1f} GFLOP per pair."
+            f"{'/'.join(map(str, p['chars']))} characters per request, mean "
+            f"{p.get('request_mean_tokens', p['mean_tokens']):.0f} tokens; the ceilings run "
+            f"{p.get('ceiling_pairs', p['documents'])} such pairs (mean {p['mean_tokens']:.0f} "
+            f"tokens), {p['gflop_per_pair']:.1f} GFLOP per pair."
         )
     s = part["server"]
     out += [
         "",
         f"Server: dtype {s['dtype']} ({s['reason']}), ready in {s['startup_s']:.1f} s, peak RSS "
-        f"{_f(s['peak_rss_mib'], 0)} MiB ({_f(s['startup_peak_rss_mib'], 0)} MiB after start-up)"
+        f"{_f(s['peak_rss_mib'], 0)} MiB ({_f(s['startup_peak_rss_mib'], 0)} MiB after start-up;"
+        " VmHWM summed over the server's processes)"
         + ("" if s["peak_rss_per_scenario"] else "; VmHWM could not be reset per scenario"),
         "",
-        f"In-process ceiling (`{'encode' if unit == 'texts' else 'predict'}`, best batch size):",
+        f"In-process ceilings: `{method}` at float32 and at the server's precision (tokenizes "
+        "as it goes), and the model alone (pre-tokenized, length-sorted, padded batches already "
+        "on the device; forward pass and "
+        + ("pooling" if unit == "texts" else "the classifier's activation")
+        + " only), each at its best batch size:",
         "",
-        f"| precision | best batch | {unit}/s | by batch size | GFLOP/s | of matmul ceiling |"
-        + (" one text, p50 |" if unit == "texts" else ""),
-        "|---|---:|---:|---|---:|---:|" + ("---:|" if unit == "texts" else ""),
+        f"| ceiling | best batch | {unit}/s | by batch size | GFLOP/s | of matmul ceiling |"
+        + (" one text, p50 |" if unit == "texts" else "")
+        + (" GPU busy |" if cuda else ""),
+        "|---|---:|---:|---|---:|---:|"
+        + ("---:|" if unit == "texts" else "")
+        + ("---:|" if cuda else ""),
     ]
     mm = results["matmul_gflops"]
     for name, c in part["ceiling"].items():
         sizes = ", ".join(f"{k}: {_f(v)}" for k, v in c["per_s_by_batch_size"].items())
+        dtype = c.get("dtype", name)
         row = (
-            f"| {name} | {c['best_batch_size']} | {_f(c['per_s'])} | {sizes} "
-            f"| {_f(c['gflops'], 0)} | {_pct(c['gflops'] / mm[name])} |"
+            f"| {_ceiling_label(name, c, method)} | {c['best_batch_size']} | {_f(c['per_s'])} "
+            f"| {sizes} | {_f(c['gflops'], 0)} | {_pct(c['gflops'] / mm[dtype])} |"
         )
         if unit == "texts":
-            row += f" {_f(c['single_text_p50_ms'], 1)} ms |"
+            row += f" {_f(c.get('single_text_p50_ms'), 1)} ms |"
+        if cuda:
+            row += f" {_pct(c.get('gpu_busy'))} |"
         out.append(row)
     names = list(part["ceiling"])
     out += [
         "",
-        "Server over HTTP; ratios are the server's speed over the in-process speed "
-        "(scenario 1: over one in-process encode of one text):",
+        "Server over HTTP; ratios are the server's speed over each ceiling's (scenario 1: one "
+        "in-process encode of one text, or the model alone's forward pass of one text, over "
+        "the server's p50):",
         "",
-        f"| scenario | requests | {unit}/s | p50 / p99 ms | "
-        + " | ".join(f"× {n} in-process" for n in names)
-        + f" | of {precision} matmul ceiling | mean forward batch |",
-        "|---|---:|---:|---:|" + "---:|" * len(names) + "---:|---:|",
+        f"| scenario | requests | {unit}/s | requests/s | p50 / p99 ms | "
+        + " | ".join("× model alone" if n == "model_alone" else f"× `{method}` {n}" for n in names)
+        + f" | of {precision} matmul ceiling | mean forward batch |"
+        + (" GPU busy |" if cuda else ""),
+        "|---|---:|---:|---:|---:|"
+        + "---:|" * len(names)
+        + "---:|---:|"
+        + ("---:|" if cuda else ""),
     ]
     for key, r in part["scenarios"].items():
         latency = f"{_f(r['p50_ms'], 1)} / {_f(r['p99_ms'], 1)}" if "p50_ms" in r else "–"
         requests = f"{r['requests']}" + (f" from {r['clients']} clients" if "clients" in r else "")
+        ratios = r.get("ratios", {})
+        per_unit = "–" if key == "0" else _f(r["per_s"])
         out.append(
-            f"| {SCENARIO_LABELS[key]} | {requests} | {_f(r['per_s'])} | {latency} | "
-            + " | ".join(_f(r["ratios"][f"vs_{n}"]) + "×" for n in names)
-            + f" | {_pct(r['matmul_ceiling_fraction'])} | {_f(r['mean_batch_size'], 1)} |"
+            f"| {SCENARIO_LABELS.get(key, key)} | {requests} | {per_unit} | "
+            f"{_f(r.get('requests_per_s', r['requests'] / r['wall_s']), 1)} | {latency} | "
+            + " | ".join(
+                (_f(ratios[f"vs_{n}"]) + "×") if f"vs_{n}" in ratios else "–" for n in names
+            )
+            + f" | {_pct(r.get('matmul_ceiling_fraction'))} | {_f(r.get('mean_batch_size'), 1)} |"
+            + (f" {_pct(r.get('gpu_busy'))} |" if cuda else "")
         )
     out += [
         "",
         "Inside the server meanwhile (forward passes by batch size from /metrics; model busy = "
-        "time in forward passes over wall time; CPU in cores, from /proc):",
+        "time in forward passes over wall time, from /info; CPU in cores, from /proc: the "
+        "server's whole process tree, and this benchmark's process, which is the load "
+        "generator; peak RSS: VmHWM summed over the server's processes):",
         "",
         "| scenario | forward passes by batch size | useful / padded tokens | model busy | "
-        "server CPU | client CPU | other load | peak RSS MiB | output check |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "server CPU (processes) | client CPU (µs/request) | other load | peak RSS MiB | "
+        + ("GPU memory MiB | " if cuda else "")
+        + "output check |",
+        "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if cuda else "") + "---|",
     ]
     for key, r in part["scenarios"].items():
         check = "–"
@@ -335,11 +522,18 @@ def _render_part(
         elif "max_score_difference" in r:
             check = f"Δscore ≤ {r['max_score_difference']:.4f}"
         histogram = ", ".join(f"{k}: {v}" for k, v in r.get("batch_histogram", {}).items())
+        processes = f" ({r['server_processes']})" if "server_processes" in r else ""
+        per_request = (
+            f" ({_f(r['client_us_per_request'], 0)})" if "client_us_per_request" in r else ""
+        )
         out.append(
-            f"| {SCENARIO_LABELS[key]} | {histogram or '–'} | {_pct(r['padding_efficiency'])} | "
-            f"{_pct(r['model_busy_fraction'])} | {_f(r['server_cpu_cores'])} | "
-            f"{_f(r['client_cpu_s'] / r['wall_s'])} | {_f(r['other_load_cores'])} | "
-            f"{_f(r['peak_rss_mib'], 0)} | {check} |"
+            f"| {SCENARIO_LABELS.get(key, key)} | {histogram or '–'} | "
+            f"{_pct(r.get('padding_efficiency'))} | {_pct(r.get('model_busy_fraction'))} | "
+            f"{_f(r['server_cpu_cores'])}{processes} | "
+            f"{_f(r['client_cpu_s'] / r['wall_s'])}{per_request} | {_f(r['other_load_cores'])} | "
+            f"{_f(r['peak_rss_mib'], 0)} | "
+            + (f"{_f(r.get('gpu_memory_mib'), 0)} | " if cuda else "")
+            + f"{check} |"
         )
     out.append("")
     return out
@@ -377,9 +571,11 @@ def finish(results: dict[str, Any]) -> None:
     precision = results["precision"]
     for part in ("embeddings", "rerank"):
         for s in results.get(part, {}).get("scenarios", {}).values():
-            s["matmul_ceiling_fraction"] = s["gflops"] / results["matmul_gflops"][precision]
+            if "gflops" in s:
+                s["matmul_ceiling_fraction"] = s["gflops"] / results["matmul_gflops"][precision]
     results["load_note"] = _load_note(results)
     results["targets"] = targets(results["shape"], results)
+    results["targets_issue9"] = targets_issue9(results["shape"], results)
     results["diagnostics"] = diagnostics(results)
 
 

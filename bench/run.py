@@ -41,7 +41,7 @@ The ``tiny`` shape exists for the harness's own smoke test.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.client import loop_name, run_async
 from bench.measure import (
     embed_ceiling,
     encoder_flops,
@@ -65,11 +66,19 @@ from bench.measure import (
     matmul_gflops,
     model_config,
     rerank_ceiling,
+    sample_gpu,
     token_counts,
     tokenizer_rate,
 )
 from bench.report import finish, render
-from bench.server import embeddings_scenarios, min_cosine, rerank_scenarios, serve, server_dtype
+from bench.server import (
+    embeddings_scenarios,
+    min_cosine,
+    rerank_scenarios,
+    serve,
+    server_dtype,
+    source_info,
+)
 from bench.workload import (
     EMBED_MODEL,
     LENGTHS,
@@ -100,6 +109,32 @@ def _ratios(per_s: float, ceilings: dict[str, dict[str, Any]]) -> dict[str, floa
     return {f"vs_{name}": per_s / c["per_s"] for name, c in ceilings.items()}
 
 
+def _ceilings(
+    measure: Any, device: str, precision: str, plan: Plan, what: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """encode/predict at float32 and at the server's precision, and the model alone at the
+    server's precision (loaded once with the latter). Returns results and the Ceilings."""
+    results: dict[str, Any] = {}
+    kept: dict[str, Any] = {}
+    for dtype_name, sizes in (("float32", plan.batch_sizes_float32), (precision, plan.batch_sizes)):
+        if dtype_name in results:
+            continue
+        alone = plan.model_alone_batch_sizes if dtype_name == precision else ()
+        _log(f"{what} ceiling in-process, {dtype_name}, batch sizes {sizes}")
+        ceiling = measure(dtype_name, sizes, alone)
+        free_memory(device)
+        results[dtype_name] = ceiling.result
+        kept[dtype_name] = ceiling
+        _log(f"  {ceiling.result['per_s']:.2f}/s (batch {ceiling.result['best_batch_size']})")
+        if ceiling.model_alone is not None:
+            results["model_alone"] = {**ceiling.model_alone, "dtype": dtype_name}
+            _log(
+                f"  model alone: {ceiling.model_alone['per_s']:.2f}/s "
+                f"(batch {ceiling.model_alone['best_batch_size']})"
+            )
+    return results, kept
+
+
 def run_embeddings(
     hf_home: Path,
     device: str,
@@ -108,22 +143,28 @@ def run_embeddings(
     wanted: set[str],
     log_dir: Path,
     server_env: dict[str, str],
+    server_src: Path | None,
 ) -> dict[str, Any]:
     snapshot = _snapshot(hf_home, EMBED_MODEL)
     config = model_config(snapshot)
     corpus = corpus_texts(plan.corpus)
     singles = texts_300(plan.sequential, seed=5000)
+    corpus_tokens = token_counts(snapshot, corpus)
     texts: dict[str, list[str]] = {}
+    tokens: dict[str, list[int]] = {"corpus": corpus_tokens}
     if "1" in wanted:
         texts["1"] = singles
     if "2" in wanted:
         texts["2"] = corpus
-        texts["2u"] = texts_300(plan.corpus, seed=3000)
+        texts["2-256"] = cycle(corpus, plan.many_requests)
+        texts["2u"] = texts_300(plan.uniform_requests, seed=3000)
     if "3" in wanted:
         texts["3"] = cycle(corpus, plan.bulk)
-    tokens = {
-        key: token_counts(snapshot, items) for key, items in {"corpus": corpus, **texts}.items()
-    }
+    for key, items in texts.items():
+        if key in ("1", "2u"):
+            tokens[key] = token_counts(snapshot, items)
+        else:  # the corpus, cycled
+            tokens[key] = [corpus_tokens[i % len(corpus)] for i in range(len(items))]
     flops = {key: sum(encoder_flops(config, n) for n in counts) for key, counts in tokens.items()}
     part: dict[str, Any] = {
         "model": EMBED_MODEL,
@@ -138,43 +179,44 @@ def run_embeddings(
             key: {"texts": len(items), "mean_tokens": statistics.fmean(tokens[key])}
             for key, items in texts.items()
         },
-        "ceiling": {},
     }
-    vectors: dict[str, np.ndarray] = {}
-    single_vectors: dict[str, np.ndarray] = {}
-    for dtype_name, sizes in (("float32", plan.batch_sizes_float32), (precision, plan.batch_sizes)):
-        if dtype_name in part["ceiling"]:
-            continue
-        _log(f"embeddings ceiling in-process, {dtype_name}, batch sizes {sizes}")
-        result, vectors[dtype_name], single_vectors[dtype_name] = embed_ceiling(
-            snapshot, device, dtype_name, corpus, singles, sizes
-        )
-        free_memory(device)
-        result["gflops"] = result["per_s"] * part["corpus"]["gflop_per_text"]
-        part["ceiling"][dtype_name] = result
-        _log(f"  {result['per_s']:.2f} texts/s (batch {result['best_batch_size']})")
+    part["ceiling"], kept = _ceilings(
+        lambda dtype_name, sizes, alone: embed_ceiling(
+            snapshot, device, dtype_name, corpus, singles, sizes, alone
+        ),
+        device,
+        precision,
+        plan,
+        "embeddings",
+    )
+    for c in part["ceiling"].values():
+        c["gflops"] = c["per_s"] * part["corpus"]["gflop_per_text"]
 
     _log("embeddings server: starting")
-    with serve(hf_home, "embeddings", device, log_dir, server_env) as server:
+    with serve(hf_home, "embeddings", device, log_dir, server_env, server_src) as server:
         part["server"] = {
             "startup_s": server.startup_s,
-            **asyncio.run(server_dtype(server, EMBED_MODEL)),
+            **run_async(server_dtype(server, EMBED_MODEL)),
         }
         _log(f"  ready in {server.startup_s:.1f}s, dtype {part['server']['dtype']}")
-        scenarios, outputs = asyncio.run(embeddings_scenarios(server, plan, texts))
+        scenarios, outputs = run_async(embeddings_scenarios(server, plan, texts))
         part["server"].update(
             startup_peak_rss_mib=server.startup_peak_rss_mib,
             peak_rss_mib=server.peak_rss_mib,
             peak_rss_per_scenario=server.peak_resets,
         )
     ceilings = part["ceiling"]
-    reference = vectors[precision]
+    reference = kept[precision].outputs
     for key, result in scenarios.items():
+        if key == "0":
+            _log(f"  scenario 0 (GET /health): {result['per_s']:.0f} requests/s")
+            continue
         rounds = result["texts"] / len(texts[key])
         result["client_tokens"] = round(rounds * sum(tokens[key]))
         result["gflops"] = rounds * flops[key] / result["wall_s"] / 1e9
         if key == "1":
-            # Speed against one in-process encode of one text (p50 over p50).
+            # Speed against one in-process encode of one text (p50 over p50); for the
+            # model alone, against the forward pass of one pre-tokenized text.
             result["ratios"] = {
                 f"vs_{name}": c["single_text_p50_ms"] / result["p50_ms"]
                 for name, c in ceilings.items()
@@ -182,7 +224,8 @@ def run_embeddings(
             result["p50_vs_in_process"] = (
                 result["p50_ms"] / ceilings[precision]["single_text_p50_ms"]
             )
-            result["min_cosine_to_in_process"] = min_cosine(outputs[key], single_vectors[precision])
+            single = kept[precision].single_outputs
+            result["min_cosine_to_in_process"] = min_cosine(outputs[key], single)
         else:
             # 2u has texts of one length; its ratios are to the ceiling on the mixed texts.
             result["ratios"] = _ratios(result["per_s"], ceilings)
@@ -201,55 +244,61 @@ def run_rerank(
     plan: Plan,
     log_dir: Path,
     server_env: dict[str, str],
+    server_src: Path | None,
 ) -> dict[str, Any]:
     snapshot = _snapshot(hf_home, RERANK_MODEL)
     config = model_config(snapshot)
-    documents = corpus_texts(plan.documents, seed=7000)
-    tokens = token_counts(snapshot, documents, query=QUERY)
-    flops = [encoder_flops(config, n) for n in tokens]
+    pool = corpus_texts(max(plan.rerank_pairs, plan.documents), seed=7000)
+    documents = pool[: plan.documents]
+    pool_tokens = token_counts(snapshot, pool, query=QUERY)
+    tokens = pool_tokens[: plan.documents]
+    flops = [encoder_flops(config, n) for n in pool_tokens]
     part: dict[str, Any] = {
         "model": RERANK_MODEL,
         "shape": _shape(config),
         "pairs": {
             "documents": len(documents),
+            "ceiling_pairs": len(pool),
             "chars": list(LENGTHS),
             "query_chars": len(QUERY),
-            "mean_tokens": statistics.fmean(tokens),
+            "mean_tokens": statistics.fmean(pool_tokens),
+            "request_mean_tokens": statistics.fmean(tokens),
             "gflop_per_pair": statistics.fmean(flops) / 1e9,
         },
-        "ceiling": {},
     }
-    scores: dict[str, np.ndarray] = {}
-    for dtype_name, sizes in (("float32", plan.batch_sizes_float32), (precision, plan.batch_sizes)):
-        if dtype_name in part["ceiling"]:
-            continue
-        _log(f"rerank ceiling in-process, {dtype_name}, batch sizes {sizes}")
-        result, scores[dtype_name] = rerank_ceiling(
-            snapshot, device, dtype_name, QUERY, documents, sizes
-        )
-        free_memory(device)
-        result["gflops"] = result["per_s"] * part["pairs"]["gflop_per_pair"]
-        part["ceiling"][dtype_name] = result
-        _log(f"  {result['per_s']:.2f} pairs/s (batch {result['best_batch_size']})")
+    part["ceiling"], kept = _ceilings(
+        lambda dtype_name, sizes, alone: rerank_ceiling(
+            snapshot, device, dtype_name, QUERY, pool, sizes, alone
+        ),
+        device,
+        precision,
+        plan,
+        "rerank",
+    )
+    for c in part["ceiling"].values():
+        c["gflops"] = c["per_s"] * part["pairs"]["gflop_per_pair"]
 
     _log("rerank server: starting")
-    with serve(hf_home, "reranker", device, log_dir, server_env) as server:
+    with serve(hf_home, "reranker", device, log_dir, server_env, server_src) as server:
         part["server"] = {
             "startup_s": server.startup_s,
-            **asyncio.run(server_dtype(server, RERANK_MODEL)),
+            **run_async(server_dtype(server, RERANK_MODEL)),
         }
         _log(f"  ready in {server.startup_s:.1f}s, dtype {part['server']['dtype']}")
-        scenarios, served = asyncio.run(rerank_scenarios(server, plan, QUERY, documents))
+        scenarios, served = run_async(rerank_scenarios(server, plan, QUERY, documents))
         part["server"].update(
             startup_peak_rss_mib=server.startup_peak_rss_mib,
             peak_rss_mib=server.peak_rss_mib,
             peak_rss_per_scenario=server.peak_resets,
         )
+    expected = kept[precision].outputs[: plan.documents]
     for key, result in scenarios.items():
         result["client_tokens"] = sum(tokens) * result["requests"]
         result["ratios"] = _ratios(result["per_s"], part["ceiling"])
-        result["gflops"] = result["per_s"] * part["pairs"]["gflop_per_pair"]
-        result["max_score_difference"] = float(np.abs(served - scores[precision]).max())
+        result["gflops"] = (
+            result["requests"] * sum(flops[: plan.documents]) / result["wall_s"] / 1e9
+        )
+        result["max_score_difference"] = float(np.abs(served - expected).max())
         _log(f"  scenario {key}: {_brief(result)}")
     part["scenarios"] = scenarios
     return part
@@ -270,7 +319,10 @@ def _brief(result: dict[str, Any]) -> str:
     parts = [f"{result['per_s']:.2f}/s"]
     if "p50_ms" in result:
         parts.append(f"p50 {result['p50_ms']:.1f} ms")
-    parts.append(f"mean batch {result['mean_batch_size']:.1f}")
+    if result.get("mean_batch_size") is not None:
+        parts.append(f"mean batch {result['mean_batch_size']:.1f}")
+    if result.get("gpu_busy") is not None:
+        parts.append(f"GPU busy {result['gpu_busy']:.0%}")
     parts += [f"{k} {v:.2f}x" for k, v in result["ratios"].items()]
     return ", ".join(parts)
 
@@ -305,6 +357,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="settings for the server beyond its defaults (e.g. MAX_BATCH_SIZE=32 DTYPE=int8)",
     )
+    parser.add_argument(
+        "--server-src",
+        type=Path,
+        metavar="PATH",
+        help="run the server from this source tree (its src/ first on PYTHONPATH), e.g. a "
+        "`git worktree` of an older commit: the same harness measures before and after",
+    )
+    parser.add_argument(
+        "--tag",
+        help="added to the results' file names: <shape>-<device>-<tag>.md (e.g. before, after)",
+    )
     args = parser.parse_args(argv)
     names = {v: k for k, v in SCENARIOS.items()}
     wanted = set()
@@ -320,20 +383,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.server_env = {name.upper(): value for name, _, value in pairs}
     if args.reuse and args.hf_home is None:
         parser.error("--reuse needs --hf-home")
+    if (
+        args.server_src is not None
+        and not (args.server_src / "src" / "fake_openai_server").is_dir()
+    ):
+        parser.error(f"--server-src {args.server_src}: no src/fake_openai_server there")
     return args
 
 
 def _sizes_note(plan: Plan, shape: str, device: str) -> str:
     note = (
+        f"scenario 0: {plan.health_requests} GET /health from {plan.health_clients} clients; "
         f"scenario 1: {plan.sequential} requests; scenario 2: {plan.corpus} one-text requests "
-        f"from {plan.clients} clients; scenario 3: {plan.bulk_repeats} request(s) of "
-        f"{plan.bulk} texts; scenario 4: {plan.documents} documents per request, "
-        f"{plan.rerank_sequential} sequential requests, {plan.rerank_concurrent} requests from "
-        f"{plan.rerank_clients} clients; in-process batch sizes float32 "
-        f"{list(plan.batch_sizes_float32)}, server precision {list(plan.batch_sizes)}"
+        f"from {plan.clients} clients; 2-256: {plan.many_requests} from {plan.many_clients} "
+        f"clients; 2u: {plan.uniform_requests} from {plan.uniform_clients} clients; scenario 3: "
+        f"{plan.bulk_repeats} request(s) of {plan.bulk} texts; scenario 4: {plan.documents} "
+        f"documents per request, {plan.rerank_sequential} sequential requests, "
+        f"{plan.rerank_concurrent} requests from {plan.rerank_clients} clients; in-process batch "
+        f"sizes float32 {list(plan.batch_sizes_float32)}, server precision "
+        f"{list(plan.batch_sizes)}, model alone {list(plan.model_alone_batch_sizes)}"
     )
     if shape == "full" and device == "cpu":
-        note += " (cut down so that the full shape finishes in about a quarter of an hour here)"
+        note += " (cut down so that the full shape finishes in about 20 minutes here)"
     return note
 
 
@@ -351,7 +422,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(device, "auto")
     plan = plan_for(args.shape, device)
-    command = "uv run python -m bench.run " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = " ".join(
+        ["uv run python -m bench.run", shlex.join(argv if argv is not None else sys.argv[1:])]
+    ).strip()
     results: dict[str, Any] = {
         "command": command,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -363,12 +436,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "plan": asdict(plan),
         "sizes_note": _sizes_note(plan, args.shape, device),
         "server_settings": args.server_env,
+        "server_source": source_info(args.server_src),
+        "client": {"http": "bench.client (raw HTTP/1.1, keep-alive)", "loop": loop_name()},
         "load_before": list(load_before),
     }
     _log(f"{args.shape} shape on {device}; server precision {precision.dtype}")
     temporary = args.hf_home is None
     hf_home = args.hf_home or Path(tempfile.mkdtemp(prefix="bench-hf-"))
     log_dir = Path(tempfile.mkdtemp(prefix="bench-logs-"))
+    stack = contextlib.ExitStack()
     try:
         if not args.reuse:
             _log(f"building {args.shape} stand-ins under {hf_home}")
@@ -385,12 +461,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         _log(f"matmul GFLOP/s: {results['matmul_gflops']}")
         results["tokenizer"] = {}
+        gpu = stack.enter_context(sample_gpu(device))
+        results["gpu_sampler"] = gpu.source if gpu is not None else None
         if args.scenarios & {"1", "2", "3"}:
             results["tokenizer"]["embeddings_texts_per_s"] = tokenizer_rate(
                 _snapshot(hf_home, EMBED_MODEL), texts_300(plan.tokenizer_texts, seed=9000)
             )
             results["embeddings"] = run_embeddings(
-                hf_home, device, precision.dtype, plan, args.scenarios, log_dir, args.server_env
+                hf_home,
+                device,
+                precision.dtype,
+                plan,
+                args.scenarios,
+                log_dir,
+                args.server_env,
+                args.server_src,
             )
         if "4" in args.scenarios:
             results["tokenizer"]["rerank_pairs_per_s"] = tokenizer_rate(
@@ -399,9 +484,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 pairs_with=QUERY,
             )
             results["rerank"] = run_rerank(
-                hf_home, device, precision.dtype, plan, log_dir, args.server_env
+                hf_home, device, precision.dtype, plan, log_dir, args.server_env, args.server_src
             )
+    except BaseException:
+        for log in sorted(log_dir.glob("*.log")):  # the server's side of what went wrong
+            tail = log.read_text(errors="replace")[-3000:]
+            _log(f"{log.name}, last lines:\n{tail}")
+        raise
     finally:
+        stack.close()
         shutil.rmtree(log_dir, ignore_errors=True)
         if temporary:
             shutil.rmtree(hf_home, ignore_errors=True)
@@ -409,7 +500,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["run_s"] = time.perf_counter() - started
     finish(results)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{args.shape}-{device}"
+    stem = args.out / "-".join(filter(None, [args.shape, device, args.tag]))
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     stem.with_suffix(".md").write_text(render(results))
     _log(f"wrote {stem}.md and {stem}.json in {results['run_s'] / 60:.1f} min")

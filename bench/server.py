@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import os
@@ -12,7 +11,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -23,6 +21,7 @@ import httpx
 import numpy as np
 import orjson
 
+from bench.client import close_all, encode_request, open_connections, run_users
 from bench.measure import Meter, peak_rss_mib, reset_peak_rss
 from bench.workload import EMBED_MODEL, READY_TIMEOUT, RERANK_MODEL, Plan
 
@@ -50,9 +49,18 @@ def _free_port() -> int:
 
 
 def _server_env(
-    hf_home: Path, service_type: str, device: str, port: int, settings: dict[str, str]
+    hf_home: Path,
+    service_type: str,
+    device: str,
+    port: int,
+    settings: dict[str, str],
+    server_src: Path | None = None,
 ) -> dict[str, str]:
-    """This environment minus anything the server would read as a setting; then ours."""
+    """This environment minus anything the server would read as a setting; then ours.
+
+    With ``server_src``, its ``src`` comes first on PYTHONPATH: the server runs from
+    that tree (another commit), the benchmark from this one.
+    """
     from fake_openai_server.settings import Settings
 
     names = {name.upper() for name in Settings.model_fields}
@@ -68,7 +76,48 @@ def _server_env(
         LOG_LEVEL="warning",
     )
     env.update(settings)
+    if server_src is not None:
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(server_src.resolve() / "src"), *filter(None, [env.get("PYTHONPATH")])]
+        )
     return env
+
+
+def source_info(server_src: Path | None) -> dict[str, Any]:
+    """The tree the server runs from: its path, git commit and subject (or a COMMIT file),
+    and the file Python imports the package from with that environment."""
+    tree = (server_src or Path(__file__).resolve().parents[1]).resolve()
+    info: dict[str, Any] = {"path": str(tree), "this_tree": server_src is None}
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        out = subprocess.run(
+            ["git", "-C", str(tree), "log", "-1", "--format=%H%n%s"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.splitlines()
+        info["commit"], info["subject"] = out[0], out[1] if len(out) > 1 else ""
+        dirty = subprocess.run(
+            ["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no", "src"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        info["dirty"] = bool(dirty)
+    if "commit" not in info and (tree / "COMMIT").is_file():
+        info["commit"] = (tree / "COMMIT").read_text().strip()
+    env = _server_env(Path("/nonexistent"), "embeddings", "cpu", 1, {}, server_src)
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        info["imported_from"] = subprocess.run(
+            [sys.executable, "-c", "import fake_openai_server as m; print(m.__file__)"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout.strip()
+    return info
 
 
 @contextlib.contextmanager
@@ -78,15 +127,19 @@ def serve(
     device: str,
     log_dir: Path,
     settings: dict[str, str] | None = None,
+    server_src: Path | None = None,
 ) -> Iterator[Server]:
-    """``python -m fake_openai_server`` with default settings (plus ``settings``), ready."""
+    """``python -m fake_openai_server`` with default settings (plus ``settings``), ready.
+
+    From ``server_src`` (another source tree) when given, else from this one.
+    """
     port = _free_port()
     log_path = log_dir / f"server-{service_type}.log"
     started = time.perf_counter()
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "fake_openai_server"],
-            env=_server_env(hf_home, service_type, device, port, settings or {}),
+            env=_server_env(hf_home, service_type, device, port, settings or {}, server_src),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -124,13 +177,8 @@ def _wait_ready(base_url: str, process: subprocess.Popen[bytes], log_path: Path)
     raise TimeoutError(f"{base_url} not ready after {READY_TIMEOUT:.0f}s")
 
 
-async def _post(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> Any:
-    reply = await client.post(
-        path, content=orjson.dumps(body), headers={"content-type": "application/json"}
-    )
-    if reply.status_code != 200:
-        raise RuntimeError(f"POST {path}: {reply.status_code} {reply.text[:500]}")
-    return orjson.loads(reply.content)
+def _json(reply: bytes) -> Any:
+    return orjson.loads(reply)
 
 
 def _vectors(reply: Any, n: int) -> np.ndarray:
@@ -154,24 +202,45 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float((dots / np.maximum(norms, 1e-30)).min())
 
 
-def _engine_delta(before: dict[str, Any], after: dict[str, Any], wall: float) -> dict[str, Any]:
-    d = {k: after[k] - before[k] for k in ("batches", "items", "tokens", "padded_tokens")}
-    busy = after["busy_seconds"] - before["busy_seconds"]
+# --- what the server says about itself (tolerant: another tree may say less) -----------
+_ENGINE_KEYS = ("batches", "items", "tokens", "padded_tokens", "busy_seconds")
+
+
+def _engine_delta(
+    before: dict[str, Any] | None, after: dict[str, Any] | None, wall: float
+) -> dict[str, Any]:
+    """Forward passes, mean batch, padding and model-busy share from /info's engine stats.
+
+    All None when the server does not publish them (``engine`` missing in /info).
+    """
+    if not before or not after or not all(k in after for k in _ENGINE_KEYS):
+        return dict.fromkeys(
+            (
+                "forward_batches",
+                "forward_ms_mean",
+                "mean_batch_size",
+                "tokens",
+                "padding_efficiency",
+                "model_busy_fraction",
+            )
+        )
+    d = {k: after[k] - before[k] for k in _ENGINE_KEYS}
+    batches = d["batches"]
     return {
-        "forward_batches": d["batches"],
-        "forward_ms_mean": 1000 * busy / d["batches"] if d["batches"] else 0.0,
-        "mean_batch_size": d["items"] / d["batches"] if d["batches"] else 0.0,
+        "forward_batches": batches,
+        "forward_ms_mean": 1000 * d["busy_seconds"] / batches if batches else 0.0,
+        "mean_batch_size": d["items"] / batches if batches else 0.0,
         "tokens": d["tokens"],
-        "padding_efficiency": d["tokens"] / d["padded_tokens"] if d["padded_tokens"] else 0.0,
-        "model_busy_fraction": busy / wall if wall else 0.0,
+        "padding_efficiency": d["tokens"] / d["padded_tokens"] if d["padded_tokens"] else None,
+        "model_busy_fraction": d["busy_seconds"] / wall if wall else 0.0,
     }
 
 
-async def _engine(client: httpx.AsyncClient, model: str) -> dict[str, Any]:
+async def _engine(client: httpx.AsyncClient, model: str) -> dict[str, Any] | None:
     reply = await client.get("/info")
     reply.raise_for_status()
-    stats: dict[str, Any] = reply.json()["engine"][model]
-    return stats
+    stats = reply.json().get("engine", {}).get(model)
+    return stats if isinstance(stats, dict) else None
 
 
 _BUCKET = re.compile(r"^fos_batch_items_bucket\{(?P<labels>[^}]*)\} (?P<count>\S+)$")
@@ -215,7 +284,11 @@ async def measured(
     model: str,
     work: Callable[[], Awaitable[dict[str, Any]]],
 ) -> dict[str, Any]:
-    """Run one scenario with the engine's counters, CPU meters and a fresh peak-RSS window."""
+    """Run one scenario with the engine's counters, meters and a fresh peak-RSS window.
+
+    CPU and peak RSS cover the server's whole process tree (the server and every
+    process it started: an engine or tokenizer workers).
+    """
     server.peak_resets = reset_peak_rss(server.pid) and server.peak_resets
     before = await _engine(client, model)
     buckets = await _batch_buckets(client, model)
@@ -228,6 +301,8 @@ async def measured(
     result["batch_histogram"] = _histogram(buckets, await _batch_buckets(client, model))
     result["peak_rss_mib"] = peak_rss_mib(server.pid)
     server.peak_rss_mib = max(server.peak_rss_mib, result["peak_rss_mib"])
+    if result.get("requests"):
+        result["client_us_per_request"] = 1e6 * result["client_cpu_s"] / result["requests"]
     return result
 
 
@@ -237,110 +312,123 @@ def _latencies(values: list[float]) -> dict[str, float]:
     return {"p50_ms": statistics.median(ms), "p99_ms": p99, "mean_ms": statistics.fmean(ms)}
 
 
+async def _users(
+    server: Server, requests: list[bytes], users: int
+) -> tuple[list[bytes], dict[str, Any]]:
+    """Send ``requests`` from ``users`` keep-alive connections (opened beforehand)."""
+    connections = await open_connections(server.base_url, min(users, len(requests)))
+    try:
+        bodies, times = await run_users(connections, requests)
+    finally:
+        await close_all(connections)
+    return bodies, {"requests": len(requests), "clients": users, **_latencies(times)}
+
+
+def _post(server: Server, path: str, body: dict[str, Any]) -> bytes:
+    return encode_request(server.base_url, "POST", path, orjson.dumps(body))
+
+
+# --- the scenarios -------------------------------------------------------------------
+def embed_clients(plan: Plan, key: str) -> int:
+    return {
+        "1": 1,
+        "2": plan.clients,
+        "2-256": plan.many_clients,
+        "2u": plan.uniform_clients,
+        "3": 1,
+    }[key]
+
+
 async def embeddings_scenarios(
     server: Server, plan: Plan, texts: dict[str, list[str]]
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Scenarios 1, 2 (and 2u: the same with 300-character texts) and 3, for the keys given.
+    """Scenario 0 (GET /health) and scenarios 1, 2, 2-256, 2u and 3, for the keys given.
 
-    ``texts`` maps a scenario to its texts: one request each for 1, 2 and 2u, all in
-    each of ``plan.bulk_repeats`` requests for 3. Returns results and the vectors.
+    ``texts`` maps a scenario to its texts: one request each for 1, 2, 2-256 and 2u,
+    all of them in each of ``plan.bulk_repeats`` requests for 3. Every request is
+    encoded before the clock starts and decoded after it stops. Returns results and
+    the vectors.
     """
-    limits = httpx.Limits(max_connections=plan.clients + 4, max_keepalive_connections=plan.clients)
     outputs: dict[str, np.ndarray] = {}
     results: dict[str, Any] = {}
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=3600, limits=limits) as client:
-        # Untimed: open a connection, touch the route once.
-        await _post(client, "/v1/embeddings", {"model": EMBED_MODEL, "input": ["準備"]})
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=3600) as client:
+        # Untimed: touch the route once.
+        warm = await client.post(
+            "/v1/embeddings", json={"model": EMBED_MODEL, "input": ["準備"]}, timeout=600
+        )
+        warm.raise_for_status()
 
-        async def one_text(text: str) -> np.ndarray:
+        async def health() -> dict[str, Any]:
+            request = encode_request(server.base_url, "GET", "/health")
+            _, result = await _users(server, [request] * plan.health_requests, plan.health_clients)
+            return result
+
+        async def one_text_each(key: str) -> dict[str, Any]:
             # What Dify sends: one text, no encoding_format (floats back).
-            reply = await _post(client, "/v1/embeddings", {"model": EMBED_MODEL, "input": [text]})
-            vector: np.ndarray = _vectors(reply, 1)[0]
-            return vector
-
-        async def sequential(key: str) -> dict[str, Any]:
-            times, rows = [], []
-            for text in texts[key]:
-                started = time.perf_counter()
-                rows.append(await one_text(text))
-                times.append(time.perf_counter() - started)
-            outputs[key] = np.stack(rows)
-            return {"requests": len(rows), "texts": len(rows), **_latencies(times)}
-
-        async def concurrent(key: str) -> dict[str, Any]:
-            queue = deque(enumerate(texts[key]))
-            rows: list[np.ndarray | None] = [None] * len(queue)
-
-            async def user() -> None:
-                while queue:
-                    index, text = queue.popleft()
-                    rows[index] = await one_text(text)
-
-            await asyncio.gather(*(user() for _ in range(min(plan.clients, len(rows)))))
-            outputs[key] = np.stack([r for r in rows if r is not None])
-            return {"requests": len(rows), "texts": len(rows), "clients": plan.clients}
+            requests = [
+                _post(server, "/v1/embeddings", {"model": EMBED_MODEL, "input": [text]})
+                for text in texts[key]
+            ]
+            bodies, result = await _users(server, requests, embed_clients(plan, key))
+            outputs[key] = np.concatenate([_vectors(_json(b), 1) for b in bodies])
+            return {**result, "texts": len(requests)}
 
         async def bulk(key: str) -> dict[str, Any]:
             body = {"model": EMBED_MODEL, "input": texts[key], "encoding_format": "base64"}
-            for _ in range(plan.bulk_repeats):
-                reply = await _post(client, "/v1/embeddings", body)
-                outputs[key] = _vectors(reply, len(texts[key]))
-            return {"requests": plan.bulk_repeats, "texts": len(texts[key]) * plan.bulk_repeats}
+            request = _post(server, "/v1/embeddings", body)
+            bodies, result = await _users(server, [request] * plan.bulk_repeats, 1)
+            outputs[key] = _vectors(_json(bodies[-1]), len(texts[key]))
+            return {**result, "texts": len(texts[key]) * plan.bulk_repeats}
 
-        kinds = {"1": sequential, "2": concurrent, "2u": concurrent, "3": bulk}
+        result = await measured(server, client, EMBED_MODEL, health)
+        result["per_s"] = result["requests"] / result["wall_s"]
+        results["0"] = result
         for key in texts:
-            result = await measured(server, client, EMBED_MODEL, partial(kinds[key], key))
+            work = bulk if key == "3" else one_text_each
+            result = await measured(server, client, EMBED_MODEL, partial(work, key))
             result["per_s"] = result["texts"] / result["wall_s"]
+            result["requests_per_s"] = result["requests"] / result["wall_s"]
             results[key] = result
     return results, outputs
+
+
+def _scores(body: bytes, n: int) -> np.ndarray:
+    scores = np.full(n, np.nan, dtype=np.float32)
+    for item in _json(body)["results"]:
+        scores[item["index"]] = item["relevance_score"]
+    if np.isnan(scores).any():
+        raise RuntimeError("rerank reply misses documents")
+    return scores
 
 
 async def rerank_scenarios(
     server: Server, plan: Plan, query: str, documents: list[str]
 ) -> tuple[dict[str, Any], np.ndarray]:
-    limits = httpx.Limits(max_connections=plan.rerank_clients + 4)
+    """Scenario 4: one query x ``documents``, one client, then ``plan.rerank_clients``."""
+    # Dify's call: {model, query, documents, top_n}.
     body = {"model": RERANK_MODEL, "query": query, "documents": documents, "top_n": len(documents)}
+    request = _post(server, "/v1/rerank", body)
     last: list[np.ndarray] = []
     results: dict[str, Any] = {}
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=3600, limits=limits) as client:
-        await _post(client, "/v1/rerank", {**body, "documents": documents[:2], "top_n": 2})
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=3600) as client:
+        warm = await client.post(
+            "/v1/rerank", json={**body, "documents": documents[:2], "top_n": 2}, timeout=600
+        )
+        warm.raise_for_status()
 
-        async def one() -> float:
-            # Dify's call: {model, query, documents, top_n}.
-            started = time.perf_counter()
-            reply = await _post(client, "/v1/rerank", body)
-            scores = np.full(len(documents), np.nan, dtype=np.float32)
-            for item in reply["results"]:
-                scores[item["index"]] = item["relevance_score"]
-            if np.isnan(scores).any():
-                raise RuntimeError("rerank reply misses documents")
-            last[:] = [scores]
-            return time.perf_counter() - started
+        async def run(requests: int, clients: int) -> dict[str, Any]:
+            bodies, result = await _users(server, [request] * requests, clients)
+            last[:] = [_scores(bodies[-1], len(documents))]
+            return result
 
-        async def sequential() -> dict[str, Any]:
-            times = [await one() for _ in range(plan.rerank_sequential)]
-            return {"requests": plan.rerank_sequential, **_latencies(times)}
-
-        async def concurrent() -> dict[str, Any]:
-            remaining = [plan.rerank_concurrent]
-            times: list[float] = []
-
-            async def user() -> None:
-                while remaining[0] > 0:
-                    remaining[0] -= 1
-                    times.append(await one())
-
-            await asyncio.gather(*(user() for _ in range(plan.rerank_clients)))
-            return {
-                "requests": plan.rerank_concurrent,
-                "clients": plan.rerank_clients,
-                **_latencies(times),
-            }
-
-        for key, work in (("4-sequential", sequential), ("4-concurrent", concurrent)):
-            result = await measured(server, client, RERANK_MODEL, work)
+        for key, requests, clients in (
+            ("4-sequential", plan.rerank_sequential, 1),
+            ("4-concurrent", plan.rerank_concurrent, plan.rerank_clients),
+        ):
+            result = await measured(server, client, RERANK_MODEL, partial(run, requests, clients))
             result["pairs"] = result["requests"] * len(documents)
             result["per_s"] = result["pairs"] / result["wall_s"]
+            result["requests_per_s"] = result["requests"] / result["wall_s"]
             results[key] = result
     return results, last[0]
 
@@ -348,5 +436,5 @@ async def rerank_scenarios(
 async def server_dtype(server: Server, model: str) -> dict[str, str]:
     async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
         reply = await client.get("/info")
-        info = reply.json()["models"][model]
-    return {"dtype": info["dtype"], "reason": info["dtype_reason"]}
+        info = reply.json().get("models", {}).get(model, {})
+    return {"dtype": info.get("dtype", "?"), "reason": info.get("dtype_reason", "?")}

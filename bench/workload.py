@@ -20,17 +20,26 @@ READY_TIMEOUT = 1800.0
 class Plan:
     """How much work each part does for one shape and device."""
 
-    corpus: int  # distinct texts (100/300/500 chars) for the ceilings and scenario 2
+    corpus: int  # distinct texts (100/300/500 chars): the ceilings and scenario 2
     sequential: int  # scenario 1 requests (300-character texts)
-    clients: int  # scenario 2 concurrent clients
-    bulk: int  # scenario 3 texts in the one request
+    clients: int  # scenario 2: concurrent clients, one text per request, over the corpus
+    many_clients: int  # scenario 2-256: as many clients...
+    many_requests: int  # ...sending this many requests (the corpus, cycled)
+    uniform_clients: int  # scenario 2u: clients sending 300-character texts...
+    uniform_requests: int  # ...this many
+    bulk: int  # scenario 3: texts per request (the corpus, cycled)
     bulk_repeats: int  # scenario 3 requests, one after another
-    documents: int  # scenario 4 documents per rerank request
+    health_clients: int  # scenario 0: GET /health from this many clients...
+    health_requests: int  # ...this many times (the HTTP floor with this client)
+    documents: int  # scenario 4: documents per rerank request
+    rerank_pairs: int  # query-document pairs for the rerank ceilings (the first ``documents``
+    # are the requests' documents)
     rerank_sequential: int  # scenario 4 requests, one client
     rerank_clients: int
     rerank_concurrent: int  # scenario 4 requests over the concurrent clients
-    batch_sizes_float32: tuple[int, ...]
-    batch_sizes: tuple[int, ...]  # at the server's precision
+    batch_sizes_float32: tuple[int, ...]  # encode / predict at float32
+    batch_sizes: tuple[int, ...]  # encode / predict at the server's precision
+    model_alone_batch_sizes: tuple[int, ...]  # the model alone, at the server's precision
     tokenizer_texts: int
     matmul_n: int
 
@@ -40,14 +49,22 @@ PLANS: dict[str, Plan] = {
         corpus=12,
         sequential=3,
         clients=32,
+        many_clients=256,
+        many_requests=24,
+        uniform_clients=32,
+        uniform_requests=12,
         bulk=12,
         bulk_repeats=1,
+        health_clients=8,
+        health_requests=40,
         documents=6,
+        rerank_pairs=6,
         rerank_sequential=2,
-        rerank_clients=8,
+        rerank_clients=16,
         rerank_concurrent=8,
         batch_sizes_float32=(8,),
         batch_sizes=(8,),
+        model_alone_batch_sizes=(8,),
         tokenizer_texts=32,
         matmul_n=512,
     ),
@@ -55,14 +72,22 @@ PLANS: dict[str, Plan] = {
         corpus=192,
         sequential=40,
         clients=32,
-        bulk=256,
+        many_clients=256,
+        many_requests=512,
+        uniform_clients=32,
+        uniform_requests=192,
+        bulk=512,
         bulk_repeats=1,
+        health_clients=64,
+        health_requests=2000,
         documents=32,
+        rerank_pairs=32,
         rerank_sequential=8,
-        rerank_clients=8,
-        rerank_concurrent=24,
+        rerank_clients=16,
+        rerank_concurrent=32,
         batch_sizes_float32=(8, 16, 32),
         batch_sizes=(8, 16, 32),
+        model_alone_batch_sizes=(8, 16, 32),
         tokenizer_texts=512,
         matmul_n=2048,
     ),
@@ -72,14 +97,49 @@ PLANS: dict[str, Plan] = {
         corpus=48,
         sequential=12,
         clients=32,
+        many_clients=256,
+        many_requests=256,
+        uniform_clients=32,
+        uniform_requests=48,
         bulk=256,
         bulk_repeats=1,
+        health_clients=64,
+        health_requests=2000,
         documents=32,
+        rerank_pairs=32,
         rerank_sequential=2,
-        rerank_clients=8,
-        rerank_concurrent=8,
+        rerank_clients=16,
+        rerank_concurrent=16,
         batch_sizes_float32=(8, 16),
         batch_sizes=(8, 16, 32),
+        model_alone_batch_sizes=(8, 16),
+        tokenizer_texts=512,
+        matmul_n=2048,
+    ),
+    # The model costs next to nothing: what HTTP, tokenization and batching cost (the
+    # server's own ceiling). The scenarios issue 9's CPU targets name: 64 clients x one
+    # 300-character text (2u), requests of 512 texts (3), one client p50 (1), rerank 16
+    # clients x 32 documents (4).
+    "null": Plan(
+        corpus=768,
+        sequential=500,
+        clients=32,
+        many_clients=256,
+        many_requests=3072,
+        uniform_clients=64,
+        uniform_requests=4096,
+        bulk=512,
+        bulk_repeats=8,
+        health_clients=64,
+        health_requests=4000,
+        documents=32,
+        rerank_pairs=512,
+        rerank_sequential=50,
+        rerank_clients=16,
+        rerank_concurrent=200,
+        batch_sizes_float32=(32, 64),
+        batch_sizes=(32, 64),
+        model_alone_batch_sizes=(32, 64, 128, 256),
         tokenizer_texts=512,
         matmul_n=2048,
     ),
@@ -88,18 +148,26 @@ PLANS: dict[str, Plan] = {
 
 def plan_for(shape: str, device: str) -> Plan:
     plan = PLANS[shape]
-    if device != "cuda" or shape == "tiny":
+    if device != "cuda" or shape in ("tiny", "null"):
         return plan
-    # A GPU embeds hundreds of texts a second: more work, bigger batches.
+    # A GPU embeds hundreds to thousands of texts a second: more work, bigger batches.
+    # Sized so that one full-shape run takes about 2.5 minutes on an H100 with today's
+    # server (two runs, before and after, fit in one 10-minute call with the stand-ins).
     return replace(
         plan,
         corpus=1024,
         sequential=100,
+        many_requests=3072,
+        uniform_requests=1024,
+        bulk=512,
         bulk_repeats=8,
+        documents=32,
+        rerank_pairs=512,
         rerank_sequential=20,
-        rerank_concurrent=64,
-        batch_sizes_float32=(32, 64, 128),
+        rerank_concurrent=128,
+        batch_sizes_float32=(128,),
         batch_sizes=(32, 64, 128),
+        model_alone_batch_sizes=(32, 64, 128, 256),
         matmul_n=8192,
     )
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-Size = Literal["tiny", "small", "full"]
+Size = Literal["tiny", "small", "full", "null"]
 
 RURI_LARGE = "cl-nagoya/ruri-large"
 RERANKER = "cl-nagoya/ruri-v3-reranker-310m"
@@ -91,12 +91,14 @@ BERT_SHAPES: dict[Size, BertShape] = {
     "small": BertShape(hidden=384, layers=6, heads=12, intermediate=1536, vocab_size=32768),
     # cl-nagoya/ruri-large: BERT-large with a 32,768 vocabulary.
     "full": BertShape(hidden=1024, layers=24, heads=16, intermediate=4096, vocab_size=32768),
+    # No layers: the model costs next to nothing, the server's own ceiling (bench --shape null).
+    "null": BertShape(hidden=8, layers=0, heads=1, intermediate=8, vocab_size=32768),
 }
 
 
 def _init(size: Size) -> dict[str, Any]:
-    """Tiny models get a wider weight spread, so that different texts score differently."""
-    return {"initializer_range": 0.1} if size == "tiny" else {}
+    """Tiny and null models get a wider weight spread: different texts score differently."""
+    return {"initializer_range": 0.1} if size in ("tiny", "null") else {}
 
 
 def _snapshot_dir(hf_home: Path, repo_id: str) -> Path:
@@ -335,6 +337,8 @@ def build_reranker(hf_home: Path, size: Size = "tiny") -> Path:
     elif size == "small":
         # ruri-v3-70m's width and heads, six layers: the small benchmark shape.
         vocab, hidden, layers, heads, inter = 102400, 384, 6, 6, 1536
+    elif size == "null":
+        vocab, hidden, layers, heads, inter = 102400, 8, 1, 1, 8
     else:
         vocab, hidden, layers, heads, inter = pieces, 64, 2, 4, 128
     config = _modernbert_config(
@@ -375,7 +379,7 @@ def build_all(hf_home: Path, size: Size = "tiny", ruri_v3: tuple[str, ...] = ())
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf-home", type=Path, required=True)
-    parser.add_argument("--size", choices=["tiny", "small", "full"], default="tiny")
+    parser.add_argument("--size", choices=["tiny", "small", "full", "null"], default="tiny")
     parser.add_argument(
         "--ruri-v3", nargs="*", default=[], choices=sorted(RURI_V3), help="also build these"
     )

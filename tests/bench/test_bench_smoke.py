@@ -31,10 +31,21 @@ def test_bench_runs_every_scenario_and_writes_its_report(hf_home: Path, tmp_path
 
     plan = run.plan_for("tiny", "cpu")
     emb = written["embeddings"]
-    assert set(emb["ceiling"]) >= {"float32", results["precision"]}
+    assert set(emb["ceiling"]) >= {"float32", results["precision"], "model_alone"}
+    assert emb["ceiling"]["model_alone"]["per_s"] > 0
+    assert emb["ceiling"]["model_alone"]["single_text_p50_ms"] > 0
     assert emb["server"]["dtype"] == results["precision"]  # the server ran at DTYPE=auto
-    assert set(emb["scenarios"]) == {"1", "2", "2u", "3"}
-    expected_texts = {"1": plan.sequential, "2": plan.corpus, "2u": plan.corpus, "3": plan.bulk}
+    assert set(emb["scenarios"]) == {"0", "1", "2", "2-256", "2u", "3"}
+    health = emb["scenarios"].pop("0")  # GET /health: no model work
+    assert health["requests"] == plan.health_requests
+    assert health["forward_batches"] == 0
+    expected_texts = {
+        "1": plan.sequential,
+        "2": plan.corpus,
+        "2-256": plan.many_requests,
+        "2u": plan.uniform_requests,
+        "3": plan.bulk,
+    }
     for key, scenario in emb["scenarios"].items():
         assert scenario["texts"] == expected_texts[key]
         assert scenario["per_s"] > 0
@@ -45,18 +56,34 @@ def test_bench_runs_every_scenario_and_writes_its_report(hf_home: Path, tmp_path
         assert scenario["peak_rss_mib"] > 0
         if key != "2u":  # 2u's texts are not run in-process
             assert scenario["min_cosine_to_in_process"] > 0.99
-        assert {"vs_float32", f"vs_{results['precision']}"} <= set(scenario["ratios"])
+        assert {"vs_float32", f"vs_{results['precision']}", "vs_model_alone"} <= set(
+            scenario["ratios"]
+        )
+        # CPU and peak RSS cover the server's process tree.
+        assert scenario["server_processes"] >= 1
+        assert scenario["server_cpu_cores"] > 0
     assert emb["scenarios"]["1"]["mean_batch_size"] == 1.0
     assert emb["scenarios"]["3"]["forward_batches"] < plan.bulk  # one request, batched
+
+    assert emb["scenarios"]["2-256"]["clients"] == plan.many_clients
 
     rerank = written["rerank"]["scenarios"]
     assert set(rerank) == {"4-sequential", "4-concurrent"}
     assert rerank["4-concurrent"]["pairs"] == plan.rerank_concurrent * plan.documents
+    assert rerank["4-concurrent"]["clients"] == plan.rerank_clients == 16
+    assert "vs_model_alone" in rerank["4-concurrent"]["ratios"]
     for scenario in rerank.values():
         assert scenario["tokens"] == scenario["client_tokens"]
         assert scenario["max_score_difference"] < 0.05
 
     report = (tmp_path / "tiny-cpu.md").read_text()
     assert report.startswith("# Benchmark: tiny shape on cpu")
-    for needle in ("In-process ceiling", "2 many Dify users", "4 rerank, concurrent", "MeCab"):
+    for needle in (
+        "In-process ceilings",
+        "2 many Dify users",
+        "2-256",
+        "× model alone",
+        "4 rerank, concurrent",
+        "MeCab",
+    ):
         assert needle in report
