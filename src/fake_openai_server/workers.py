@@ -72,7 +72,8 @@ class WorkerProcess:
     """One worker process. Subclasses name the module and decode its answers."""
 
     module = ""
-    environment: ClassVar[dict[str, str]] = {}  # set for this kind of worker only
+    # Defaults for this kind of worker's environment (the server's own environment wins).
+    environment: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: dict[str, Any]) -> None:
         self._config = config
@@ -107,7 +108,7 @@ class WorkerProcess:
                 [sys.executable, "-m", self.module, str(child.fileno())],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
-                env={**_child_env(), **self.environment},
+                env={**self.environment, **_child_env()},
             )
         finally:
             child.close()

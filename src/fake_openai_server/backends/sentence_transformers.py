@@ -96,6 +96,23 @@ class _OnDevice:
         return rows
 
 
+# On CUDA a batch is padded to one of a few shapes. A forward pass of a shape the GPU has
+# not seen costs several milliseconds more (GEMM algorithm choice, new memory blocks);
+# with free lengths and batch sizes nearly every batch is a new shape, and a small pass
+# took twice as long as the model alone (H200, bench/results/full-cuda-after.md). With
+# lengths rounded up to LENGTH_STEP and batch sizes to BATCH_SIZES, every shape is run
+# once at start-up. Padded tokens are masked out; on CPU, where they cost compute in
+# proportion, batches are not padded beyond their longest item.
+LENGTH_STEP = 32
+LONG_STEP = 256  # beyond WARM_LENGTH (8192-token models): coarser, warmed on first sight
+WARM_LENGTH = 1024
+BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128)
+
+
+def _round_up(value: int, choices: Sequence[int]) -> int:
+    return next((choice for choice in choices if choice >= value), value)
+
+
 class _TorchRunner:
     """Pads a batch of token ids and runs the sentence-transformers modules.
 
@@ -104,14 +121,42 @@ class _TorchRunner:
     """
 
     def __init__(
-        self, model: Any, precision: Precision, pad_id: int, forward: Callable[..., torch.Tensor]
+        self,
+        model: Any,
+        precision: Precision,
+        pad_id: int,
+        max_length: int,
+        forward: Callable[..., torch.Tensor],
     ) -> None:
         self.model = model
         self.precision = precision
         self.pad_id = pad_id
+        self.max_length = max_length
         self.forward = forward
         self.device = torch.device(precision.device)
         self.cuda = self.device.type == "cuda"
+
+    def shape(self, rows: int, longest: int) -> tuple[int, int]:
+        """The (rows, length) a batch is padded to."""
+        if not self.cuda:
+            return rows, longest
+        step = LENGTH_STEP if longest <= WARM_LENGTH else LONG_STEP
+        length = min(-(-longest // step) * step, max(self.max_length, longest))
+        return _round_up(rows, BATCH_SIZES), length
+
+    def warm_shapes(self, max_rows: int, max_tokens: int) -> list[tuple[int, int]]:
+        """Every padded shape traffic can bring, largest first (CUDA; none on CPU)."""
+        if not self.cuda:
+            return []
+        top = min(self.max_length, WARM_LENGTH)
+        lengths = range(LENGTH_STEP, top + LENGTH_STEP, LENGTH_STEP)
+        shapes = {
+            self.shape(rows, length)
+            for rows in BATCH_SIZES
+            for length in lengths
+            if rows <= max_rows and rows * min(length, top) <= max_tokens
+        }
+        return sorted(shapes, key=lambda shape: shape[0] * shape[1], reverse=True)
 
     def launch(self, batch: Sequence[IdArray]) -> Pending:
         try:
@@ -125,10 +170,13 @@ class _TorchRunner:
     @torch.inference_mode()
     def _launch(self, batch: Sequence[IdArray]) -> Pending:
         lengths = np.fromiter((len(ids) for ids in batch), dtype=np.int64, count=len(batch))
-        longest = int(lengths.max())
-        ids = np.full((len(batch), longest), self.pad_id, dtype=np.int64)
+        rows, longest = self.shape(len(batch), int(lengths.max()))
+        ids = np.full((rows, longest), self.pad_id, dtype=np.int64)
         for row, item in enumerate(batch):
             ids[row, : len(item)] = item
+        # Rows added to reach the shape see one token (a row of nothing but padding
+        # would divide by zero); their outputs are dropped.
+        lengths = np.concatenate([lengths, np.ones(rows - len(batch), dtype=np.int64)])
         mask = (np.arange(longest) < lengths[:, None]).astype(np.int64)
         input_ids, attention = torch.from_numpy(ids), torch.from_numpy(mask)
         if self.cuda:
@@ -137,11 +185,11 @@ class _TorchRunner:
             "input_ids": input_ids.to(self.device, non_blocking=True),
             "attention_mask": attention.to(self.device, non_blocking=True),
         }
-        out = self.forward(features).float()
+        out = self.forward(features).float()[: len(batch)]
         if self.cuda:
             return _OnDevice(out)
-        rows: FloatArray = out.numpy()
-        return Done(rows)
+        result: FloatArray = out.numpy()
+        return Done(result)
 
 
 def _load_common(precision: Precision) -> dict[str, Any]:
@@ -204,7 +252,8 @@ class SentenceTransformerModel(_LoadedModel):
         super().__init__(name, model, precision, max_seq_length)
         dimension = model.get_embedding_dimension()
         self.info = self._info(dimension=int(dimension) if dimension is not None else None)
-        self._runner = _TorchRunner(model, precision, self.pad_id, self._forward)
+        self._runner = _TorchRunner(model, precision, self.pad_id, self.max_length, self._forward)
+        self.warm_shapes = self._runner.warm_shapes
 
     def _forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         out: torch.Tensor = self.model(features)["sentence_embedding"]
@@ -228,7 +277,8 @@ class CrossEncoderModel(_LoadedModel):
             model.activation_fn or torch.nn.Identity()
         )
         self.info = self._info()
-        self._runner = _TorchRunner(model, precision, self.pad_id, self._forward)
+        self._runner = _TorchRunner(model, precision, self.pad_id, self.max_length, self._forward)
+        self.warm_shapes = self._runner.warm_shapes
 
     def _forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         logits: torch.Tensor = self.model(features)["scores"]

@@ -61,7 +61,7 @@ def _timed(model: Model, batch: Sequence[IdArray]) -> float:
     return time.perf_counter() - started
 
 
-def calibrate(model: Model, max_batch_tokens: int) -> PassCost:
+def calibrate(model: Model, max_batch_size: int, max_batch_tokens: int) -> PassCost:
     """Warm the model up with the shapes traffic brings, and measure the cost of a pass.
 
     After a first pass of each shape (the slow one: kernels get chosen and memory
@@ -76,8 +76,20 @@ def calibrate(model: Model, max_batch_tokens: int) -> PassCost:
         return [np.full(tokens, fill, dtype=np.int32)] * rows
 
     small = min(16, length)
-    for shape in ((1, small), (8, length), (1, model.info.max_length)):
+    # Every shape the model pads batches to, where it does (CUDA): largest first, so
+    # that memory is reserved once for the biggest batch.
+    warm_shapes = getattr(model, "warm_shapes", None)
+    shapes = warm_shapes(max_batch_size, max_batch_tokens) if warm_shapes else []
+    started = time.perf_counter()
+    for shape in [*shapes, (1, small), (8, length), (1, model.info.max_length)]:
         _timed(model, batch(*shape))
+    if shapes:
+        log.info(
+            "%s: warmed up %d batch shapes in %.1fs",
+            model.info.name,
+            len(shapes),
+            time.perf_counter() - started,
+        )
     t_small = min(_timed(model, batch(1, small)) for _ in range(3))
     tokens = 512
     while True:
@@ -181,7 +193,9 @@ def start(sock: socket.socket) -> list[Model]:
     try:
         models: list[Model] = plugin.load_models(settings, options)
         costs = [
-            calibrate(model, settings.max_batch_tokens) if settings.warmup else PassCost()
+            calibrate(model, settings.max_batch_size, settings.max_batch_tokens)
+            if settings.warmup
+            else PassCost()
             for model in models
         ]
         for index, model in enumerate(models):
