@@ -62,6 +62,18 @@ def test_every_route_is_documented(server: LiveServer) -> None:
         "POST /v1/embeddings",
         "POST /v1/rerank",
         "POST /v2/rerank",
+        "GET /info/quantization",
+        "POST /embed",
+        "POST /tokenize",
+        "POST /decode",
+        "POST /api/embed",
+        "POST /api/embeddings",
+        "POST /api/rerank",
+        "GET /api/tags",
+        "GET /api/version",
+        "POST /api/show",
+        "POST /v1/embed",
+        "POST /v2/embed",
     }
 
 

@@ -10,6 +10,7 @@ import math
 import threading
 import time
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -44,11 +45,40 @@ def fake_logit(query: str, document: str) -> float:
     return float(len(set(query) & set(document)) - 2)
 
 
+class FakeTokenizer:
+    """The part of a Hugging Face tokenizer that /tokenize and /decode use
+    (``backends/vocabulary.py``), over the fake model's character ids."""
+
+    is_fast = False
+    all_special_ids = (BOS, EOS, SEP)
+
+    def __init__(self) -> None:
+        self._pieces = {BOS: "<s>", EOS: "</s>", SEP: "<sep>"}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return VOCAB
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        ids = char_ids(text)
+        with self._lock:
+            self._pieces.update(zip(ids, text, strict=True))
+        return {"input_ids": [BOS, *ids, EOS] if add_special_tokens else ids}
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self._pieces.get(i, "[UNK]") for i in ids]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        kept = [i for i in ids if not (skip_special_tokens and i in self.all_special_ids)]
+        return "".join(self._pieces.get(i, "?") for i in kept)
+
+
 class FakeEmbeddingBackend:
     def __init__(self, name: str, delay: float = 0.0, dimension: int = DIM) -> None:
         self.info = ModelInfo(
             name=name, max_length=MAX_LENGTH, dimension=dimension, vocab_size=VOCAB
         )
+        self.model = SimpleNamespace(tokenizer=FakeTokenizer())  # as SentenceTransformer has
         self.delay = delay
         self.batches: list[int] = []
         self._lock = threading.Lock()

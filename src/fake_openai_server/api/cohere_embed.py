@@ -74,10 +74,6 @@ async def _embed(body: CohereEmbedRequest, request: Request, api_version: str) -
     name = service.names.resolve(body.model)
     texts = texts_of(body)
     check_list(texts, "texts", rt.settings.max_input_chars)
-    if body.input_type == "image":
-        raise _invalid(
-            "input_type 'image' is not supported: this server embeds text.", "input_type"
-        )
     max_length = service.models[name].backend.info.max_length
     if body.max_tokens is not None and body.max_tokens < max_length:
         raise _invalid(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from fake_openai_server.api.schemas import Text, Texts, TokenId, reject_lone_surrogates
 
@@ -173,7 +174,7 @@ class OllamaVersion(BaseModel):
 class OllamaShowRequest(BaseModel):
     model_config = _LOOSE
 
-    model: StrictStr | None = None
+    model: StrictStr | None = Field(None, description="A served model (absent: the first)")
     name: StrictStr | None = Field(None, description="The older name of `model`")
     verbose: Any = None
 
@@ -236,24 +237,33 @@ class CohereInput(BaseModel):
     content: Annotated[list[CohereContent], Field(json_schema_extra={"minItems": 1})]
 
 
+def _texts_required(schema: dict[str, Any]) -> None:
+    # The OpenAPI document asks for texts; v2's inputs (text parts only) are accepted
+    # instead, but left out of it: "texts or inputs, not both" is more than the fuzzer
+    # (and most readers) handle.
+    schema["required"] = ["texts"]
+    texts = schema["properties"]["texts"]
+    texts["anyOf"] = [part for part in texts["anyOf"] if part.get("type") != "null"]
+
+
 class CohereEmbedRequest(BaseModel):
-    model_config = _LOOSE
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_texts_required)
 
     texts: Texts | None = Field(None, description="The texts to embed")
-    inputs: Annotated[list[CohereInput], Field(json_schema_extra={"minItems": 1})] | None = Field(
-        None, description="v2: inputs whose text parts are joined; images are refused"
-    )
-    images: Any = Field(None, description="Not supported: a text model")
+    inputs: SkipJsonSchema[list[CohereInput] | None] = None
+    images: SkipJsonSchema[Any] = Field(None, description="Refused: a text model")
     model: StrictStr | None = None
-    input_type: StrictStr | None = Field(
-        None, description="search_document | search_query | classification | clustering"
-    )
+    input_type: (
+        Literal["search_document", "search_query", "classification", "clustering"] | None
+    ) = Field(None, description="Selects the ruri prefix")
     embedding_types: Annotated[list[CohereEmbeddingType], Field(min_length=1)] | None = None
     truncate: Literal["NONE", "START", "END"] | None = Field(
         None, description="END (default): cut the end; START: cut the start; NONE: refuse"
     )
     output_dimension: OptionalInt = Field(None, description="v2: keep the first N dimensions")
-    max_tokens: OptionalInt = Field(None, description="v2: accepted at or above the model's max")
+    # Cohere v2: only values at or above the model's maximum are accepted (undocumented
+    # here, since that depends on the model).
+    max_tokens: SkipJsonSchema[StrictInt | None] = None
 
     _valid_unicode = _valid_unicode
 

@@ -84,6 +84,13 @@ async def embed(body: OllamaEmbedRequest, request: Request) -> Response:
     service = rt.require_embeddings()
     name = service.names.resolve(model_name(body.model))
     texts = [body.input] if isinstance(body.input, str) else body.input
+    dimension = service.models[name].backend.info.dimension or 0
+    if body.dimensions is not None and not 1 <= body.dimensions <= dimension:
+        raise ServiceError(
+            ErrorKind.INVALID_REQUEST,
+            f"dimensions must be between 1 and {dimension} for this model.",
+            param="dimensions",
+        )
     if texts in ([""], []):
         vectors: list[Any] = []
         tokens = 0
@@ -223,11 +230,8 @@ async def version() -> Response:
 async def show(body: OllamaShowRequest, request: Request) -> Response:
     rt = runtime(request)
     _require_ready(rt)
-    requested = model_name(body.model or body.name)
-    if not requested:
-        raise ServiceError(ErrorKind.INVALID_REQUEST, "model is required", param="model")
     served = {name: (info, embeds) for name, info, embeds in _served(rt)}
-    name = _resolve_any(rt, requested)
+    name = _resolve_any(rt, model_name(body.model or body.name))
     info, embeds = served[name]
     architecture = _architecture(name, embeds)
     model_info: dict[str, Any] = {
@@ -250,7 +254,7 @@ async def show(body: OllamaShowRequest, request: Request) -> Response:
     )
 
 
-def _resolve_any(rt: Runtime, requested: str) -> str:
+def _resolve_any(rt: Runtime, requested: str | None) -> str:
     services = [s for s in (rt.embeddings, rt.rerank) if s is not None]
     for service in services[:-1]:
         try:
