@@ -45,7 +45,13 @@ def _routes() -> list[tuple[str, str]]:
     """Every method and path the app serves, hidden aliases and the docs included."""
     app = build_app(Settings(service_type="all", warmup=False), fake_loader())
     found = {("GET", getattr(r, "path", "")) for r in app.routes if getattr(r, "path", "")}
-    routers = [system.router, embeddings.router, rerank.router, quantized.router, cohere_embed.router]
+    routers = [
+        system.router,
+        embeddings.router,
+        rerank.router,
+        quantized.router,
+        cohere_embed.router,
+    ]
     routers += [tei.router, tei.embed_router, tei.rerank_router]
     routers += [ollama.router, ollama.embed_router, ollama.rerank_router]
     for router in routers:
