@@ -1,4 +1,4 @@
-"""Quantized replies (int8, uint8, binary, ubinary) and the published int8/uint8 ranges."""
+"""Quantized replies (int8, uint8, binary, ubinary) and the published int8/uint8 scale."""
 
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ def calibrations(request: Request) -> Calibrations:
 
 async def as_type(request: Request, model: str, vectors: FloatArray, kind: str) -> Any:
     """``vectors`` of ``model`` as embedding type ``kind`` (a numpy array)."""
-    ranges = await calibrations(request).ranges(model) if kind in CALIBRATED else None
-    return quantize(vectors, kind, ranges)
+    scale = await calibrations(request).scale(model) if kind in CALIBRATED else None
+    return quantize(vectors, kind, scale)
 
 
 @router.get(
     "/info/quantization",
     responses=KEY_RESPONSES,
-    summary="The per-dimension ranges behind int8 and uint8 embeddings",
+    summary="The calibrated scale behind int8 and uint8 embeddings",
 )
-async def quantization_ranges(request: Request) -> Response:
+async def quantization_scale(request: Request) -> Response:
     return Response(json_body(calibrations(request).published()), media_type="application/json")

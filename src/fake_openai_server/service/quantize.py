@@ -4,16 +4,24 @@
   packed eight to a byte, most significant bit first; ``ubinary`` is the byte
   (0..255), ``binary`` the byte minus 128 (-128..127). A vector of d dimensions
   becomes ceil(d / 8) numbers.
-- ``uint8`` / ``int8``: each dimension is mapped linearly from its calibrated range
-  [low, high] onto 256 levels (0..255, or -128..127 for int8), values outside the
-  range clipped. The ranges come from the served model itself, embedding a fixed
-  Japanese corpus (``calibration_corpus.py``) as queries and as documents, so that a
-  dimension's 256 levels cover the values it really takes, instead of a fixed scale
-  that would waste most levels on dimensions with a small spread.
+- ``int8``: ``round(value / step)`` clipped to -128..127, with one ``step`` for every
+  dimension; ``uint8`` is the int8 value plus 128 (0..255).
 
-The ranges are computed once per model (at start-up when WARMUP is on, else on the
-first int8/uint8 request) and published at ``GET /info/quantization``: a client that
-stores int8 vectors can map them back to floats with ``low + (q + 128) * step``.
+The step is calibrated on the served model itself: it embeds a fixed Japanese corpus
+(``calibration_corpus.py``) as queries and as documents, and ``step`` is the largest
+absolute value seen, divided by 127. It is computed once per model (at start-up when
+WARMUP is on, else on the first int8/uint8 request) and published at
+``GET /info/quantization``; ``value ≈ int8 * step`` maps a stored vector back.
+
+Why one step for all dimensions rather than a range per dimension (sentence-
+transformers' calibration): vector databases compare the stored integers directly
+(cosine, dot product). With one step and zero at zero, an int8 vector is the float
+vector times a constant, up to rounding, so those comparisons rank as the floats do.
+Per-dimension ranges use the 256 levels better but stretch every dimension to the same
+width, which re-weights the dimensions: on a ruri-large-shaped stand-in, recall@10
+against float was 0.74 for int8 with per-dimension ranges and 0.99 with one step
+(``bench/quantization.py``; README). uint8 vectors should have 128 subtracted before a
+cosine comparison (dot products of the uint8 values also rank well, as measured there).
 """
 
 from __future__ import annotations
@@ -38,9 +46,9 @@ log = logging.getLogger(__name__)
 EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary"]
 EMBEDDING_TYPES: tuple[EmbeddingType, ...] = ("float", "int8", "uint8", "binary", "ubinary")
 CALIBRATED: frozenset[str] = frozenset({"int8", "uint8"})
-LEVELS = 256
+INT8_MAX = 127
 
-# The prefixes (input types) the corpus is embedded with: the ranges must cover both
+# The prefixes (input types) the corpus is embedded with: the scale must cover both
 # the query and the document side of retrieval.
 CALIBRATION_INPUT_TYPES = ("query", "document")
 
@@ -48,40 +56,36 @@ Embed = Callable[[Sequence[str]], Awaitable[FloatArray]]
 
 
 @dataclass(frozen=True)
-class Ranges:
-    """Per-dimension ranges of a model's vectors over the calibration corpus."""
+class Scale:
+    """A model's int8/uint8 scale: the largest absolute value over the calibration corpus."""
 
-    low: FloatArray
-    high: FloatArray
+    max_abs: float
     texts: int
+    dimension: int
 
     @property
-    def step(self) -> FloatArray:
-        # A dimension that never varied gets a tiny step: its one value maps to level 0.
-        spread = (self.high - self.low) / np.float32(LEVELS - 1)
-        step: FloatArray = np.maximum(spread, np.float32(np.finfo(np.float32).tiny))
-        return step
+    def step(self) -> float:
+        # A model whose corpus vectors are all zero cannot be served anyway (the service
+        # refuses zero vectors); a tiny step keeps the division defined.
+        return max(self.max_abs / INT8_MAX, float(np.finfo(np.float32).tiny))
 
     def published(self) -> dict[str, Any]:
         return {
             "texts": self.texts,
-            "dimension": int(self.low.shape[0]),
-            "low": self.low,
-            "high": self.high,
+            "dimension": self.dimension,
+            "max_abs": self.max_abs,
             "step": self.step,
         }
 
 
-def levels(vectors: FloatArray, ranges: Ranges) -> npt.NDArray[np.int16]:
-    """Each value's level 0..255 in its dimension's range (the first ``d`` dimensions)."""
-    dims = vectors.shape[1]
-    low, step = ranges.low[:dims], ranges.step[:dims]
-    scaled = np.rint((vectors - low) / step)
-    level: npt.NDArray[np.int16] = np.clip(scaled, 0, LEVELS - 1).astype(np.int16)
+def int8_levels(vectors: FloatArray, scale: Scale) -> npt.NDArray[np.int16]:
+    """round(value / step), clipped to the int8 range."""
+    scaled = np.rint(vectors / np.float32(scale.step))
+    level: npt.NDArray[np.int16] = np.clip(scaled, -128, INT8_MAX).astype(np.int16)
     return level
 
 
-def quantize(vectors: FloatArray, kind: str, ranges: Ranges | None = None) -> npt.NDArray[Any]:
+def quantize(vectors: FloatArray, kind: str, scale: Scale | None = None) -> npt.NDArray[Any]:
     """``vectors`` (n, d) as ``kind``: float32, int8, uint8, or packed bits (n, ceil(d/8))."""
     if kind == "float":
         return vectors
@@ -91,23 +95,23 @@ def quantize(vectors: FloatArray, kind: str, ranges: Ranges | None = None) -> np
             return packed
         return (packed.astype(np.int16) - 128).astype(np.int8)
     if kind in CALIBRATED:
-        if ranges is None:
-            raise ValueError(f"{kind} needs calibrated ranges")
-        level = levels(vectors, ranges)
-        if kind == "uint8":
-            return level.astype(np.uint8)
-        return (level - 128).astype(np.int8)
+        if scale is None:
+            raise ValueError(f"{kind} needs a calibrated step")
+        level = int8_levels(vectors, scale)
+        if kind == "int8":
+            return level.astype(np.int8)
+        return (level + 128).astype(np.uint8)
     raise ValueError(f"unknown embedding type {kind!r}")
 
 
-async def calibrate(embed: Embed, corpus: Sequence[str] = CALIBRATION_CORPUS) -> Ranges:
-    """The per-dimension minimum and maximum of ``embed(corpus)``."""
+async def calibrate(embed: Embed, corpus: Sequence[str] = CALIBRATION_CORPUS) -> Scale:
+    """The scale of ``embed(corpus)``: its largest absolute value."""
     vectors = np.asarray(await embed(corpus), dtype=np.float32)
-    return Ranges(vectors.min(axis=0), vectors.max(axis=0), int(vectors.shape[0]))
+    return Scale(float(np.abs(vectors).max()), int(vectors.shape[0]), int(vectors.shape[1]))
 
 
 class Calibrations:
-    """Each served model's ranges, computed once, awaited by the requests that need them.
+    """Each served model's scale, computed once, awaited by the requests that need them.
 
     ``attach`` is the start-up hook: it is given one ``embed`` callable per model once
     the models are ready (see ``api/app.py``), and starts calibrating at once when
@@ -117,7 +121,7 @@ class Calibrations:
     def __init__(self, corpus: Sequence[str] = CALIBRATION_CORPUS) -> None:
         self.corpus = tuple(corpus)
         self._embedders: dict[str, Embed] = {}
-        self._tasks: dict[str, asyncio.Task[Ranges]] = {}
+        self._tasks: dict[str, asyncio.Task[Scale]] = {}
 
     def attach(self, embedders: Mapping[str, Embed], *, start: bool) -> None:
         self._embedders = dict(embedders)
@@ -125,8 +129,10 @@ class Calibrations:
             for name in self._embedders:
                 self._task(name)
 
-    def _task(self, model: str) -> asyncio.Task[Ranges]:
+    def _task(self, model: str) -> asyncio.Task[Scale]:
         task = self._tasks.get(model)
+        if task is not None and task.done() and (task.cancelled() or task.exception()):
+            task = None  # failed earlier (at start-up, say): try again
         if task is None:
             embed = self._embedders.get(model)
             if embed is None:
@@ -141,7 +147,7 @@ class Calibrations:
             self._tasks[model] = task
         return task
 
-    async def ranges(self, model: str) -> Ranges:
+    async def scale(self, model: str) -> Scale:
         task = self._task(model)
         try:
             # shield: a client that goes away must not cancel the calibration for others
@@ -152,11 +158,13 @@ class Calibrations:
                     ErrorKind.NOT_READY, "The server is stopping; retry on another instance."
                 ) from None
             raise
-        except ServiceError as error:
-            if error.kind is ErrorKind.OVERLOADED:
-                del self._tasks[model]  # a busy queue is no reason to fail for good
-            raise
-        except Exception:
+        except Exception as error:
+            # A failed calibration (a full queue, a failed batch) is tried again by the
+            # next request that needs it.
+            if self._tasks.get(model) is task:
+                del self._tasks[model]
+            if isinstance(error, ServiceError):
+                raise
             raise ServiceError(
                 ErrorKind.MODEL_FAILURE,
                 "The int8/uint8 calibration of this model failed (see the server log); "
@@ -172,12 +180,13 @@ class Calibrations:
         return "failed" if task.cancelled() or task.exception() else "ready"
 
     def summary(self) -> dict[str, Any]:
-        """For /info: how the ranges are made and where to fetch them."""
+        """For /info: how the scale is made and where to fetch it."""
         return {
             "types": list(EMBEDDING_TYPES[1:]),
-            "int8_uint8_ranges": "per dimension: min and max over the calibration corpus",
+            "int8": "round(value / step), clipped to -128..127; uint8 = int8 + 128",
+            "step": "the largest absolute value over the calibration corpus, divided by 127",
             "calibration_texts": len(self.corpus) * len(CALIBRATION_INPUT_TYPES),
-            "ranges_url": "/info/quantization",
+            "scale_url": "/info/quantization",
             "models": {name: self.state(name) for name in self._embedders},
         }
 
@@ -190,8 +199,9 @@ class Calibrations:
                 entry.update(task.result().published())
             models[name] = entry
         return {
-            "method": "level = clip(round((value - low) / step), 0, 255); "
-            "uint8 = level, int8 = level - 128; step = (high - low) / 255",
+            "method": "int8 = clip(round(value / step), -128, 127); uint8 = int8 + 128; "
+            "step = max_abs / 127, max_abs being the largest absolute value of the model's "
+            "vectors over the calibration corpus (as queries and as documents)",
             "calibration_texts": len(self.corpus) * len(CALIBRATION_INPUT_TYPES),
             "models": models,
         }
@@ -204,13 +214,13 @@ class Calibrations:
                 await task
 
 
-def _log_outcome(model: str) -> Callable[[asyncio.Task[Ranges]], None]:
-    def done(task: asyncio.Task[Ranges]) -> None:
+def _log_outcome(model: str) -> Callable[[asyncio.Task[Scale]], None]:
+    def done(task: asyncio.Task[Scale]) -> None:
         if task.cancelled():
             return
         error = task.exception()
         if error is None:
-            log.info("int8/uint8 ranges of %s calibrated on %d texts", model, task.result().texts)
+            log.info("int8/uint8 scale of %s calibrated on %d texts", model, task.result().texts)
         elif not (isinstance(error, ServiceError) and error.kind is ErrorKind.OVERLOADED):
             log.error("int8/uint8 calibration of %s failed: %s", model, type(error).__name__)
 
