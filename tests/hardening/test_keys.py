@@ -14,8 +14,7 @@ from typing import Any, cast
 
 import pytest
 
-from fake_openai_server.api import cohere_embed, embeddings, ollama, quantized, rerank, system, tei
-from fake_openai_server.api.app import build_app
+from fake_openai_server.api.app import build_app, routers_for
 from fake_openai_server.settings import Settings
 from tests.support.fakes import fake_loader
 from tests.support.live import LiveServer, serve_app
@@ -45,15 +44,7 @@ def _routes() -> list[tuple[str, str]]:
     """Every method and path the app serves, hidden aliases and the docs included."""
     app = build_app(Settings(service_type="all", warmup=False), fake_loader())
     found = {("GET", getattr(r, "path", "")) for r in app.routes if getattr(r, "path", "")}
-    routers = [
-        system.router,
-        embeddings.router,
-        rerank.router,
-        quantized.router,
-        cohere_embed.router,
-    ]
-    routers += [tei.router, tei.embed_router, tei.rerank_router]
-    routers += [ollama.router, ollama.embed_router, ollama.rerank_router]
+    routers = routers_for(Settings(service_type="all"))
     for router in routers:
         for route in router.routes:
             for method in getattr(route, "methods", ()):

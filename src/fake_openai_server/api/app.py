@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
 from fake_openai_server.api import (
@@ -75,12 +75,7 @@ def build_app(settings: Settings, loader: BackendLoader = load_backends) -> Fast
     app.state.settings = settings
     app.state.started = int(time.time())
 
-    routers = [system.router, tei.router, ollama.router]
-    if settings.serves_embeddings:
-        routers += [embeddings.router, quantized.router, tei.embed_router]
-        routers += [ollama.embed_router, cohere_embed.router]
-    if settings.serves_rerank:
-        routers += [rerank.router, tei.rerank_router, ollama.rerank_router]
+    routers = routers_for(settings)
     for router in routers:
         app.include_router(router)
     install_error_handlers(app)
@@ -108,6 +103,17 @@ def build_app(settings: Settings, loader: BackendLoader = load_backends) -> Fast
         routes=routes,
     )
     return app
+
+
+def routers_for(settings: Settings) -> list[APIRouter]:
+    """The routes of every API family, for what ``settings`` serves."""
+    routers = [system.router, tei.router, ollama.router]
+    if settings.serves_embeddings:
+        routers += [embeddings.router, quantized.router, tei.embed_router]
+        routers += [ollama.embed_router, cohere_embed.router]
+    if settings.serves_rerank:
+        routers += [rerank.router, tei.rerank_router, ollama.rerank_router]
+    return routers
 
 
 def document_statuses_truthfully(app: FastAPI, keys_required: bool) -> None:
