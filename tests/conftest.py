@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.fakes import fake_loader
+from tests.support.fakes import fake_plugin
 from tests.support.live import LiveServer, serve_app
 
 # huggingface_hub reads HF_HOME and HF_HUB_OFFLINE once, when first imported: set them
@@ -64,6 +64,6 @@ def fake_server() -> Iterator[LiveServer]:
     """Both APIs over the deterministic fake backends: fast contract tests, no torch."""
     from fake_openai_server.api.app import build_app
 
-    app = build_app(_settings(service_type="all", warmup=False), fake_loader())  # type: ignore[arg-type]
+    app = build_app(_settings(service_type="all", warmup=False), fake_plugin())  # type: ignore[arg-type]
     with serve_app(app) as server:
         yield server

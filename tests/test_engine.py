@@ -1,174 +1,222 @@
-"""The batching engine: requests share batches, each gets exactly its own rows, in order."""
+"""The batching engine: requests share batches, each gets exactly its own rows, in order.
+
+The queue's batch formation is tested on its own; the engine runs the fake models in
+a real engine process (``tests/support/fakes.py``), as the server does.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import threading
+import json
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
 from fake_openai_server.api.app import build_app
-from fake_openai_server.backends.base import FloatArray, TokenIds
-from fake_openai_server.engine.batcher import Batcher
+from fake_openai_server.backends.base import IdArray
+from fake_openai_server.engine.core import Engine
+from fake_openai_server.engine.queue import BatchLimits, BucketQueue, Item
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.settings import Settings
-from tests.support.fakes import fake_loader, fake_text_vector
+from tests.support.fakes import char_ids, fake_plugin, fake_text_vector
 from tests.support.live import serve_app
 
-pytestmark = pytest.mark.anyio
+MODEL = "cl-nagoya/ruri-large"
 
 
-class Recorder:
-    """A model that returns each item's first token id and records its batches."""
-
-    def __init__(self, delay: float = 0.0, fail_on: int | None = None) -> None:
-        self.delay = delay
-        self.fail_on = fail_on
-        self.batches: list[list[list[int]]] = []
-        self.threads: set[str] = set()
-
-    def __call__(self, batch: Sequence[TokenIds]) -> FloatArray:
-        self.threads.add(threading.current_thread().name)
-        self.batches.append([list(ids) for ids in batch])
-        if self.delay:
-            time.sleep(self.delay)
-        if self.fail_on is not None and any(ids[0] == self.fail_on for ids in batch):
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return np.array([[ids[0], len(ids)] for ids in batch], dtype=np.float32)
+# --- the queue ------------------------------------------------------------------------------
+class Job:
+    gone = False
 
 
-def make(run: Recorder, **limits: int) -> Batcher:
-    options = {"max_batch_size": 64, "max_batch_tokens": 4096, "max_queue_tokens": 100_000}
-    options.update(limits)
-    return Batcher(run, **options)
+def items(*lengths: int, job: Any = None) -> list[Item]:
+    owner = job or Job()
+    return [Item(owner, i, np.full(n, i, dtype=np.int32)) for i, n in enumerate(lengths)]
 
 
-async def test_concurrent_requests_share_batches_and_get_their_own_rows() -> None:
-    run = Recorder(delay=0.05)
-    batcher = make(run)
-    batcher.start()
-    requests = [[[1000 * r + i] * (1 + (r + i) % 7) for i in range(1 + r % 3)] for r in range(40)]
-    results = await asyncio.gather(*(batcher.submit(items) for items in requests))
-    await batcher.stop()
-    for items, out in zip(requests, results, strict=True):
-        assert out[:, 0].tolist() == [ids[0] for ids in items]  # own rows, own order
-        assert out[:, 1].tolist() == [len(ids) for ids in items]
-    assert max(len(b) for b in run.batches) > 10  # items from many requests in one pass
-    assert batcher.stats.items == sum(len(items) for items in requests)
-    assert run.threads and all(name.startswith("infer") for name in run.threads)
+LIMITS = BatchLimits(max_items=64, max_tokens=4096, max_padding=1.1, free_waste=0)
 
 
-async def test_lone_request_runs_at_once() -> None:
-    run = Recorder()
-    batcher = make(run)
-    batcher.start()
-    started = time.perf_counter()
-    await batcher.submit([[1, 2, 3]])
-    assert time.perf_counter() - started < 0.05
-    await batcher.stop()
+def test_a_batch_starts_from_the_oldest_item_and_takes_the_closest_lengths() -> None:
+    queue = BucketQueue()
+    queue.push(items(300, 20, 310, 21, 290, 22, 500, 26))
+    first = queue.take(LIMITS)
+    assert sorted(item.cost for item in first) == [290, 300, 310]
+    second = queue.take(LIMITS)
+    assert sorted(item.cost for item in second) == [20, 21, 22]  # 26 would pad over 10%
+    assert [item.cost for item in queue.take(LIMITS)] == [500]
+    assert [item.cost for item in queue.take(LIMITS)] == [26]
+    assert queue.take(LIMITS) == [] and queue.tokens == 0 and len(queue) == 0
 
 
-async def test_batches_respect_size_and_token_budget() -> None:
-    run = Recorder(delay=0.01)
-    batcher = make(run, max_batch_size=8, max_batch_tokens=200)
-    batcher.start()
+def test_batches_respect_size_and_token_budget() -> None:
+    queue = BucketQueue()
     lengths = [5, 90, 7, 50, 100, 3, 60, 8, 40, 99] * 6
-    await asyncio.gather(*(batcher.submit([[i] * n]) for i, n in enumerate(lengths)))
-    await batcher.stop()
-    for batch in run.batches:
+    queue.push(items(*lengths))
+    limits = BatchLimits(max_items=8, max_tokens=200, max_padding=1.1, free_waste=0)
+    taken = 0
+    while batch := queue.take(limits):
         assert len(batch) <= 8
-        assert len(batch) * max(len(ids) for ids in batch) <= 200
+        assert len(batch) * max(item.cost for item in batch) <= 200
+        taken += len(batch)
+    assert taken == len(lengths)
 
 
-async def test_similar_lengths_are_grouped() -> None:
-    """Short items wait together instead of being padded to the long ones."""
-    run = Recorder(delay=0.02)
-    batcher = make(run, max_batch_tokens=10_000)
-    batcher.start()
-    blocker = asyncio.ensure_future(batcher.submit([[0] * 4]))  # occupies the model
-    await asyncio.sleep(0.005)
-    items = [[[i] * (4 if i % 2 else 400)] for i in range(1, 33)]
-    await asyncio.gather(*(batcher.submit(x) for x in items))
-    await blocker
-    await batcher.stop()
-    padded = sum(len(b) * max(len(ids) for ids in b) for b in run.batches[1:])
-    real = sum(len(ids) for b in run.batches[1:] for ids in b)
-    assert padded / real < 1.2
+def test_free_waste_lets_a_batch_mix_lengths() -> None:
+    """Where a pass costs more than padding (a GPU), one pass takes them all."""
+    queue = BucketQueue()
+    queue.push(items(100, 300, 500, 120, 480))
+    limits = BatchLimits(max_items=64, max_tokens=4096, max_padding=1.1, free_waste=2000)
+    assert len(queue.take(limits)) == 5
 
 
-async def test_cancelled_request_is_not_computed() -> None:
-    run = Recorder(delay=0.1)
-    batcher = make(run)
-    batcher.start()
-    busy = asyncio.ensure_future(batcher.submit([[1]]))
+def test_items_of_a_gone_request_are_skipped_and_counted_out() -> None:
+    queue = BucketQueue()
+    gone = Job()
+    queue.push(items(10, 10, 10, job=gone))
+    queue.push(items(11, 12))
+    gone.gone = True
+    queue.forget(3, 30)
+    assert queue.tokens == 23 and len(queue) == 2
+    batch = queue.take(LIMITS)
+    assert sorted(item.cost for item in batch) == [11, 12]
+    assert queue.take(LIMITS) == [] and queue.tokens == 0
+
+
+def test_taking_a_batch_costs_the_same_at_any_queue_length() -> None:
+    """100,000 items waiting: a batch is formed in about the time it takes with 1,000."""
+
+    def per_batch(n: int) -> float:
+        queue = BucketQueue()
+        rng = np.random.default_rng(0)
+        queue.push(items(*rng.integers(4, 500, n).tolist()))
+        started = time.perf_counter()
+        for _ in range(50):
+            queue.take(LIMITS)
+        return (time.perf_counter() - started) / 50
+
+    small, large = per_batch(1_000), per_batch(100_000)
+    assert large < 0.005, large  # well under a millisecond here; loose for a busy machine
+    assert large < 10 * small + 0.001, (small, large)
+
+
+# --- the engine, with its process -------------------------------------------------------------
+@pytest.fixture
+async def engine_factory(tmp_path: Path) -> AsyncIterator[Any]:
+    engines: list[Engine] = []
+
+    async def make(**options: Any) -> tuple[Engine, Path]:
+        record = tmp_path / f"batches-{len(engines)}.jsonl"
+        limits = {
+            name: options.pop(name)
+            for name in ("max_batch_size", "max_batch_tokens", "max_queue_tokens", "stall_timeout")
+            if name in options
+        }
+        limits.setdefault("max_queue_tokens", 100_000)
+        limits.setdefault("max_batch_tokens", min(4096, limits["max_queue_tokens"]))
+        settings = Settings(warmup=False, max_request_tokens=limits["max_queue_tokens"], **limits)
+        plugin = fake_plugin(echo=True, record=str(record), **options)
+        engine = Engine(settings, plugin, str(tmp_path))
+        await engine.start()
+        engines.append(engine)
+        return engine, record
+
+    yield make
+    for engine in engines:
+        await engine.stop()
+
+
+def ids(*values: int) -> IdArray:
+    return np.asarray(values, dtype=np.int32)
+
+
+def recorded(path: Path) -> list[list[list[int]]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.anyio
+async def test_concurrent_requests_share_batches_and_get_their_own_rows(
+    engine_factory: Any,
+) -> None:
+    engine, record = await engine_factory(delay=0.05)
+    requests = [
+        [ids(*[1000 * r + i] * (1 + (r + i) % 7)) for i in range(1 + r % 3)] for r in range(40)
+    ]
+    results = await asyncio.gather(*(engine.submit(MODEL, rows) for rows in requests))
+    for rows, out in zip(requests, results, strict=True):
+        assert out[:, 0].tolist() == [row[0] for row in rows]  # own rows, own order
+        assert out[:, 1].tolist() == [len(row) for row in rows]
+    assert max(len(batch) for batch in recorded(record)) > 10  # many requests in one pass
+    assert engine.stats()[MODEL]["items"] == sum(len(rows) for rows in requests)
+
+
+@pytest.mark.anyio
+async def test_lone_request_runs_at_once(engine_factory: Any) -> None:
+    engine, _ = await engine_factory()
+    await engine.submit(MODEL, [ids(1, 2, 3)])  # the first call pays for connecting
+    started = time.perf_counter()
+    await engine.submit(MODEL, [ids(1, 2, 3)])
+    assert time.perf_counter() - started < 0.05
+
+
+@pytest.mark.anyio
+async def test_cancelled_request_is_not_computed(engine_factory: Any) -> None:
+    engine, record = await engine_factory(delay=0.1)
+    # Lengths too different to share a batch: two batches in flight, the next one waits.
+    busy = [
+        asyncio.ensure_future(engine.submit(MODEL, [ids(*[i] * n)])) for i, n in ((1, 1), (2, 99))
+    ]
     await asyncio.sleep(0.02)
-    doomed = asyncio.ensure_future(batcher.submit([[666]] * 5))
+    doomed = asyncio.ensure_future(engine.submit(MODEL, [ids(666)] * 5))
     await asyncio.sleep(0.01)
     doomed.cancel()
-    await busy
-    await batcher.submit([[2]])
-    await batcher.stop()
-    assert all(ids[0] != 666 for batch in run.batches for ids in batch)
-    assert batcher.queued_tokens == 0
+    await asyncio.gather(*busy)
+    await engine.submit(MODEL, [ids(3)])
+    assert all(row[0] != 666 for batch in recorded(record) for row in batch)
+    assert engine.queued_tokens(MODEL) == 0
 
 
-async def test_full_queue_refuses_at_once() -> None:
-    run = Recorder(delay=0.1)
-    batcher = make(run, max_queue_tokens=50)
-    batcher.start()
-    first = asyncio.ensure_future(batcher.submit([[1] * 10]))  # taken by the worker
+@pytest.mark.anyio
+async def test_full_queue_refuses_at_once(engine_factory: Any) -> None:
+    engine, _ = await engine_factory(delay=0.1, max_queue_tokens=50, max_batch_tokens=50)
+    running = [
+        asyncio.ensure_future(engine.submit(MODEL, [ids(*[i] * n)])) for i, n in ((1, 1), (2, 10))
+    ]
     await asyncio.sleep(0.02)
-    second = asyncio.ensure_future(batcher.submit([[2] * 40]))  # waits in the queue
+    waiting = asyncio.ensure_future(engine.submit(MODEL, [ids(*[2] * 40)]))  # queued
     await asyncio.sleep(0.01)
     with pytest.raises(ServiceError) as refused:
-        await batcher.submit([[3] * 20])
+        await engine.submit(MODEL, [ids(*[3] * 20)])
     assert refused.value.kind is ErrorKind.OVERLOADED
-    await asyncio.gather(first, second)
-    await batcher.stop()
+    await asyncio.gather(*running, waiting)
 
 
-async def test_failed_batch_fails_only_its_requests() -> None:
-    run = Recorder(delay=0.02, fail_on=13)
-    batcher = make(run, max_batch_size=1)
-    batcher.start()
+@pytest.mark.anyio
+async def test_failed_batch_fails_only_its_requests(engine_factory: Any) -> None:
+    poison = char_ids("☠")[0]
+    engine, _ = await engine_factory(delay=0.02, max_batch_size=1, triggers={"☠": "oom"})
     results = await asyncio.gather(
-        batcher.submit([[12]]),
-        batcher.submit([[13]]),
-        batcher.submit([[14]]),
+        engine.submit(MODEL, [ids(12)]),
+        engine.submit(MODEL, [ids(poison)]),
+        engine.submit(MODEL, [ids(14)]),
         return_exceptions=True,
     )
-    assert isinstance(results[1], ServiceError)
-    assert results[1].kind is ErrorKind.MODEL_FAILURE
-    assert "out of memory" not in results[1].message  # no internals in the reply
+    error = results[1]
+    assert isinstance(error, ServiceError) and error.kind is ErrorKind.MODEL_FAILURE
+    assert "20.00 GiB" not in error.message  # no internals in the reply
     assert results[0][0, 0] == 12 and results[2][0, 0] == 14  # type: ignore[index]
-    assert (await batcher.submit([[15]]))[0, 0] == 15  # still serving
-    await batcher.stop()
-
-
-async def test_shared_inference_thread() -> None:
-    """Several models (SERVICE_TYPE=all) take turns on one inference thread."""
-    executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
-    a, b = Recorder(), Recorder()
-    opts = {"max_batch_size": 8, "max_batch_tokens": 100, "max_queue_tokens": 1000}
-    ba, bb = Batcher(a, executor=executor, **opts), Batcher(b, executor=executor, **opts)
-    ba.start()
-    bb.start()
-    await asyncio.gather(ba.submit([[1]]), bb.submit([[2]]))
-    await ba.stop()
-    await bb.stop()
-    executor.shutdown()
-    assert len(a.threads | b.threads) == 1
+    assert (await engine.submit(MODEL, [ids(15)]))[0, 0] == 15  # still serving
 
 
 def test_many_dify_users_share_batches_over_http() -> None:
     """32 concurrent one-text requests (Dify's shape): shared batches, own vectors."""
     settings = Settings(warmup=False)
-    app = build_app(settings, fake_loader(delay=0.05))
+    app = build_app(settings, fake_plugin(delay=0.05))
     texts = [f"ユーザー{i}の文書です" for i in range(32)]
 
     async def scenario(base_url: str) -> list[list[float]]:
@@ -178,7 +226,7 @@ def test_many_dify_users_share_batches_over_http() -> None:
             )
             assert all(r.status_code == 200 for r in replies)
             info = (await client.get("/info")).json()
-        assert info["engine"]["cl-nagoya/ruri-large"]["mean_batch_size"] >= 4
+        assert info["engine"][MODEL]["mean_batch_size"] >= 4
         return [r.json()["data"][0]["embedding"] for r in replies]
 
     with serve_app(app) as server:

@@ -3,6 +3,7 @@ whose cut is easy to predict: one token per character, plus two special tokens."
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import pytest
@@ -14,14 +15,14 @@ from fake_openai_server.service.truncation import keep_the_end, split_prefix
 MAX = 12
 
 
-def tokenize(texts: Sequence[str]) -> list[Encoded]:
+async def tokenize(texts: Sequence[str]) -> list[Encoded]:
     out = []
     for text in texts:
         ids = [1, *(ord(c) for c in text), 2]
         if len(ids) <= MAX:
-            out.append(Encoded(ids, False, len(ids)))
+            out.append(Encoded.of(ids))
         else:
-            out.append(Encoded([*ids[: MAX - 1], 2], True, len(ids)))
+            out.append(Encoded.of([*ids[: MAX - 1], 2], True, len(ids)))
     return out
 
 
@@ -29,10 +30,10 @@ def tokenize(texts: Sequence[str]) -> list[Encoded]:
 @pytest.mark.parametrize("prefix", ["", "Q: "])
 def test_the_longest_tail_that_fits_is_kept_behind_the_prefix(length: int, prefix: str) -> None:
     body = "".join(chr(0x3041 + i % 80) for i in range(length))
-    [encoded] = keep_the_end(tokenize, MAX)([(prefix, body)])
+    [encoded] = asyncio.run(keep_the_end(tokenize, MAX)([(prefix, body)]))
     room = MAX - 2 - len(prefix)
     kept = body if len(body) <= room else body[len(body) - room :]
-    assert encoded.ids == [1, *(ord(c) for c in prefix + kept), 2]
+    assert encoded.ids.tolist() == [1, *(ord(c) for c in prefix + kept), 2]
     assert encoded.truncated == (len(body) > room)
     assert len(encoded.ids) <= MAX
 

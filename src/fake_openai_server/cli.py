@@ -15,6 +15,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from fake_openai_server import logs
+from fake_openai_server.backends.base import Plugin
 from fake_openai_server.settings import Settings, SettingsError
 
 log = logging.getLogger("fake_openai_server")
@@ -38,9 +39,6 @@ def load_settings(argv: list[str] | None) -> Settings:
     except ValidationError as error:
         for line in settings_error_lines(error):
             print(f"fake-openai-server: invalid setting: {line}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except SettingsError as error:
-        print(f"fake-openai-server: invalid setting: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -83,10 +81,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fake-openai-server: invalid setting: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     logs.configure(settings.log_level, settings.log_json)
+    serve(settings)
 
+
+def serve(settings: Settings, plugin: Plugin | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; exit non-zero if the models could not be (re)started."""
     from fake_openai_server.api.app import build_app
 
-    app = build_app(settings)
+    app = build_app(settings, plugin)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -117,8 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     if failure is not None:
         reason = failure.splitlines()[0] if failure.strip() else failure
+        what = "serve" if app.state.runtime.engine.restarts else "load"
         print(
-            f"fake-openai-server: could not load {configured_models(settings)}: {reason}",
+            f"fake-openai-server: could not {what} {configured_models(settings)}: {reason}",
             file=sys.stderr,
         )
         raise SystemExit(1)

@@ -20,6 +20,7 @@ class ErrorKind(Enum):
     OVERLOADED = "overloaded"
     NOT_READY = "not_ready"
     MODEL_FAILURE = "model_failure"
+    TIMEOUT = "timeout"
     INTERNAL = "internal"
 
 

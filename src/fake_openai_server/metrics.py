@@ -14,7 +14,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from fake_openai_server.engine.batcher import BatchReport
+from fake_openai_server.engine.core import BatchReport
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -70,6 +70,38 @@ class Metrics:
             "fos_queue_tokens", "Tokens waiting for the model", ["model"], registry=r
         )
 
+        self.queue_wait = Histogram(
+            "fos_queue_wait_seconds",
+            "How long the oldest item of each batch waited in the queue",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "fos_event_loop_lag_seconds",
+            "How late the event loop ran a timer (what every request waits before it is read)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+
+        self.engine_restarts = Gauge(
+            "fos_engine_restarts",
+            "Times the engine process was replaced (it died or hung) since the server started",
+            registry=r,
+        )
+        self.tokenizer_restarts = Gauge(
+            "fos_tokenizer_process_restarts",
+            "Times a tokenizer process was replaced since the server started",
+            registry=r,
+        )
+
+    def track_restarts(self, engine: Callable[[], int], tokenizers: Callable[[], int]) -> None:
+        self.engine_restarts.set_function(engine)
+        self.tokenizer_restarts.set_function(tokenizers)
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        self.loop_lag.observe(seconds)
+
     def batch_observer(self, model: str) -> Callable[[BatchReport], None]:
         def observe(report: BatchReport) -> None:
             if report.failed:
@@ -79,6 +111,7 @@ class Metrics:
             self.batch_tokens.labels(model).inc(report.tokens)
             self.padded_tokens.labels(model).inc(report.padded_tokens)
             self.inference.labels(model).observe(report.seconds)
+            self.queue_wait.labels(model).observe(report.queue_seconds)
 
         return observe
 

@@ -99,8 +99,23 @@ class Settings(BaseSettings):
     max_queue_tokens: int = Field(
         2_000_000, ge=1, description="Tokens waiting in the queue before new requests get 429"
     )
-    tokenizer_workers: int = Field(
-        2, ge=1, description="Threads that tokenize requests beside the model"
+    tokenizer_workers: int | None = Field(
+        None,
+        ge=0,
+        description="Tokenizer processes (default: on a GPU host half the cores up to 8; on a "
+        "CPU host 0, tokenizing on two threads of the server)",
+    )
+    request_timeout: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds a request may take, queue included, before it is answered 504 "
+        "(its queued work is dropped)",
+    )
+    stall_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="A forward pass running longer than this (or ten times its expected time, "
+        "if longer) is taken for a hung device: the engine process is restarted",
     )
     cpu_threads: int | None = Field(None, ge=1, description="torch threads on CPU (default: all)")
     warmup: bool = Field(True, description="Run warm-up batches before reporting ready")

@@ -4,23 +4,17 @@ invalid JSON, not ready, and 500s that never carry an exception's text."""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Sequence
+from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fake_openai_server.api.app import build_app
-from fake_openai_server.backends.base import Encoded, FloatArray, TokenIds
-from fake_openai_server.service.runtime import BackendLoader, Backends
+from fake_openai_server.backends.base import Plugin
 from fake_openai_server.settings import Settings
 from tests.e2e.conftest import EMBEDDINGS_MODEL, RERANKER_MODEL, assert_error
-from tests.support.fakes import FakeEmbeddingBackend, FakeRerankBackend, fake_loader
+from tests.support.fakes import SECRET, fake_plugin
 from tests.support.live import LiveServer, serve_app, wait_ready
-
-SECRET = "/home/operator/.cache/secret-model/weights.bin"
-
 
 # --- /v1/models -------------------------------------------------------------------
 
@@ -183,21 +177,14 @@ def test_huge_invalid_value_is_not_echoed_whole(fake_server: LiveServer) -> None
 # --- not ready ---------------------------------------------------------------------------
 
 
-def blocking_loader(release: threading.Event, fail: bool = False) -> BackendLoader:
-    inner = fake_loader()
-
-    def load(settings: Settings) -> Backends:
-        release.wait(timeout=60)
-        if fail:
-            raise RuntimeError(f"cannot open {SECRET}")
-        return inner(settings)
-
-    return load
+def gated_plugin(gate: Path, fail: bool = False) -> Plugin:
+    """Fakes whose loading waits until ``gate`` exists, then fails if asked to."""
+    return fake_plugin(load_gate=str(gate), load_error=f"cannot open {SECRET}" if fail else "")
 
 
-def test_ready_is_503_while_loading_then_200() -> None:
-    release = threading.Event()
-    app = build_app(Settings(service_type="all", warmup=False), blocking_loader(release))
+def test_ready_is_503_while_loading_then_200(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    app = build_app(Settings(service_type="all", warmup=False), gated_plugin(gate))
     try:
         with serve_app(app, wait=False) as server, server.client() as client:
             ready = client.get("/ready")
@@ -211,17 +198,17 @@ def test_ready_is_503_while_loading_then_200() -> None:
                 reply = client.post(path, json=body)
                 assert_error(reply, 503, code="model_not_ready")
                 assert reply.headers["retry-after"].isdigit()
-            release.set()
+            gate.touch()
             wait_ready(server.base_url, timeout=30)
             assert client.post("/v1/embeddings", json={"input": "a"}).status_code == 200
     finally:
-        release.set()
+        gate.touch()
 
 
-def test_failed_loading_is_503_without_the_exception_text() -> None:
-    release = threading.Event()
-    release.set()
-    app = build_app(Settings(service_type="all", warmup=False), blocking_loader(release, True))
+def test_failed_loading_is_503_without_the_exception_text(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    gate.touch()
+    app = build_app(Settings(service_type="all", warmup=False), gated_plugin(gate, fail=True))
     with serve_app(app, wait=False) as server, server.client() as client:
         for _ in range(100):
             ready = client.get("/ready")
@@ -239,42 +226,17 @@ def test_failed_loading_is_503_without_the_exception_text() -> None:
 # --- 500s ----------------------------------------------------------------------------------
 
 
-class ExplodingEmbeddings(FakeEmbeddingBackend):
-    def __init__(self, name: str, where: str) -> None:
-        super().__init__(name)
-        self.where = where
-
-    def tokenize(self, texts: Sequence[str]) -> list[Encoded]:
-        if self.where == "tokenize" and "boom" in texts[0]:
-            raise RuntimeError(f"tokenizer crashed reading {SECRET}")
-        return super().tokenize(texts)
-
-    def embed(self, batch: Sequence[TokenIds]) -> FloatArray:
-        if self.where == "embed" and len(batch[0]) == 6:  # BOS + "boom" + EOS
-            raise RuntimeError(f"CUDA error at {SECRET}")
-        if self.where == "nan" and len(batch[0]) == 6:
-            return np.full((len(batch), 8), np.nan, dtype=np.float32)
-        return super().embed(batch)
-
-
-class ExplodingRerank(FakeRerankBackend):
-    def score(self, batch: Sequence[TokenIds]) -> FloatArray:
-        raise ValueError(f"shape mismatch in {SECRET}")
-
-
-def exploding_loader(where: str) -> BackendLoader:
-    def load(settings: Settings) -> Backends:
-        return Backends(
-            embeddings={EMBEDDINGS_MODEL: ExplodingEmbeddings(EMBEDDINGS_MODEL, where)},
-            rerank={RERANKER_MODEL: ExplodingRerank(RERANKER_MODEL)},
-        )
-
-    return load
+def exploding_plugin(where: str) -> Plugin:
+    """ "boom" makes the tokenizer raise, the model raise or return NaN; rerank always raises."""
+    if where == "tokenize":
+        return fake_plugin(tokenizer_raise="b", model_raise_rerank=True)
+    fault = "raise" if where == "embed" else "nan"
+    return fake_plugin(triggers={"b": fault}, model_raise_rerank=True)
 
 
 @pytest.mark.parametrize("where", ["tokenize", "embed", "nan"])
 def test_500_never_carries_exception_text(where: str) -> None:
-    app = build_app(Settings(service_type="all", warmup=False), exploding_loader(where))
+    app = build_app(Settings(service_type="all", warmup=False), exploding_plugin(where))
     with serve_app(app) as server, server.client() as client:
         reply = client.post("/v1/embeddings", json={"input": "boom"})
         error = assert_error(reply, 500)

@@ -39,10 +39,10 @@ def fake_app_process(settings: dict[str, Any], delay: float) -> Iterator[LiveSer
 def main() -> None:
     from fake_openai_server.api.app import build_app
     from fake_openai_server.settings import Settings
-    from tests.support.fakes import fake_loader
+    from tests.support.fakes import fake_plugin
 
     settings = Settings(**json.loads(sys.argv[1]))
-    app = build_app(settings, fake_loader(float(sys.argv[2])))
+    app = build_app(settings, fake_plugin(delay=float(sys.argv[2])))
     uvicorn.run(app, host=settings.host, port=settings.effective_port, log_level="warning")
 
 

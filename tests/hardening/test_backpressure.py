@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,11 +15,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fake_openai_server.api.app import build_app
-from fake_openai_server.backends.base import FloatArray, TokenIds
-from fake_openai_server.service.runtime import FAILING_AFTER, Backends
+from fake_openai_server.engine.core import FAILING_AFTER
 from fake_openai_server.settings import Settings
 from tests.hardening.fake_app import fake_app_process, rss_bytes
-from tests.support.fakes import FakeEmbeddingBackend, char_ids, fake_loader, fake_text_vector
+from tests.support.fakes import fake_plugin, fake_text_vector
 from tests.support.live import LiveServer, serve_app
 
 
@@ -135,7 +134,7 @@ DELAY = 0.4  # seconds per batch of the fake model
 @pytest.fixture(scope="module")
 def slow_server() -> Iterator[LiveServer]:
     settings = Settings(service_type="all", warmup=False, max_batch_size=1)
-    with serve_app(build_app(settings, fake_loader(DELAY))) as server:
+    with serve_app(build_app(settings, fake_plugin(delay=DELAY))) as server:
         yield server
 
 
@@ -160,17 +159,23 @@ def test_work_of_a_client_that_left_is_not_computed(slow_server: LiveServer, pat
         httpx.Client(base_url=base, timeout=30) as client,
         httpx.Client(base_url=base, timeout=DELAY / 4) as impatient,
     ):
-        busy = threading.Thread(target=client.post, args=(path,), kwargs={"json": _one(path, "先")})
-        busy.start()  # one item: this model is busy for DELAY seconds
+        # Two one-item batches fill the engine's pipeline (PIPELINE_DEPTH) for DELAY seconds.
+        busy = [
+            threading.Thread(target=client.post, args=(path,), kwargs={"json": _one(path, text)})
+            for text in ("先", "次")
+        ]
+        for thread in busy:
+            thread.start()
         time.sleep(DELAY / 8)
         with pytest.raises(httpx.ReadTimeout):
             impatient.post(path, json=_five(path))  # five items queued, then the client leaves
-        busy.join()
+        for thread in busy:
+            thread.join()
         # A later request queues behind whatever is left; by the time it is answered,
         # the five items of the client that left would have run.
         after = client.post(path, json=_one(path, "後"))
         assert after.status_code == 200
-    assert engine_items(base) - before == 2, "the items of the client that left were computed"
+    assert engine_items(base) - before == 3, "the items of the client that left were computed"
     assert metric(base, "fos_requests_total", route=path, status="499") == gone_before + 1
 
 
@@ -179,21 +184,11 @@ def test_work_of_a_client_that_left_is_not_computed(slow_server: LiveServer, pat
 POISON = "☠"  # a batch holding this character makes the model raise
 
 
-class PoisonedBackend(FakeEmbeddingBackend):
-    def embed(self, batch: Sequence[TokenIds]) -> FloatArray:
-        if any(char_ids(POISON)[0] in ids for ids in batch):
-            time.sleep(self.delay)
-            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return super().embed(batch)
-
-
-def poisoned_loader(settings: Settings) -> Backends:
-    return Backends(embeddings={n: PoisonedBackend(n, 0.2) for n in settings.embeddings_model})
-
-
 @pytest.fixture
 def poisoned_server() -> Iterator[LiveServer]:
-    app = build_app(Settings(service_type="embeddings", warmup=False), poisoned_loader)
+    # A batch holding POISON makes the model raise (after 0.2 s, like a real pass).
+    plugin = fake_plugin(delay=0.2, triggers={POISON: "oom"})
+    app = build_app(Settings(service_type="embeddings", warmup=False), plugin)
     with serve_app(app) as server:
         yield server
 
@@ -213,19 +208,26 @@ def test_a_failing_batch_fails_its_requests_and_the_server_goes_on(
         def post(name: str, text: str) -> None:
             results[name] = client.post("/v1/embeddings", json={"input": text})
 
-        busy = threading.Thread(target=post, args=("busy", "先に来た"))
-        busy.start()
-        time.sleep(0.05)  # the model is busy: the next two queue and share one batch
+        # Two batches of lengths too different to share one fill the engine's pipeline
+        # (PIPELINE_DEPTH): the next two requests queue and share one batch.
+        busy = [
+            threading.Thread(target=post, args=("busy", "先に来た")),
+            threading.Thread(target=post, args=("busy too", "長い" * 12)),
+        ]
+        for thread in busy:
+            thread.start()
+        time.sleep(0.05)
         threads = [
             threading.Thread(target=post, args=("poison", f"毒{POISON}")),
             threading.Thread(target=post, args=("bystander", "隣人")),
         ]
         for thread in threads:
             thread.start()
-        for thread in [busy, *threads]:
+        for thread in [*busy, *threads]:
             thread.join()
 
         assert results["busy"].status_code == 200
+        assert results["busy too"].status_code == 200
         for name in ("poison", "bystander"):
             reply = results[name]
             assert reply.status_code == 500, (name, reply.text)

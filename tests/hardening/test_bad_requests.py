@@ -19,7 +19,7 @@ import pytest
 from fake_openai_server.api.app import build_app
 from fake_openai_server.api.errors import MESSAGE_LIMIT
 from fake_openai_server.settings import Settings
-from tests.support.fakes import fake_loader, fake_text_vector
+from tests.support.fakes import fake_plugin, fake_text_vector
 from tests.support.live import LiveServer, serve_app
 
 LIMIT = 8 * 1024 * 1024  # MAX_REQUEST_BYTES (the default)
@@ -36,7 +36,7 @@ def server() -> Iterator[LiveServer]:
         max_input_chars=10_000,
         max_request_tokens=5_000,
     )
-    with serve_app(build_app(settings, fake_loader())) as live:
+    with serve_app(build_app(settings, fake_plugin())) as live:
         yield live
 
 

@@ -15,14 +15,14 @@ from fake_openai_server.api.app import build_app
 from fake_openai_server.api.errors import MESSAGE_LIMIT
 from fake_openai_server.settings import Settings
 from tests.hardening.test_bad_requests import assert_still_serving
-from tests.support.fakes import fake_loader
+from tests.support.fakes import fake_plugin
 from tests.support.live import serve_app
 
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[httpx.Client]:
     settings = Settings(service_type="all", warmup=False, max_input_chars=10_000)
-    with serve_app(build_app(settings, fake_loader())) as live, live.client() as c:
+    with serve_app(build_app(settings, fake_plugin())) as live, live.client() as c:
         yield c
 
 

@@ -29,7 +29,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from fake_openai_server.api.app import build_app
 from fake_openai_server.settings import Settings
-from tests.support.fakes import fake_loader
+from tests.support.fakes import fake_plugin
 from tests.support.live import LiveServer, serve_app
 
 KEY = "fuzz-key-0123456789"
@@ -37,7 +37,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 EXAMPLES = 120  # per operation and generation mode
 APP = build_app(
     Settings(service_type="all", warmup=False, allow_token_ids=True, api_keys=[KEY]),
-    fake_loader(),
+    fake_plugin(),
 )
 SCHEMA = schemathesis.openapi.from_dict(APP.openapi())
 OPERATIONS = {result.ok().label: result.ok() for result in SCHEMA.get_all_operations()}

@@ -16,7 +16,7 @@ import pytest
 
 from fake_openai_server.api.app import build_app, routers_for
 from fake_openai_server.settings import Settings
-from tests.support.fakes import fake_loader
+from tests.support.fakes import fake_plugin
 from tests.support.live import LiveServer, serve_app
 
 PUBLIC = {"/health", "/ready"}
@@ -42,7 +42,7 @@ BODIES: dict[str, dict[str, Any]] = {
 
 def _routes() -> list[tuple[str, str]]:
     """Every method and path the app serves, hidden aliases and the docs included."""
-    app = build_app(Settings(service_type="all", warmup=False), fake_loader())
+    app = build_app(Settings(service_type="all", warmup=False), fake_plugin())
     found = {("GET", getattr(r, "path", "")) for r in app.routes if getattr(r, "path", "")}
     routers = routers_for(Settings(service_type="all"))
     for router in routers:
@@ -98,7 +98,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
         env.setenv("API_KEYS_FILE", str(keys_file))
         settings = Settings(service_type="all", warmup=False)
     assert sorted(settings.all_api_keys()) == sorted(ENV_KEYS + FILE_KEYS)
-    with serve_app(build_app(settings, fake_loader())) as server:
+    with serve_app(build_app(settings, fake_plugin())) as server:
         yield server
 
 
@@ -167,7 +167,7 @@ def test_unknown_routes_need_a_key_too(keyed: LiveServer) -> None:
 
 @pytest.fixture(scope="module")
 def open_server() -> Iterator[LiveServer]:
-    with serve_app(build_app(Settings(service_type="all", warmup=False), fake_loader())) as server:
+    with serve_app(build_app(Settings(service_type="all", warmup=False), fake_plugin())) as server:
         yield server
 
 

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from fake_openai_server.api.app import build_app
 from fake_openai_server.settings import Settings
-from tests.support.fakes import DIM, MAX_LENGTH, fake_loader
+from tests.support.fakes import DIM, MAX_LENGTH, fake_plugin
 from tests.support.live import LiveServer, free_port, serve_app
 
 LIMITS = {
@@ -33,7 +33,7 @@ LIMITS = {
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
     settings = Settings(service_type="all", warmup=False, **LIMITS)  # type: ignore[arg-type]
-    with serve_app(build_app(settings, fake_loader())) as live:
+    with serve_app(build_app(settings, fake_plugin())) as live:
         yield live
 
 

@@ -1,27 +1,63 @@
-"""Deterministic fake backends: drive the whole API fast, with no torch.
+"""Deterministic fake models: a backend plugin (``backends/base.py``) that drives the whole
+server fast, with no torch, and injects faults on purpose.
 
-Vectors and scores are simple functions of the token ids, so tests can compute
-the expected answer independently of the server.
+Vectors and scores are simple functions of the token ids, so tests can compute the
+expected answer independently of the server. The engine process loads the models with
+``load_models``; the server opens the tokenizers with ``open_tokenizer``. Tests choose
+the behaviour with the plugin's options (``fake_plugin(...)``):
+
+- ``delay``: seconds every forward pass takes;
+- ``triggers``: {character: fault}: a batch holding that character's token id
+  ``raise``s, runs out of memory (``oom``), returns ``nan``, ``too_few`` or
+  ``too_many`` rows, ``hang``s, or ``die``s (the engine process kills itself);
+- ``tokenizer_raise``: a text holding this character makes the tokenizer raise;
+- ``tokenizer_delay``: seconds every tokenizer call takes;
+- ``load_seconds``: loading takes this long;
+- ``load_error``: loading raises with this message; ``load_gate``: loading waits for
+  this file to exist; ``fail_after_first_load``: a marker file; every load after the
+  first one fails;
+- ``model_raise`` / ``model_raise_rerank``: every batch (of the reranker) raises;
+- ``echo``: each row is [first id, length] instead of a vector;
+- ``record``: a file to which the engine appends each batch (one JSON list of
+  [first id, length] per line).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
 import threading
 import time
 from collections.abc import Sequence
-from types import SimpleNamespace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from fake_openai_server.backends.base import Encoded, FloatArray, ModelInfo, TokenIds
-from fake_openai_server.service.runtime import BackendLoader, Backends
+from fake_openai_server.backends.base import (
+    Done,
+    Encoded,
+    FloatArray,
+    IdArray,
+    ModelInfo,
+    Pending,
+    Plugin,
+    Task,
+)
 from fake_openai_server.settings import Settings
 
 BOS, EOS, SEP = 1, 2, 3
 DIM = 8
 MAX_LENGTH = 32
 VOCAB = 1000
+SECRET = "/home/operator/.cache/secret-model/weights.bin"
+HANG_SECONDS = 3600.0
+
+
+def fake_plugin(**options: Any) -> Plugin:
+    return Plugin("tests.support.fakes", options)
 
 
 def char_ids(text: str) -> list[int]:
@@ -42,11 +78,20 @@ def fake_text_vector(text: str) -> FloatArray:
 
 def fake_logit(query: str, document: str) -> float:
     """Shared distinct characters, centred: documents sharing more with the query rank higher."""
-    return float(len(set(query) & set(document)) - 2)
+    shared = set(char_ids(query[:MAX_LENGTH])) & set(char_ids(document[:MAX_LENGTH]))
+    return float(len(shared) - 2)
 
 
-class FakeTokenizer:
-    """The part of a Hugging Face tokenizer that /tokenize and /decode use
+def _logit_of(ids: Sequence[int]) -> float:
+    """``fake_logit`` computed from a pair's ids: [BOS, query..., SEP, document..., EOS]."""
+    ids = list(ids)
+    sep = ids.index(SEP)
+    return float(len(set(ids[1:sep]) & set(ids[sep + 1 : -1])) - 2)
+
+
+# --- tokenizers (the server process) -----------------------------------------------------
+class FakeHFTokenizer:
+    """The part of a Hugging Face tokenizer that TEI's /tokenize and /decode use
     (``backends/vocabulary.py``), over the fake model's character ids."""
 
     is_fast = False
@@ -73,74 +118,126 @@ class FakeTokenizer:
         return "".join(self._pieces.get(i, "?") for i in kept)
 
 
-class FakeEmbeddingBackend:
-    def __init__(self, name: str, delay: float = 0.0, dimension: int = DIM) -> None:
-        self.info = ModelInfo(
-            name=name, max_length=MAX_LENGTH, dimension=dimension, vocab_size=VOCAB
-        )
-        self.model = SimpleNamespace(tokenizer=FakeTokenizer())  # as SentenceTransformer has
-        self.delay = delay
-        self.batches: list[int] = []
-        self._lock = threading.Lock()
+class FakeTokenizer:
+    kind = "fake (one token per character)"
 
-    def tokenize(self, texts: Sequence[str]) -> list[Encoded]:
+    def __init__(self, info: ModelInfo, options: dict[str, Any]) -> None:
+        self.hf_tokenizer = FakeHFTokenizer()
+        self.max_length = info.max_length
+        self.explode = options.get("tokenizer_raise")
+        self.delay = float(options.get("tokenizer_delay", 0.0))
+
+    def encode(self, texts: Sequence[str]) -> list[Encoded]:
+        if self.delay:
+            time.sleep(self.delay)
+        if self.explode and any(self.explode in text for text in texts):
+            raise RuntimeError(f"tokenizer crashed reading {SECRET}")
         return [self.wrap_ids(char_ids(text)) for text in texts]
 
-    def wrap_ids(self, ids: TokenIds) -> Encoded:
+    def encode_pairs(self, query: str, documents: Sequence[str]) -> list[Encoded]:
+        if self.explode and self.explode in query:
+            raise RuntimeError(f"tokenizer crashed reading {SECRET}")
+        q = char_ids(query)[:MAX_LENGTH]
+        return [Encoded.of([BOS, *q, SEP, *char_ids(doc)[:MAX_LENGTH], EOS]) for doc in documents]
+
+    def wrap_ids(self, ids: Sequence[int]) -> Encoded:
         full = [BOS, *ids, EOS]
-        if len(full) <= MAX_LENGTH:
-            return Encoded(full, False, len(full))
-        return Encoded(full[: MAX_LENGTH - 1] + [EOS], True, len(full))
+        if len(full) <= self.max_length:
+            return Encoded.of(full)
+        return Encoded.of(full[: self.max_length - 1] + [EOS], True, len(full))
 
-    def embed(self, batch: Sequence[TokenIds]) -> FloatArray:
-        with self._lock:
-            self.batches.append(len(batch))
+
+def open_tokenizer(info: ModelInfo, options: dict[str, Any]) -> FakeTokenizer:
+    return FakeTokenizer(info, options)
+
+
+# --- models (the engine process) -----------------------------------------------------------
+class OutOfMemoryError(RuntimeError):
+    """Named like torch's, which is what the engine recognises."""
+
+
+class FakeModel:
+    def __init__(self, info: ModelInfo, options: dict[str, Any]) -> None:
+        self.info = info
+        self.delay = float(options.get("delay", 0.0))
+        self.triggers = {
+            char_ids(char)[0]: fault for char, fault in options.get("triggers", {}).items()
+        }
+        self.record = options.get("record")
+        self.echo = bool(options.get("echo"))
+        self.always_raise = bool(options.get("model_raise")) or (
+            info.task == "rerank" and bool(options.get("model_raise_rerank"))
+        )
+
+    def export_tokenizer(self, folder: str) -> None:
+        pass
+
+    def launch(self, batch: Sequence[IdArray]) -> Pending:
+        if self.record:
+            with open(self.record, "a") as out:
+                out.write(json.dumps([[int(ids[0]), len(ids)] for ids in batch]) + "\n")
         if self.delay:
             time.sleep(self.delay)
-        return np.stack([fake_vector(ids) for ids in batch])
+        if self.always_raise:
+            raise ValueError(f"shape mismatch in {SECRET}")
+        faults = {
+            self.triggers[i] for ids in batch for i in set(ids.tolist()) & self.triggers.keys()
+        }
+        rows = self.rows(batch)
+        if "raise" in faults:
+            raise RuntimeError(f"CUDA error at {SECRET}")
+        if "oom" in faults:
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        if "die" in faults:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if "hang" in faults:
+            time.sleep(HANG_SECONDS)
+        if "nan" in faults:
+            for row, ids in enumerate(batch):
+                if set(ids.tolist()) & {i for i, f in self.triggers.items() if f == "nan"}:
+                    rows[row] = np.nan
+        if "too_few" in faults:
+            rows = rows[:-1]
+        if "too_many" in faults:
+            rows = np.concatenate([rows, rows[:1]])
+        return Done(rows)
+
+    def rows(self, batch: Sequence[IdArray]) -> FloatArray:
+        if self.echo:
+            return np.array([[ids[0], len(ids)] for ids in batch], dtype=np.float32)
+        if self.info.task == "embeddings":
+            return np.stack([fake_vector(ids.tolist()) for ids in batch])
+        logits = np.asarray([_logit_of(ids.tolist()) for ids in batch], dtype=np.float32)
+        scores = np.asarray([1 / (1 + math.exp(-x)) for x in logits], dtype=np.float32)
+        return np.stack([logits, scores], axis=1)
 
 
-class FakeRerankBackend:
-    def __init__(self, name: str, delay: float = 0.0) -> None:
-        self.info = ModelInfo(name=name, max_length=4 * MAX_LENGTH, vocab_size=VOCAB)
-        self.delay = delay
-        self.batches: list[int] = []
-        self._pairs: dict[tuple[int, ...], float] = {}
-        self._lock = threading.Lock()
-
-    def tokenize_pairs(self, query: str, documents: Sequence[str]) -> list[Encoded]:
-        out = []
-        for doc in documents:
-            ids = [BOS, *char_ids(query)[:MAX_LENGTH], SEP, *char_ids(doc)[:MAX_LENGTH], EOS]
-            with self._lock:
-                self._pairs[tuple(ids)] = fake_logit(query[:MAX_LENGTH], doc[:MAX_LENGTH])
-            out.append(Encoded(ids, False, len(ids)))
-        return out
-
-    def score(self, batch: Sequence[TokenIds]) -> FloatArray:
-        with self._lock:
-            self.batches.append(len(batch))
-            logits = [self._pairs[tuple(ids)] for ids in batch]
-        if self.delay:
-            time.sleep(self.delay)
-        return np.asarray(logits, dtype=np.float32)
-
-    def activate(self, logits: FloatArray) -> FloatArray:
-        return np.asarray([1 / (1 + math.exp(-x)) for x in logits], dtype=np.float32)
+def _info(name: str, task: Task, dimension: int | None = None) -> ModelInfo:
+    max_length = MAX_LENGTH if task == "embeddings" else 4 * MAX_LENGTH
+    return ModelInfo(
+        name=name, task=task, max_length=max_length, dimension=dimension, vocab_size=VOCAB
+    )
 
 
-def fake_loader(delay: float = 0.0) -> BackendLoader:
-    """A loader that serves fakes under the configured model names."""
-
-    def load(settings: Settings) -> Backends:
-        backends = Backends()
-        if settings.serves_embeddings:
-            backends.embeddings = {
-                name: FakeEmbeddingBackend(name, delay) for name in settings.embeddings_model
-            }
-        if settings.serves_rerank:
-            name = settings.reranker_model
-            backends.rerank = {name: FakeRerankBackend(name, delay)}
-        return backends
-
-    return load
+def load_models(settings: Settings, options: dict[str, Any]) -> list[FakeModel]:
+    time.sleep(float(options.get("load_seconds", 0.0)))
+    gate = options.get("load_gate")
+    if gate:
+        deadline = time.monotonic() + 60
+        while not Path(gate).exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    once = options.get("fail_after_first_load")
+    if once:
+        if Path(once).exists():
+            raise RuntimeError("the model files are gone")
+        Path(once).touch()
+    if options.get("load_error"):
+        raise RuntimeError(str(options["load_error"]))
+    dimension = int(options.get("dimension", DIM))
+    models = []
+    if settings.serves_embeddings:
+        for name in settings.embeddings_model:
+            models.append(FakeModel(_info(name, "embeddings", dimension), options))
+    if settings.serves_rerank:
+        models.append(FakeModel(_info(settings.reranker_model, "rerank"), options))
+    return models

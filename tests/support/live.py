@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-READY_TIMEOUT = 120.0
+READY_TIMEOUT = 240.0
 
 
 @dataclass
@@ -125,4 +126,24 @@ def run_cli(
     with run_server_process(
         command, port, log_dir / f"server-{port}.log", full_env, wait
     ) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def fake_cli(
+    settings: dict[str, Any], options: dict[str, Any], log_dir: Path, wait: bool = True
+) -> Iterator[LiveServer]:
+    """The CLI's serving path (``cli.serve``) over the fake models, in a subprocess."""
+    port = free_port()
+    overrides = {**settings, "host": "127.0.0.1", "port": port}
+    command = [
+        sys.executable,
+        "-m",
+        "tests.support.fake_cli",
+        json.dumps(overrides),
+        json.dumps(options),
+    ]
+    root = Path(__file__).resolve().parents[2]
+    log_path = log_dir / f"fake-cli-{port}.log"
+    with run_server_process(command, port, log_path, wait=wait, cwd=root) as server:
         yield server

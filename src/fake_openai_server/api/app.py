@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,9 +25,10 @@ from fake_openai_server.api import (
 from fake_openai_server.api.deps import ClientGone, client_gone_response
 from fake_openai_server.api.errors import error_response, install_error_handlers, request_dialect
 from fake_openai_server.api.middleware import PUBLIC_PATHS, BodyTooLarge, Guard, too_large
+from fake_openai_server.backends.base import Plugin
 from fake_openai_server.metrics import Metrics
 from fake_openai_server.service.quantize import Calibrations, calibration_embedders
-from fake_openai_server.service.runtime import BackendLoader, Runtime, load_backends
+from fake_openai_server.service.runtime import Runtime
 from fake_openai_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,19 +36,36 @@ log = logging.getLogger(__name__)
 TITLE = "fake-openai-server"
 
 
-def build_app(settings: Settings, loader: BackendLoader = load_backends) -> FastAPI:
-    """The app for ``settings.service_type``; models load when the app starts."""
+def build_app(settings: Settings, plugin: Plugin | None = None) -> FastAPI:
+    """The app for ``settings.service_type``; models load when the app starts.
+
+    ``plugin`` names the backend plugin the engine loads (default: the real models).
+    """
     metrics = Metrics()
-    runtime = Runtime(settings, loader, metrics)
+    runtime = Runtime(settings, plugin, metrics)
     calibrations = Calibrations()
+
+    def stop_serving() -> None:
+        on_failure = getattr(app.state, "on_load_failure", None)
+        if on_failure is not None:
+            on_failure()
+
+    def give_up() -> None:
+        """The engine cannot be restarted: stop, so that a supervisor starts a new server."""
+        if getattr(app.state, "on_load_failure", None) is not None:
+            stop_serving()
+        else:
+            # Under `uvicorn --factory`: uvicorn drains, then dies of the signal (non-zero).
+            signal.raise_signal(signal.SIGTERM)
+
+    runtime.on_fatal = give_up
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async def load() -> None:
             await runtime.start()
-            on_failure = getattr(app.state, "on_load_failure", None)
-            if runtime.state == "failed" and on_failure is not None:
-                on_failure()
+            if runtime.state == "failed":
+                stop_serving()
             # The start-up hook of the int8/uint8 calibration (service/quantize.py): once
             # the models are ready, calibrate now when warming up, else on first use.
             if runtime.state == "ready" and runtime.embeddings is not None:
@@ -142,12 +161,12 @@ def document_statuses_truthfully(app: FastAPI, keys_required: bool) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def create_embeddings_app(settings: Settings, loader: BackendLoader = load_backends) -> FastAPI:
-    return build_app(settings.model_copy(update={"service_type": "embeddings"}), loader)
+def create_embeddings_app(settings: Settings, plugin: Plugin | None = None) -> FastAPI:
+    return build_app(settings.model_copy(update={"service_type": "embeddings"}), plugin)
 
 
-def create_rerank_app(settings: Settings, loader: BackendLoader = load_backends) -> FastAPI:
-    return build_app(settings.model_copy(update={"service_type": "reranker"}), loader)
+def create_rerank_app(settings: Settings, plugin: Plugin | None = None) -> FastAPI:
+    return build_app(settings.model_copy(update={"service_type": "reranker"}), plugin)
 
 
 def create_app() -> FastAPI:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from fake_openai_server.api.deps import runtime, unless_disconnected
+from fake_openai_server.api.deps import answer_in_time, runtime
 from fake_openai_server.api.errors import ERROR_RESPONSES
 from fake_openai_server.api.quantized import as_type
 from fake_openai_server.api.schemas import EmbeddingsRequest, EmbeddingsResponse
@@ -38,7 +38,7 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
     truncate: TruncateMode | None = None
     if body.truncation is not None:
         truncate = "end" if body.truncation else "none"
-    result = await unless_disconnected(
+    result = await answer_in_time(
         request,
         service.embed(
             items,

@@ -42,6 +42,7 @@ ERROR_TABLE: dict[ErrorKind, tuple[int, str, str | None]] = {
     ErrorKind.MODEL_FAILURE: (500, "server_error", "model_failure"),
     ErrorKind.INTERNAL: (500, "server_error", None),
     ErrorKind.NOT_READY: (503, "server_error", "model_not_ready"),
+    ErrorKind.TIMEOUT: (504, "server_error", "timeout"),
 }
 
 RETRY_AFTER_SECONDS = {ErrorKind.OVERLOADED: "1", ErrorKind.NOT_READY: "5"}
@@ -57,6 +58,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (429, "Queue full: retry after the Retry-After header"),
         (500, "Model failure"),
         (503, "Model not ready"),
+        (504, "Not answered within REQUEST_TIMEOUT"),
     ]
 }
 

@@ -35,7 +35,7 @@ from fake_openai_server.api.compat_schemas import (
     OllamaTags,
     OllamaVersion,
 )
-from fake_openai_server.api.deps import runtime, unless_disconnected
+from fake_openai_server.api.deps import answer_in_time, runtime
 from fake_openai_server.api.errors import KEY_RESPONSES
 from fake_openai_server.api.serialize import json_body
 from fake_openai_server.backends.base import ModelInfo
@@ -84,7 +84,7 @@ async def embed(body: OllamaEmbedRequest, request: Request) -> Response:
     service = rt.require_embeddings()
     name = service.names.resolve(model_name(body.model))
     texts = [body.input] if isinstance(body.input, str) else body.input
-    dimension = service.models[name].backend.info.dimension or 0
+    dimension = service.models[name].info.dimension or 0
     if body.dimensions is not None and not 1 <= body.dimensions <= dimension:
         raise ServiceError(
             ErrorKind.INVALID_REQUEST,
@@ -96,7 +96,7 @@ async def embed(body: OllamaEmbedRequest, request: Request) -> Response:
         tokens = 0
     else:
         check_texts(texts, "input", rt.settings.max_input_chars)
-        result = await unless_disconnected(
+        result = await answer_in_time(
             request,
             service.embed(
                 texts,
@@ -131,7 +131,7 @@ async def embeddings(body: OllamaEmbeddingsRequest, request: Request) -> Respons
     if body.prompt == "":
         return _json({"embedding": []})
     check_texts([body.prompt], "prompt", rt.settings.max_input_chars)
-    result = await unless_disconnected(request, service.embed([body.prompt], model=name))
+    result = await answer_in_time(request, service.embed([body.prompt], model=name))
     return _json({"embedding": result.vectors[0]})
 
 
@@ -145,7 +145,7 @@ async def rerank(body: OllamaRerankRequest, request: Request) -> Response:
     rt = runtime(request)
     service = rt.require_rerank()
     check_list(body.documents, "documents", rt.settings.max_input_chars)
-    result = await unless_disconnected(
+    result = await answer_in_time(
         request,
         service.rerank(body.query, body.documents, model=model_name(body.model), top_n=body.top_n),
     )

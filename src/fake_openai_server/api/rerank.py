@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from fake_openai_server.api.deps import runtime, unless_disconnected
+from fake_openai_server.api.deps import answer_in_time, runtime
 from fake_openai_server.api.errors import ERROR_RESPONSES
 from fake_openai_server.api.schemas import DocumentObject, RerankRequest, RerankResponse
 from fake_openai_server.api.serialize import json_body
@@ -53,7 +53,7 @@ async def _rerank(body: RerankRequest, request: Request, api_version: str) -> Re
     service = runtime(request).require_rerank()
     texts = document_texts(body)
     top_n = body.top_k if body.top_n is None else body.top_n
-    result = await unless_disconnected(
+    result = await answer_in_time(
         request,
         service.rerank(
             body.query,

@@ -27,7 +27,7 @@ from fake_openai_server.api.compat_schemas import (
     TeiToken,
     TeiTokenizeRequest,
 )
-from fake_openai_server.api.deps import runtime, unless_disconnected
+from fake_openai_server.api.deps import answer_in_time, runtime
 from fake_openai_server.api.schemas import RerankRequest
 from fake_openai_server.api.serialize import json_body
 from fake_openai_server.errors import ErrorKind, ServiceError
@@ -80,7 +80,7 @@ async def embed(body: TeiEmbedRequest, request: Request) -> Response:
     service = rt.require_embeddings()
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     check_list(texts, "inputs", rt.settings.max_input_chars)
-    result = await unless_disconnected(
+    result = await answer_in_time(
         request,
         service.embed(
             texts,
@@ -106,7 +106,7 @@ async def tei_rerank(body: TeiRerankRequest, request: Request) -> Response:
             param="truncation_direction",
         )
     truncate = body.truncate if body.truncate is not None else rt.settings.truncate
-    result = await unless_disconnected(
+    result = await answer_in_time(
         request,
         service.rerank(
             body.query,

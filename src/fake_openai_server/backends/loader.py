@@ -1,17 +1,16 @@
-"""Loads the configured models as backends (the only place that picks torch classes)."""
+"""The backend plugin for real models (see ``backends/base.py``).
+
+``load_models`` runs in the engine process and is the only place that picks torch
+classes; ``open_tokenizer`` runs where texts are tokenized and needs no model.
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fake_openai_server import logs
-from fake_openai_server.backends.base import EmbeddingBackend, RerankBackend
-from fake_openai_server.backends.sentence_transformers import (
-    CrossEncoderBackend,
-    SentenceTransformerBackend,
-    configure_threads,
-    resolve_precision,
-)
+from fake_openai_server.backends.base import Model, ModelInfo, Tokenizer
 from fake_openai_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,12 +27,21 @@ def route_library_logs(settings: Settings) -> None:
         transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
-def load_embeddings(settings: Settings) -> dict[str, EmbeddingBackend]:
+def load_models(settings: Settings, options: dict[str, Any]) -> list[Model]:
+    """The configured models, loaded onto the device in the precision DTYPE picks."""
+    from fake_openai_server.backends.sentence_transformers import (
+        CrossEncoderModel,
+        SentenceTransformerModel,
+        configure_threads,
+        resolve_precision,
+    )
+
     route_library_logs(settings)
     configure_threads(settings.cpu_threads)
     precision = resolve_precision(settings.device, settings.dtype)
-    backends: dict[str, EmbeddingBackend] = {}
-    for name in settings.embeddings_model:
+    models: list[Model] = []
+    names = settings.embeddings_model if settings.serves_embeddings else []
+    for name in names:
         log.info(
             "loading embeddings model %s on %s as %s (%s)",
             name,
@@ -41,20 +49,26 @@ def load_embeddings(settings: Settings) -> dict[str, EmbeddingBackend]:
             precision.dtype,
             precision.reason,
         )
-        backends[name] = SentenceTransformerBackend(name, precision, settings.max_seq_length)
-    return backends
+        models.append(SentenceTransformerModel(name, precision, settings.max_seq_length))
+    if settings.serves_rerank:
+        name = settings.reranker_model
+        log.info(
+            "loading reranker model %s on %s as %s (%s)",
+            name,
+            precision.device,
+            precision.dtype,
+            precision.reason,
+        )
+        models.append(CrossEncoderModel(name, precision, settings.max_seq_length))
+    return models
 
 
-def load_reranker(settings: Settings) -> dict[str, RerankBackend]:
-    route_library_logs(settings)
-    configure_threads(settings.cpu_threads)
-    precision = resolve_precision(settings.device, settings.dtype)
-    name = settings.reranker_model
-    log.info(
-        "loading reranker model %s on %s as %s (%s)",
-        name,
-        precision.device,
-        precision.dtype,
-        precision.reason,
-    )
-    return {name: CrossEncoderBackend(name, precision, settings.max_seq_length)}
+def prepare_tokenizers() -> None:
+    """Import the tokenizer libraries (seconds), while the engine process loads the models."""
+    import transformers  # noqa: F401
+
+
+def open_tokenizer(info: ModelInfo, options: dict[str, Any]) -> Tokenizer:
+    from fake_openai_server.backends.tokenizer import HFTokenizer
+
+    return HFTokenizer.open(info)

@@ -1,32 +1,33 @@
-"""Backends over sentence-transformers models (SentenceTransformer, CrossEncoder).
+"""Models over sentence-transformers (SentenceTransformer, CrossEncoder), in the engine process.
 
-The model is loaded the way sentence-transformers loads it; inference calls the
-model's own modules on token ids prepared once by :meth:`tokenize`, so the
-numbers are those of ``encode`` / ``predict`` without a second tokenization.
+The model is loaded the way sentence-transformers loads it; a forward pass calls the
+model's own modules on token ids tokenized once in the server process, so the numbers
+are those of ``encode`` / ``predict`` without a second tokenization. The tokenizer is
+saved for the server process (``export_tokenizer``).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import platform
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from fake_openai_server.backends.base import Encoded, FloatArray, ModelInfo, TokenIds
+from fake_openai_server.backends.base import (
+    Done,
+    FloatArray,
+    IdArray,
+    ModelInfo,
+    Pending,
+    Task,
+)
 
 log = logging.getLogger(__name__)
-
-# Text is cut to this many characters per allowed token before it reaches the
-# word tokenizer: no token is longer, and MeCab (fugashi) crashes the whole
-# process on inputs of a few hundred thousand characters.
-CHARS_PER_TOKEN_CAP = 16
-MAX_TOKENIZER_CHARS = 50_000
 
 
 @dataclass(frozen=True)
@@ -73,23 +74,6 @@ def configure_threads(cpu_threads: int | None) -> None:
         torch.set_num_threads(cpu_threads)
 
 
-class _PerThreadTokenizer:
-    """HF tokenizers are not safe to share between threads: one copy per thread."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._prototype = tokenizer
-        self._local = threading.local()
-        self._lock = threading.Lock()
-
-    def get(self) -> Any:
-        tokenizer = getattr(self._local, "tokenizer", None)
-        if tokenizer is None:
-            with self._lock:
-                tokenizer = copy.deepcopy(self._prototype)
-            self._local.tokenizer = tokenizer
-        return tokenizer
-
-
 def _quantize_int8(module: torch.nn.Module) -> None:
     """Dynamic int8 quantisation of every Linear layer (CPU only), in place."""
     torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
@@ -97,19 +81,41 @@ def _quantize_int8(module: torch.nn.Module) -> None:
     )
 
 
-class _TorchRunner:
-    """Pads a batch of token ids and runs the sentence-transformers modules."""
+class _OnDevice:
+    """A batch launched on a GPU: its rows are copied back once its kernels have run."""
 
-    def __init__(self, model: Any, precision: Precision, pad_id: int, output: str) -> None:
+    def __init__(self, rows: torch.Tensor) -> None:
+        self._host = torch.empty(rows.shape, dtype=torch.float32, pin_memory=True)
+        self._host.copy_(rows, non_blocking=True)
+        self._done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        self._done.record()
+
+    def result(self) -> FloatArray:
+        self._done.synchronize()  # waits without the GIL
+        rows: FloatArray = self._host.numpy()
+        return rows
+
+
+class _TorchRunner:
+    """Pads a batch of token ids and runs the sentence-transformers modules.
+
+    On CUDA, ``launch`` returns as soon as the kernels are queued, so the engine can
+    queue the next batch while this one runs; on CPU the pass runs inside ``launch``.
+    """
+
+    def __init__(
+        self, model: Any, precision: Precision, pad_id: int, forward: Callable[..., torch.Tensor]
+    ) -> None:
         self.model = model
         self.precision = precision
         self.pad_id = pad_id
-        self.output = output
+        self.forward = forward
         self.device = torch.device(precision.device)
+        self.cuda = self.device.type == "cuda"
 
-    def run(self, batch: Sequence[TokenIds]) -> torch.Tensor:
+    def launch(self, batch: Sequence[IdArray]) -> Pending:
         try:
-            return self._run(batch)
+            return self._launch(batch)
         except torch.cuda.OutOfMemoryError:
             # The batch fails (its requests get 500); give back what it left cached so
             # that the next batches can run.
@@ -117,19 +123,25 @@ class _TorchRunner:
             raise
 
     @torch.inference_mode()
-    def _run(self, batch: Sequence[TokenIds]) -> torch.Tensor:
-        longest = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-            attention[row, : len(ids)] = 1
+    def _launch(self, batch: Sequence[IdArray]) -> Pending:
+        lengths = np.fromiter((len(ids) for ids in batch), dtype=np.int64, count=len(batch))
+        longest = int(lengths.max())
+        ids = np.full((len(batch), longest), self.pad_id, dtype=np.int64)
+        for row, item in enumerate(batch):
+            ids[row, : len(item)] = item
+        mask = (np.arange(longest) < lengths[:, None]).astype(np.int64)
+        input_ids, attention = torch.from_numpy(ids), torch.from_numpy(mask)
+        if self.cuda:
+            input_ids, attention = input_ids.pin_memory(), attention.pin_memory()
         features = {
             "input_ids": input_ids.to(self.device, non_blocking=True),
             "attention_mask": attention.to(self.device, non_blocking=True),
         }
-        out: torch.Tensor = self.model(features)[self.output]
-        return out.float().cpu()
+        out = self.forward(features).float()
+        if self.cuda:
+            return _OnDevice(out)
+        rows: FloatArray = out.numpy()
+        return Done(rows)
 
 
 def _load_common(precision: Precision) -> dict[str, Any]:
@@ -144,53 +156,30 @@ def _max_length(model_max: int | None, requested: int | None) -> int:
     return min(model_max, requested) if requested else model_max
 
 
-def _cut(text: str, max_length: int) -> str:
-    return text[: min(max_length * CHARS_PER_TOKEN_CAP, MAX_TOKENIZER_CHARS)]
-
-
-def _end_tokens(tokenizer: Any) -> list[int]:
-    """The special tokens the tokenizer appends after the text ([SEP] for BERT, </s> for ruri-v3).
-
-    A cut sequence keeps them, as the tokenizer's own truncation does.
-    """
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return list(full[start + len(plain) :])
-    return []
-
-
-def _encode_one(ids: list[int], max_length: int, end: list[int]) -> Encoded:
-    """Cut ``ids`` (tokenized to max_length + 1) to max_length, keeping the end tokens."""
-    if len(ids) <= max_length:
-        return Encoded(ids, truncated=False, original_length=len(ids))
-    cut = ids[: max_length - len(end)] + end
-    return Encoded(cut, truncated=True, original_length=len(ids))
-
-
 class _LoadedModel:
-    """What both backends share: the model in its precision, its length, tokenizers, runner."""
+    """What both models share: the model in its precision, its length, the runner."""
+
+    task: Task
 
     def __init__(
-        self, model: Any, precision: Precision, max_seq_length: int | None, output: str
+        self, name: str, model: Any, precision: Precision, max_seq_length: int | None
     ) -> None:
         if precision.dtype == "int8":
             _quantize_int8(model)
         model.eval()
+        self.name = name
         self.model = model
         self.precision = precision
         self.max_length = _max_length(model.max_seq_length, max_seq_length)
         model.max_seq_length = self.max_length
         tokenizer = model.tokenizer
         self.vocab_size = len(tokenizer)
-        self._tokenizers = _PerThreadTokenizer(tokenizer)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._runner = _TorchRunner(model, precision, pad_id, output)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def _info(self, name: str, **extra: Any) -> ModelInfo:
+    def _info(self, **extra: Any) -> ModelInfo:
         return ModelInfo(
-            name=name,
+            name=self.name,
+            task=self.task,
             max_length=self.max_length,
             vocab_size=self.vocab_size,
             dtype=self.precision.dtype,
@@ -199,64 +188,55 @@ class _LoadedModel:
             **extra,
         )
 
+    def export_tokenizer(self, folder: str) -> None:
+        self.model.tokenizer.save_pretrained(folder)
 
-class SentenceTransformerBackend(_LoadedModel):
+
+class SentenceTransformerModel(_LoadedModel):
     """Embeddings from a ``SentenceTransformer`` (Transformer + Pooling [+ Normalize])."""
+
+    task: Task = "embeddings"
 
     def __init__(self, name: str, precision: Precision, max_seq_length: int | None) -> None:
         from sentence_transformers import SentenceTransformer
 
         model = SentenceTransformer(name, **_load_common(precision))
-        super().__init__(model, precision, max_seq_length, "sentence_embedding")
-        self._end = _end_tokens(model.tokenizer)
+        super().__init__(name, model, precision, max_seq_length)
         dimension = model.get_embedding_dimension()
-        self.info = self._info(name, dimension=int(dimension) if dimension is not None else None)
+        self.info = self._info(dimension=int(dimension) if dimension is not None else None)
+        self._runner = _TorchRunner(model, precision, self.pad_id, self._forward)
 
-    def tokenize(self, texts: Sequence[str]) -> list[Encoded]:
-        tokenizer = self._tokenizers.get()
-        cut = [_cut(text, self.max_length) for text in texts]
-        ids = tokenizer(cut, truncation=True, max_length=self.max_length + 1)["input_ids"]
-        return [_encode_one(list(row), self.max_length, self._end) for row in ids]
+    def _forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        out: torch.Tensor = self.model(features)["sentence_embedding"]
+        return out
 
-    def wrap_ids(self, ids: TokenIds) -> Encoded:
-        tokenizer = self._tokenizers.get()
-        wrapped = tokenizer.build_inputs_with_special_tokens(list(ids))
-        return _encode_one(list(wrapped), self.max_length, self._end)
-
-    def embed(self, batch: Sequence[TokenIds]) -> FloatArray:
-        result: FloatArray = self._runner.run(batch).numpy()
-        return result
+    def launch(self, batch: Sequence[IdArray]) -> Pending:
+        return self._runner.launch(batch)
 
 
-class CrossEncoderBackend(_LoadedModel):
+class CrossEncoderModel(_LoadedModel):
     """Scores from a ``CrossEncoder`` (a sequence-classification model, one label)."""
+
+    task: Task = "rerank"
 
     def __init__(self, name: str, precision: Precision, max_seq_length: int | None) -> None:
         from sentence_transformers import CrossEncoder
 
         model = CrossEncoder(name, **_load_common(precision))
-        super().__init__(model, precision, max_seq_length, "scores")
+        super().__init__(name, model, precision, max_seq_length)
         self._activation: Callable[[torch.Tensor], torch.Tensor] = (
             model.activation_fn or torch.nn.Identity()
         )
-        self.info = self._info(name, extra={"activation": type(self._activation).__name__})
+        self.info = self._info()
+        self._runner = _TorchRunner(model, precision, self.pad_id, self._forward)
 
-    def tokenize_pairs(self, query: str, documents: Sequence[str]) -> list[Encoded]:
-        tokenizer = self._tokenizers.get()
-        query = _cut(query, self.max_length)
-        docs = [_cut(doc, self.max_length) for doc in documents]
-        ids = tokenizer(
-            [query] * len(docs), docs, truncation="longest_first", max_length=self.max_length
-        )["input_ids"]
-        return [Encoded(list(row), original_length=len(row)) for row in ids]
-
-    def score(self, batch: Sequence[TokenIds]) -> FloatArray:
-        logits = self._runner.run(batch)
+    def _forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits: torch.Tensor = self.model(features)["scores"]
         if logits.ndim > 1:
             logits = logits[:, 0]
-        result: FloatArray = logits.numpy()
-        return result
+        logits = logits.float()
+        # Both columns of RERANK_COLUMNS: the raw logit and the model's own activation.
+        return torch.stack([logits, self._activation(logits)], dim=1)
 
-    def activate(self, logits: FloatArray) -> FloatArray:
-        result: FloatArray = self._activation(torch.from_numpy(logits)).numpy()
-        return result
+    def launch(self, batch: Sequence[IdArray]) -> Pending:
+        return self._runner.launch(batch)

@@ -1,8 +1,9 @@
-"""Token-level access to a loaded model's own tokenizer, for TEI's /tokenize and /decode.
+"""Token-level access to a served model's own tokenizer, for TEI's /tokenize and /decode.
 
-A new, separate module: the backends keep their narrow interface (ids in, vectors out),
-and this one only reads the Hugging Face tokenizer a sentence-transformers model
-carries (``backend.model.tokenizer``). It imports neither torch nor FastAPI.
+A new, separate module: the ``Tokenizer`` interface stays narrow (texts in, ids out),
+and this one reads the Hugging Face tokenizer itself: the one a ``Tokenizer`` exposes
+as ``hf_tokenizer``, else the copy the engine saved in ``info.tokenizer_dir``, opened
+on first use. It imports neither torch nor FastAPI.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from fake_openai_server.backends.base import ModelInfo
 
 # MeCab (fugashi) crashes the process on inputs of a few hundred thousand characters;
 # the embedding path cuts texts before they reach it, and /tokenize refuses longer ones.
@@ -86,9 +89,13 @@ def _align(
     return spans
 
 
-def vocabulary_of(backend: object) -> Vocabulary | None:
-    """The vocabulary of a sentence-transformers backend; None for other backends."""
-    tokenizer = getattr(getattr(backend, "model", None), "tokenizer", None)
-    if tokenizer is None or not hasattr(tokenizer, "convert_ids_to_tokens"):
+def vocabulary_of(tokenizer: object, info: ModelInfo) -> Vocabulary | None:
+    """The vocabulary of a served model; None when neither source is there."""
+    hf_tokenizer = getattr(tokenizer, "hf_tokenizer", None)
+    if hf_tokenizer is None and info.tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        hf_tokenizer = AutoTokenizer.from_pretrained(info.tokenizer_dir)
+    if hf_tokenizer is None or not hasattr(hf_tokenizer, "convert_ids_to_tokens"):
         return None
-    return Vocabulary(tokenizer)
+    return Vocabulary(hf_tokenizer)

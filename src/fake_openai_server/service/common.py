@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import Executor
 from typing import TypeVar
 
 import numpy as np
@@ -76,23 +75,22 @@ def check_texts(texts: Sequence[str], param: str, max_chars: int) -> None:
 
 
 async def pipeline(
-    executor: Executor,
-    prepare: Callable[[Sequence[T]], list[Encoded]],
+    prepare: Callable[[Sequence[T]], Awaitable[list[Encoded]]],
     items: Sequence[T],
     run: Callable[[list[Encoded]], Awaitable[FloatArray]],
 ) -> FloatArray:
-    """Prepare ``items`` in chunks on ``executor`` and run each chunk as soon as it is ready.
+    """Prepare (tokenize) ``items`` in chunks and run each chunk as soon as it is ready.
 
     A large request starts on the model while the rest is still being tokenized.
     If any chunk fails, the others are cancelled (their queued work is dropped).
     Returns the outputs stacked in input order.
     """
-    loop = asyncio.get_running_loop()
 
     async def one(chunk: Sequence[T]) -> FloatArray:
-        encoded = await loop.run_in_executor(executor, prepare, chunk)
-        return await run(encoded)
+        return await run(await prepare(chunk))
 
+    if len(items) <= TOKENIZE_CHUNK:
+        return await one(items)  # one chunk (Dify's one text): no tasks to spare
     chunks = [items[i : i + TOKENIZE_CHUNK] for i in range(0, len(items), TOKENIZE_CHUNK)]
     try:
         async with asyncio.TaskGroup() as group:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 from typing import cast
 
 import numpy as np
 
-from fake_openai_server.backends.base import EmbeddingBackend, Encoded, FloatArray
-from fake_openai_server.engine.batcher import Batcher
+from fake_openai_server.backends.base import Encoded, FloatArray, ModelInfo, Tokenizer
+from fake_openai_server.engine.core import Engine
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.families import INPUT_TYPE_ALIASES, Family, apply_prefix
 from fake_openai_server.service.common import (
@@ -19,6 +20,7 @@ from fake_openai_server.service.common import (
     check_texts,
     pipeline,
 )
+from fake_openai_server.service.tokenizing import TokenizerPool
 from fake_openai_server.service.truncation import TruncateMode, keep_the_end, split_prefix
 from fake_openai_server.settings import Settings
 
@@ -32,8 +34,8 @@ LANGCHAIN_HINT = (
 
 @dataclass
 class EmbeddingModel:
-    backend: EmbeddingBackend
-    batcher: Batcher
+    info: ModelInfo
+    tokenizer: Tokenizer
     family: Family
 
 
@@ -62,12 +64,14 @@ class EmbeddingsService:
         self,
         models: dict[str, EmbeddingModel],
         settings: Settings,
-        tokenizer_pool: Executor,
+        engine: Engine,
+        tokenizers: TokenizerPool,
     ) -> None:
         self.models = models
         self.names = ModelNames(list(models), settings.aliases())
         self.settings = settings
-        self._pool = tokenizer_pool
+        self._engine = engine
+        self._tokenizers = tokenizers
 
     def resolve(self, requested: str | None) -> EmbeddingModel:
         return self.models[self.names.resolve(requested)]
@@ -84,7 +88,8 @@ class EmbeddingsService:
     ) -> EmbeddingResult:
         """``truncate`` and ``normalize`` are per-request choices of the other APIs (TEI,
         Cohere, Ollama, Voyage); ``None`` keeps the server's TRUNCATE / NORMALIZE."""
-        entry = self.resolve(model)
+        name = self.names.resolve(model)
+        entry = self.models[name]
         settings = self.settings
         if len(inputs) > settings.max_inputs:
             raise ServiceError(
@@ -92,7 +97,7 @@ class EmbeddingsService:
                 f"input has {len(inputs)} items, over the limit MAX_INPUTS={settings.max_inputs}.",
                 param="input",
             )
-        dimension = entry.backend.info.dimension or 0
+        dimension = entry.info.dimension or 0
         if dimensions is not None and not 1 <= dimensions <= dimension:
             raise ServiceError(
                 ErrorKind.INVALID_REQUEST,
@@ -111,26 +116,32 @@ class EmbeddingsService:
                     raise ServiceError(
                         ErrorKind.INVALID_REQUEST,
                         f"An input has {item.original_length} tokens, over this model's maximum "
-                        f"of {entry.backend.info.max_length}{why}.",
+                        f"of {entry.info.max_length}{why}.",
                         param="input",
                     )
             tokens.add(encoded)
-            return await entry.batcher.submit([item.ids for item in encoded])
+            return await self._engine.submit(name, [item.ids for item in encoded])
 
         if inputs and not isinstance(inputs[0], str):
             rows = cast(Sequence[Sequence[int]], inputs)
-            vectors = await pipeline(self._pool, self._token_id_preparer(entry), rows, run)
+            preparer = self._token_id_preparer(entry)
+
+            async def prepare(chunk: Sequence[Sequence[int]]) -> list[Encoded]:
+                return await asyncio.to_thread(preparer, chunk)
+
+            vectors = await pipeline(prepare, rows, run)
         else:
             texts = [str(text) for text in inputs]
             check_texts(texts, "input", settings.max_input_chars)
             kind = normalize_input_type(input_type) or settings.default_input_type
             prefixed = [apply_prefix(entry.family, text, kind) for text in texts]
+            encode = partial(self._tokenizers.encode, name)
             if mode == "start":
-                cut_start = keep_the_end(entry.backend.tokenize, entry.backend.info.max_length)
+                cut_start = keep_the_end(encode, entry.info.max_length)
                 parts = [split_prefix(entry.family, text) for text in prefixed]
-                vectors = await pipeline(self._pool, cut_start, parts, run)
+                vectors = await pipeline(cut_start, parts, run)
             else:
-                vectors = await pipeline(self._pool, entry.backend.tokenize, prefixed, run)
+                vectors = await pipeline(encode, prefixed, run)
 
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
@@ -146,17 +157,17 @@ class EmbeddingsService:
     def _token_id_preparer(self, entry: EmbeddingModel) -> _TokenIdPreparer:
         if not self.settings.allow_token_ids:
             raise ServiceError(ErrorKind.INVALID_REQUEST, LANGCHAIN_HINT, param="input")
-        return _TokenIdPreparer(entry.backend)
+        return _TokenIdPreparer(entry)
 
 
 class _TokenIdPreparer:
     """Checks raw token ids against the vocabulary and adds the special tokens."""
 
-    def __init__(self, backend: EmbeddingBackend) -> None:
-        self.backend = backend
+    def __init__(self, model: EmbeddingModel) -> None:
+        self.model = model
 
     def __call__(self, rows: Sequence[Sequence[int]]) -> list[Encoded]:
-        vocab = self.backend.info.vocab_size
+        vocab = self.model.info.vocab_size
         for row in rows:
             if not row:
                 raise ServiceError(
@@ -170,7 +181,7 @@ class _TokenIdPreparer:
                     f"(0..{vocab - 1}).",
                     param="input",
                 )
-        return [self.backend.wrap_ids(row) for row in rows]
+        return [self.model.tokenizer.wrap_ids(row) for row in rows]
 
 
 def _check_vectors(vectors: FloatArray) -> None:

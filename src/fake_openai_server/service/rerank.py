@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 
-from fake_openai_server.backends.base import Encoded, FloatArray, RerankBackend
-from fake_openai_server.engine.batcher import Batcher
+from fake_openai_server.backends.base import (
+    RERANK_COLUMNS,
+    Encoded,
+    FloatArray,
+    ModelInfo,
+    Tokenizer,
+)
+from fake_openai_server.engine.core import Engine
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.service.common import (
     ModelNames,
@@ -18,13 +23,14 @@ from fake_openai_server.service.common import (
     check_texts,
     pipeline,
 )
+from fake_openai_server.service.tokenizing import TokenizerPool
 from fake_openai_server.settings import Settings
 
 
 @dataclass
 class RerankModel:
-    backend: RerankBackend
-    batcher: Batcher
+    info: ModelInfo
+    tokenizer: Tokenizer
 
 
 @dataclass(frozen=True)
@@ -40,11 +46,18 @@ class RerankResult:
 
 
 class RerankService:
-    def __init__(self, models: dict[str, RerankModel], settings: Settings, pool: Executor) -> None:
+    def __init__(
+        self,
+        models: dict[str, RerankModel],
+        settings: Settings,
+        engine: Engine,
+        tokenizers: TokenizerPool,
+    ) -> None:
         self.models = models
         self.names = ModelNames(list(models), settings.aliases())
         self.settings = settings
-        self._pool = pool
+        self._engine = engine
+        self._tokenizers = tokenizers
 
     async def rerank(
         self,
@@ -58,7 +71,7 @@ class RerankService:
     ) -> RerankResult:
         """``truncate=False`` (TEI ``truncate``, Voyage ``truncation``) refuses pairs that
         fill the model's whole length instead of cutting them; ``None`` cuts, as before."""
-        entry = self.models[self.names.resolve(model)]
+        name = self.names.resolve(model)
         settings = self.settings
         if not query.strip():
             raise ServiceError(ErrorKind.INVALID_REQUEST, "query is empty.", param="query")
@@ -87,13 +100,14 @@ class RerankService:
 
         async def run(encoded: list[Encoded]) -> FloatArray:
             if truncate is False:
-                _refuse_cut_pairs(encoded, entry.backend.info.max_length)
+                _refuse_cut_pairs(encoded, self.models[name].info.max_length)
             tokens.add(encoded)
-            return await entry.batcher.submit([item.ids for item in encoded])
+            return await self._engine.submit(name, [item.ids for item in encoded])
 
-        prepare = partial(entry.backend.tokenize_pairs, query)
-        logits = await pipeline(self._pool, prepare, documents, run)
-        scores = logits if raw_scores else entry.backend.activate(logits)
+        prepare = partial(self._tokenizers.encode_pairs, name, query)
+        rows = await pipeline(prepare, documents, run)
+        # Each row holds the raw logit and the model's own activation of it.
+        scores = rows[:, RERANK_COLUMNS.index("logit" if raw_scores else "score")]
         if not np.isfinite(scores).all():
             raise ServiceError(
                 ErrorKind.MODEL_FAILURE,

@@ -1,66 +1,45 @@
-"""The running models: load, warm up, batch, serve, stop.
+"""The running server's moving parts: start the engine, open the tokenizers, serve, stop.
 
-The API's lifespan owns one :class:`Runtime`. Loading happens off the event
-loop, so ``/health`` answers and ``/ready`` says 503 while a large model loads.
+The API's lifespan owns one :class:`Runtime`. The engine process loads the models
+while this process keeps answering, so ``/health`` answers and ``/ready`` says 503
+while a large model loads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
-from fake_openai_server.backends.base import EmbeddingBackend, ModelInfo, RerankBackend
-from fake_openai_server.engine.batcher import Batcher, RunBatch
+from fake_openai_server.backends.base import ModelInfo, Plugin, Tokenizer
+from fake_openai_server.engine.core import Engine
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.families import family_for, with_overrides
 from fake_openai_server.metrics import Metrics
 from fake_openai_server.service.embeddings import EmbeddingModel, EmbeddingsService
 from fake_openai_server.service.rerank import RerankModel, RerankService
+from fake_openai_server.service.tokenizing import TokenizerPool
 from fake_openai_server.settings import Settings, SettingsError
+from fake_openai_server.workers import StartFailed, WorkerGone
 
 log = logging.getLogger(__name__)
 
 State = Literal["loading", "ready", "failed", "stopping"]
 
-# After this many failed batches in a row (and none since that ran), /ready says 503
-# "failing": the model is likely broken (e.g. a lost CUDA context) rather than unlucky
-# once. Requests are still served, so the first batch that runs makes it ready again.
-FAILING_AFTER = 3
-
-WARMUP_TEXT = "東京は日本の首都です。瑠璃色は深い青色のことです。" * 64
+# How often the event loop's lag is measured (it shows on /metrics).
+LAG_INTERVAL = 0.25
 
 
-@dataclass
-class Backends:
-    embeddings: dict[str, EmbeddingBackend] = field(default_factory=dict)
-    rerank: dict[str, RerankBackend] = field(default_factory=dict)
-
-
-BackendLoader = Callable[[Settings], Backends]
-
-
-def load_backends(settings: Settings) -> Backends:
-    """The real models, through sentence-transformers (imports torch lazily)."""
-    from fake_openai_server.backends import loader
-
-    backends = Backends()
-    if settings.serves_embeddings:
-        backends.embeddings = loader.load_embeddings(settings)
-    if settings.serves_rerank:
-        backends.rerank = loader.load_reranker(settings)
-    return backends
-
-
-def check_limits(settings: Settings, backends: Backends) -> None:
+def check_limits(settings: Settings, models: list[ModelInfo]) -> None:
     """Limits that contradict a model, known only once it is loaded (its maximum length)."""
-    infos = [b.info for b in backends.embeddings.values()]
-    infos += [b.info for b in backends.rerank.values()]
-    for info in infos:
+    for info in models:
         if info.max_length > settings.max_batch_tokens:
             raise SettingsError(
                 f"MAX_BATCH_TOKENS={settings.max_batch_tokens} is smaller than the maximum "
@@ -69,107 +48,125 @@ def check_limits(settings: Settings, backends: Backends) -> None:
             )
 
 
-def warm_up(backends: Backends, max_batch_size: int) -> None:
-    """Run the shapes traffic will bring once, so the first request is not the slow one."""
-    for backend in backends.embeddings.values():
-        short, full = backend.tokenize(["ウォームアップ", WARMUP_TEXT])
-        backend.embed([short.ids])
-        backend.embed([full.ids[:128]] * min(8, max_batch_size))
-        backend.embed([full.ids])
-    for reranker in backends.rerank.values():
-        pair, long_pair = reranker.tokenize_pairs("ウォームアップ", ["テスト", WARMUP_TEXT])
-        reranker.score([pair.ids])
-        reranker.score([long_pair.ids[:128]] * min(8, max_batch_size))
-
-
 class Runtime:
     def __init__(
         self,
         settings: Settings,
-        loader: BackendLoader = load_backends,
+        plugin: Plugin | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
-        self._loader = loader
+        self.plugin = plugin or Plugin()
         self.metrics = metrics or Metrics()
         self.state: State = "loading"
         self.failure: str | None = None
         self.misconfigured = False  # the failure is a setting that contradicts a model
+        self.on_fatal: Callable[[], None] | None = None  # the engine cannot be restarted
         self.embeddings: EmbeddingsService | None = None
         self.rerank: RerankService | None = None
         self.models: dict[str, ModelInfo] = {}
-        self._batchers: list[Batcher] = []
-        self._inference = ThreadPoolExecutor(1, thread_name_prefix="inference")
-        self._tokenizers = ThreadPoolExecutor(
-            settings.tokenizer_workers, thread_name_prefix="tokenizer"
+        self.tokenizer_kinds: dict[str, str] = {}
+        self._workdir = tempfile.mkdtemp(prefix="fos-engine-")
+        self.engine = Engine(
+            settings,
+            self.plugin,
+            self._workdir,
+            observers=self.metrics.batch_observer,
+            on_fatal=self._fatal,
         )
+        self.tokenizers = TokenizerPool(settings, self.plugin)
+        self.metrics.track_restarts(lambda: self.engine.restarts, lambda: self.tokenizers.restarts)
+        self._lag: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Load and warm the models; on failure, record why (``/ready`` reports it)."""
+        """Start the engine and open the tokenizers; on failure, record why (``/ready`` says)."""
         started = time.perf_counter()
+        self._lag = asyncio.get_running_loop().create_task(self._measure_lag(), name="loop-lag")
+        # The tokenizer libraries load here while the engine process loads the models.
+        preparing = asyncio.ensure_future(asyncio.to_thread(self._prepare_tokenizers))
         try:
-            backends = await asyncio.to_thread(self._loader, self.settings)
-            check_limits(self.settings, backends)
-            if self.settings.warmup:
-                await asyncio.to_thread(warm_up, backends, self.settings.max_batch_size)
+            models = await self.engine.start()
+            check_limits(self.settings, models)
+            await preparing
+            tokenizers = await asyncio.to_thread(self._open_tokenizers, models)
+            await self.tokenizers.start(models, tokenizers)
         except SettingsError as exc:
             self.state, self.failure, self.misconfigured = "failed", str(exc), True
             log.error("invalid setting: %s", self.failure)
             return
-        except Exception as exc:
-            self.state = "failed"
-            self.failure = f"{type(exc).__name__}: {exc}"
+        except (StartFailed, WorkerGone) as exc:
+            self.state, self.failure = "failed", str(exc)
             log.error("model loading failed: %s", self.failure)
             return
-        self._build(backends)
+        except Exception as exc:
+            self.state, self.failure = "failed", f"{type(exc).__name__}: {exc}"
+            log.error("start-up failed: %s", self.failure)
+            return
+        finally:
+            if not preparing.done():
+                preparing.cancel()
+        self._build(models, tokenizers)
         self.state = "ready"
-        for info in self.models.values():
+        for info in models:
             log.info(
-                "ready: %s on %s, dtype %s (%s), max length %d, in %.1fs",
+                "ready: %s on %s, dtype %s (%s), max length %d, tokenizer %s, in %.1fs",
                 info.name,
                 info.device,
                 info.dtype,
                 info.precision_reason,
                 info.max_length,
+                self.tokenizer_kinds[info.name],
                 time.perf_counter() - started,
             )
 
-    def _batcher(self, name: str, run: RunBatch) -> Batcher:
-        s = self.settings
-        batcher = Batcher(
-            run,
-            max_batch_size=s.max_batch_size,
-            max_batch_tokens=s.max_batch_tokens,
-            max_queue_tokens=s.max_queue_tokens,
-            executor=self._inference,
-            observer=self.metrics.batch_observer(name),
-            name=name,
-        )
-        self.metrics.track_queue(name, lambda: batcher.queued_tokens)
-        batcher.start()
-        self._batchers.append(batcher)
-        return batcher
+    def _prepare_tokenizers(self) -> None:
+        prepare = getattr(importlib.import_module(self.plugin.module), "prepare_tokenizers", None)
+        if prepare is not None:
+            prepare()
 
-    def _build(self, backends: Backends) -> None:
+    def _open_tokenizers(self, models: list[ModelInfo]) -> dict[str, Tokenizer]:
+        plugin = importlib.import_module(self.plugin.module)
+        options = self.plugin.options or {}
+        return {info.name: plugin.open_tokenizer(info, options) for info in models}
+
+    def _build(self, models: list[ModelInfo], tokenizers: dict[str, Tokenizer]) -> None:
         s = self.settings
-        if backends.embeddings:
-            models = {
-                name: EmbeddingModel(
-                    backend,
-                    self._batcher(name, backend.embed),
-                    with_overrides(family_for(name), s.query_prefix, s.document_prefix),
-                )
-                for name, backend in backends.embeddings.items()
-            }
-            self.embeddings = EmbeddingsService(models, s, self._tokenizers)
-        if backends.rerank:
-            rerankers = {
-                name: RerankModel(backend, self._batcher(name, backend.score))
-                for name, backend in backends.rerank.items()
-            }
-            self.rerank = RerankService(rerankers, s, self._tokenizers)
-        self.models = {name: b.info for name, b in backends.embeddings.items()}
-        self.models.update({name: b.info for name, b in backends.rerank.items()})
+        engine = self.engine
+        for info in models:
+            self.metrics.track_queue(info.name, partial(engine.queued_tokens, info.name))
+            self.tokenizer_kinds[info.name] = tokenizers[info.name].kind
+        embedders = {
+            info.name: EmbeddingModel(
+                info,
+                tokenizers[info.name],
+                with_overrides(family_for(info.name), s.query_prefix, s.document_prefix),
+            )
+            for info in models
+            if info.task == "embeddings"
+        }
+        if embedders:
+            self.embeddings = EmbeddingsService(embedders, s, engine, self.tokenizers)
+        rerankers = {
+            info.name: RerankModel(info, tokenizers[info.name])
+            for info in models
+            if info.task == "rerank"
+        }
+        if rerankers:
+            self.rerank = RerankService(rerankers, s, engine, self.tokenizers)
+        self.models = {info.name: info for info in models}
+
+    def _fatal(self, reason: str) -> None:
+        self.state, self.failure = "failed", reason
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+    async def _measure_lag(self) -> None:
+        """How late the event loop wakes up: what every request waits before it is read."""
+        loop = asyncio.get_running_loop()
+        while True:
+            expected = loop.time() + LAG_INTERVAL
+            await asyncio.sleep(LAG_INTERVAL)
+            self.metrics.observe_loop_lag(max(loop.time() - expected, 0.0))
 
     def require_embeddings(self) -> EmbeddingsService:
         self._require_ready()
@@ -191,21 +188,27 @@ class Runtime:
             )
 
     def readiness(self) -> tuple[str, str | None]:
-        """What /ready reports: the state, or "failing" while a model keeps failing."""
+        """What /ready reports: the state and, when not ready, why."""
         if self.state == "failed":
-            return "failed", "model loading failed; see the server log"
-        failing = [b.name for b in self._batchers if b.consecutive_failures >= FAILING_AFTER]
-        if self.state == "ready" and failing:
-            names = ", ".join(failing)
-            return "failing", f"the last {FAILING_AFTER} or more batches failed on {names}"
-        return self.state, None
+            if self.misconfigured or self.engine.state != "failed":
+                return "failed", "model loading failed; see the server log"
+            return "failed", self.engine.detail
+        if self.state != "ready":
+            return self.state, None
+        status, detail = self.engine.readiness()
+        if status == "ready":
+            detail = self.tokenizers.health()
+        return status, detail
 
     def stats(self) -> dict[str, dict[str, float]]:
-        return {b.name: b.stats.as_dict() for b in self._batchers}
+        return self.engine.stats()
 
     async def stop(self) -> None:
         self.state = "stopping"
-        for batcher in self._batchers:
-            await batcher.stop()
-        self._inference.shutdown(wait=True, cancel_futures=True)
-        self._tokenizers.shutdown(wait=False, cancel_futures=True)
+        if self._lag is not None:
+            self._lag.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag
+        await self.engine.stop()
+        await self.tokenizers.stop()
+        shutil.rmtree(self._workdir, ignore_errors=True)

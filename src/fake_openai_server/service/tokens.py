@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from fake_openai_server.backends.base import ModelInfo
 from fake_openai_server.backends.vocabulary import (
     MAX_TOKENIZE_CHARS,
     Token,
@@ -25,7 +26,7 @@ class Tokens:
         self._rerank = rerank
         self._vocabularies: dict[str, Vocabulary | None] = {}
 
-    def _resolve(self, model: str | None) -> tuple[str, object, Family]:
+    def _resolve(self, model: str | None) -> tuple[str, object, ModelInfo, Family]:
         if self._embeddings is not None:
             try:
                 name = self._embeddings.names.resolve(model)
@@ -34,20 +35,21 @@ class Tokens:
                     raise
             else:
                 entry = self._embeddings.models[name]
-                return name, entry.backend, entry.family
+                return name, entry.tokenizer, entry.info, entry.family
         assert self._rerank is not None
         name = self._rerank.names.resolve(model)
-        return name, self._rerank.models[name].backend, PLAIN
+        found = self._rerank.models[name]
+        return name, found.tokenizer, found.info, PLAIN
 
-    def _vocabulary(self, name: str, backend: object) -> Vocabulary:
+    async def _vocabulary(self, name: str, tokenizer: object, info: ModelInfo) -> Vocabulary:
         if name not in self._vocabularies:
-            self._vocabularies[name] = vocabulary_of(backend)
+            # Opening a saved tokenizer reads files: off the event loop.
+            self._vocabularies[name] = await asyncio.to_thread(vocabulary_of, tokenizer, info)
         vocabulary = self._vocabularies[name]
         if vocabulary is None:
             raise ServiceError(
                 ErrorKind.INVALID_REQUEST,
-                f"The backend of {name} does not expose its tokenizer; /tokenize and /decode "
-                "are not available for it.",
+                f"The tokenizer of {name} is not available to /tokenize and /decode.",
             )
         return vocabulary
 
@@ -60,8 +62,8 @@ class Tokens:
         add_special_tokens: bool = True,
         max_inputs: int,
     ) -> list[list[Token]]:
-        name, backend, family = self._resolve(model)
-        vocabulary = self._vocabulary(name, backend)
+        name, tokenizer, info, family = self._resolve(model)
+        vocabulary = await self._vocabulary(name, tokenizer, info)
         _check_count(len(texts), max_inputs, "inputs")
         kind = normalize_input_type(prompt_name) if prompt_name is not None else None
         prefixed = [apply_prefix(family, text, kind) for text in texts]
@@ -85,8 +87,8 @@ class Tokens:
         skip_special_tokens: bool = True,
         max_inputs: int,
     ) -> list[str]:
-        name, backend, _ = self._resolve(model)
-        vocabulary = self._vocabulary(name, backend)
+        name, tokenizer, info, _ = self._resolve(model)
+        vocabulary = await self._vocabulary(name, tokenizer, info)
         _check_count(len(rows), max_inputs, "ids")
         for row in rows:
             bad = next((i for i in row if not 0 <= i < vocabulary.size), None)

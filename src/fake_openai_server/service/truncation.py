@@ -1,11 +1,12 @@
 """Cutting over-long inputs at their start (Cohere ``truncate=START``, TEI
 ``truncation_direction=left``), keeping the model's prefix.
 
-The backend's ``tokenize`` cuts at the end, keeping the special tokens. To keep the
-end of a text instead, this module looks for the longest tail of the text that,
-behind its prefix, still fits: it only calls ``tokenize``, so it works over any
-backend. It costs a few extra tokenizations (about log2 of the tail's length), and
-only for inputs that are over-long and asked to be cut at the start.
+The model's tokenizer (``TokenizerPool.encode``) cuts at the end, keeping the special
+tokens. To keep the end of a text instead, this module looks for the longest tail of the
+text that, behind its prefix, still fits: it only calls ``encode``, so it works over any
+tokenizer, in tokenizer processes or not. It costs a few extra tokenizations (about
+log2 of the tail's length), and only for inputs that are over-long and asked to be cut
+at the start.
 
 A tokenizer that can cut on the left itself (tokenize prefix and body apart, keep the
 body's last ``max_length - len(prefix) - specials`` ids) would do this in one pass:
@@ -14,7 +15,7 @@ body's last ``max_length - len(prefix) - specials`` ids) would do this in one pa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal
 
 from fake_openai_server.backends.base import Encoded
@@ -22,7 +23,7 @@ from fake_openai_server.families import Family
 
 TruncateMode = Literal["end", "start", "none"]
 
-Tokenize = Callable[[Sequence[str]], list[Encoded]]
+Tokenize = Callable[[Sequence[str]], Awaitable[list[Encoded]]]
 
 
 def split_prefix(family: Family, text: str) -> tuple[str, str]:
@@ -33,35 +34,37 @@ def split_prefix(family: Family, text: str) -> tuple[str, str]:
     return "", text
 
 
-Prepare = Callable[[Sequence[tuple[str, str]]], list[Encoded]]
+Prepare = Callable[[Sequence[tuple[str, str]]], Awaitable[list[Encoded]]]
 
 
 def keep_the_end(tokenize: Tokenize, max_length: int) -> Prepare:
     """A ``prepare`` for the pipeline: tokenize (prefix, body) pairs, cut at the start."""
 
-    def prepare(items: Sequence[tuple[str, str]]) -> list[Encoded]:
-        encoded = tokenize([prefix + body for prefix, body in items])
+    async def prepare(items: Sequence[tuple[str, str]]) -> list[Encoded]:
+        encoded = await tokenize([prefix + body for prefix, body in items])
         return [
-            _longest_tail(tokenize, prefix, body, max_length, first) if first.truncated else first
+            await _longest_tail(tokenize, prefix, body, max_length, first)
+            if first.truncated
+            else first
             for (prefix, body), first in zip(items, encoded, strict=True)
         ]
 
     return prepare
 
 
-def _longest_tail(
+async def _longest_tail(
     tokenize: Tokenize, prefix: str, body: str, max_length: int, first: Encoded
 ) -> Encoded:
-    def probe(chars: int) -> Encoded:
-        return tokenize([prefix + body[len(body) - chars :]])[0]
+    async def probe(chars: int) -> Encoded:
+        return (await tokenize([prefix + body[len(body) - chars :]]))[0]
 
     # Gallop up from a guess (a token covers about a character or more), then bisect
     # between the longest tail that fits and the shortest that does not.
-    fits, fitting = 0, probe(0)
+    fits, fitting = 0, await probe(0)
     chars = min(len(body), max_length)
     too_long = len(body) + 1
     while chars < too_long:
-        encoded = probe(chars)
+        encoded = await probe(chars)
         if encoded.truncated:
             too_long = chars
             break
@@ -71,7 +74,7 @@ def _longest_tail(
         chars = min(len(body), chars * 2)
     while too_long - fits > 1:
         middle = (fits + too_long) // 2
-        encoded = probe(middle)
+        encoded = await probe(middle)
         if encoded.truncated:
             too_long = middle
         else:

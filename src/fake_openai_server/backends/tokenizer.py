@@ -1,0 +1,98 @@
+"""The tokenizer half of a Hugging Face model, as the engine process saved it.
+
+Texts are cut to a safe number of characters, tokenized once and cut to the model's
+maximum length with the end tokens kept, exactly as the model's own tokenizer would
+with ``truncation=True``. No torch here: this runs where requests arrive.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from fake_openai_server.backends.base import Encoded, ModelInfo
+
+# Text is cut to this many characters per allowed token before it reaches the
+# word tokenizer: no token is longer, and MeCab (fugashi) crashes the whole
+# process on inputs of a few hundred thousand characters.
+CHARS_PER_TOKEN_CAP = 16
+MAX_TOKENIZER_CHARS = 50_000
+
+
+def cut_text(text: str, max_length: int) -> str:
+    return text[: min(max_length * CHARS_PER_TOKEN_CAP, MAX_TOKENIZER_CHARS)]
+
+
+def end_tokens(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer appends after the text ([SEP] for BERT, </s> for ruri-v3).
+
+    A cut sequence keeps them, as the tokenizer's own truncation does.
+    """
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[start + len(plain) :])
+    return []
+
+
+def fit(ids: Sequence[int], max_length: int, end: Sequence[int]) -> Encoded:
+    """Cut ``ids`` to ``max_length``, keeping the end tokens."""
+    if len(ids) <= max_length:
+        return Encoded.of(ids)
+    return Encoded.of(list(ids[: max_length - len(end)]) + list(end), True, len(ids))
+
+
+class _PerThread:
+    """HF tokenizers are not safe to share between threads: one copy per thread."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._prototype = tokenizer
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        tokenizer = getattr(self._local, "tokenizer", None)
+        if tokenizer is None:
+            with self._lock:
+                tokenizer = copy.deepcopy(self._prototype)
+            self._local.tokenizer = tokenizer
+        return tokenizer
+
+
+class HFTokenizer:
+    """A model's own tokenizer (``AutoTokenizer`` over the folder the engine saved)."""
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.max_length = max_length
+        self._end = end_tokens(tokenizer)
+        self._tokenizers = _PerThread(tokenizer)
+        self.kind = f"{type(tokenizer).__name__} (transformers)"
+
+    @classmethod
+    def open(cls, info: ModelInfo) -> HFTokenizer:
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(info.tokenizer_dir), info.max_length)
+
+    def encode(self, texts: Sequence[str]) -> list[Encoded]:
+        tokenizer = self._tokenizers.get()
+        cut = [cut_text(text, self.max_length) for text in texts]
+        # One token over the limit, so that a cut text is known to have been cut.
+        ids = tokenizer(cut, truncation=True, max_length=self.max_length + 1)["input_ids"]
+        return [fit(row, self.max_length, self._end) for row in ids]
+
+    def encode_pairs(self, query: str, documents: Sequence[str]) -> list[Encoded]:
+        tokenizer = self._tokenizers.get()
+        query = cut_text(query, self.max_length)
+        docs = [cut_text(doc, self.max_length) for doc in documents]
+        ids = tokenizer(
+            [query] * len(docs), docs, truncation="longest_first", max_length=self.max_length
+        )["input_ids"]
+        return [Encoded.of(row) for row in ids]
+
+    def wrap_ids(self, ids: Sequence[int]) -> Encoded:
+        wrapped = self._tokenizers.get().build_inputs_with_special_tokens(list(ids))
+        return fit(list(wrapped), self.max_length, self._end)

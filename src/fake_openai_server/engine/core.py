@@ -1,0 +1,536 @@
+"""Batching across requests, and the engine process that runs the batches.
+
+Requests put their items (token-id sequences) on their model's queue and await a
+future. The scheduler, a task on the event loop, forms batches from what is waiting
+(``engine/queue.py``) and sends them to the engine process (``engine/process.py``),
+keeping ``PIPELINE_DEPTH`` batches there so that the device never waits for the
+next one. A lone request runs at once: batches grow only from what arrives while the
+model is busy.
+
+The engine is supervised: a batch that fails fails its requests only; an engine
+process that dies or hangs is replaced, the requests it held answered with an error
+and ``/ready`` saying why meanwhile; if no replacement starts within the restart
+bound (twice STALL_TIMEOUT or twice the first start-up, whichever is longer),
+``on_fatal`` is called and the server exits non-zero so that its supervisor
+replaces it. No request waits on a process that is gone.
+
+The engine knows items, their cost in tokens and futures; nothing of texts or HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from fake_openai_server.backends.base import FloatArray, IdArray, ModelInfo, Plugin
+from fake_openai_server.engine.process import EngineProcess, Loaded
+from fake_openai_server.engine.queue import BatchLimits, BucketQueue, Item
+from fake_openai_server.engine.worker import PassCost
+from fake_openai_server.errors import ErrorKind, ServiceError
+from fake_openai_server.settings import Settings
+from fake_openai_server.workers import (
+    CallFailed,
+    StartFailed,
+    WorkerGone,
+    WorkerProcess,
+    describe_exit,
+)
+
+log = logging.getLogger(__name__)
+
+State = Literal["loading", "ready", "restarting", "failed", "stopping"]
+
+# Batches sent to the engine process and not yet answered: one running, one ready to
+# start the moment it ends.
+PIPELINE_DEPTH = 2
+# A batch may hold at most this many padded tokens per real token, beyond the padding
+# that costs less than one more pass (measured per model at start-up: on a GPU a
+# padded token is cheap and a pass is not; on a CPU padding costs compute in
+# proportion). 1.1 on CPU: bench/ showed +12% texts/s over 1.25 with 32 one-text
+# clients, small shape.
+MAX_PADDING = 1.1
+# After this many failed batches in a row (and none since that ran), /ready says 503
+# "failing": the model is likely broken rather than unlucky once. Requests are still
+# served, so the first batch that runs makes it ready again.
+FAILING_AFTER = 3
+# How often the stall watchdog looks at the running batch.
+WATCH_INTERVAL = 0.5
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    items: int
+    tokens: int
+    padded_tokens: int
+    seconds: float
+    queue_seconds: float = 0.0  # how long the batch's oldest item waited
+    failed: bool = False
+
+
+BatchObserver = Callable[[BatchReport], None]
+
+
+@dataclass
+class EngineStats:
+    batches: int = 0
+    items: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    busy_seconds: float = 0.0
+    failed_batches: int = 0
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.items / self.batches if self.batches else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "batches": self.batches,
+            "items": self.items,
+            "tokens": self.tokens,
+            "padded_tokens": self.padded_tokens,
+            "busy_seconds": round(self.busy_seconds, 3),
+            "mean_batch_size": round(self.mean_batch_size, 2),
+            "failed_batches": self.failed_batches,
+        }
+
+
+@dataclass(eq=False)
+class _Job:
+    """One request's items and the future its caller awaits."""
+
+    future: asyncio.Future[FloatArray]
+    total: int
+    remaining: int
+    queued_items: int = 0
+    queued_tokens: int = 0
+    out: FloatArray | None = None
+
+    @property
+    def gone(self) -> bool:
+        return self.future.done()
+
+    def put(self, position: int, row: FloatArray) -> None:
+        if self.gone:
+            return
+        if self.out is None:
+            self.out = np.empty((self.total, *row.shape), dtype=np.float32)
+        self.out[position] = row
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.future.set_result(self.out)
+
+
+@dataclass(eq=False)
+class _Lane:
+    """One model: its queue, its batch limits, its counters."""
+
+    index: int
+    info: ModelInfo
+    limits: BatchLimits
+    queue: BucketQueue = field(default_factory=BucketQueue)
+    stats: EngineStats = field(default_factory=EngineStats)
+    consecutive_failures: int = 0
+    observer: BatchObserver | None = None
+
+
+@dataclass(eq=False)
+class _Flight:
+    lane: _Lane
+    batch: list[Item]
+    sent: float
+    expected_seconds: float
+    queue_seconds: float
+
+
+def free_waste(cost: PassCost, max_batch_tokens: int) -> int:
+    """Padding tokens that cost less than one more forward pass."""
+    if cost.token_seconds <= 0:
+        return max_batch_tokens if cost.pass_seconds > 0 else 0
+    return int(min(cost.pass_seconds / cost.token_seconds, max_batch_tokens))
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        plugin: Plugin,
+        workdir: str,
+        observers: Callable[[str], BatchObserver] | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._plugin = plugin
+        self._workdir = workdir
+        self.observers = observers
+        self.on_fatal = on_fatal
+        self.state: State = "loading"
+        self.detail: str | None = None  # why the state is not "ready"
+        self.models: list[ModelInfo] = []
+        self.costs: list[PassCost] = []
+        self.restarts = 0
+        self._lanes: dict[str, _Lane] = {}
+        self._process: EngineProcess | None = None
+        self._in_flight: deque[_Flight] = deque()
+        self._head_since = 0.0  # when the oldest batch in flight started running
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._next_lane = 0
+        self._start_seconds = 0.0
+        self._restarting: asyncio.Task[None] | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> list[ModelInfo]:
+        """Start the engine process; raises ``StartFailed`` / ``WorkerGone`` if it cannot."""
+        started = time.perf_counter()
+        loaded = await self._spawn()
+        self._start_seconds = time.perf_counter() - started
+        self.models, self.costs = loaded.models, loaded.costs
+        s = self.settings
+        for index, (info, cost) in enumerate(zip(loaded.models, loaded.costs, strict=True)):
+            limits = BatchLimits(
+                max_items=s.max_batch_size,
+                max_tokens=s.max_batch_tokens,
+                max_padding=MAX_PADDING,
+                free_waste=free_waste(cost, s.max_batch_tokens),
+            )
+            observer = self.observers(info.name) if self.observers else None
+            self._lanes[info.name] = _Lane(index, info, limits, observer=observer)
+            log.info(
+                "%s: a forward pass costs %.1f ms + %.1f µs per token: batches may carry "
+                "%d padding tokens",
+                info.name,
+                cost.pass_seconds * 1e3,
+                cost.token_seconds * 1e6,
+                limits.free_waste,
+            )
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._supervised("scheduler", self._schedule)),
+            loop.create_task(self._supervised("watchdog", self._watch)),
+        ]
+        self.state = "ready"
+        return self.models
+
+    async def _spawn(self) -> Loaded:
+        process = EngineProcess(self.settings, self._plugin, self._workdir)
+        self._process = process  # before it has started, so that stop() can end it
+        loaded = await process.load()
+        process.on_exit = self._engine_exited
+        self._head_since = time.perf_counter()
+        log.info("engine process %d ready", loaded.pid)
+        return loaded
+
+    async def stop(self) -> None:
+        """Answer every request still waiting (503) and end the engine process, never blocking."""
+        if self.state in ("loading", "restarting") and self._process is not None:
+            self._process.kill()  # still loading: nothing of its work to wait for
+        self.state = "stopping"
+        for task in self._tasks:
+            task.cancel()
+        if self._restarting is not None:
+            self._restarting.cancel()
+        for task in [*self._tasks, *([self._restarting] if self._restarting else [])]:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        shutting_down = ServiceError(ErrorKind.NOT_READY, "The server is shutting down.")
+        self._fail_queued(shutting_down)
+        if self._process is not None:
+            await self._process.stop()
+        for flight in list(self._in_flight):
+            self._fail_batch(flight.batch, shutting_down)
+        self._in_flight.clear()
+
+    # --- requests ------------------------------------------------------------------------
+    def lane(self, model: str) -> _Lane:
+        return self._lanes[model]
+
+    def queued_tokens(self, model: str) -> int:
+        return self._lanes[model].queue.tokens
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        return {name: lane.stats.as_dict() for name, lane in self._lanes.items()}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def submit(self, model: str, items: Sequence[IdArray]) -> FloatArray:
+        """Queue ``items`` for ``model`` and return their rows, stacked in the same order."""
+        if not items:
+            raise ValueError("submit() needs at least one item")
+        lane = self._lanes[model]
+        if self.state != "ready":
+            raise ServiceError(ErrorKind.NOT_READY, self._not_ready_message())
+        queue = lane.queue
+        cost = sum(len(ids) for ids in items)
+        if queue.tokens and queue.tokens + cost > self.settings.max_queue_tokens:
+            raise ServiceError(
+                ErrorKind.OVERLOADED,
+                f"The server is busy ({queue.tokens} tokens queued, limit "
+                f"MAX_QUEUE_TOKENS={self.settings.max_queue_tokens}). Retry shortly.",
+            )
+        future: asyncio.Future[FloatArray] = asyncio.get_running_loop().create_future()
+        job = _Job(future, total=len(items), remaining=len(items))
+        now = time.perf_counter()
+        queue.push([Item(job, i, ids, enqueued=now) for i, ids in enumerate(items)])
+        job.queued_items, job.queued_tokens = len(items), cost
+        self._wake.set()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The caller went away (client disconnected, deadline): drop its queued items.
+            future.cancel()
+            raise
+        finally:
+            if job.queued_items:
+                queue.forget(job.queued_items, job.queued_tokens)
+                job.queued_items = job.queued_tokens = 0
+
+    def _not_ready_message(self) -> str:
+        if self.state == "loading":
+            return "The model is still loading; retry shortly."
+        if self.state == "restarting":
+            return "The model is restarting after a failure; retry shortly."
+        if self.state == "stopping":
+            return "The server is shutting down."
+        return "The model is not running."
+
+    # --- scheduling ----------------------------------------------------------------------
+    async def _schedule(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while len(self._in_flight) < PIPELINE_DEPTH and self._ready_process():
+                if not self._dispatch_next():
+                    break
+
+    def _ready_process(self) -> EngineProcess | None:
+        process = self._process
+        if self.state != "ready" or process is None or not process.alive:
+            return None
+        return process
+
+    def _dispatch_next(self) -> bool:
+        """Send one batch of the next model (in turn) that has items waiting."""
+        lanes = list(self._lanes.values())
+        for offset in range(len(lanes)):
+            lane = lanes[(self._next_lane + offset) % len(lanes)]
+            batch = lane.queue.take(lane.limits)
+            if not batch:
+                continue
+            self._next_lane = (lane.index + 1) % len(lanes)
+            self._send(lane, batch)
+            return True
+        return False
+
+    def _send(self, lane: _Lane, batch: list[Item]) -> None:
+        process = self._process
+        assert process is not None
+        now = time.perf_counter()
+        for item in batch:
+            item.job.queued_items -= 1
+            item.job.queued_tokens -= item.cost
+        cost = self.costs[lane.index]
+        padded = len(batch) * batch[0].cost
+        flight = _Flight(
+            lane,
+            batch,
+            sent=now,
+            expected_seconds=cost.pass_seconds + cost.token_seconds * padded,
+            queue_seconds=now - min(item.enqueued for item in batch),
+        )
+        if not self._in_flight:
+            self._head_since = now
+        self._in_flight.append(flight)
+        future = process.run(lane.index, [item.ids for item in batch])
+        future.add_done_callback(lambda done: self._finished(flight, done))
+
+    def _finished(self, flight: _Flight, done: asyncio.Future[tuple[FloatArray, float]]) -> None:
+        try:
+            self._complete(flight, done)
+        except Exception:
+            # A bug here must not leave the batch's requests waiting.
+            log.exception("%s: handling a finished batch failed", flight.lane.info.name)
+            self._fail_batch(flight.batch, ServiceError(ErrorKind.INTERNAL, "Internal error."))
+
+    def _complete(self, flight: _Flight, done: asyncio.Future[tuple[FloatArray, float]]) -> None:
+        was_head = bool(self._in_flight) and self._in_flight[0] is flight
+        with contextlib.suppress(ValueError):
+            self._in_flight.remove(flight)
+        if was_head:
+            self._head_since = time.perf_counter()
+        self._wake.set()
+        lane, batch = flight.lane, flight.batch
+        try:
+            out, seconds = done.result()
+            if out.shape[0] != len(batch):
+                raise CallFailed(f"{out.shape[0]} rows for {len(batch)} items", oom=False)
+        except CallFailed as exc:
+            log.error(
+                "%s: a batch of %d items failed (%s)", lane.info.name, len(batch), exc.error_type
+            )
+            self._failed(flight, model_failure(exc))
+            return
+        except WorkerGone:
+            # The process died with this batch in it. The batch that was running failed;
+            # those behind it never ran.
+            error = model_failure() if was_head else not_ready_restarting()
+            self._failed(flight, error)
+            return
+        lane.consecutive_failures = 0
+        for item, row in zip(batch, out, strict=True):
+            item.job.put(item.position, row)
+        self._record(flight, seconds)
+
+    def _failed(self, flight: _Flight, error: ServiceError) -> None:
+        lane = flight.lane
+        lane.consecutive_failures += 1
+        lane.stats.failed_batches += 1
+        self._fail_batch(flight.batch, error)
+        tokens = sum(item.cost for item in flight.batch)
+        self._observe(lane, BatchReport(len(flight.batch), tokens, 0, 0.0, failed=True))
+
+    def _fail_batch(self, batch: list[Item], error: ServiceError) -> None:
+        for job in {item.job for item in batch}:
+            if not job.gone:
+                job.future.set_exception(error)
+
+    def _fail_queued(self, error: ServiceError) -> None:
+        for lane in self._lanes.values():
+            self._fail_batch(lane.queue.drain(), error)
+
+    def _record(self, flight: _Flight, seconds: float) -> None:
+        batch, stats = flight.batch, flight.lane.stats
+        tokens = sum(item.cost for item in batch)
+        report = BatchReport(
+            len(batch), tokens, len(batch) * batch[0].cost, seconds, flight.queue_seconds
+        )
+        stats.batches += 1
+        stats.items += report.items
+        stats.tokens += report.tokens
+        stats.padded_tokens += report.padded_tokens
+        stats.busy_seconds += seconds
+        self._observe(flight.lane, report)
+
+    def _observe(self, lane: _Lane, report: BatchReport) -> None:
+        if lane.observer is None:
+            return
+        try:
+            lane.observer(report)
+        except Exception:
+            # Metrics must never stop the engine.
+            log.exception("%s: the batch observer failed", lane.info.name)
+
+    # --- supervision ---------------------------------------------------------------------
+    async def _supervised(self, name: str, body: Callable[[], object]) -> None:
+        """Run a loop of the engine; if it ever raises, log why and run it again."""
+        while True:
+            try:
+                await body()  # type: ignore[misc]
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("engine %s failed; restarting it", name)
+                self._fail_queued(
+                    ServiceError(ErrorKind.INTERNAL, "The server's scheduler failed; retry.")
+                )
+                await asyncio.sleep(0.1)
+                self._wake.set()
+
+    async def _watch(self) -> None:
+        """Kill an engine process whose running batch has taken far too long (a hung device)."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            if not self._in_flight or self._process is None or not self._process.alive:
+                continue
+            head = self._in_flight[0]
+            running = time.perf_counter() - max(head.sent, self._head_since)
+            limit = max(self.settings.stall_timeout, 10 * head.expected_seconds)
+            if running > limit:
+                log.error(
+                    "%s: a batch of %d items has run for %.0fs (limit %.0fs): the device "
+                    "seems hung; restarting the engine process",
+                    head.lane.info.name,
+                    len(head.batch),
+                    running,
+                    limit,
+                )
+                self.detail = f"a forward pass hung for {running:.0f}s; restarting the engine"
+                self._process.kill()
+
+    def _engine_exited(self, process: WorkerProcess) -> None:
+        if self.state in ("stopping", "failed") or process is not self._process:
+            return
+        reason = describe_exit(process.exit_code)
+        log.error("the engine process ended unexpectedly (%s); starting a new one", reason)
+        self.state = "restarting"
+        self.detail = self.detail or f"the engine process ended ({reason}); restarting it"
+        self.restarts += 1
+        self._fail_queued(not_ready_restarting())
+        self._restarting = asyncio.get_running_loop().create_task(self._restart())
+
+    async def _restart(self) -> None:
+        bound = max(2 * self.settings.stall_timeout, 2 * self._start_seconds)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + bound
+        attempt = 0
+        while (left := deadline - loop.time()) > 0:
+            attempt += 1
+            try:
+                loaded = await asyncio.wait_for(self._spawn(), left)
+            except (WorkerGone, StartFailed, TimeoutError, OSError) as exc:
+                log.error("engine restart %d failed: %s", attempt, exc or type(exc).__name__)
+                await asyncio.sleep(min(2.0**attempt, 10.0, max(deadline - loop.time(), 0)))
+                continue
+            if [m.name for m in loaded.models] != [m.name for m in self.models]:
+                log.error("the restarted engine serves other models; giving up")
+                break
+            self.state, self.detail = "ready", None
+            self._wake.set()
+            log.info("engine restarted (%d restarts so far)", self.restarts)
+            return
+        self.state = "failed"
+        self.detail = f"the engine could not be restarted within {bound:.0f}s"
+        log.critical("%s; exiting so that the supervisor replaces this server", self.detail)
+        if self.on_fatal is not None:
+            self.on_fatal(self.detail)
+
+    def readiness(self) -> tuple[str, str | None]:
+        if self.state != "ready":
+            return self.state, self.detail
+        failing = [
+            n for n, lane in self._lanes.items() if lane.consecutive_failures >= FAILING_AFTER
+        ]
+        if failing:
+            names = ", ".join(failing)
+            return "failing", f"the last {FAILING_AFTER} or more batches failed on {names}"
+        return "ready", None
+
+
+def model_failure(error: CallFailed | None = None) -> ServiceError:
+    if error is not None and error.oom:
+        message = (
+            "The model ran out of device memory on a batch holding this request; retry it, "
+            "or lower MAX_BATCH_TOKENS."
+        )
+    elif error is not None:
+        message = f"The model failed on a batch ({error.error_type}); retry the request."
+    else:
+        message = "The model process failed on a batch holding this request; retry it."
+    return ServiceError(ErrorKind.MODEL_FAILURE, message)
+
+
+def not_ready_restarting() -> ServiceError:
+    return ServiceError(
+        ErrorKind.NOT_READY,
+        "The model is restarting after a failure and could not run this request; retry shortly.",
+    )

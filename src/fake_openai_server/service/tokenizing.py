@@ -1,0 +1,190 @@
+"""Where a request's texts become token ids.
+
+In tokenizer processes (``service/tokenize_worker.py``) when the machine has cores to
+spare, so that tokenizing never competes with HTTP for this process's GIL; otherwise on
+two threads of this process. ``TOKENIZER_WORKERS`` sets the number of processes; by
+default, on a GPU host, half the cores up to 8, and none on a CPU host, where the cores
+belong to the model.
+
+A tokenizer process that dies costs only the calls it held (each answered 503); the pool
+starts a new one at once and ``/ready`` says so meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fake_openai_server import wire
+from fake_openai_server.backends.base import Encoded, ModelInfo, Plugin, Tokenizer
+from fake_openai_server.errors import ErrorKind, ServiceError
+from fake_openai_server.service.tokenize_worker import ENCODE, PAIRS, tokenize
+from fake_openai_server.settings import Settings
+from fake_openai_server.workers import CallFailed, WorkerGone, WorkerProcess, describe_exit
+
+log = logging.getLogger(__name__)
+
+THREADS = 2  # tokenizer threads in this process, when there are no tokenizer processes
+# Without tokenizer processes, texts this short in all are tokenized right here, on the
+# event loop: a hop to a thread costs more than the tokenizing (a fraction of a ms).
+INLINE_CHARS = 1_000
+MAX_AUTO_WORKERS = 8
+RESPAWN_DELAY = 0.5  # seconds before a tokenizer process that died is replaced
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(device: str) -> int:
+    """Tokenizer processes when TOKENIZER_WORKERS is not set: only where cores are spare."""
+    if not device.startswith("cuda"):
+        return 0
+    return min(MAX_AUTO_WORKERS, available_cores() // 2)
+
+
+class TokenizerProcess(WorkerProcess):
+    module = "fake_openai_server.service.tokenize_worker"
+
+    def decode(self, kind: int, body: bytes) -> tuple[int, Any]:
+        call_id, rows, original, truncated = wire.unpack_tokens(body)
+        encoded = [
+            Encoded(ids, cut, length)
+            for ids, length, cut in zip(rows, original, truncated, strict=True)
+        ]
+        return call_id, encoded
+
+
+class TokenizerPool:
+    def __init__(self, settings: Settings, plugin: Plugin) -> None:
+        self._settings = settings
+        self._plugin = plugin
+        self._threads = ThreadPoolExecutor(THREADS, thread_name_prefix="tokenizer")
+        self._tokenizers: list[Tokenizer] = []
+        self._index: dict[str, int] = {}
+        self.workers: list[TokenizerProcess] = []
+        self._config: dict[str, Any] = {}
+        self._stopping = False
+        self.wanted = 0
+        self.restarts = 0
+        self._last_restart = 0.0
+        self._respawning: set[asyncio.Task[None]] = set()
+
+    async def start(self, models: list[ModelInfo], tokenizers: dict[str, Tokenizer]) -> None:
+        self._tokenizers = [tokenizers[info.name] for info in models]
+        self._index = {info.name: i for i, info in enumerate(models)}
+        s = self._settings
+        device = models[0].device if models else "cpu"
+        wanted = s.tokenizer_workers if s.tokenizer_workers is not None else default_workers(device)
+        self.wanted = wanted
+        self._config = {
+            "plugin": self._plugin.module,
+            "options": self._plugin.options or {},
+            "models": [info.as_dict() for info in models],
+            "log_level": s.log_level,
+            "log_json": s.log_json,
+        }
+        started = await asyncio.gather(
+            *(self._spawn() for _ in range(wanted)), return_exceptions=True
+        )
+        failures = [r for r in started if isinstance(r, BaseException)]
+        if failures:
+            log.error(
+                "%d of %d tokenizer processes could not start (%s); tokenizing here instead",
+                len(failures),
+                wanted,
+                type(failures[0]).__name__,
+            )
+        log.info(
+            "tokenizing in %s",
+            f"{len(self.workers)} tokenizer processes"
+            if self.workers
+            else f"{THREADS} threads of the server process",
+        )
+
+    async def _spawn(self) -> None:
+        worker = TokenizerProcess(self._config)
+        await worker.start()
+        worker.on_exit = self._exited
+        self.workers.append(worker)
+
+    def _exited(self, worker: WorkerProcess) -> None:
+        if worker in self.workers:
+            self.workers.remove(worker)
+        if self._stopping:
+            return
+        self.restarts += 1
+        self._last_restart = time.monotonic()
+        log.error(
+            "tokenizer process %s ended (%s); starting a new one",
+            worker.pid,
+            describe_exit(worker.exit_code),
+        )
+        task = asyncio.get_running_loop().create_task(self._respawn())
+        self._respawning.add(task)
+        task.add_done_callback(self._respawning.discard)
+
+    async def _respawn(self) -> None:
+        await asyncio.sleep(RESPAWN_DELAY)
+        if self._stopping:
+            return
+        try:
+            await self._spawn()
+        except Exception as exc:
+            log.error("a new tokenizer process could not start (%s)", exc)
+            return
+        log.info("tokenizer processes whole again (%d)", len(self.workers))
+
+    def health(self) -> str | None:
+        """Why the pool is not whole, for /ready (which still says 200: requests are served)."""
+        missing = self.wanted - len(self.workers)
+        if missing > 0:
+            return f"{missing} of {self.wanted} tokenizer processes are being replaced"
+        return None
+
+    # --- tokenizing ----------------------------------------------------------------------
+    async def encode(self, model: str, texts: Sequence[str]) -> list[Encoded]:
+        return await self._run(model, ENCODE, list(texts))
+
+    async def encode_pairs(self, model: str, query: str, documents: Sequence[str]) -> list[Encoded]:
+        return await self._run(model, PAIRS, [query, *documents])
+
+    async def _run(self, model: str, operation: int, texts: list[str]) -> list[Encoded]:
+        target = self._index[model]
+        tokenizer = self._tokenizers[target]
+        live = [worker for worker in self.workers if worker.alive]
+        if not live:
+            if sum(map(len, texts)) <= INLINE_CHARS:
+                return tokenize(tokenizer, operation, texts)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._threads, tokenize, tokenizer, operation, texts)
+        worker = min(live, key=lambda w: w.in_flight)
+        try:
+            result: list[Encoded] = await worker.call(
+                lambda call_id: wire.pack_texts(call_id, target, operation, texts)
+            )
+        except WorkerGone:
+            raise ServiceError(
+                ErrorKind.NOT_READY,
+                "A tokenizer process ended while holding this request; retry it.",
+            ) from None
+        except CallFailed as exc:
+            # The tokenizer raised: a server error, without the exception's text.
+            raise RuntimeError(f"the tokenizer raised {exc.error_type}") from None
+        return result
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in list(self._respawning):
+            task.cancel()
+        await asyncio.gather(*(worker.stop() for worker in self.workers), return_exceptions=True)
+        self.workers.clear()
+        self._threads.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,241 @@
+"""Faults injected on purpose (issue 10): the engine never leaves a request waiting.
+
+The fake models (``tests/support/fakes.py``) run in the real engine process and misbehave
+when a batch holds a trigger character: raise, run out of memory, return too few or too
+many rows or NaN, hang, or kill their own process. Each test checks what the requests
+involved get (status and envelope), that unrelated requests succeed, that ``/ready``
+tells the truth, and that nothing waits longer than its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from fake_openai_server.api.app import build_app
+from fake_openai_server.engine.core import BatchReport
+from fake_openai_server.settings import Settings
+from tests.support.fakes import fake_plugin, fake_text_vector
+from tests.support.live import LiveServer, fake_cli, serve_app
+
+FAULTS = {
+    "☠": "raise",
+    "Ⓜ": "oom",
+    "⊖": "too_few",
+    "⊕": "too_many",
+    "∅": "nan",
+    "⌛": "hang",
+    "✝": "die",
+}
+DELAY = 0.3  # seconds per forward pass
+DEADLINE = 3.0  # REQUEST_TIMEOUT
+STALL = 4.0  # STALL_TIMEOUT: a hung pass outlives the deadline, then the engine is replaced
+BUSY = ["先", "長い" * 10]  # two batches (lengths too different to share one) fill the pipeline
+
+
+def ready(base_url: str) -> tuple[int, dict[str, Any]]:
+    reply = httpx.get(f"{base_url}/ready", timeout=10)
+    return reply.status_code, reply.json()
+
+
+def wait_until_ready(base_url: str, timeout: float = 60) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if ready(base_url)[0] == 200:
+            return time.monotonic() - started
+        time.sleep(0.1)
+    raise TimeoutError(f"not ready again after {timeout}s: {ready(base_url)}")
+
+
+@pytest.fixture(scope="module")
+def faulty() -> Iterator[LiveServer]:
+    settings = Settings(
+        service_type="embeddings",
+        warmup=False,
+        request_timeout=DEADLINE,
+        stall_timeout=STALL,
+    )
+    app = build_app(settings, fake_plugin(delay=DELAY, triggers=FAULTS))
+    with serve_app(app) as server:
+        yield server
+
+
+async def together(
+    base_url: str, texts: list[str], after_busy: bool = False
+) -> list[tuple[httpx.Response, float]]:
+    """One request per text, sent at once; replies and their times. With ``after_busy``,
+    the BUSY requests go first and fill the engine's pipeline, so that ``texts`` queue
+    behind them and share one batch."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+
+        async def one(text: str) -> tuple[httpx.Response, float]:
+            started = time.monotonic()
+            reply = await client.post("/v1/embeddings", json={"input": text})
+            return reply, time.monotonic() - started
+
+        busy = [asyncio.ensure_future(one(text)) for text in BUSY] if after_busy else []
+        if busy:
+            await asyncio.sleep(DELAY / 3)
+        replies = await asyncio.gather(*(one(text) for text in texts))
+        for (reply, _), text in zip(await asyncio.gather(*busy), BUSY[: len(busy)], strict=True):
+            assert_clean(reply, text)  # unrelated: served
+        return list(replies)
+
+
+def error_of(reply: httpx.Response, status: int, code: str) -> str:
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == code, error
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "secret" not in reply.text and "GiB" not in reply.text
+    return str(error["message"])
+
+
+def assert_clean(reply: httpx.Response, text: str) -> None:
+    assert reply.status_code == 200, reply.text
+    np.testing.assert_allclose(reply.json()["data"][0]["embedding"], fake_text_vector(text))
+
+
+@pytest.mark.parametrize("fault", ["☠", "Ⓜ", "⊖", "⊕"])
+def test_a_failing_batch_fails_its_requests_only(faulty: LiveServer, fault: str) -> None:
+    base = faulty.base_url
+    # The faulty text and a bystander share a batch: the whole batch fails.
+    replies = asyncio.run(together(base, [f"毒{fault}", "隣人"], after_busy=True))
+    for reply, _ in replies:
+        message = error_of(reply, 500, "model_failure")
+        if fault == "Ⓜ":
+            assert "memory" in message and "MAX_BATCH_TOKENS" in message
+    # A later request is served and the server is ready (one failure is not "failing").
+    assert_clean(asyncio.run(together(base, ["その後"]))[0][0], "その後")
+    assert ready(base)[0] == 200
+
+
+def test_nan_fails_its_request_and_not_its_batch_mates(faulty: LiveServer) -> None:
+    replies = asyncio.run(together(faulty.base_url, ["無∅", "隣人"], after_busy=True))
+    error_of(replies[0][0], 500, "model_failure")
+    assert "NaN" not in replies[0][0].text
+    assert_clean(replies[1][0], "隣人")
+
+
+def test_a_hung_pass_answers_504_by_the_deadline_and_the_engine_is_replaced(
+    faulty: LiveServer,
+) -> None:
+    base = faulty.base_url
+    replies = asyncio.run(together(base, ["止まる⌛", "巻き添え"]))
+    for reply, seconds in replies:
+        message = error_of(reply, 504, "timeout")
+        assert "REQUEST_TIMEOUT" in message
+        assert seconds < DEADLINE + 2, seconds
+    # The stalled engine process is killed and a new one started; /ready says so meanwhile.
+    states = set()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status, body = ready(base)
+        states.add(body["status"])
+        if status == 200 and "restarting" in states:
+            break
+        time.sleep(0.05)
+    assert "restarting" in states, states
+    assert_clean(asyncio.run(together(base, ["復活"]))[0][0], "復活")
+    assert "fos_engine_restarts 1.0" in httpx.get(f"{base}/metrics", timeout=10).text
+
+
+def test_a_dying_engine_fails_what_it_held_and_comes_back(faulty: LiveServer) -> None:
+    base = faulty.base_url
+    # The busy batches finish; the dying one takes its bystander along.
+    replies = asyncio.run(together(base, ["死ぬ✝", "同乗"], after_busy=True))
+    for reply, seconds in replies:
+        error_of(reply, 500, "model_failure")  # the batch that was running when it died
+        assert seconds < DEADLINE, seconds
+    assert wait_until_ready(base) < 30
+    assert_clean(asyncio.run(together(base, ["再開"]))[0][0], "再開")
+
+
+def test_an_observer_that_raises_never_stops_the_engine() -> None:
+    app = build_app(Settings(service_type="embeddings", warmup=False), fake_plugin())
+
+    def broken(model: str) -> Any:
+        def observe(report: BatchReport) -> None:
+            raise RuntimeError("metrics backend exploded")
+
+        return observe
+
+    app.state.runtime.engine.observers = broken
+    with serve_app(app) as server:
+        replies = asyncio.run(together(server.base_url, [f"文{i}" for i in range(10)]))
+        for (reply, _), i in zip(replies, range(10), strict=True):
+            assert_clean(reply, f"文{i}")
+        assert ready(server.base_url)[0] == 200
+
+
+def test_a_killed_tokenizer_process_costs_only_what_it_held() -> None:
+    settings = Settings(service_type="embeddings", warmup=False, tokenizer_workers=2)
+    app = build_app(settings, fake_plugin(tokenizer_delay=0.05))
+    with serve_app(app) as server:
+        base = server.base_url
+        pool = app.state.runtime.tokenizers
+        worker = pool.workers[0]
+        victim = worker.pid
+        # Long enough not to be tokenized on the event loop (INLINE_CHARS) — though with
+        # tokenizer processes nothing is.
+        texts = [f"文書{i}" + "あ" * 1000 for i in range(40)]
+
+        async def under_load() -> tuple[list[tuple[httpx.Response, float]], list[Any]]:
+            async def kill_soon() -> list[Any]:
+                for _ in range(4000):  # until the victim holds several calls (20 s at most)
+                    if worker.in_flight >= 3:
+                        break
+                    await asyncio.sleep(0.005)
+                os.kill(victim, signal.SIGKILL)
+                seen = []
+                async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+                    for _ in range(20):
+                        seen.append((await client.get("/ready")).json())
+                        await asyncio.sleep(0.02)
+                return seen
+
+            killer = asyncio.ensure_future(kill_soon())
+            replies = await together(base, texts)
+            return replies, await killer
+
+        replies, seen = asyncio.run(under_load())
+        failed = 0
+        for (reply, _), text in zip(replies, texts, strict=True):
+            if reply.status_code == 503:
+                failed += 1
+                assert "tokenizer process" in error_of(reply, 503, "model_not_ready")
+            else:
+                assert_clean(reply, text)
+        assert 0 < failed < len(texts), failed  # what the dead process held, no more
+        # /ready stayed 200 (requests are served) and said what happened.
+        assert any("tokenizer processes" in body.get("detail", "") for body in seen), seen
+        assert all(body["status"] == "ready" for body in seen)
+        # Whole again within seconds, a new process in the dead one's place.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(pool.workers) < 2:
+            time.sleep(0.05)
+        assert len(pool.workers) == 2 and victim not in [w.pid for w in pool.workers]
+        assert ready(base) == (200, {"status": "ready"})
+
+
+def test_an_engine_that_cannot_come_back_ends_the_server(tmp_path: Path) -> None:
+    """The first start works, every restart fails: the server exits non-zero (its
+    supervisor starts a new one) instead of answering 503 forever."""
+    options = {"fail_after_first_load": str(tmp_path / "loaded"), "triggers": {"✝": "die"}}
+    settings = {"service_type": "embeddings", "warmup": False, "stall_timeout": 1}
+    with fake_cli(settings, options, tmp_path) as server:
+        reply = httpx.post(f"{server.base_url}/v1/embeddings", json={"input": "✝"}, timeout=30)
+        assert reply.status_code == 500
+        assert server.process is not None
+        code = server.process.wait(timeout=60)
+    assert code == 1
+    assert "could not be restarted" in server.log()
