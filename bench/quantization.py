@@ -1,8 +1,8 @@
 """Recall@10 of quantized embeddings (int8, uint8, binary, ubinary) against float.
 
 A retrieval set built from the stand-in model: Japanese documents and queries
-(``standins.japanese_text``), embedded by a real server over HTTP (/v1/embeddings with
-``output_dtype``), each form ranked the way a vector database ranks it:
+(``standins.japanese_text``), embedded by a real server over HTTP (/v2/embed with every
+``embedding_types`` at once), each form ranked the way a vector database ranks it:
 
 - float: cosine similarity of the float vectors (the reference top 10);
 - int8, uint8: cosine similarity of the integer vectors as they are stored;
@@ -40,16 +40,26 @@ def retrieval_set(documents: int, queries: int) -> tuple[list[str], list[str]]:
     return docs, asks
 
 
-def embed(client: httpx.Client, texts: list[str], input_type: str, dtype: str) -> Any:
-    vectors: list[Any] = []
+def embed(client: httpx.Client, texts: list[str], input_type: str) -> dict[str, Any]:
+    """Every form of the vectors of ``texts`` from one pass of the model (Cohere v2's
+    ``embedding_types`` asks for all of them at once)."""
+    forms: dict[str, list[Any]] = {kind: [] for kind in ("float", *TYPES)}
     for start in range(0, len(texts), 64):
         reply = client.post(
-            "/v1/embeddings",
-            json={"input": texts[start : start + 64], "input_type": input_type, "output_dtype": dtype},
+            "/v2/embed",
+            json={
+                "texts": texts[start : start + 64],
+                "input_type": input_type,
+                "embedding_types": list(forms),
+            },
         )
         reply.raise_for_status()
-        vectors += [item["embedding"] for item in reply.json()["data"]]
-    return np.asarray(vectors, dtype=np.float64 if dtype == "float" else np.int64)
+        for kind, rows in reply.json()["embeddings"].items():
+            forms[kind] += rows
+    return {
+        kind: np.asarray(rows, dtype=np.float64 if kind == "float" else np.int64)
+        for kind, rows in forms.items()
+    }
 
 
 def top_k(scores: npt.NDArray[np.float64], k: int = K) -> list[set[int]]:
@@ -80,12 +90,12 @@ def recall_at_k(reference: list[set[int]], scores: npt.NDArray[np.float64]) -> f
 def measure(base_url: str, documents: int = 1000, queries: int = 100) -> dict[str, float]:
     docs, asks = retrieval_set(documents, queries)
     with httpx.Client(base_url=base_url, timeout=600) as client:
-        reference = top_k(cosine(embed(client, asks, "query", "float"), embed(client, docs, "document", "float")))
-        recalls = {}
-        for kind in TYPES:
-            q, d = embed(client, asks, "query", kind), embed(client, docs, "document", kind)
-            scores = hamming_scores(q, d) if "binary" in kind else cosine(q, d)
-            recalls[kind] = recall_at_k(reference, scores)
+        q, d = embed(client, asks, "search_query"), embed(client, docs, "search_document")
+    reference = top_k(cosine(q["float"], d["float"]))
+    recalls = {}
+    for kind in TYPES:
+        scores = hamming_scores(q[kind], d[kind]) if "binary" in kind else cosine(q[kind], d[kind])
+        recalls[kind] = recall_at_k(reference, scores)
     return recalls
 
 
@@ -107,8 +117,10 @@ def main() -> None:
     app = create_embeddings_app(Settings(dtype="float32"))
     with serve_app(app) as server:
         recalls = measure(server.base_url, args.documents, args.queries)
-    print(f"recall@{K} against float, {args.documents} documents, {args.queries} queries "
-          f"({args.size} stand-in of cl-nagoya/ruri-large):")
+    print(
+        f"recall@{K} against float, {args.documents} documents, {args.queries} queries "
+        f"({args.size} stand-in of cl-nagoya/ruri-large):"
+    )
     for kind, value in recalls.items():
         print(f"  {kind:8s} {value:.3f}")
 
