@@ -16,6 +16,7 @@ POST /, as TEI serves it); the ollama client takes the bare URL; the cohere SDK 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from importlib.metadata import version
 from typing import Any
@@ -28,7 +29,7 @@ import ollama
 import pytest
 import voyageai
 import voyageai.error
-from huggingface_hub import InferenceClient
+from huggingface_hub import AsyncInferenceClient, InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 
 from fake_openai_server.standins import japanese_text
@@ -63,13 +64,25 @@ def hub_client_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_inference_client_at_the_bare_url_embeds_normalised(
     embeddings_server: LiveServer, hub_client_allowed: None
 ) -> None:
-    """What HuggingFaceEndpointEmbeddings(model="http://host:port") does: POST / with inputs."""
+    """What LangChain's HuggingFaceEndpointEmbeddings does with a TEI URL (up to
+    langchain-huggingface 0.3; 1.x accepts only Hub repo ids): ``InferenceClient(model=url)``
+    and ``feature_extraction(text=texts)``, i.e. POST / with ``{"inputs": texts}``; its
+    async methods do the same through AsyncInferenceClient."""
     client = InferenceClient(model=embeddings_server.base_url)
-    got = client.feature_extraction(TEXTS)
+    got = client.feature_extraction(text=TEXTS)
     assert got.shape == (len(TEXTS), STANDIN_DIM)
     np.testing.assert_allclose(got, unit(float_vectors(embeddings_server, TEXTS)), atol=1e-5)
     one = client.feature_extraction(TEXTS[0])
     np.testing.assert_allclose(one, got[:1], atol=1e-6)
+
+    async def in_parallel() -> list[Any]:
+        async with AsyncInferenceClient(model=embeddings_server.base_url) as async_client:
+            return list(
+                await asyncio.gather(*(async_client.feature_extraction(text=[t]) for t in TEXTS))
+            )
+
+    parallel = np.concatenate(asyncio.run(in_parallel()))
+    np.testing.assert_allclose(parallel, got, atol=1e-5)
 
 
 def test_inference_client_embed_with_every_parameter(
@@ -98,19 +111,6 @@ def test_inference_client_sees_tei_errors(
     assert "prompt_name must be one of" in str(bad.value)
     body = bad.value.response.json()
     assert body == {"error": body["error"], "error_type": "Validation"}
-
-
-def test_langchain_huggingface_endpoint_embeddings(
-    embeddings_server: LiveServer, hub_client_allowed: None
-) -> None:
-    """Only where langchain-huggingface is installed (it pins huggingface-hub below 2,
-    which the server's own dependencies have outgrown, so it is not a dev dependency):
-    ``uv run --with langchain-huggingface pytest -k langchain_huggingface``."""
-    module = pytest.importorskip("langchain_huggingface")
-    embeddings = module.HuggingFaceEndpointEmbeddings(model=embeddings_server.base_url)
-    expected = unit(float_vectors(embeddings_server, TEXTS))
-    np.testing.assert_allclose(np.float32(embeddings.embed_documents(TEXTS)), expected, atol=1e-5)
-    np.testing.assert_allclose(np.float32(embeddings.embed_query(TEXTS[0])), expected[0], atol=1e-5)
 
 
 # --- text-embeddings-inference: the routes themselves ----------------------------------------
