@@ -182,6 +182,21 @@ def test_tei_left_truncation_keeps_the_end_and_the_prefix(fake_server: LiveServe
     np.testing.assert_allclose(right.json()[0], fake_text_vector(prefix + body), rtol=1e-6)
 
 
+def test_tei_left_truncation_with_the_real_tokenizer(embeddings_server: LiveServer) -> None:
+    """Cut at the start, two texts that end alike (over the whole 512 tokens) embed alike,
+    and unlike the same text cut at the end."""
+    tail = japanese_text(3000, seed=9)
+    body = {"truncation_direction": "left", "prompt_name": "query", "normalize": False}
+    first = post(
+        embeddings_server, "/embed", {**body, "inputs": japanese_text(5000, seed=3) + tail}
+    )
+    second = post(embeddings_server, "/embed", {**body, "inputs": "別の書き出し。" * 200 + tail})
+    assert first.status_code == second.status_code == 200, first.text
+    np.testing.assert_allclose(first.json(), second.json(), atol=1e-5)
+    right = post(embeddings_server, "/embed", {"inputs": tail, "prompt_name": "query"})
+    assert not np.allclose(unit(np.float32(first.json())), right.json(), atol=1e-3)
+
+
 def test_tei_tokenize_and_decode_with_the_real_tokenizer(
     embeddings_server: LiveServer, ruri_tokenizer: Any
 ) -> None:
