@@ -19,7 +19,7 @@ import pytest
 
 from fake_openai_server.api.app import build_app
 from fake_openai_server.backends.base import IdArray
-from fake_openai_server.engine.core import Engine
+from fake_openai_server.engine.core import BatchReport, Engine
 from fake_openai_server.engine.queue import BatchLimits, BucketQueue, Item
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.settings import Settings
@@ -233,3 +233,19 @@ def test_many_dify_users_share_batches_over_http() -> None:
         vectors = asyncio.run(scenario(server.base_url))
     for text, vector in zip(texts, vectors, strict=True):
         np.testing.assert_allclose(vector, fake_text_vector(text), rtol=1e-6)
+
+
+@pytest.mark.anyio
+async def test_reports_how_long_each_item_waited_for_the_model(engine_factory: Any) -> None:
+    """The queue wait an autoscaler reads: ~0 for a request the engine can take at once,
+    about a forward pass for one that arrived while the engine's pipeline was full."""
+    reports: list[BatchReport] = []
+    engine, _ = await engine_factory(delay=0.2, max_batch_size=1)
+    engine.lane(MODEL).observer = reports.append
+    first = asyncio.ensure_future(engine.submit(MODEL, [ids(1)]))
+    await asyncio.sleep(0.05)  # the first pass is running: one slot of the pipeline left
+    await asyncio.gather(first, engine.submit(MODEL, [ids(2), ids(3)]))
+    waits = [report.queue_seconds for report in reports]
+    assert [len(w) for w in waits] == [1, 1, 1]  # one per item, batches of one
+    assert waits[0][0] < 0.05 and waits[1][0] < 0.05  # sent to the engine at once
+    assert 0.1 < waits[2][0] < 0.4  # waited until the first pass was over

@@ -69,10 +69,11 @@ class Metrics:
         self.queue_tokens = Gauge(
             "fos_queue_tokens", "Tokens waiting for the model", ["model"], registry=r
         )
-
+        # What an autoscaler reads (docs/scaling.ja.md): how long work waits for a
+        # busy model. One observation per item, from submit() to its forward pass.
         self.queue_wait = Histogram(
             "fos_queue_wait_seconds",
-            "How long the oldest item of each batch waited in the queue",
+            "Time an item waited in the queue before its forward pass",
             ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
@@ -111,9 +112,13 @@ class Metrics:
             self.batch_tokens.labels(model).inc(report.tokens)
             self.padded_tokens.labels(model).inc(report.padded_tokens)
             self.inference.labels(model).observe(report.seconds)
-            self.queue_wait.labels(model).observe(report.queue_seconds)
+            for seconds in report.queue_seconds:
+                self.observe_queue_wait(model, seconds)
 
         return observe
+
+    def observe_queue_wait(self, model: str, seconds: float) -> None:
+        self.queue_wait.labels(model).observe(seconds)
 
     def track_queue(self, model: str, depth: Callable[[], int]) -> None:
         self.queue_tokens.labels(model).set_function(depth)

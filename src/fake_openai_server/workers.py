@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from fake_openai_server import wire
 
@@ -72,6 +72,7 @@ class WorkerProcess:
     """One worker process. Subclasses name the module and decode its answers."""
 
     module = ""
+    environment: ClassVar[dict[str, str]] = {}  # set for this kind of worker only
 
     def __init__(self, config: dict[str, Any]) -> None:
         self._config = config
@@ -106,7 +107,7 @@ class WorkerProcess:
                 [sys.executable, "-m", self.module, str(child.fileno())],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
-                env=_child_env(),
+                env={**_child_env(), **self.environment},
             )
         finally:
             child.close()

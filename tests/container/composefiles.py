@@ -14,14 +14,52 @@ import yaml  # type: ignore[import-untyped,unused-ignore]
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
 COMPOSE_LEGACY = ROOT / "compose-legacy.yaml"
+COMPOSE_MULTI_GPU = ROOT / "compose.multi-gpu.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
+HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+# Each shipped compose file and the override that runs it on a host without a GPU.
+CPU_OVERRIDES = {
+    COMPOSE: ROOT / "compose.cpu.yaml",
+    COMPOSE_LEGACY: ROOT / "compose-legacy.cpu.yaml",
+    COMPOSE_MULTI_GPU: ROOT / "compose.multi-gpu.cpu.yaml",
+}
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML as Compose reads it: ``!reset`` and ``!override`` (merge directives for
+    override files) are read as the plain value they carry."""
+
+
+def _plain(loader: yaml.SafeLoader, node: yaml.Node) -> object:
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)  # type: ignore[arg-type]
+
+
+for _tag in ("!reset", "!override"):
+    _ComposeLoader.add_constructor(_tag, _plain)
 
 
 def load(path: Path) -> dict[str, Any]:
     """The compose file with YAML anchors and merge keys (``<<``) resolved."""
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data = yaml.load(path.read_text(encoding="utf-8"), Loader=_ComposeLoader)  # a SafeLoader
     assert isinstance(data, dict), f"{path.name} is not a mapping"
     return data
+
+
+def reset_keys(path: Path) -> dict[str, set[str]]:
+    """Service name -> the keys an override file resets with ``!reset``."""
+    root = yaml.compose(path.read_text(encoding="utf-8"), Loader=_ComposeLoader)
+    assert isinstance(root, yaml.MappingNode)
+    out: dict[str, set[str]] = {}
+    for key, value in root.value:
+        if key.value != "services":
+            continue
+        for name, service in value.value:
+            out[name.value] = {k.value for k, v in service.value if v.tag == "!reset"}
+    return out
 
 
 @dataclass(frozen=True)

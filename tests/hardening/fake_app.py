@@ -1,10 +1,14 @@
-"""``python -m tests.hardening.fake_app SETTINGS_JSON DELAY``: the app over the fake
-backends in a process of its own, so that a test can measure the server's memory."""
+"""``python -m tests.hardening.fake_app SETTINGS_JSON DELAY [LOAD_SECONDS]``: the app over
+the fake backends in a process of its own, served as the CLI serves it (so SIGTERM drains
+as in production), so that a test can measure the server's memory or stop it.
+
+LOAD_SECONDS makes model loading take that long (``/ready`` says 503 meanwhile)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -36,14 +40,29 @@ def fake_app_process(settings: dict[str, Any], delay: float) -> Iterator[LiveSer
         yield server
 
 
-def main() -> None:
+def serve(overrides: dict[str, Any], delay: float, load_seconds: float = 0.0) -> None:
+    """Serve the app over the fakes until SIGTERM (a drain, as the CLI does) or SIGINT."""
     from fake_openai_server.api.app import build_app
+    from fake_openai_server.cli import Server
     from fake_openai_server.settings import Settings
     from tests.support.fakes import fake_plugin
 
-    settings = Settings(**json.loads(sys.argv[1]))
-    app = build_app(settings, fake_plugin(delay=float(sys.argv[2])))
-    uvicorn.run(app, host=settings.host, port=settings.effective_port, log_level="warning")
+    settings = Settings(**overrides)
+    app = build_app(settings, fake_plugin(delay=delay, load_seconds=load_seconds))
+    # As cli.main() serves: same graceful-shutdown bound, exit 0 after a clean drain.
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.effective_port,
+        log_level="warning",
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds),
+    )
+    Server(config).run()
+
+
+def main() -> None:
+    load_seconds = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+    serve(json.loads(sys.argv[1]), float(sys.argv[2]), load_seconds)
 
 
 if __name__ == "__main__":

@@ -142,4 +142,6 @@ def test_metrics_cover_requests_latency_queue_batches_and_inference(server: Live
     assert value("fos_inference_seconds_count", model=model) >= 1
     assert value("fos_inference_seconds_count", model="cl-nagoya/ruri-v3-reranker-310m") >= 1
     assert ({"model": model}, 0.0) in samples["fos_queue_tokens"]
+    assert value("fos_queue_wait_seconds_count", model=model) >= 2  # one per item
+    assert "fos_queue_wait_seconds_bucket" in samples
     assert value("process_resident_memory_bytes") > 10 * 2**20  # what a soak run watches

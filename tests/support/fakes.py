@@ -85,6 +85,8 @@ def fake_logit(query: str, document: str) -> float:
 def _logit_of(ids: Sequence[int]) -> float:
     """``fake_logit`` computed from a pair's ids: [BOS, query..., SEP, document..., EOS]."""
     ids = list(ids)
+    if SEP not in ids:  # not a pair (the engine's warm-up passes)
+        return 0.0
     sep = ids.index(SEP)
     return float(len(set(ids[1:sep]) & set(ids[sep + 1 : -1])) - 2)
 

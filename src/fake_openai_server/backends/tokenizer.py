@@ -8,11 +8,15 @@ with ``truncation=True``. No torch here: this runs where requests arrive.
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 from fake_openai_server.backends.base import Encoded, ModelInfo
+from fake_openai_server.backends.fast_tokenizers import fast_encoder
+
+log = logging.getLogger(__name__)
 
 # Text is cut to this many characters per allowed token before it reaches the
 # word tokenizer: no token is longer, and MeCab (fugashi) crashes the whole
@@ -63,13 +67,26 @@ class _PerThread:
 
 
 class HFTokenizer:
-    """A model's own tokenizer (``AutoTokenizer`` over the folder the engine saved)."""
+    """A model's own tokenizer (``AutoTokenizer`` over the folder the engine saved).
+
+    Where ``fast_tokenizers`` knows the tokenizer, its encoder gives the same ids with
+    the work in C and Rust, off the GIL; otherwise the tokenizer itself runs (and the log
+    and ``/info`` say why).
+    """
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.max_length = max_length
         self._end = end_tokens(tokenizer)
         self._tokenizers = _PerThread(tokenizer)
-        self.kind = f"{type(tokenizer).__name__} (transformers)"
+        try:
+            self._fast, reason = fast_encoder(tokenizer)
+        except Exception as exc:  # a library version it does not expect: stay correct
+            self._fast, reason = None, f"the fast path failed to start ({type(exc).__name__})"
+        if self._fast is not None:
+            self.kind = self._fast.kind
+        else:
+            self.kind = f"{type(tokenizer).__name__} in Python (slow: {reason})"
+            log.warning("no fast tokenizer: %s; tokenizing with the model's own", reason)
 
     @classmethod
     def open(cls, info: ModelInfo) -> HFTokenizer:
@@ -78,16 +95,21 @@ class HFTokenizer:
         return cls(AutoTokenizer.from_pretrained(info.tokenizer_dir), info.max_length)
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
-        tokenizer = self._tokenizers.get()
         cut = [cut_text(text, self.max_length) for text in texts]
+        if self._fast is not None:
+            return [fit(ids, self.max_length, self._end) for ids in self._fast.encode(cut)]
+        tokenizer = self._tokenizers.get()
         # One token over the limit, so that a cut text is known to have been cut.
         ids = tokenizer(cut, truncation=True, max_length=self.max_length + 1)["input_ids"]
         return [fit(row, self.max_length, self._end) for row in ids]
 
     def encode_pairs(self, query: str, documents: Sequence[str]) -> list[Encoded]:
-        tokenizer = self._tokenizers.get()
         query = cut_text(query, self.max_length)
         docs = [cut_text(doc, self.max_length) for doc in documents]
+        if self._fast is not None:
+            pairs = self._fast.encode_pairs(query, docs, self.max_length)
+            return [Encoded.of(ids) for ids in pairs]
+        tokenizer = self._tokenizers.get()
         ids = tokenizer(
             [query] * len(docs), docs, truncation="longest_first", max_length=self.max_length
         )["input_ids"]

@@ -71,8 +71,8 @@ class BatchReport:
     tokens: int
     padded_tokens: int
     seconds: float
-    queue_seconds: float = 0.0  # how long the batch's oldest item waited
     failed: bool = False
+    queue_seconds: tuple[float, ...] = ()  # how long each item waited before the pass
 
 
 BatchObserver = Callable[[BatchReport], None]
@@ -148,7 +148,7 @@ class _Flight:
     batch: list[Item]
     sent: float
     expected_seconds: float
-    queue_seconds: float
+    queue_seconds: tuple[float, ...]
 
 
 def free_waste(cost: PassCost, max_batch_tokens: int) -> int:
@@ -256,6 +256,10 @@ class Engine:
     def queued_tokens(self, model: str) -> int:
         return self._lanes[model].queue.tokens
 
+    @property
+    def queued_items(self) -> int:
+        return sum(len(lane.queue) for lane in self._lanes.values())
+
     def stats(self) -> dict[str, dict[str, float]]:
         return {name: lane.stats.as_dict() for name, lane in self._lanes.items()}
 
@@ -346,7 +350,7 @@ class Engine:
             batch,
             sent=now,
             expected_seconds=cost.pass_seconds + cost.token_seconds * padded,
-            queue_seconds=now - min(item.enqueued for item in batch),
+            queue_seconds=tuple(now - item.enqueued for item in batch),
         )
         if not self._in_flight:
             self._head_since = now
@@ -412,7 +416,7 @@ class Engine:
         batch, stats = flight.batch, flight.lane.stats
         tokens = sum(item.cost for item in batch)
         report = BatchReport(
-            len(batch), tokens, len(batch) * batch[0].cost, seconds, flight.queue_seconds
+            len(batch), tokens, len(batch) * batch[0].cost, seconds, False, flight.queue_seconds
         )
         stats.batches += 1
         stats.items += report.items

@@ -22,6 +22,7 @@ from fake_openai_server.backends.base import ModelInfo, Plugin, Tokenizer
 from fake_openai_server.engine.core import Engine
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.families import family_for, with_overrides
+from fake_openai_server.memory import AfterOverload
 from fake_openai_server.metrics import Metrics
 from fake_openai_server.service.embeddings import EmbeddingModel, EmbeddingsService
 from fake_openai_server.service.rerank import RerankModel, RerankService
@@ -161,12 +162,16 @@ class Runtime:
             self.on_fatal()
 
     async def _measure_lag(self) -> None:
-        """How late the event loop wakes up: what every request waits before it is read."""
+        """How late the event loop wakes up (what every request waits before it is read);
+        and, once a large queue has drained, give its memory back."""
         loop = asyncio.get_running_loop()
+        overload = AfterOverload()
         while True:
             expected = loop.time() + LAG_INTERVAL
             await asyncio.sleep(LAG_INTERVAL)
             self.metrics.observe_loop_lag(max(loop.time() - expected, 0.0))
+            if self.state == "ready":
+                overload.observe(self.engine.queued_items + self.engine.in_flight)
 
     def require_embeddings(self) -> EmbeddingsService:
         self._require_ready()

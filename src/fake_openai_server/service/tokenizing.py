@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, ClassVar
 
 from fake_openai_server import wire
 from fake_openai_server.backends.base import Encoded, ModelInfo, Plugin, Tokenizer
@@ -53,6 +53,8 @@ def default_workers(device: str) -> int:
 
 class TokenizerProcess(WorkerProcess):
     module = "fake_openai_server.service.tokenize_worker"
+    # One process is one core's worth of tokenizing: no thread pool of its own in Rust.
+    environment: ClassVar[dict[str, str]] = {"TOKENIZERS_PARALLELISM": "false"}
 
     def decode(self, kind: int, body: bytes) -> tuple[int, Any]:
         call_id, rows, original, truncated = wire.unpack_tokens(body)
