@@ -30,3 +30,13 @@ def test_the_server_command_is_the_console_script() -> None:
     assert "uv run fake-openai-server" in re.findall(r"```bash\n(.+?)\n```", README, re.DOTALL)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert project["project"]["scripts"]["fake-openai-server"] == "fake_openai_server.cli:main"
+
+
+def test_every_route_is_in_the_readme() -> None:
+    """The README's tables name every route the server answers, whichever API it is."""
+    from fake_openai_server.api.app import routers_for
+
+    routers = routers_for(Settings(service_type="all"))
+    paths = {getattr(route, "path", "") for router in routers for route in router.routes}
+    missing = sorted(p for p in paths if f"`{p}`" not in README and f" {p}`" not in README)
+    assert not missing, f"routes missing from the README: {missing}"

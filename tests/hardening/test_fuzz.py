@@ -62,6 +62,18 @@ def test_every_route_is_documented(server: LiveServer) -> None:
         "POST /v1/embeddings",
         "POST /v1/rerank",
         "POST /v2/rerank",
+        "GET /info/quantization",
+        "POST /embed",
+        "POST /tokenize",
+        "POST /decode",
+        "POST /api/embed",
+        "POST /api/embeddings",
+        "POST /api/rerank",
+        "GET /api/tags",
+        "GET /api/version",
+        "POST /api/show",
+        "POST /v1/embed",
+        "POST /v2/embed",
     }
 
 
@@ -94,6 +106,12 @@ def _fuzz(label: str, mode: GenerationMode, base_url: str, session: requests.Ses
         assert mode is GenerationMode.NEGATIVE
 
 
+# TEI's /decode takes nothing but token ids, which must lie in the model's vocabulary
+# (1000 ids for the fake model): the schema cannot say that, so most generated requests
+# are rightly refused with 400. A smaller share of 200s is still required.
+SUCCESS_SHARE = {"POST /decode": 0.1}
+
+
 @pytest.mark.parametrize("label", sorted(OPERATIONS))
 def test_fuzz(label: str, server: LiveServer) -> None:
     operation = OPERATIONS[label]
@@ -111,7 +129,7 @@ def test_fuzz(label: str, server: LiveServer) -> None:
                 counts[f"{mode}-{status}"] += n
         assert counts["positive"] >= EXAMPLES * 0.9, counts
         assert counts["negative"] >= EXAMPLES * 0.9, counts
-        assert counts["positive-200"] >= 0.15 * counts["positive"], counts
+        assert counts["positive-200"] >= SUCCESS_SHARE.get(label, 0.15) * counts["positive"], counts
     else:
         assert sent
 

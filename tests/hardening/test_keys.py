@@ -14,8 +14,7 @@ from typing import Any, cast
 
 import pytest
 
-from fake_openai_server.api import embeddings, rerank, system
-from fake_openai_server.api.app import build_app
+from fake_openai_server.api.app import build_app, routers_for
 from fake_openai_server.settings import Settings
 from tests.support.fakes import fake_plugin
 from tests.support.live import LiveServer, serve_app
@@ -25,13 +24,28 @@ ENV_KEYS = ("sk-env-one", "sk-env-two")
 FILE_KEYS = ("sk-file-three", "sk-file-four")
 EMBED = {"input": "鍵のテスト"}
 RANK = {"query": "鍵", "documents": ["鍵のテスト", "別"]}
+# A valid body for each route of the other APIs (the rest take EMBED or RANK).
+BODIES: dict[str, dict[str, Any]] = {
+    "/v1/embeddings": EMBED,
+    "/embeddings": EMBED,
+    "/": {"inputs": "鍵のテスト"},
+    "/embed": {"inputs": "鍵のテスト"},
+    "/tokenize": {"inputs": "鍵のテスト"},
+    "/decode": {"ids": [1, 2]},
+    "/api/embed": {"input": "鍵のテスト"},
+    "/api/embeddings": {"prompt": "鍵のテスト"},
+    "/api/show": {"model": "ruri-large"},
+    "/v1/embed": {"texts": ["鍵のテスト"]},
+    "/v2/embed": {"texts": ["鍵のテスト"], "input_type": "search_query"},
+}
 
 
 def _routes() -> list[tuple[str, str]]:
     """Every method and path the app serves, hidden aliases and the docs included."""
     app = build_app(Settings(service_type="all", warmup=False), fake_plugin())
     found = {("GET", getattr(r, "path", "")) for r in app.routes if getattr(r, "path", "")}
-    for router in (system.router, embeddings.router, rerank.router):
+    routers = routers_for(Settings(service_type="all"))
+    for router in routers:
         for route in router.routes:
             for method in getattr(route, "methods", ()):
                 if method != "HEAD":
@@ -58,7 +72,7 @@ def _call(server: LiveServer, method: str, path: str, authorization: str | None)
     headers = {} if authorization is None else {"Authorization": authorization}
     body = None
     if method == "POST":
-        body = json.dumps(EMBED if "embeddings" in path else RANK).encode()
+        body = json.dumps(BODIES.get(path, RANK)).encode()
         headers["Content-Type"] = "application/json"
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     try:
@@ -92,6 +106,9 @@ def test_the_route_list_is_complete() -> None:
     paths = {path for _, path in ROUTES}
     assert {"/v1/embeddings", "/embeddings", "/v1/rerank", "/rerank", "/v1/v1/rerank"} <= paths
     assert {"/v2/rerank", "/v1/models", "/models", "/info", "/metrics", "/openapi.json"} <= paths
+    assert {"/", "/embed", "/tokenize", "/decode", "/info/quantization"} <= paths
+    assert {"/api/embed", "/api/embeddings", "/api/tags", "/api/version", "/api/show"} <= paths
+    assert {"/api/rerank", "/v1/embed", "/v2/embed"} <= paths
     assert paths >= PUBLIC
 
 
@@ -110,6 +127,20 @@ WRONG = [
 ]
 
 
+def assert_unauthorized(path: str, body: dict[str, Any]) -> None:
+    """The 401 in the error envelope of the route's own API."""
+    if path.startswith("/api/"):  # Ollama
+        assert set(body) == {"error"} and "API key" in body["error"], body
+    elif path in ("/", "/embed", "/tokenize", "/decode"):  # text-embeddings-inference
+        assert body == {"error": body["error"], "error_type": "Unauthorized"}, body
+        assert "API key" in body["error"]
+    elif path in ("/v1/embed", "/v2/embed"):  # Cohere
+        assert set(body) == {"id", "message"} and "API key" in body["message"], body
+    else:
+        error = body["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+
+
 @pytest.mark.parametrize(("method", "path"), ROUTES, ids=lambda x: str(x))
 def test_every_route_needs_a_right_key(keyed: LiveServer, method: str, path: str) -> None:
     for authorization in WRONG:
@@ -118,8 +149,7 @@ def test_every_route_needs_a_right_key(keyed: LiveServer, method: str, path: str
             assert reply.status_code == 200, (authorization, reply.text)
             continue
         assert reply.status_code == 401, (authorization, reply.status_code)
-        error = reply.json()["error"]
-        assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+        assert_unauthorized(path, reply.json())
         assert reply.headers["x-request-id"]
         for key in ENV_KEYS + FILE_KEYS:
             assert key not in reply.text

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,10 +92,39 @@ def _logit_of(ids: Sequence[int]) -> float:
 
 
 # --- tokenizers (the server process) -----------------------------------------------------
+class FakeHFTokenizer:
+    """The part of a Hugging Face tokenizer that TEI's /tokenize and /decode use
+    (``backends/vocabulary.py``), over the fake model's character ids."""
+
+    is_fast = False
+    all_special_ids = (BOS, EOS, SEP)
+
+    def __init__(self) -> None:
+        self._pieces = {BOS: "<s>", EOS: "</s>", SEP: "<sep>"}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return VOCAB
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        ids = char_ids(text)
+        with self._lock:
+            self._pieces.update(zip(ids, text, strict=True))
+        return {"input_ids": [BOS, *ids, EOS] if add_special_tokens else ids}
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self._pieces.get(i, "[UNK]") for i in ids]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        kept = [i for i in ids if not (skip_special_tokens and i in self.all_special_ids)]
+        return "".join(self._pieces.get(i, "?") for i in kept)
+
+
 class FakeTokenizer:
     kind = "fake (one token per character)"
 
     def __init__(self, info: ModelInfo, options: dict[str, Any]) -> None:
+        self.hf_tokenizer = FakeHFTokenizer()
         self.max_length = info.max_length
         self.explode = options.get("tokenizer_raise")
         self.delay = float(options.get("tokenizer_delay", 0.0))

@@ -10,15 +10,24 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
-from fake_openai_server.api import embeddings, rerank, system
+from fake_openai_server.api import (
+    cohere_embed,
+    embeddings,
+    ollama,
+    quantized,
+    rerank,
+    system,
+    tei,
+)
 from fake_openai_server.api.deps import ClientGone, client_gone_response
-from fake_openai_server.api.errors import error_response, install_error_handlers
+from fake_openai_server.api.errors import error_response, install_error_handlers, request_dialect
 from fake_openai_server.api.middleware import PUBLIC_PATHS, BodyTooLarge, Guard, too_large
 from fake_openai_server.backends.base import Plugin
 from fake_openai_server.metrics import Metrics
+from fake_openai_server.service.quantize import Calibrations, calibration_embedders
 from fake_openai_server.service.runtime import Runtime
 from fake_openai_server.settings import Settings
 
@@ -34,6 +43,7 @@ def build_app(settings: Settings, plugin: Plugin | None = None) -> FastAPI:
     """
     metrics = Metrics()
     runtime = Runtime(settings, plugin, metrics)
+    calibrations = Calibrations()
 
     def stop_serving() -> None:
         on_failure = getattr(app.state, "on_load_failure", None)
@@ -56,6 +66,11 @@ def build_app(settings: Settings, plugin: Plugin | None = None) -> FastAPI:
             await runtime.start()
             if runtime.state == "failed":
                 stop_serving()
+            # The start-up hook of the int8/uint8 calibration (service/quantize.py): once
+            # the models are ready, calibrate now when warming up, else on first use.
+            if runtime.state == "ready" and runtime.embeddings is not None:
+                embedders = calibration_embedders(runtime.embeddings)
+                calibrations.attach(embedders, start=settings.warmup)
 
         loading = asyncio.create_task(load(), name="load-models")
         app.state.loading = loading
@@ -65,6 +80,7 @@ def build_app(settings: Settings, plugin: Plugin | None = None) -> FastAPI:
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
+            await calibrations.stop()
             await runtime.stop()
 
     app = FastAPI(
@@ -74,14 +90,11 @@ def build_app(settings: Settings, plugin: Plugin | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.runtime = runtime
+    app.state.calibrations = calibrations
     app.state.settings = settings
     app.state.started = int(time.time())
 
-    routers = [system.router]
-    if settings.serves_embeddings:
-        routers.append(embeddings.router)
-    if settings.serves_rerank:
-        routers.append(rerank.router)
+    routers = routers_for(settings)
     for router in routers:
         app.include_router(router)
     install_error_handlers(app)
@@ -93,8 +106,9 @@ def build_app(settings: Settings, plugin: Plugin | None = None) -> FastAPI:
         return client_gone_response()
 
     @app.exception_handler(BodyTooLarge)
-    async def _body_too_large(_: Request, __: BodyTooLarge) -> Response:
-        return error_response(too_large(settings.max_request_bytes))
+    async def _body_too_large(request: Request, __: BodyTooLarge) -> Response:
+        error = too_large(settings.max_request_bytes)
+        return error_response(error, dialect=request_dialect(request))
 
     # Metrics label each request by its route's path. FastAPI includes routers lazily
     # (app.routes holds opaque wrappers), so take the paths from the routers themselves.
@@ -108,6 +122,17 @@ def build_app(settings: Settings, plugin: Plugin | None = None) -> FastAPI:
         routes=routes,
     )
     return app
+
+
+def routers_for(settings: Settings) -> list[APIRouter]:
+    """The routes of every API family, for what ``settings`` serves."""
+    routers = [system.router, tei.router, ollama.router]
+    if settings.serves_embeddings:
+        routers += [embeddings.router, quantized.router, tei.embed_router]
+        routers += [ollama.embed_router, cohere_embed.router]
+    if settings.serves_rerank:
+        routers += [rerank.router, tei.rerank_router, ollama.rerank_router]
+    return routers
 
 
 def document_statuses_truthfully(app: FastAPI, keys_required: bool) -> None:

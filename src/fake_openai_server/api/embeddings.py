@@ -1,4 +1,8 @@
-"""POST /v1/embeddings (and /embeddings): the OpenAI embeddings API."""
+"""POST /v1/embeddings (and /embeddings): the OpenAI embeddings API.
+
+The same route serves Voyage AI's client (it posts to ``{base_url}/embeddings`` with
+``output_dtype``, ``output_dimension``, ``truncation``) and Jina's (``embedding_type``).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,11 @@ from starlette.responses import Response
 
 from fake_openai_server.api.deps import answer_in_time, runtime
 from fake_openai_server.api.errors import ERROR_RESPONSES
+from fake_openai_server.api.quantized import as_type
 from fake_openai_server.api.schemas import EmbeddingsRequest, EmbeddingsResponse
 from fake_openai_server.api.serialize import embeddings_body
 from fake_openai_server.errors import ErrorKind, ServiceError
+from fake_openai_server.service.truncation import TruncateMode
 
 router = APIRouter(tags=["embeddings"])
 
@@ -28,12 +34,23 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
         raise ServiceError(
             ErrorKind.INVALID_REQUEST, "input must not be an empty list.", param="input"
         )
+    kind, encoding_format = body.output()
+    truncate: TruncateMode | None = None
+    if body.truncation is not None:
+        truncate = "end" if body.truncation else "none"
     result = await answer_in_time(
         request,
         service.embed(
-            items, model=body.model, input_type=body.input_type, dimensions=body.dimensions
+            items,
+            model=body.model,
+            input_type=body.input_type,
+            dimensions=body.output_dimensions(),
+            truncate=truncate,
         ),
     )
+    vectors = result.vectors
+    if kind != "float":
+        vectors = await as_type(request, service.names.resolve(body.model), vectors, kind)
     model = body.model or service.names.default
-    content = embeddings_body(result.vectors, body.encoding_format, model, result.prompt_tokens)
+    content = embeddings_body(vectors, encoding_format, model, result.prompt_tokens)
     return Response(content, media_type="application/json")

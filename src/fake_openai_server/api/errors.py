@@ -1,13 +1,23 @@
-"""Every failure becomes the OpenAI error envelope, from one table.
+"""Every failure becomes an error envelope, from one table.
 
 ``{"error": {"message", "type", "param", "code"}}`` with all four keys. Jina-
-style clients read ``detail`` on failure, so it carries the message too.
+style clients read ``detail`` on failure, so it carries the message too (and so do
+Voyage's, which hit the same /v1 routes).
+
+The routes of other APIs answer in the envelope their clients parse (the *dialect*),
+with the same status codes and messages:
+
+- text-embeddings-inference (/embed, /tokenize, /decode, POST /, /rerank with ``texts``):
+  ``{"error": message, "error_type": "Validation" | ...}``, TEI's own shape.
+- Ollama (/api/...): ``{"error": message}``; the ollama client reads ``error`` as a string.
+- Cohere embed (/v1/embed, /v2/embed): ``{"id", "message"}``, Cohere's shape.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import uuid
+from typing import Any, Literal
 
 import orjson
 from fastapi import FastAPI, Request
@@ -61,14 +71,60 @@ KEY_RESPONSES: dict[int | str, dict[str, Any]] = {401: ERROR_RESPONSES[401]}
 MESSAGE_LIMIT = 600
 
 
-def error_response(error: ServiceError, headers: dict[str, str] | None = None) -> Response:
-    status, error_type, code = ERROR_TABLE[error.kind]
+Dialect = Literal["openai", "tei", "ollama", "cohere"]
+
+# TEI's ErrorType names, by kind (TEI itself has no 401/404 bodies: it answers bare codes).
+TEI_ERROR_TYPES: dict[ErrorKind, str] = {
+    ErrorKind.UNAUTHORIZED: "Unauthorized",
+    ErrorKind.OVERLOADED: "Overloaded",
+    ErrorKind.NOT_READY: "Unhealthy",
+    ErrorKind.MODEL_FAILURE: "Backend",
+    ErrorKind.INTERNAL: "Backend",
+}
+
+TEI_PATHS = frozenset({"/", "/embed", "/tokenize", "/decode"})
+COHERE_EMBED_PATHS = frozenset({"/v1/embed", "/v2/embed"})
+
+
+def dialect_for(path: str, chosen: str | None = None) -> Dialect:
+    """The error envelope for a path; ``chosen`` is what a route set for its request
+    (``/rerank`` answers in TEI's envelope only when it was sent TEI's body)."""
+    if chosen in ("openai", "tei", "ollama", "cohere"):
+        return chosen  # type: ignore[return-value]
+    if path.startswith("/api/"):
+        return "ollama"
+    if path in TEI_PATHS:
+        return "tei"
+    if path in COHERE_EMBED_PATHS:
+        return "cohere"
+    return "openai"
+
+
+def request_dialect(request: Request) -> Dialect:
+    return dialect_for(request.url.path, getattr(request.state, "error_dialect", None))
+
+
+def error_body(error: ServiceError, dialect: Dialect = "openai") -> dict[str, Any]:
+    _, error_type, code = ERROR_TABLE[error.kind]
     message = excerpt(error.message, MESSAGE_LIMIT)
+    if dialect == "tei":
+        return {"error": message, "error_type": TEI_ERROR_TYPES.get(error.kind, "Validation")}
+    if dialect == "ollama":
+        return {"error": message}
+    if dialect == "cohere":
+        return {"id": str(uuid.uuid4()), "message": message}
     param = None if error.param is None else excerpt(error.param, 80)
-    body = {
+    return {
         "error": {"message": message, "type": error_type, "param": param, "code": code},
         "detail": message,
     }
+
+
+def error_response(
+    error: ServiceError, headers: dict[str, str] | None = None, dialect: Dialect = "openai"
+) -> Response:
+    status = ERROR_TABLE[error.kind][0]
+    body = error_body(error, dialect)
     all_headers = dict(headers or {})
     if error.kind in RETRY_AFTER_SECONDS:
         all_headers["Retry-After"] = RETRY_AFTER_SECONDS[error.kind]
@@ -83,6 +139,9 @@ def error_response(error: ServiceError, headers: dict[str, str] | None = None) -
 _INPUT_SHAPES = {
     "input": "a string, a list of strings, a list of token ids or a list of token-id lists",
     "documents": "a list of strings or of objects with a 'text' field",
+    "inputs": "a string or a list of strings",
+    "texts": "a list of strings",
+    "ids": "a list of token ids or a list of token-id lists",
 }
 
 
@@ -107,13 +166,14 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
-    async def _service(_: Request, exc: ServiceError) -> Response:
-        return error_response(exc)
+    async def _service(request: Request, exc: ServiceError) -> Response:
+        return error_response(exc, dialect=request_dialect(request))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
         message, param = validation_message(list(exc.errors()))
-        return error_response(ServiceError(ErrorKind.INVALID_REQUEST, message, param))
+        error = ServiceError(ErrorKind.INVALID_REQUEST, message, param)
+        return error_response(error, dialect=request_dialect(request))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> Response:
@@ -132,12 +192,13 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             kind, message = ErrorKind.INTERNAL, "Internal server error."
         headers = dict(exc.headers or {})
-        response = error_response(ServiceError(kind, message), headers)
+        response = error_response(ServiceError(kind, message), headers, request_dialect(request))
         response.status_code = exc.status_code if exc.status_code >= 400 else 400
         return response
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> Response:
+    async def _unexpected(request: Request, exc: Exception) -> Response:
         # Never echo the exception: it may carry paths, internals or user text.
         log.error("unhandled %s", type(exc).__name__, exc_info=exc)
-        return error_response(ServiceError(ErrorKind.INTERNAL, "Internal server error."))
+        error = ServiceError(ErrorKind.INTERNAL, "Internal server error.")
+        return error_response(error, dialect=request_dialect(request))

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fake_openai_server.api.errors import error_response
+from fake_openai_server.api.errors import dialect_for, error_response
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.metrics import Metrics
 
@@ -114,7 +114,7 @@ class Guard:
             await send(message)
 
         async def reply(error: ServiceError) -> None:
-            response = error_response(error)
+            response = error_response(error, dialect=dialect_for(scope["path"]))
             await response(scope, receive, send_with_id)
 
         in_progress = self.metrics.in_progress.labels(route)
@@ -177,7 +177,7 @@ class Guard:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started_response:
-                response = error_response(self._too_large())
+                response = error_response(self._too_large(), dialect=dialect_for(scope["path"]))
                 await response(scope, receive, send)
         except Exception as exc:
             # Answer here instead of letting Starlette's ServerErrorMiddleware do it: that
@@ -186,5 +186,6 @@ class Guard:
             if started_response:
                 raise
             log.error("unhandled %s", type(exc).__name__, exc_info=exc)
-            response = error_response(ServiceError(ErrorKind.INTERNAL, "Internal server error."))
+            error = ServiceError(ErrorKind.INTERNAL, "Internal server error.")
+            response = error_response(error, dialect=dialect_for(scope["path"]))
             await response(scope, receive, send)

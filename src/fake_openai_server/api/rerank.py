@@ -1,4 +1,8 @@
-"""Rerank at every path clients use: /v1/rerank, /rerank, /v2/rerank, /v1/v1/rerank."""
+"""Rerank at every path clients use: /v1/rerank, /rerank, /v2/rerank, /v1/v1/rerank.
+
+/rerank is routed by ``api/tei.py``: a body with TEI's ``texts`` gets TEI's reply,
+any other comes here.
+"""
 
 from __future__ import annotations
 
@@ -48,15 +52,21 @@ def echo(doc: str | DocumentObject) -> dict[str, Any]:
 async def _rerank(body: RerankRequest, request: Request, api_version: str) -> Response:
     service = runtime(request).require_rerank()
     texts = document_texts(body)
+    top_n = body.top_k if body.top_n is None else body.top_n
     result = await answer_in_time(
         request,
         service.rerank(
-            body.query, texts, model=body.model, top_n=body.top_n, raw_scores=body.raw_scores
+            body.query,
+            texts,
+            model=body.model,
+            top_n=top_n,
+            raw_scores=body.raw_scores,
+            truncate=body.truncation,
         ),
     )
     return_documents = body.return_documents
     if return_documents is None:
-        return_documents = api_version == "1"
+        return_documents = api_version == "1" and not body.voyage
     results = []
     for ranked in result.ranked:
         item: dict[str, Any] = {"index": ranked.index, "relevance_score": ranked.score}
@@ -74,6 +84,9 @@ async def _rerank(body: RerankRequest, request: Request, api_version: str) -> Re
             "tokens": {"input_tokens": result.tokens, "output_tokens": 0},
         },
     }
+    if body.voyage:
+        # The voyageai client reads data[*].index / relevance_score and usage.total_tokens.
+        payload.update({"object": "list", "data": results})
     return Response(json_body(payload), media_type="application/json")
 
 
@@ -83,7 +96,6 @@ async def _rerank(body: RerankRequest, request: Request, api_version: str) -> Re
     responses=ERROR_RESPONSES,
     summary="Rerank documents (Cohere v1 / Jina compatible)",
 )
-@router.post("/rerank", include_in_schema=False)
 @router.post("/v1/v1/rerank", include_in_schema=False)
 async def rerank_v1(body: RerankRequest, request: Request) -> Response:
     return await _rerank(body, request, "1")

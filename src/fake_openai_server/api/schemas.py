@@ -93,8 +93,48 @@ class EmbeddingsRequest(BaseModel):
         "classification | clustering | similarity: selects the model's prefix",
     )
     user: Any = Field(None, description="Accepted and ignored")
+    # Voyage AI (its client posts to {base_url}/embeddings) and Jina AI fields.
+    output_dtype: Literal["float", "int8", "uint8", "binary", "ubinary"] | None = Field(
+        None, description="Voyage: the vectors as float, int8, uint8 or packed bits"
+    )
+    embedding_type: Literal["float", "base64", "int8", "uint8", "binary", "ubinary"] | None = Field(
+        None, description="Jina: the vectors as float, base64 (float32) or quantized"
+    )
+    output_dimension: StrictInt | None = Field(
+        None,
+        description="Voyage: keep the first N dimensions (as dimensions)",
+        json_schema_extra={"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]},
+    )
+    truncation: StrictBool | None = Field(
+        None, description="Voyage: false answers 400 for an over-long input instead of cutting it"
+    )
 
     _valid_unicode = model_validator(mode="before")(reject_lone_surrogates)
+
+    def output(self) -> tuple[str, str | None]:
+        """(embedding type, encoding_format) from OpenAI's, Voyage's and Jina's fields."""
+        encoding = self.encoding_format
+        jina = self.embedding_type
+        if jina == "base64":
+            jina, encoding = "float", "base64"
+        if self.output_dtype is not None and jina is not None and self.output_dtype != jina:
+            raise ServiceError(
+                ErrorKind.INVALID_REQUEST,
+                "output_dtype and embedding_type disagree; send one of them.",
+                param="output_dtype",
+            )
+        return self.output_dtype or jina or "float", encoding
+
+    def output_dimensions(self) -> int | None:
+        if None not in (self.dimensions, self.output_dimension) and (
+            self.dimensions != self.output_dimension
+        ):
+            raise ServiceError(
+                ErrorKind.INVALID_REQUEST,
+                "dimensions and output_dimension disagree; send one of them.",
+                param="dimensions",
+            )
+        return self.dimensions if self.dimensions is not None else self.output_dimension
 
     def items(self) -> list[str] | list[list[int]]:
         """``input`` as a list of texts or a list of token-id lists."""
@@ -151,8 +191,21 @@ class RerankRequest(BaseModel):
         None, description="For object documents: the fields to rank on (default: text)"
     )
     raw_scores: StrictBool = Field(False, description="Return logits instead of sigmoid scores")
+    top_k: StrictInt | None = Field(
+        None,
+        description="Voyage's name for top_n; a request with it gets Voyage's reply (data)",
+        json_schema_extra={"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}]},
+    )
+    truncation: StrictBool | None = Field(
+        None, description="Voyage: false answers 400 for an over-long pair instead of cutting"
+    )
 
     _valid_unicode = model_validator(mode="before")(reject_lone_surrogates)
+
+    @property
+    def voyage(self) -> bool:
+        """The voyageai client always sends top_k (null when unset)."""
+        return "top_k" in self.model_fields_set
 
 
 class RerankDocument(BaseModel):
@@ -197,6 +250,10 @@ class RerankResponse(BaseModel):
     results: list[RerankResultItem]
     usage: RerankUsage
     meta: RerankMeta
+    object: Literal["list"] | None = Field(None, description="Voyage requests (top_k) only")
+    data: list[RerankResultItem] | None = Field(
+        None, description="Voyage requests (top_k) only: the results again, as Voyage names them"
+    )
 
 
 # --- models, health ----------------------------------------------------------

@@ -6,21 +6,23 @@ import base64
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import orjson
-
-from fake_openai_server.backends.base import FloatArray
 
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
 
 def embeddings_body(
-    vectors: FloatArray, encoding_format: str | None, model: str, prompt_tokens: int
+    vectors: npt.NDArray[Any], encoding_format: str | None, model: str, prompt_tokens: int
 ) -> bytes:
+    # Quantized vectors (int8, uint8, packed bits) keep their one-byte type: as numbers in
+    # JSON, as their own bytes in base64 (what Voyage's client decodes).
+    quantized = vectors.dtype.itemsize == 1
     if encoding_format == "base64":
-        little = vectors.astype("<f4", copy=False)
+        little = vectors if quantized else vectors.astype("<f4", copy=False)
         encoded: list[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
     else:
-        encoded = list(np.ascontiguousarray(vectors, dtype=np.float32))
+        encoded = list(np.ascontiguousarray(vectors, dtype=None if quantized else np.float32))
     return orjson.dumps(
         {
             "object": "list",

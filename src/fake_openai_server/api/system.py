@@ -12,6 +12,7 @@ from fake_openai_server.api.deps import runtime
 from fake_openai_server.api.errors import KEY_RESPONSES
 from fake_openai_server.api.schemas import Health, ModelList, Readiness
 from fake_openai_server.api.serialize import json_body
+from fake_openai_server.api.tei import tei_info
 from fake_openai_server.metrics import CONTENT_TYPE
 
 router = APIRouter()
@@ -79,7 +80,11 @@ async def list_models(request: Request) -> Response:
 async def info(request: Request) -> Response:
     rt = runtime(request)
     s = rt.settings
+    # TEI's fields first (Dify's TEI provider reads model_type, max_input_length and
+    # max_client_batch_size); where a name is in both, ours wins: only "version", which
+    # is this server's version in both.
     body = {
+        **tei_info(rt),
         "version": package_version(),
         "service_type": s.service_type,
         "state": rt.readiness()[0],
@@ -107,6 +112,8 @@ async def info(request: Request) -> Response:
         },
         "engine": rt.stats(),
     }
+    if s.serves_embeddings:
+        body["quantization"] = request.app.state.calibrations.summary()
     return Response(json_body(body), media_type="application/json")
 
 

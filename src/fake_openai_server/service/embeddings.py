@@ -21,6 +21,7 @@ from fake_openai_server.service.common import (
     pipeline,
 )
 from fake_openai_server.service.tokenizing import TokenizerPool
+from fake_openai_server.service.truncation import TruncateMode, keep_the_end, split_prefix
 from fake_openai_server.settings import Settings
 
 LANGCHAIN_HINT = (
@@ -82,7 +83,11 @@ class EmbeddingsService:
         model: str | None = None,
         input_type: str | None = None,
         dimensions: int | None = None,
+        truncate: TruncateMode | None = None,
+        normalize: bool | None = None,
     ) -> EmbeddingResult:
+        """``truncate`` and ``normalize`` are per-request choices of the other APIs (TEI,
+        Cohere, Ollama, Voyage); ``None`` keeps the server's TRUNCATE / NORMALIZE."""
         name = self.names.resolve(model)
         entry = self.models[name]
         settings = self.settings
@@ -102,14 +107,16 @@ class EmbeddingsService:
             )
 
         tokens = RequestTokens(settings.max_request_tokens)
+        mode = truncate or ("end" if settings.truncate else "none")
+        why = " (TRUNCATE=false)" if truncate is None else ", and the request asked not to truncate"
 
         async def run(encoded: list[Encoded]) -> FloatArray:
             for item in encoded:
-                if item.truncated and not settings.truncate:
+                if item.truncated and mode == "none":
                     raise ServiceError(
                         ErrorKind.INVALID_REQUEST,
                         f"An input has {item.original_length} tokens, over this model's maximum "
-                        f"of {entry.info.max_length} (TRUNCATE=false).",
+                        f"of {entry.info.max_length}{why}.",
                         param="input",
                     )
             tokens.add(encoded)
@@ -128,11 +135,17 @@ class EmbeddingsService:
             check_texts(texts, "input", settings.max_input_chars)
             kind = normalize_input_type(input_type) or settings.default_input_type
             prefixed = [apply_prefix(entry.family, text, kind) for text in texts]
-            vectors = await pipeline(partial(self._tokenizers.encode, name), prefixed, run)
+            encode = partial(self._tokenizers.encode, name)
+            if mode == "start":
+                cut_start = keep_the_end(encode, entry.info.max_length)
+                parts = [split_prefix(entry.family, text) for text in prefixed]
+                vectors = await pipeline(cut_start, parts, run)
+            else:
+                vectors = await pipeline(encode, prefixed, run)
 
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
-        if settings.normalize:
+        if settings.normalize if normalize is None else normalize:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors = vectors / np.maximum(norms, np.float32(1e-12))
         _check_vectors(vectors)

@@ -67,7 +67,10 @@ class RerankService:
         model: str | None = None,
         top_n: int | None = None,
         raw_scores: bool = False,
+        truncate: bool | None = None,
     ) -> RerankResult:
+        """``truncate=False`` (TEI ``truncate``, Voyage ``truncation``) refuses pairs that
+        fill the model's whole length instead of cutting them; ``None`` cuts, as before."""
         name = self.names.resolve(model)
         settings = self.settings
         if not query.strip():
@@ -96,6 +99,8 @@ class RerankService:
         tokens = RequestTokens(settings.max_request_tokens)
 
         async def run(encoded: list[Encoded]) -> FloatArray:
+            if truncate is False:
+                _refuse_cut_pairs(encoded, self.models[name].info.max_length)
             tokens.add(encoded)
             return await self._engine.submit(name, [item.ids for item in encoded])
 
@@ -114,3 +119,18 @@ class RerankService:
             order = order[:top_n]
         ranked = [Ranked(int(i), float(scores[i])) for i in order]
         return RerankResult(ranked, tokens.total)
+
+
+def _refuse_cut_pairs(encoded: Sequence[Encoded], max_length: int) -> None:
+    # The pair tokenizer cuts to max_length without saying whether it cut, so a pair
+    # that fills the whole length counts as cut (a pair of exactly that length is refused
+    # too: one token's difference, on the safe side).
+    for item in encoded:
+        if item.truncated or len(item.ids) >= max_length:
+            raise ServiceError(
+                ErrorKind.INVALID_REQUEST,
+                f"A query and document pair reaches this model's maximum of {max_length} "
+                "tokens, and the request asked not to truncate; shorten the document or "
+                "allow truncation.",
+                param="documents",
+            )

@@ -1,0 +1,264 @@
+"""Ollama's API: POST /api/embed, the older POST /api/embeddings, GET /api/tags,
+GET /api/version, POST /api/show, and POST /api/rerank for Dify's Ollama provider.
+
+Clients: the ollama Python/JS clients, Open WebUI's default embedding engine,
+Dify's Ollama provider (``{"input": [...], "model", "truncate": true, "options"}`` to
+/api/embed, reading ``embeddings``), LangChain's OllamaEmbeddings. Model names may
+carry Ollama's ``:latest`` tag. Errors are Ollama's ``{"error": message}``.
+
+As in Ollama, /api/embed returns L2-normalised vectors (cut to ``dimensions`` first)
+and /api/embeddings the model's own; an empty ``input`` / ``prompt`` only checks that
+the model exists and returns no vectors (clients use it to load a model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from fake_openai_server.api.compat import check_list, error_responses
+from fake_openai_server.api.compat_schemas import (
+    OllamaEmbeddingsRequest,
+    OllamaEmbeddingsResponse,
+    OllamaEmbedRequest,
+    OllamaEmbedResponse,
+    OllamaError,
+    OllamaRerankRequest,
+    OllamaRerankResponse,
+    OllamaShowRequest,
+    OllamaShowResponse,
+    OllamaTags,
+    OllamaVersion,
+)
+from fake_openai_server.api.deps import answer_in_time, runtime
+from fake_openai_server.api.errors import KEY_RESPONSES
+from fake_openai_server.api.serialize import json_body
+from fake_openai_server.backends.base import ModelInfo
+from fake_openai_server.errors import ErrorKind, ServiceError
+from fake_openai_server.families import family_for
+from fake_openai_server.service.common import check_texts
+from fake_openai_server.service.runtime import Runtime
+from fake_openai_server.service.truncation import TruncateMode
+
+# The Ollama API level these routes follow (/api/embed with truncate and dimensions).
+OLLAMA_VERSION = "0.9.0"
+
+TAGS: list[Any] = ["ollama"]
+router = APIRouter(tags=TAGS)
+embed_router = APIRouter(tags=TAGS)
+rerank_router = APIRouter(tags=TAGS)
+
+ERRORS = error_responses(OllamaError)
+KEY_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": OllamaError, "description": KEY_RESPONSES[401]["description"]}
+}
+
+
+def _json(payload: Any) -> Response:
+    return Response(json_body(payload), media_type="application/json")
+
+
+def model_name(requested: str | None) -> str | None:
+    """Ollama names carry a tag; ``name:latest`` is ``name``."""
+    return requested.removesuffix(":latest") if requested else None
+
+
+def _truncate(truncate: bool | None, server_truncates: bool) -> TruncateMode:
+    return "end" if (server_truncates if truncate is None else truncate) else "none"
+
+
+@embed_router.post(
+    "/api/embed",
+    response_model=OllamaEmbedResponse,
+    responses=ERRORS,
+    summary="Embed (Ollama)",
+)
+async def embed(body: OllamaEmbedRequest, request: Request) -> Response:
+    started = time.perf_counter_ns()
+    rt = runtime(request)
+    service = rt.require_embeddings()
+    name = service.names.resolve(model_name(body.model))
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    dimension = service.models[name].info.dimension or 0
+    if body.dimensions is not None and not 1 <= body.dimensions <= dimension:
+        raise ServiceError(
+            ErrorKind.INVALID_REQUEST,
+            f"dimensions must be between 1 and {dimension} for this model.",
+            param="dimensions",
+        )
+    if texts in ([""], []):
+        vectors: list[Any] = []
+        tokens = 0
+    else:
+        check_texts(texts, "input", rt.settings.max_input_chars)
+        result = await answer_in_time(
+            request,
+            service.embed(
+                texts,
+                model=name,
+                dimensions=body.dimensions,
+                truncate=_truncate(body.truncate, rt.settings.truncate),
+                normalize=True,
+            ),
+        )
+        vectors, tokens = list(result.vectors), result.prompt_tokens
+    return _json(
+        {
+            "model": body.model or name,
+            "embeddings": vectors,
+            "total_duration": time.perf_counter_ns() - started,
+            "load_duration": 0,
+            "prompt_eval_count": tokens,
+        }
+    )
+
+
+@embed_router.post(
+    "/api/embeddings",
+    response_model=OllamaEmbeddingsResponse,
+    responses=ERRORS,
+    summary="Embed one prompt (Ollama, deprecated by Ollama in favour of /api/embed)",
+)
+async def embeddings(body: OllamaEmbeddingsRequest, request: Request) -> Response:
+    rt = runtime(request)
+    service = rt.require_embeddings()
+    name = service.names.resolve(model_name(body.model))
+    if body.prompt == "":
+        return _json({"embedding": []})
+    check_texts([body.prompt], "prompt", rt.settings.max_input_chars)
+    result = await answer_in_time(request, service.embed([body.prompt], model=name))
+    return _json({"embedding": result.vectors[0]})
+
+
+@rerank_router.post(
+    "/api/rerank",
+    response_model=OllamaRerankResponse,
+    responses=ERRORS,
+    summary="Rerank (the shape Dify's Ollama provider sends; not in Ollama itself)",
+)
+async def rerank(body: OllamaRerankRequest, request: Request) -> Response:
+    rt = runtime(request)
+    service = rt.require_rerank()
+    check_list(body.documents, "documents", rt.settings.max_input_chars)
+    result = await answer_in_time(
+        request,
+        service.rerank(body.query, body.documents, model=model_name(body.model), top_n=body.top_n),
+    )
+    return _json(
+        {
+            "model": body.model or service.names.default,
+            "results": [{"index": r.index, "relevance_score": r.score} for r in result.ranked],
+        }
+    )
+
+
+def _require_ready(rt: Runtime) -> None:
+    if rt.state != "ready":
+        raise ServiceError(ErrorKind.NOT_READY, "The models are not ready yet; retry shortly.")
+
+
+def _served(rt: Runtime) -> list[tuple[str, ModelInfo, bool]]:
+    """(name, info, is an embedding model) for each served model."""
+    found = []
+    for service, embeds in ((rt.embeddings, True), (rt.rerank, False)):
+        if service is not None:
+            found += [(name, rt.models[name], embeds) for name in service.names.model_ids]
+    return found
+
+
+def _architecture(name: str, embeds: bool) -> str:
+    family = family_for(name).name
+    if family == "ruri":
+        return "bert"
+    if family == "ruri-v3" or (not embeds and "ruri-v3" in name):
+        return "modernbert"
+    return "transformer"
+
+
+def _details(name: str, info: ModelInfo, embeds: bool) -> dict[str, Any]:
+    architecture = _architecture(name, embeds)
+    return {
+        "parent_model": "",
+        "format": "safetensors",
+        "family": architecture,
+        "families": [architecture],
+        "parameter_size": "",
+        "quantization_level": info.dtype.upper(),
+    }
+
+
+def _modified_at(request: Request) -> str:
+    return datetime.fromtimestamp(request.app.state.started, UTC).isoformat()
+
+
+@router.get("/api/tags", response_model=OllamaTags, responses=KEY_ERRORS, summary="Models (Ollama)")
+async def tags(request: Request) -> Response:
+    rt = runtime(request)
+    _require_ready(rt)
+    models = [
+        {
+            "name": f"{name}:latest",
+            "model": f"{name}:latest",
+            "modified_at": _modified_at(request),
+            "size": 0,
+            "digest": hashlib.sha256(name.encode()).hexdigest(),
+            "details": _details(name, info, embeds),
+        }
+        for name, info, embeds in _served(rt)
+    ]
+    return _json({"models": models})
+
+
+@router.get(
+    "/api/version",
+    response_model=OllamaVersion,
+    responses=KEY_ERRORS,
+    summary="The Ollama API version these routes follow",
+)
+async def version() -> Response:
+    return _json({"version": OLLAMA_VERSION})
+
+
+@router.post(
+    "/api/show", response_model=OllamaShowResponse, responses=ERRORS, summary="A model (Ollama)"
+)
+async def show(body: OllamaShowRequest, request: Request) -> Response:
+    rt = runtime(request)
+    _require_ready(rt)
+    served = {name: (info, embeds) for name, info, embeds in _served(rt)}
+    name = _resolve_any(rt, model_name(body.model or body.name))
+    info, embeds = served[name]
+    architecture = _architecture(name, embeds)
+    model_info: dict[str, Any] = {
+        "general.architecture": architecture,
+        "general.basename": name,
+        f"{architecture}.context_length": info.max_length,
+    }
+    if info.dimension is not None:
+        model_info[f"{architecture}.embedding_length"] = info.dimension
+    return _json(
+        {
+            "modelfile": f"# served by fake-openai-server\nFROM {name}\n",
+            "parameters": f"num_ctx {info.max_length}",
+            "template": "",
+            "details": _details(name, info, embeds),
+            "model_info": model_info,
+            "capabilities": ["embedding"] if embeds else [],
+            "modified_at": _modified_at(request),
+        }
+    )
+
+
+def _resolve_any(rt: Runtime, requested: str | None) -> str:
+    services = [s for s in (rt.embeddings, rt.rerank) if s is not None]
+    for service in services[:-1]:
+        try:
+            return service.names.resolve(requested)
+        except ServiceError:
+            continue
+    return services[-1].names.resolve(requested)

@@ -1,0 +1,222 @@
+"""text-embeddings-inference's API: POST /embed, /rerank (with ``texts``), /tokenize,
+/decode and POST / ; its /info fields are merged into ours (``tei_info``).
+
+Clients: huggingface_hub's ``InferenceClient`` (``feature_extraction`` posts
+``{"inputs", "normalize", "prompt_name", "truncate", "truncation_direction"}`` to the
+URL it was given: the bare server URL means POST /), LangChain's
+``HuggingFaceEndpointEmbeddings`` (the same client), Dify's TEI provider (GET /info,
+POST /v1/embeddings, POST /rerank with ``{"query", "texts", "return_text": true}``),
+RAGFlow and Haystack. Errors are TEI's ``{"error", "error_type"}``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Request
+from starlette.responses import Response
+
+from fake_openai_server.api import rerank
+from fake_openai_server.api.compat import check_list, error_responses, validate
+from fake_openai_server.api.compat_schemas import (
+    TeiDecodeRequest,
+    TeiEmbedRequest,
+    TeiError,
+    TeiRerankRequest,
+    TeiToken,
+    TeiTokenizeRequest,
+)
+from fake_openai_server.api.deps import answer_in_time, runtime
+from fake_openai_server.api.schemas import RerankRequest
+from fake_openai_server.api.serialize import json_body
+from fake_openai_server.errors import ErrorKind, ServiceError
+from fake_openai_server.families import INPUT_TYPE_ALIASES, family_for
+from fake_openai_server.service.runtime import Runtime
+from fake_openai_server.service.tokens import Tokens
+from fake_openai_server.service.truncation import TruncateMode
+
+TAGS: list[str | Enum] = ["text-embeddings-inference"]
+router = APIRouter(tags=TAGS)  # on every server
+embed_router = APIRouter(tags=TAGS)  # where embeddings are served
+rerank_router = APIRouter(tags=TAGS)  # where a reranker is served
+
+ERRORS = error_responses(TeiError)
+
+
+def _json(payload: Any) -> Response:
+    return Response(json_body(payload), media_type="application/json")
+
+
+def truncation(truncate: bool | None, direction: str, server_truncates: bool) -> TruncateMode:
+    """TEI's ``truncate`` (absent: the server's TRUNCATE, TEI's ``--auto-truncate``)
+    and ``truncation_direction`` as the service's mode."""
+    if not (server_truncates if truncate is None else truncate):
+        return "none"
+    return "start" if direction.lower() == "left" else "end"
+
+
+def prompt_input_type(prompt_name: str | None) -> str | None:
+    """TEI's ``prompt_name`` names a sentence-transformers prompt; ruri defines none, so
+    the names of the input types (query, document, passage...) choose its prefixes."""
+    if prompt_name is None or prompt_name.lower() in INPUT_TYPE_ALIASES:
+        return prompt_name
+    allowed = ", ".join(sorted(INPUT_TYPE_ALIASES))
+    raise ServiceError(
+        ErrorKind.INVALID_REQUEST,
+        f"prompt_name must be one of: {allowed} (it selects the model's prefix).",
+        param="prompt_name",
+    )
+
+
+@embed_router.post(
+    "/embed",
+    response_model=list[list[float]],
+    responses=ERRORS,
+    summary="Embed (text-embeddings-inference)",
+)
+async def embed(body: TeiEmbedRequest, request: Request) -> Response:
+    rt = runtime(request)
+    service = rt.require_embeddings()
+    texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+    check_list(texts, "inputs", rt.settings.max_input_chars)
+    result = await answer_in_time(
+        request,
+        service.embed(
+            texts,
+            model=body.model,
+            input_type=prompt_input_type(body.prompt_name),
+            dimensions=body.dimensions,
+            truncate=truncation(body.truncate, body.truncation_direction, rt.settings.truncate),
+            normalize=body.normalize,
+        ),
+    )
+    return _json(list(result.vectors))
+
+
+async def tei_rerank(body: TeiRerankRequest, request: Request) -> Response:
+    rt = runtime(request)
+    service = rt.require_rerank()
+    check_list(body.texts, "texts", rt.settings.max_input_chars)
+    if body.truncation_direction.lower() == "left":
+        raise ServiceError(
+            ErrorKind.INVALID_REQUEST,
+            "truncation_direction 'left' is not supported by /rerank: an over-long pair "
+            "is cut at the end of the text.",
+            param="truncation_direction",
+        )
+    truncate = body.truncate if body.truncate is not None else rt.settings.truncate
+    result = await answer_in_time(
+        request,
+        service.rerank(
+            body.query,
+            body.texts,
+            model=body.model,
+            raw_scores=body.raw_scores,
+            truncate=None if truncate else False,
+        ),
+    )
+    ranks: list[dict[str, Any]] = []
+    for ranked in result.ranked:
+        rank: dict[str, Any] = {"index": ranked.index, "score": ranked.score}
+        if body.return_text:
+            rank["text"] = body.texts[ranked.index]
+        ranks.append(rank)
+    return _json(ranks)
+
+
+def _is_tei_rerank(payload: Any) -> bool:
+    return isinstance(payload, dict) and "texts" in payload and "documents" not in payload
+
+
+@rerank_router.post("/rerank", include_in_schema=False)
+async def rerank_either(request: Request, payload: Annotated[Any, Body()] = None) -> Response:
+    """TEI's body (``texts``) gets TEI's reply; any other is the Cohere/Jina rerank."""
+    if _is_tei_rerank(payload):
+        request.state.error_dialect = "tei"
+        return await tei_rerank(validate(TeiRerankRequest, payload), request)
+    return await rerank.rerank_v1(validate(RerankRequest, payload), request)
+
+
+@router.post("/", include_in_schema=False)
+async def root(request: Request, payload: Annotated[Any, Body()] = None) -> Response:
+    """TEI answers POST / with the model's task: embed, or rerank for a reranker."""
+    settings = runtime(request).settings
+    if not settings.serves_embeddings or (settings.serves_rerank and _is_tei_rerank(payload)):
+        return await tei_rerank(validate(TeiRerankRequest, payload), request)
+    return await embed(validate(TeiEmbedRequest, payload), request)
+
+
+def tokens(request: Request) -> Tokens:
+    rt = runtime(request)
+    found: Tokens | None = getattr(request.app.state, "tokens", None)
+    if found is None:
+        embeddings = rt.require_embeddings() if rt.settings.serves_embeddings else None
+        reranker = rt.require_rerank() if rt.settings.serves_rerank else None
+        found = request.app.state.tokens = Tokens(embeddings, reranker)
+    return found
+
+
+@router.post(
+    "/tokenize",
+    response_model=list[list[TeiToken]],
+    responses=ERRORS,
+    summary="Tokenize with the model's tokenizer (text-embeddings-inference)",
+)
+async def tokenize(body: TeiTokenizeRequest, request: Request) -> Response:
+    texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+    result = await tokens(request).tokenize(
+        texts,
+        model=body.model,
+        prompt_name=prompt_input_type(body.prompt_name),
+        add_special_tokens=body.add_special_tokens,
+        max_inputs=runtime(request).settings.max_inputs,
+    )
+    return _json([[token.__dict__ for token in row] for row in result])
+
+
+@router.post(
+    "/decode",
+    response_model=list[str],
+    responses=ERRORS,
+    summary="Decode token ids (text-embeddings-inference)",
+)
+async def decode(body: TeiDecodeRequest, request: Request) -> Response:
+    rows = [body.ids] if body.ids and isinstance(body.ids[0], int) else body.ids
+    texts = await tokens(request).decode(
+        rows,  # type: ignore[arg-type]
+        model=body.model,
+        skip_special_tokens=body.skip_special_tokens,
+        max_inputs=runtime(request).settings.max_inputs,
+    )
+    return _json(texts)
+
+
+def tei_info(rt: Runtime) -> dict[str, Any]:
+    """TEI's /info fields (Dify's TEI provider reads ``model_type``, ``max_input_length``
+    and ``max_client_batch_size``). ``model_type`` has one key per served kind, the
+    embedding model first: Dify looks only at the first key."""
+    s = rt.settings
+    model_type: dict[str, Any] = {}
+    first = None
+    if rt.embeddings is not None:
+        first = rt.embeddings.names.default
+        ruri = family_for(first).name in ("ruri", "ruri-v3")
+        model_type["embedding"] = {"pooling": "mean" if ruri else None}
+    if rt.rerank is not None:
+        first = first or rt.rerank.names.default
+        model_type["reranker"] = {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
+    info = rt.models.get(first) if first else None
+    return {
+        "model_id": first,
+        "model_sha": None,
+        "model_dtype": info.dtype if info else None,
+        "served_model_name": first,
+        "model_type": model_type,
+        "max_input_length": info.max_length if info else None,
+        "max_batch_tokens": s.max_batch_tokens,
+        "max_batch_requests": s.max_batch_size,
+        "max_client_batch_size": s.max_inputs,
+        "auto_truncate": s.truncate,
+        "tokenization_workers": s.tokenizer_workers,
+    }
