@@ -212,7 +212,7 @@ def diagnostics(results: dict[str, Any]) -> list[str]:
                     f"{label}: other processes used {s['other_load_cores']:.2f} of {cores} cores "
                     "meanwhile; the numbers understate the server."
                 )
-            if s.get("tokens") is not None and s["tokens"] != s.get("client_tokens", 0):
+            if "client_tokens" in s and s.get("tokens") not in (None, s["client_tokens"]):
                 lines.append(
                     f"{label}: the server ran {s['tokens']} tokens, the benchmark's tokenizer "
                     f"counts {s['client_tokens']}: the server does not see the same inputs."

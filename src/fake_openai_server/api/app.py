@@ -67,10 +67,13 @@ def build_app(settings: Settings, plugin: Plugin | None = None) -> FastAPI:
             if runtime.state == "failed":
                 stop_serving()
             # The start-up hook of the int8/uint8 calibration (service/quantize.py): once
-            # the models are ready, calibrate now when warming up, else on first use.
+            # the models are ready, calibrate now when warming up on a GPU (a fraction of
+            # a second), else on first use (on a CPU it takes the model a minute or two
+            # that the first requests would otherwise wait behind).
             if runtime.state == "ready" and runtime.embeddings is not None:
                 embedders = calibration_embedders(runtime.embeddings)
-                calibrations.attach(embedders, start=settings.warmup)
+                on_gpu = all(m.device.startswith("cuda") for m in runtime.models.values())
+                calibrations.attach(embedders, start=settings.warmup and on_gpu)
 
         loading = asyncio.create_task(load(), name="load-models")
         app.state.loading = loading

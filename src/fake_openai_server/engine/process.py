@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from fake_openai_server import wire
 from fake_openai_server.backends.base import FloatArray, IdArray, ModelInfo, Plugin
@@ -24,11 +24,6 @@ class Loaded:
 
 class EngineProcess(WorkerProcess):
     module = "fake_openai_server.engine.worker"
-    # On CPU, torch's threads wait for each other at every parallel step; spinning there
-    # takes the core that HTTP and tokenizing need, and a thread that loses its core
-    # stalls the others (a tiny model's pass: median 40 -> 24 ms, p90 118 -> 27 ms with
-    # one core busy elsewhere, 2 cores).
-    environment: ClassVar[dict[str, str]] = {"OMP_WAIT_POLICY": "PASSIVE"}
 
     def __init__(self, settings: Settings, plugin: Plugin, workdir: str) -> None:
         super().__init__(
