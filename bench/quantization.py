@@ -33,7 +33,7 @@ K = 10
 
 
 def retrieval_set(documents: int, queries: int) -> tuple[list[str], list[str]]:
-    from fake_openai_server.standins import japanese_text
+    from tests.support.standins import japanese_text
 
     docs = [japanese_text(60 + (i * 37) % 240, seed=i) for i in range(documents)]
     asks = [japanese_text(15 + (j * 7) % 30, seed=100_000 + j) for j in range(queries)]
@@ -108,7 +108,7 @@ def main() -> None:
     hf_home = Path(tempfile.mkdtemp(prefix="fos-quant-"))
     os.environ.update({"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
 
-    from fake_openai_server import standins
+    from tests.support import standins
     from fake_openai_server.api.app import create_embeddings_app
     from fake_openai_server.settings import Settings
     from tests.support.live import serve_app

@@ -51,7 +51,7 @@ from bench.client import Connection, encode_request, loop_name, run_async
 from bench.measure import Meter, machine_info, rss_mib
 from bench.server import Server, serve, source_info
 from bench.workload import EMBED_MODEL
-from fake_openai_server import standins
+from tests.support import standins
 
 LAG_METRIC = "fos_event_loop_lag_seconds"
 PROBE_CONNECTIONS = 4

@@ -8,7 +8,7 @@ Run it from the repository root (``bench`` is a package)::
     uv run python -m bench.run --shape full --device cuda # float16 on a GPU
 
 It builds random-weight stand-ins with the real architectures and tokenizers
-(``fake_openai_server.standins``) in a temporary Hugging Face cache, then, in one
+(``tests.support.standins``) in a temporary Hugging Face cache, then, in one
 process tree:
 
 1. the ceiling, in this process: ``SentenceTransformer.encode`` /
@@ -92,7 +92,7 @@ from bench.workload import (
     plan_for,
     texts_300,
 )
-from fake_openai_server import standins
+from tests.support import standins
 
 
 # --- the run ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.measure import Meter
-from fake_openai_server import standins
+from tests.support import standins
 from fake_openai_server.backends.fast_tokenizers import fast_encoder
 
 Work = Callable[[Any, int], None]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from fake_openai_server import standins
+from tests.support import standins
 
 EMBED_MODEL = standins.RURI_LARGE
 RERANK_MODEL = standins.RERANKER

@@ -24,7 +24,7 @@ os.environ.pop("HF_HUB_CACHE", None)
 @pytest.fixture(scope="session")
 def hf_home() -> Iterator[Path]:
     """Tiny random-weight models under the real names, loaded with HF_HUB_OFFLINE=1."""
-    from fake_openai_server import standins
+    from tests.support import standins
 
     standins.build_all(_HF_HOME, "tiny", ruri_v3=("cl-nagoya/ruri-v3-30m",))
     yield _HF_HOME

@@ -20,13 +20,13 @@ from typing import Any
 
 import pytest
 
-from fake_openai_server import standins
 from fake_openai_server.backends.fast_tokenizers import (
     FastEncoder,
     MecabWordPieceEncoder,
     RustEncoder,
     fast_encoder,
 )
+from tests.support import standins
 
 # The server cuts a text to max_length * 16 characters before tokenizing it (see _cut).
 SERVER_CUT = 512 * 16

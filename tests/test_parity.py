@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fake_openai_server.standins import RERANKER, RURI_LARGE, japanese_text
 from tests.support.live import LiveServer, serve_app
+from tests.support.standins import RERANKER, RURI_LARGE, japanese_text
 
 # float32 on both sides; differences come only from batch composition and padding.
 ATOL = 2e-5

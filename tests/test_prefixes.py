@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from fake_openai_server.families import apply_prefix, family_for
-from fake_openai_server.standins import RERANKER, RURI_LARGE, japanese_text
 from tests.support.live import LiveServer, serve_app
+from tests.support.standins import RERANKER, RURI_LARGE, japanese_text
 
 RURI_V3_30M = "cl-nagoya/ruri-v3-30m"
 

@@ -26,3 +26,21 @@ def test_real_embeddings_server_ready(embeddings_server: LiveServer) -> None:
         reply = client.post("/v1/embeddings", json={"input": "東京は日本の首都です"})
     assert reply.status_code == 200, reply.text
     assert len(reply.json()["data"][0]["embedding"]) == 64
+
+
+def test_the_app_factories_are_the_package_front_door() -> None:
+    """Exported from the package root, loaded on first use: the engine and tokenizer
+    processes import the package without the HTTP stack."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, fake_openai_server as p; "
+        "assert 'fastapi' not in sys.modules; "
+        "import fake_openai_server.engine.worker, fake_openai_server.service.tokenize_worker; "
+        "assert 'fastapi' not in sys.modules, 'a worker process imports FastAPI'; "
+        "names = [p.create_embeddings_app, p.create_rerank_app, p.create_all_in_one_app, "
+        "p.create_app]; assert all(callable(f) for f in names)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -87,8 +87,16 @@ def main(argv: list[str] | None = None) -> None:
 def serve(settings: Settings, plugin: Plugin | None = None) -> None:
     """Serve until SIGTERM/SIGINT; exit non-zero if the models could not be (re)started."""
     from fake_openai_server.api.app import build_app
+    from fake_openai_server.runtime import Runtime
 
-    app = build_app(settings, plugin)
+    runtime = Runtime(settings, plugin)
+    server: Server | None = None
+
+    def stop_on_failure() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = build_app(settings, runtime=runtime, on_failure=stop_on_failure)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -100,11 +108,6 @@ def serve(settings: Settings, plugin: Plugin | None = None) -> None:
         server_header=False,
     )
     server = Server(config)
-
-    def stop_on_load_failure() -> None:
-        server.should_exit = True
-
-    app.state.on_load_failure = stop_on_load_failure
     log.info(
         "starting %s service on %s:%d",
         settings.service_type,
@@ -113,13 +116,13 @@ def serve(settings: Settings, plugin: Plugin | None = None) -> None:
     )
     server.run()
     # Not runtime.state: the lifespan's shutdown has moved it on to "stopping" by now.
-    failure = app.state.runtime.failure
-    if failure is not None and app.state.runtime.misconfigured:
+    failure = runtime.failure
+    if failure is not None and runtime.misconfigured:
         print(f"fake-openai-server: invalid setting: {failure}", file=sys.stderr)
         raise SystemExit(2)
     if failure is not None:
         reason = failure.splitlines()[0] if failure.strip() else failure
-        what = "serve" if app.state.runtime.engine.restarts else "load"
+        what = "serve" if runtime.engine.restarts else "load"
         print(
             f"fake-openai-server: could not {what} {configured_models(settings)}: {reason}",
             file=sys.stderr,

@@ -201,7 +201,7 @@ def test_lag_metric_as_histogram_gauge_or_absent() -> None:
 def test_null_standins_load_and_run_with_the_real_tokenizers(tmp_path: Path) -> None:
     from sentence_transformers import CrossEncoder, SentenceTransformer
 
-    from fake_openai_server import standins
+    from tests.support import standins
 
     embedder = SentenceTransformer(str(standins.build_ruri_large(tmp_path, "null")), device="cpu")
     assert embedder[0].auto_model.config.num_hidden_layers == 0

@@ -87,7 +87,7 @@ def model_volume(tmp_path_factory: pytest.TempPathFactory, built_image: BuiltIma
         [
             sys.executable,
             "-m",
-            "fake_openai_server.standins",
+            "tests.support.standins",
             "--hf-home",
             str(cache),
             "--size",

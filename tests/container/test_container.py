@@ -88,6 +88,20 @@ def test_runtime_image_has_no_build_tools_or_ca(built_image: BuiltImage) -> None
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_image_holds_the_server_and_no_test_tooling(built_image: BuiltImage) -> None:
+    """The random-weight stand-ins and the fakes are development tools: not in the image."""
+    probe = (
+        "import importlib.util, sys; "
+        "missing = [m for m in ('fake_openai_server.engine.worker', "
+        "'fake_openai_server.backends.fast_tokenizers') if importlib.util.find_spec(m) is None]; "
+        "tooling = [m for m in ('fake_openai_server.standins', 'tests', 'bench') "
+        "if importlib.util.find_spec(m) is not None]; "
+        "print(missing, tooling); sys.exit(1 if missing or tooling else 0)"
+    )
+    result = support.exec_in(built_image.id, {}, ["python", "-c", probe])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_one_shot_preload_command(built_image: BuiltImage, model_volume: Path) -> None:
     """The documented `docker compose run --rm SERVICE python -m fake_openai_server.preload`
     (offline here, so it only finds the models already in the volume)."""

@@ -70,7 +70,7 @@ def uvicorn_factory(env: dict[str, str], log_path: Path, wait: bool = True) -> I
         "-m",
         "uvicorn",
         "--factory",
-        "fake_openai_server.api.app:create_app",
+        "fake_openai_server:create_app",
         "--host",
         "127.0.0.1",
         "--port",

@@ -22,10 +22,10 @@ import numpy as np
 import openai
 import pytest
 
-from fake_openai_server.standins import japanese_text
 from tests.e2e.conftest import EMBEDDINGS_MODEL, RERANKER_MODEL, STANDIN_DIM
 from tests.support.fakes import fake_logit, fake_text_vector
 from tests.support.live import LiveServer
+from tests.support.standins import japanese_text
 
 TEXTS = ["東京は日本の首都です。", "瑠璃色は深い青色のことです。", "Dify", "富士山"]
 QUERY = "日本の首都はどこですか"

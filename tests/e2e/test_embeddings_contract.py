@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fake_openai_server.standins import japanese_text
 from tests.e2e.conftest import EMBEDDINGS_MODEL, STANDIN_DIM, assert_error
 from tests.support.fakes import fake_text_vector
 from tests.support.live import LiveServer
+from tests.support.standins import japanese_text
 
 JA = "東京は日本の首都です。"
 

@@ -32,11 +32,11 @@ import voyageai.error
 from huggingface_hub import AsyncInferenceClient, InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 
-from fake_openai_server.standins import japanese_text
 from tests.e2e.conftest import EMBEDDINGS_MODEL, RERANKER_MODEL, STANDIN_DIM
 from tests.e2e.test_clients import DOCS, QUERY, TEXTS, Recorder, float_vectors, scores_alone
 from tests.support.fakes import BOS, EOS, MAX_LENGTH, char_ids, fake_text_vector, fake_vector
 from tests.support.live import LiveServer
+from tests.support.standins import japanese_text
 
 
 def unit(vectors: np.ndarray) -> np.ndarray:

@@ -1,4 +1,11 @@
-"""App factories: one FastAPI app per service type, the model loaded in the lifespan."""
+"""The app factories, the package's front door: one FastAPI app per service type.
+
+``create_embeddings_app``, ``create_rerank_app`` and ``create_all_in_one_app`` each
+build the app of their service (settings from the environment when none are given), so
+each works as ``uvicorn --factory fake_openai_server:create_embeddings_app``;
+``create_app`` builds the one ``SERVICE_TYPE`` names (the entry point uses it). The
+models load in the app's lifespan.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -26,36 +33,43 @@ from fake_openai_server.api.deps import ClientGone, client_gone_response
 from fake_openai_server.api.errors import error_response, install_error_handlers, request_dialect
 from fake_openai_server.api.middleware import PUBLIC_PATHS, BodyTooLarge, Guard, too_large
 from fake_openai_server.backends.base import Plugin
-from fake_openai_server.metrics import Metrics
+from fake_openai_server.runtime import Runtime
 from fake_openai_server.service.quantize import Calibrations, calibration_embedders
-from fake_openai_server.service.runtime import Runtime
-from fake_openai_server.settings import Settings
+from fake_openai_server.settings import ServiceType, Settings
 
 log = logging.getLogger(__name__)
 
 TITLE = "fake-openai-server"
 
 
-def build_app(settings: Settings, plugin: Plugin | None = None) -> FastAPI:
+def build_app(
+    settings: Settings,
+    plugin: Plugin | None = None,
+    *,
+    runtime: Runtime | None = None,
+    on_failure: Callable[[], None] | None = None,
+) -> FastAPI:
     """The app for ``settings.service_type``; models load when the app starts.
 
     ``plugin`` names the backend plugin the engine loads (default: the real models).
+    ``on_failure`` is called when the models cannot be loaded or the engine cannot be
+    restarted (the entry point stops the server and exits non-zero); without it a load
+    failure leaves ``/ready`` at 503 and an engine that cannot come back ends the
+    process with SIGTERM (under ``uvicorn --factory``: a drain, then a non-zero exit).
     """
-    metrics = Metrics()
-    runtime = Runtime(settings, plugin, metrics)
+    runtime = runtime or Runtime(settings, plugin)
+    metrics = runtime.metrics
     calibrations = Calibrations()
 
     def stop_serving() -> None:
-        on_failure = getattr(app.state, "on_load_failure", None)
         if on_failure is not None:
             on_failure()
 
     def give_up() -> None:
         """The engine cannot be restarted: stop, so that a supervisor starts a new server."""
-        if getattr(app.state, "on_load_failure", None) is not None:
-            stop_serving()
+        if on_failure is not None:
+            on_failure()
         else:
-            # Under `uvicorn --factory`: uvicorn drains, then dies of the signal (non-zero).
             signal.raise_signal(signal.SIGTERM)
 
     runtime.on_fatal = give_up
@@ -76,7 +90,6 @@ def build_app(settings: Settings, plugin: Plugin | None = None) -> FastAPI:
                 calibrations.attach(embedders, start=settings.warmup and on_gpu)
 
         loading = asyncio.create_task(load(), name="load-models")
-        app.state.loading = loading
         try:
             yield
         finally:
@@ -164,14 +177,30 @@ def document_statuses_truthfully(app: FastAPI, keys_required: bool) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def create_embeddings_app(settings: Settings, plugin: Plugin | None = None) -> FastAPI:
-    return build_app(settings.model_copy(update={"service_type": "embeddings"}), plugin)
+def _for(service_type: ServiceType, settings: Settings | None) -> Settings:
+    """``settings`` (read from the environment when None) serving ``service_type``."""
+    return (settings or Settings()).model_copy(update={"service_type": service_type})
 
 
-def create_rerank_app(settings: Settings, plugin: Plugin | None = None) -> FastAPI:
-    return build_app(settings.model_copy(update={"service_type": "reranker"}), plugin)
+def create_embeddings_app(
+    settings: Settings | None = None, plugin: Plugin | None = None
+) -> FastAPI:
+    """The embeddings service (OpenAI, TEI, Ollama, Cohere embed routes)."""
+    return build_app(_for("embeddings", settings), plugin)
 
 
-def create_app() -> FastAPI:
-    """For ``uvicorn --factory fake_openai_server.api.app:create_app``: settings from the env."""
-    return build_app(Settings())
+def create_rerank_app(settings: Settings | None = None, plugin: Plugin | None = None) -> FastAPI:
+    """The rerank service (Cohere, Jina, TEI, Voyage routes)."""
+    return build_app(_for("reranker", settings), plugin)
+
+
+def create_all_in_one_app(
+    settings: Settings | None = None, plugin: Plugin | None = None
+) -> FastAPI:
+    """Both services in one process (SERVICE_TYPE=all)."""
+    return build_app(_for("all", settings), plugin)
+
+
+def create_app(settings: Settings | None = None, plugin: Plugin | None = None) -> FastAPI:
+    """The app SERVICE_TYPE names (settings from the environment when none are given)."""
+    return build_app(settings or Settings(), plugin)

@@ -11,7 +11,7 @@ from fastapi import Request
 from starlette.responses import Response
 
 from fake_openai_server.errors import ErrorKind, ServiceError
-from fake_openai_server.service.runtime import Runtime
+from fake_openai_server.runtime import Runtime
 
 T = TypeVar("T")
 

@@ -41,8 +41,8 @@ from fake_openai_server.api.serialize import json_body
 from fake_openai_server.backends.base import ModelInfo
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.families import family_for
+from fake_openai_server.runtime import Runtime
 from fake_openai_server.service.common import check_texts
-from fake_openai_server.service.runtime import Runtime
 from fake_openai_server.service.truncation import TruncateMode
 
 # The Ollama API level these routes follow (/api/embed with truncate and dimensions).

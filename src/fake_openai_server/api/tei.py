@@ -32,7 +32,7 @@ from fake_openai_server.api.schemas import RerankRequest
 from fake_openai_server.api.serialize import json_body
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.families import INPUT_TYPE_ALIASES, family_for
-from fake_openai_server.service.runtime import Runtime
+from fake_openai_server.runtime import Runtime
 from fake_openai_server.service.tokens import Tokens
 from fake_openai_server.service.truncation import TruncateMode
 

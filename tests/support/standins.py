@@ -9,7 +9,7 @@ place them in a cache under the real names. With ``HF_HOME`` pointing there and
 Random weights say nothing about retrieval quality; they are right for the
 API contract, for parity with sentence-transformers and for speed.
 
-    python -m fake_openai_server.standins --hf-home /tmp/hf --size tiny
+    python -m tests.support.standins --hf-home /tmp/hf --size tiny
 """
 
 from __future__ import annotations

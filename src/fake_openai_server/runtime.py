@@ -1,8 +1,11 @@
-"""The running server's moving parts: start the engine, open the tokenizers, serve, stop.
+"""Start-up wiring: the running server's moving parts, and whether it can serve.
 
-The API's lifespan owns one :class:`Runtime`. The engine process loads the models
-while this process keeps answering, so ``/health`` answers and ``/ready`` says 503
-while a large model loads.
+A :class:`Runtime` starts the engine process (which loads and warms the models),
+opens the tokenizers and the tokenizer processes, builds the services over them,
+wires the metrics, watches the event loop, and says what ``/ready`` reports. The
+API's lifespan starts and stops it; the entry point (``cli.py``) reads why it failed.
+The engine process loads the models while this process keeps answering, so ``/health``
+answers and ``/ready`` says 503 while a large model loads.
 """
 
 from __future__ import annotations
