@@ -108,9 +108,9 @@ def main() -> None:
     hf_home = Path(tempfile.mkdtemp(prefix="fos-quant-"))
     os.environ.update({"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
 
-    from tests.support import standins
     from fake_openai_server.api.app import create_embeddings_app
     from fake_openai_server.settings import Settings
+    from tests.support import standins
     from tests.support.live import serve_app
 
     standins.build_ruri_large(hf_home, args.size)

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.measure import Meter
-from tests.support import standins
 from fake_openai_server.backends.fast_tokenizers import fast_encoder
+from tests.support import standins
 
 Work = Callable[[Any, int], None]
 _OTHER_LOAD: list[float] = []  # cores used by other processes during each measurement
