@@ -249,3 +249,36 @@ async def test_reports_how_long_each_item_waited_for_the_model(engine_factory: A
     assert [len(w) for w in waits] == [1, 1, 1]  # one per item, batches of one
     assert waits[0][0] < 0.05 and waits[1][0] < 0.05  # sent to the engine at once
     assert 0.1 < waits[2][0] < 0.4  # waited until the first pass was over
+
+
+@pytest.mark.anyio
+async def test_stopping_never_blocks_the_loop_and_answers_every_request(
+    engine_factory: Any,
+) -> None:
+    """Issue 10: shutdown resolves every job, the running batch's too (503 once the engine
+    process is ended), and the event loop keeps running meanwhile."""
+    hang = char_ids("⌛")[0]
+    engine, _ = await engine_factory(triggers={"⌛": "hang"}, max_batch_size=1)
+    running = asyncio.ensure_future(engine.submit(MODEL, [ids(hang)]))  # never finishes
+    behind = asyncio.ensure_future(engine.submit(MODEL, [ids(hang, 5)]))  # in the pipeline
+    queued = asyncio.ensure_future(engine.submit(MODEL, [ids(7, 7, 7)]))  # in the queue
+    await asyncio.sleep(0.3)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.05)
+            ticks += 1
+
+    ticker = asyncio.ensure_future(tick())
+    started = time.perf_counter()
+    await engine.stop()
+    seconds = time.perf_counter() - started
+    ticker.cancel()
+    results = await asyncio.wait_for(
+        asyncio.gather(running, behind, queued, return_exceptions=True), 5
+    )
+    for error in results:
+        assert isinstance(error, ServiceError) and error.kind is ErrorKind.NOT_READY, error
+    assert ticks >= seconds / 0.05 * 0.5, (ticks, seconds)  # the loop ran throughout

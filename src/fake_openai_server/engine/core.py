@@ -385,9 +385,13 @@ class Engine:
             self._failed(flight, model_failure(exc))
             return
         except WorkerGone:
-            # The process died with this batch in it. The batch that was running failed;
-            # those behind it never ran.
-            error = model_failure() if was_head else not_ready_restarting()
+            # The process ended with this batch in it. Shutting down: the grace period
+            # is over (503). Otherwise it died: the batch that was running failed, those
+            # behind it never ran.
+            if self.state == "stopping":
+                error = ServiceError(ErrorKind.NOT_READY, "The server is shutting down.")
+            else:
+                error = model_failure() if was_head else not_ready_restarting()
             self._failed(flight, error)
             return
         lane.consecutive_failures = 0
