@@ -30,8 +30,11 @@ from fake_openai_server.workers import CallFailed, WorkerGone, WorkerProcess, de
 log = logging.getLogger(__name__)
 
 THREADS = 2  # tokenizer threads in this process, when there are no tokenizer processes
-# Without tokenizer processes, texts this short in all are tokenized right here, on the
-# event loop: a hop to a thread costs more than the tokenizing (a fraction of a ms).
+# Without tokenizer processes, a few short texts (Dify's one text) are tokenized right
+# here, on the event loop: a hop to a thread costs more than the tokenizing (a fraction
+# of a ms). Chunks of a bulk request go to the threads, or a flood of them would hold
+# the loop (100,000 queued one-word texts: /health waited 1.8 s when they ran here).
+INLINE_TEXTS = 8
 INLINE_CHARS = 1_000
 MAX_AUTO_WORKERS = 8
 RESPAWN_DELAY = 0.5  # seconds before a tokenizer process that died is replaced
@@ -164,7 +167,7 @@ class TokenizerPool:
         tokenizer = self._tokenizers[target]
         live = [worker for worker in self.workers if worker.alive]
         if not live:
-            if sum(map(len, texts)) <= INLINE_CHARS:
+            if len(texts) <= INLINE_TEXTS and sum(map(len, texts)) <= INLINE_CHARS:
                 return tokenize(tokenizer, operation, texts)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._threads, tokenize, tokenizer, operation, texts)
