@@ -274,10 +274,12 @@ class Meter:
     bench: float = field(default_factory=time.process_time)
     machine: tuple[float, float] = field(default_factory=machine_busy)
     server: float = 0.0
+    members: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.server_pid is not None:
             self.server = tree_cpu(self.server_pid)
+            self.members = {pid: process_cpu(pid) for pid in process_tree(self.server_pid)}
 
     def stop(self) -> dict[str, Any]:
         wall = time.perf_counter() - self.wall
@@ -294,6 +296,11 @@ class Meter:
         if self.server_pid is not None:
             out["server_cpu_cores"] = server / wall
             out["server_processes"] = len(process_tree(self.server_pid))
+            # The API process alone, and the busiest of the others (the engine, mostly):
+            # one near 1.0 is a process bound by its own GIL.
+            own = {pid: process_cpu(pid) - before for pid, before in self.members.items()}
+            out["api_cpu_cores"] = own.pop(self.server_pid, 0.0) / wall
+            out["busiest_child_cpu_cores"] = max(own.values(), default=0.0) / wall
         if _gpu is not None:
             out.update(_gpu.window(self.monotonic, time.monotonic()))
             out["gpu_sampler"] = _gpu.source

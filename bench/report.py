@@ -441,7 +441,9 @@ def _render_part(
     s = part["server"]
     out += [
         "",
-        f"Server: dtype {s['dtype']} ({s['reason']}), ready in {s['startup_s']:.1f} s, peak RSS "
+        f"Server: dtype {s['dtype']} ({s['reason']})"
+        + (f", {s['cuda_graphs']} batch shapes as CUDA graphs" if s.get("cuda_graphs") else "")
+        + f", ready in {s['startup_s']:.1f} s, peak RSS "
         f"{_f(s['peak_rss_mib'], 0)} MiB ({_f(s['startup_peak_rss_mib'], 0)} MiB after start-up;"
         " VmHWM summed over the server's processes)"
         + ("" if s["peak_rss_per_scenario"] else "; VmHWM could not be reset per scenario"),
@@ -506,7 +508,8 @@ def _render_part(
         "",
         "Inside the server meanwhile (forward passes by batch size from /metrics; model busy = "
         "time in forward passes over wall time, from /info; CPU in cores, from /proc: the "
-        "server's whole process tree, and this benchmark's process, which is the load "
+        "server's whole process tree (then its API process alone and the busiest other, "
+        "mostly the engine), and this benchmark's process, which is the load "
         "generator; peak RSS: VmHWM summed over the server's processes):",
         "",
         "| scenario | forward passes by batch size | useful / padded tokens | model busy | "
@@ -523,6 +526,8 @@ def _render_part(
             check = f"Δscore ≤ {r['max_score_difference']:.4f}"
         histogram = ", ".join(f"{k}: {v}" for k, v in r.get("batch_histogram", {}).items())
         processes = f" ({r['server_processes']})" if "server_processes" in r else ""
+        if "api_cpu_cores" in r:
+            processes += f": API {_f(r['api_cpu_cores'])}, next {_f(r['busiest_child_cpu_cores'])}"
         per_request = (
             f" ({_f(r['client_us_per_request'], 0)})" if "client_us_per_request" in r else ""
         )

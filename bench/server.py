@@ -433,8 +433,12 @@ async def rerank_scenarios(
     return results, last[0]
 
 
-async def server_dtype(server: Server, model: str) -> dict[str, str]:
+async def server_dtype(server: Server, model: str) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
         reply = await client.get("/info")
         info = reply.json().get("models", {}).get(model, {})
-    return {"dtype": info.get("dtype", "?"), "reason": info.get("dtype_reason", "?")}
+    return {
+        "dtype": info.get("dtype", "?"),
+        "reason": info.get("dtype_reason", "?"),
+        "cuda_graphs": info.get("cuda_graphs"),
+    }

@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     )
     cpu_threads: int | None = Field(None, ge=1, description="torch threads on CPU (default: all)")
     warmup: bool = Field(True, description="Run warm-up batches before reporting ready")
+    cuda_graphs: bool = Field(
+        True,
+        description="On CUDA, capture the forward pass of every warmed batch shape as a CUDA "
+        "graph at start-up (far less Python per pass); false runs every pass eagerly",
+    )
 
     # --- limits --------------------------------------------------------------
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body")

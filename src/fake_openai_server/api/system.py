@@ -95,6 +95,7 @@ async def info(request: Request) -> Response:
                 "device": m.device,
                 "dtype": m.dtype,
                 "dtype_reason": m.precision_reason,
+                "cuda_graphs": m.cuda_graphs,
                 "tokenizer": rt.tokenizer_kinds.get(name, ""),
             }
             for name, m in rt.models.items()

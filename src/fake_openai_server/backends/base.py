@@ -58,6 +58,7 @@ class ModelInfo:
     device: str = "cpu"
     precision_reason: str = ""
     tokenizer_dir: str = ""  # where the engine saved the tokenizer, for open_tokenizer
+    cuda_graphs: int = 0  # batch shapes whose forward pass replays a captured CUDA graph
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -49,7 +49,9 @@ def load_models(settings: Settings, options: dict[str, Any]) -> list[Model]:
             precision.dtype,
             precision.reason,
         )
-        models.append(SentenceTransformerModel(name, precision, settings.max_seq_length))
+        models.append(
+            SentenceTransformerModel(name, precision, settings.max_seq_length, settings.cuda_graphs)
+        )
     if settings.serves_rerank:
         name = settings.reranker_model
         log.info(
@@ -59,7 +61,9 @@ def load_models(settings: Settings, options: dict[str, Any]) -> list[Model]:
             precision.dtype,
             precision.reason,
         )
-        models.append(CrossEncoderModel(name, precision, settings.max_seq_length))
+        models.append(
+            CrossEncoderModel(name, precision, settings.max_seq_length, settings.cuda_graphs)
+        )
     return models
 
 

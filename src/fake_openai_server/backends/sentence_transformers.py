@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,27 @@ def _round_up(value: int, choices: Sequence[int]) -> int:
     return next((choice for choice in choices if choice >= value), value)
 
 
+# With CUDA_GRAPHS, the forward pass of every warmed shape is also captured as a CUDA
+# graph: replaying it queues the whole pass in one call, where the eager pass queues a
+# few hundred kernels from Python. On the H200's host an eager pass of ruri-large cost
+# ~17 ms of Python whatever the batch (one text or 32: bench/results/full-cuda-after-
+# buckets.md), so small batches kept the GPU waiting. The graphs share one memory pool:
+# they never run at once (one stream), and each replay's rows are copied out before the
+# next replay is queued. A model whose pass cannot be captured, or whose replay does not
+# give the eager pass's numbers (checked once at start-up), runs eagerly.
+GRAPH_CHECK_TOLERANCE = 1e-2  # largest difference from the eager pass, relative to its scale
+
+
+@dataclass
+class _Graph:
+    """One padded shape's forward pass, captured, with the buffers it reads and writes."""
+
+    graph: torch.cuda.CUDAGraph
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    out: torch.Tensor
+
+
 class _TorchRunner:
     """Pads a batch of token ids and runs the sentence-transformers modules.
 
@@ -127,6 +148,7 @@ class _TorchRunner:
         pad_id: int,
         max_length: int,
         forward: Callable[..., torch.Tensor],
+        graphs: bool = False,
     ) -> None:
         self.model = model
         self.precision = precision
@@ -135,6 +157,8 @@ class _TorchRunner:
         self.forward = forward
         self.device = torch.device(precision.device)
         self.cuda = self.device.type == "cuda"
+        self.use_graphs = graphs and self.cuda
+        self._graphs: dict[tuple[int, int], _Graph] = {}
 
     def shape(self, rows: int, longest: int) -> tuple[int, int]:
         """The (rows, length) a batch is padded to."""
@@ -157,6 +181,58 @@ class _TorchRunner:
             if rows <= max_rows and rows * min(length, top) <= max_tokens
         }
         return sorted(shapes, key=lambda shape: shape[0] * shape[1], reverse=True)
+
+    @torch.inference_mode()
+    def capture(self, shapes: Sequence[tuple[int, int]]) -> int:
+        """Capture the pass of each shape as a CUDA graph (largest first); how many were.
+
+        The shapes have run eagerly already (kernels chosen, memory reserved). Nothing is
+        captured off CUDA or without CUDA_GRAPHS; on any failure none is kept.
+        """
+        if not self.use_graphs or not shapes:
+            return 0
+        try:
+            pool = None
+            for rows, length in shapes:
+                input_ids = torch.full((rows, length), self.pad_id, device=self.device)
+                attention_mask = torch.zeros_like(input_ids)
+                attention_mask[:, 0] = 1
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self._pass(input_ids, attention_mask)
+                pool = graph.pool()
+                self._graphs[rows, length] = _Graph(graph, input_ids, attention_mask, out)
+            self._check_graphs()
+        except Exception as exc:  # any failure means: run eagerly
+            log.warning(
+                "CUDA graphs not used (the pass runs eagerly): %s: %s", type(exc).__name__, exc
+            )
+            self._graphs.clear()
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        return len(self._graphs)
+
+    def _check_graphs(self) -> None:
+        """Replay one small shape on varied input and compare with the eager pass."""
+        rows, length = min(self._graphs, key=lambda shape: (shape[0] < 3, shape))
+        generator = np.random.default_rng(0)
+        batch = [
+            generator.integers(5, 1000, size=max(1, length * share // 4), dtype=np.int32)
+            for share in (4, 3, 1)[:rows]
+        ]
+        replayed = self._launch(batch).result()
+        self.use_graphs = False
+        try:
+            eager = self._launch(batch).result()
+        finally:
+            self.use_graphs = True
+        scale = max(float(np.abs(eager).max()), 1.0)
+        difference = float(np.abs(replayed - eager).max()) / scale
+        if not difference <= GRAPH_CHECK_TOLERANCE:
+            raise RuntimeError(f"the replayed pass differs from the eager one by {difference:.3g}")
+
+    def _pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.forward({"input_ids": input_ids, "attention_mask": attention_mask}).float()
 
     def launch(self, batch: Sequence[IdArray]) -> Pending:
         try:
@@ -181,11 +257,16 @@ class _TorchRunner:
         input_ids, attention = torch.from_numpy(ids), torch.from_numpy(mask)
         if self.cuda:
             input_ids, attention = input_ids.pin_memory(), attention.pin_memory()
-        features = {
-            "input_ids": input_ids.to(self.device, non_blocking=True),
-            "attention_mask": attention.to(self.device, non_blocking=True),
-        }
-        out = self.forward(features).float()[: len(batch)]
+            graph = self._graphs.get((rows, longest)) if self.use_graphs else None
+            if graph is not None:
+                graph.input_ids.copy_(input_ids, non_blocking=True)
+                graph.attention_mask.copy_(attention, non_blocking=True)
+                graph.graph.replay()
+                return _OnDevice(graph.out[: len(batch)])
+        out = self._pass(
+            input_ids.to(self.device, non_blocking=True),
+            attention.to(self.device, non_blocking=True),
+        )[: len(batch)]
         if self.cuda:
             return _OnDevice(out)
         result: FloatArray = out.numpy()
@@ -208,9 +289,10 @@ class _LoadedModel:
     """What both models share: the model in its precision, its length, the runner."""
 
     task: Task
+    info: ModelInfo
 
     def __init__(
-        self, name: str, model: Any, precision: Precision, max_seq_length: int | None
+        self, name: str, model: Any, precision: Precision, max_seq_length: int | None, graphs: bool
     ) -> None:
         if precision.dtype == "int8":
             _quantize_int8(model)
@@ -223,6 +305,12 @@ class _LoadedModel:
         tokenizer = model.tokenizer
         self.vocab_size = len(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._runner = _TorchRunner(
+            model, precision, self.pad_id, self.max_length, self._forward, graphs
+        )
+
+    def _forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
 
     def _info(self, **extra: Any) -> ModelInfo:
         return ModelInfo(
@@ -239,28 +327,36 @@ class _LoadedModel:
     def export_tokenizer(self, folder: str) -> None:
         self.model.tokenizer.save_pretrained(folder)
 
+    def warm_shapes(self, max_rows: int, max_tokens: int) -> list[tuple[int, int]]:
+        return self._runner.warm_shapes(max_rows, max_tokens)
+
+    def capture(self, shapes: Sequence[tuple[int, int]]) -> int:
+        count = self._runner.capture(shapes)
+        self.info = replace(self.info, cuda_graphs=count)
+        return count
+
+    def launch(self, batch: Sequence[IdArray]) -> Pending:
+        return self._runner.launch(batch)
+
 
 class SentenceTransformerModel(_LoadedModel):
     """Embeddings from a ``SentenceTransformer`` (Transformer + Pooling [+ Normalize])."""
 
     task: Task = "embeddings"
 
-    def __init__(self, name: str, precision: Precision, max_seq_length: int | None) -> None:
+    def __init__(
+        self, name: str, precision: Precision, max_seq_length: int | None, graphs: bool = False
+    ) -> None:
         from sentence_transformers import SentenceTransformer
 
         model = SentenceTransformer(name, **_load_common(precision))
-        super().__init__(name, model, precision, max_seq_length)
+        super().__init__(name, model, precision, max_seq_length, graphs)
         dimension = model.get_embedding_dimension()
         self.info = self._info(dimension=int(dimension) if dimension is not None else None)
-        self._runner = _TorchRunner(model, precision, self.pad_id, self.max_length, self._forward)
-        self.warm_shapes = self._runner.warm_shapes
 
     def _forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         out: torch.Tensor = self.model(features)["sentence_embedding"]
         return out
-
-    def launch(self, batch: Sequence[IdArray]) -> Pending:
-        return self._runner.launch(batch)
 
 
 class CrossEncoderModel(_LoadedModel):
@@ -268,17 +364,17 @@ class CrossEncoderModel(_LoadedModel):
 
     task: Task = "rerank"
 
-    def __init__(self, name: str, precision: Precision, max_seq_length: int | None) -> None:
+    def __init__(
+        self, name: str, precision: Precision, max_seq_length: int | None, graphs: bool = False
+    ) -> None:
         from sentence_transformers import CrossEncoder
 
         model = CrossEncoder(name, **_load_common(precision))
-        super().__init__(name, model, precision, max_seq_length)
+        super().__init__(name, model, precision, max_seq_length, graphs)
         self._activation: Callable[[torch.Tensor], torch.Tensor] = (
             model.activation_fn or torch.nn.Identity()
         )
         self.info = self._info()
-        self._runner = _TorchRunner(model, precision, self.pad_id, self.max_length, self._forward)
-        self.warm_shapes = self._runner.warm_shapes
 
     def _forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         logits: torch.Tensor = self.model(features)["scores"]
@@ -287,6 +383,3 @@ class CrossEncoderModel(_LoadedModel):
         logits = logits.float()
         # Both columns of RERANK_COLUMNS: the raw logit and the model's own activation.
         return torch.stack([logits, self._activation(logits)], dim=1)
-
-    def launch(self, batch: Sequence[IdArray]) -> Pending:
-        return self._runner.launch(batch)
