@@ -33,7 +33,7 @@ run() {  # tag, seconds, extra arguments
 if [ "${TESTS:-}" = 1 ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .gpu/tools/test/*.whl || exit 3
-    timeout 240 python3 -m pytest -c /dev/null --rootdir . -p no:cacheprovider -q -rs \
+    timeout 240 python3 -m pytest -c /dev/null --rootdir . -p no:cacheprovider -p no:hypothesispytest -q -rs \
         tests/test_cuda_graphs.py > "$OUT/tests.log" 2>&1
     status=$?
     tail -30 "$OUT/tests.log"
@@ -47,6 +47,7 @@ case "${ONLY:-}:${BEFORE:-}" in
     *:tree) run before "${BEFORE_SECONDS:-240}" "${reuse[@]}" --server-src .gpu/base ;;
     *:env)
         read -ra env_args <<< "--server-env $BEFORE_ENV"
+        [ -n "${BEFORE_SCENARIOS:-}" ] && read -ra scenarios <<< "--scenarios $BEFORE_SCENARIOS"
         run "${BEFORE_TAG:-before}" "${BEFORE_SECONDS:-240}" "${reuse[@]}" "${env_args[@]}"
         ;;
 esac

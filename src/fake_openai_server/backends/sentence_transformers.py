@@ -149,8 +149,10 @@ class _TorchRunner:
         max_length: int,
         forward: Callable[..., torch.Tensor],
         graphs: bool = False,
+        vocab_size: int = 2,
     ) -> None:
         self.model = model
+        self.vocab_size = vocab_size
         self.precision = precision
         self.pad_id = pad_id
         self.max_length = max_length
@@ -225,8 +227,9 @@ class _TorchRunner:
         """Replay one small shape on varied input and compare with the eager pass."""
         rows, length = min(self._graphs, key=lambda shape: (shape[0] < 3, shape))
         generator = np.random.default_rng(0)
+        high = max(2, min(1000, self.vocab_size))  # ids the model has: a wrong one asserts
         batch = [
-            generator.integers(5, 1000, size=max(1, length * share // 4), dtype=np.int32)
+            generator.integers(1, high, size=max(1, length * share // 4), dtype=np.int32)
             for share in (4, 3, 1)[:rows]
         ]
         replayed = self._launch(batch).result()
@@ -315,7 +318,7 @@ class _LoadedModel:
         self.vocab_size = len(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._runner = _TorchRunner(
-            model, precision, self.pad_id, self.max_length, self._forward, graphs
+            model, precision, self.pad_id, self.max_length, self._forward, graphs, self.vocab_size
         )
 
     def _forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
