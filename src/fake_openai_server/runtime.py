@@ -60,6 +60,7 @@ class Runtime:
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.limits = settings.limits()
         self.plugin = plugin or Plugin()
         self.metrics = metrics or Metrics()
         self.state: State = "loading"
@@ -149,14 +150,25 @@ class Runtime:
             if info.task == "embeddings"
         }
         if embedders:
-            self.embeddings = EmbeddingsService(embedders, s, engine, self.tokenizers)
+            self.embeddings = EmbeddingsService(
+                embedders,
+                engine,
+                self.tokenizers,
+                limits=self.limits,
+                aliases=s.aliases(),
+                default_input_type=s.default_input_type,
+                normalize=s.normalize,
+                allow_token_ids=s.allow_token_ids,
+            )
         rerankers = {
             info.name: RerankModel(info, tokenizers[info.name])
             for info in models
             if info.task == "rerank"
         }
         if rerankers:
-            self.rerank = RerankService(rerankers, s, engine, self.tokenizers)
+            self.rerank = RerankService(
+                rerankers, engine, self.tokenizers, limits=self.limits, aliases=s.aliases()
+            )
         self.models = {info.name: info for info in models}
 
     def _fatal(self, reason: str) -> None:

@@ -7,6 +7,7 @@ package reads the environment.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -32,6 +33,21 @@ CsvList = Annotated[list[str], NoDecode]
 
 class SettingsError(ValueError):
     """Settings that cannot work together; the message names the settings."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server: the services enforce it, /info prints it."""
+
+    max_request_bytes: int
+    max_inputs: int
+    max_documents: int
+    max_input_chars: int
+    max_request_tokens: int
+    max_batch_size: int
+    max_batch_tokens: int
+    max_queue_tokens: int
+    truncate: bool
 
 
 class Settings(BaseSettings):
@@ -194,6 +210,19 @@ class Settings(BaseSettings):
     @property
     def serves_rerank(self) -> bool:
         return self.service_type in ("reranker", "all")
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_request_bytes=self.max_request_bytes,
+            max_inputs=self.max_inputs,
+            max_documents=self.max_documents,
+            max_input_chars=self.max_input_chars,
+            max_request_tokens=self.max_request_tokens,
+            max_batch_size=self.max_batch_size,
+            max_batch_tokens=self.max_batch_tokens,
+            max_queue_tokens=self.max_queue_tokens,
+            truncate=self.truncate,
+        )
 
     def aliases(self) -> dict[str, str]:
         """alias → model, from MODEL_ALIASES."""

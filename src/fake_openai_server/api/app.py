@@ -15,23 +15,21 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
-from starlette.responses import Response
+from fastapi import APIRouter, FastAPI
 
 from fake_openai_server.api import (
     cohere_embed,
     embeddings,
+    middleware,
     ollama,
     quantized,
     rerank,
     system,
     tei,
 )
-from fake_openai_server.api.deps import ClientGone, client_gone_response
-from fake_openai_server.api.errors import error_response, install_error_handlers, request_dialect
-from fake_openai_server.api.middleware import PUBLIC_PATHS, BodyTooLarge, Guard, too_large
+from fake_openai_server.api.errors import install_error_handlers
+from fake_openai_server.api.openapi import document_truthfully
 from fake_openai_server.backends.base import Plugin
 from fake_openai_server.runtime import Runtime
 from fake_openai_server.service.quantize import Calibrations, calibration_embedders
@@ -115,23 +113,13 @@ def build_app(
         app.include_router(router)
     install_error_handlers(app)
     api_keys = settings.all_api_keys()
-    document_statuses_truthfully(app, keys_required=bool(api_keys))
-
-    @app.exception_handler(ClientGone)
-    async def _client_gone(_: Request, __: ClientGone) -> Response:
-        return client_gone_response()
-
-    @app.exception_handler(BodyTooLarge)
-    async def _body_too_large(request: Request, __: BodyTooLarge) -> Response:
-        error = too_large(settings.max_request_bytes)
-        return error_response(error, dialect=request_dialect(request))
-
+    document_truthfully(app, keys_required=bool(api_keys), public_paths=middleware.PUBLIC_PATHS)
     # Metrics label each request by its route's path. FastAPI includes routers lazily
     # (app.routes holds opaque wrappers), so take the paths from the routers themselves.
     routes = [getattr(route, "path", "") for route in app.routes]
     routes += [getattr(route, "path", "") for router in routers for route in router.routes]
-    app.add_middleware(
-        Guard,
+    middleware.install(
+        app,
         metrics=metrics,
         api_keys=api_keys,
         max_body_bytes=settings.max_request_bytes,
@@ -149,32 +137,6 @@ def routers_for(settings: Settings) -> list[APIRouter]:
     if settings.serves_rerank:
         routers += [rerank.router, tei.rerank_router, ollama.rerank_router]
     return routers
-
-
-def document_statuses_truthfully(app: FastAPI, keys_required: bool) -> None:
-    """Drop the 422 FastAPI documents for every route with a body: this server answers
-    400 in the OpenAI error envelope instead (``api/errors.py``). When API keys are set,
-    document the bearer scheme on every route that needs one."""
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = generate()
-        for path, operations in schema.get("paths", {}).items():
-            for operation in operations.values():
-                operation.get("responses", {}).pop("422", None)
-                if keys_required and path not in PUBLIC_PATHS:
-                    operation["security"] = [{"apiKey": []}]
-        if keys_required:
-            schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
-            schemes["apiKey"] = {"type": "http", "scheme": "bearer"}
-        components = schema.get("components", {}).get("schemas", {})
-        for name in ("HTTPValidationError", "ValidationError"):
-            components.pop(name, None)
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _for(service_type: ServiceType, settings: Settings | None) -> Settings:

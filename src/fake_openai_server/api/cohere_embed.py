@@ -27,7 +27,7 @@ from fake_openai_server.api.compat_schemas import (
     CohereEmbedResponse,
     CohereError,
 )
-from fake_openai_server.api.deps import answer_in_time, runtime
+from fake_openai_server.api.context import answer_in_time, runtime
 from fake_openai_server.api.quantized import as_type
 from fake_openai_server.api.serialize import json_body
 from fake_openai_server.errors import ErrorKind, ServiceError
@@ -73,7 +73,7 @@ async def _embed(body: CohereEmbedRequest, request: Request, api_version: str) -
     service = rt.require_embeddings()
     name = service.names.resolve(body.model)
     texts = texts_of(body)
-    check_list(texts, "texts", rt.settings.max_input_chars)
+    check_list(texts, "texts", rt.limits.max_input_chars)
     max_length = service.models[name].info.max_length
     if body.max_tokens is not None and body.max_tokens < max_length:
         raise _invalid(

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from fake_openai_server.api.errors import ERROR_RESPONSES
+from fake_openai_server.api.openapi import ERROR_RESPONSES
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.service.common import check_texts
 

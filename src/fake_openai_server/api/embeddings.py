@@ -9,12 +9,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from fake_openai_server.api.deps import answer_in_time, runtime
-from fake_openai_server.api.errors import ERROR_RESPONSES
+from fake_openai_server.api.context import answer_in_time, runtime
+from fake_openai_server.api.openapi import ERROR_RESPONSES
 from fake_openai_server.api.quantized import as_type
 from fake_openai_server.api.schemas import EmbeddingsRequest, EmbeddingsResponse
 from fake_openai_server.api.serialize import embeddings_body
-from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.service.truncation import TruncateMode
 
 router = APIRouter(tags=["embeddings"])
@@ -30,10 +29,6 @@ router = APIRouter(tags=["embeddings"])
 async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Response:
     service = runtime(request).require_embeddings()
     items = body.items()
-    if not items:
-        raise ServiceError(
-            ErrorKind.INVALID_REQUEST, "input must not be an empty list.", param="input"
-        )
     kind, encoding_format = body.output()
     truncate: TruncateMode | None = None
     if body.truncation is not None:

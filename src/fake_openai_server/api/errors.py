@@ -1,4 +1,5 @@
-"""Every failure becomes an error envelope, from one table.
+"""Every failure becomes a reply here, from one table: what a route raises, what
+FastAPI raises, what the middleware meets (a key missing, a body too large, a crash).
 
 ``{"error": {"message", "type", "param", "code"}}`` with all four keys. Jina-
 style clients read ``detail`` on failure, so it carries the message too (and so do
@@ -25,7 +26,6 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from fake_openai_server.api.schemas import ErrorResponse
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 
 log = logging.getLogger(__name__)
@@ -47,24 +47,37 @@ ERROR_TABLE: dict[ErrorKind, tuple[int, str, str | None]] = {
 
 RETRY_AFTER_SECONDS = {ErrorKind.OVERLOADED: "1", ErrorKind.NOT_READY: "5"}
 
-# Documented in OpenAPI for every route that takes a body.
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in [
-        (400, "Invalid request"),
-        (401, "Missing or wrong API key"),
-        (404, "Unknown model"),
-        (413, "Request body too large"),
-        (429, "Queue full: retry after the Retry-After header"),
-        (500, "Model failure"),
-        (503, "Model not ready"),
-        (504, "Not answered within REQUEST_TIMEOUT"),
-    ]
+# Starlette's HTTPException statuses that have a kind of their own.
+HTTP_KINDS = {
+    404: ErrorKind.NOT_FOUND,
+    405: ErrorKind.METHOD_NOT_ALLOWED,
+    413: ErrorKind.PAYLOAD_TOO_LARGE,
 }
 
+CLIENT_CLOSED = 499  # nginx's code for "client closed request"; nobody reads it
 
-# Documented for the routes without a body that still need a key when keys are set.
-KEY_RESPONSES: dict[int | str, dict[str, Any]] = {401: ERROR_RESPONSES[401]}
+
+class ClientGone(Exception):
+    """The client disconnected before its reply was ready."""
+
+
+def too_large(limit: int) -> ServiceError:
+    return ServiceError(
+        ErrorKind.PAYLOAD_TOO_LARGE,
+        f"The request body is over the limit MAX_REQUEST_BYTES={limit}.",
+    )
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` when a body grows past the limit while being read.
+
+    An HTTPException, because FastAPI turns any other exception raised while it reads
+    the body into "400 There was an error parsing the body"; this one stays a 413.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, too_large(limit).message)
+        self.limit = limit
 
 
 # The last guard against echoing input: no message is longer, whatever it quotes.
@@ -164,7 +177,17 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     return f"Invalid '{path}': {first.get('msg', 'invalid value')}.", field
 
 
+def crash_response(exc: Exception, path: str) -> Response:
+    """The 500 for an exception nothing else answered; never echoes it (it may carry
+    paths, internals or user text)."""
+    log.error("unhandled %s", type(exc).__name__, exc_info=exc)
+    error = ServiceError(ErrorKind.INTERNAL, "Internal server error.")
+    return error_response(error, dialect=dialect_for(path))
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    """The replies to what routes and FastAPI raise (the middleware answers the rest)."""
+
     @app.exception_handler(ServiceError)
     async def _service(request: Request, exc: ServiceError) -> Response:
         return error_response(exc, dialect=request_dialect(request))
@@ -175,30 +198,27 @@ def install_error_handlers(app: FastAPI) -> None:
         error = ServiceError(ErrorKind.INVALID_REQUEST, message, param)
         return error_response(error, dialect=request_dialect(request))
 
+    @app.exception_handler(ClientGone)
+    async def _client_gone(_: Request, __: ClientGone) -> Response:
+        return Response(status_code=CLIENT_CLOSED)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _body_too_large(request: Request, exc: BodyTooLarge) -> Response:
+        return error_response(too_large(exc.limit), dialect=request_dialect(request))
+
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> Response:
-        if exc.status_code == 404:
-            kind = ErrorKind.NOT_FOUND
-            message = f"No route {request.method} {excerpt(request.url.path, 80)}."
-        elif exc.status_code == 405:
-            kind = ErrorKind.METHOD_NOT_ALLOWED
-            message = f"Method {request.method} is not allowed on {excerpt(request.url.path, 80)}."
-        elif exc.status_code == 413:
-            kind = ErrorKind.PAYLOAD_TOO_LARGE
-            message = str(exc.detail)
+        path = excerpt(request.url.path, 80)
+        kind = HTTP_KINDS.get(exc.status_code)
+        if kind is ErrorKind.NOT_FOUND:
+            message = f"No route {request.method} {path}."
+        elif kind is ErrorKind.METHOD_NOT_ALLOWED:
+            message = f"Method {request.method} is not allowed on {path}."
         elif exc.status_code < 500:
-            kind = ErrorKind.INVALID_REQUEST
-            message = excerpt(str(exc.detail), 200)
+            kind, message = kind or ErrorKind.INVALID_REQUEST, excerpt(str(exc.detail), 200)
         else:
             kind, message = ErrorKind.INTERNAL, "Internal server error."
         headers = dict(exc.headers or {})
         response = error_response(ServiceError(kind, message), headers, request_dialect(request))
         response.status_code = exc.status_code if exc.status_code >= 400 else 400
         return response
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Response:
-        # Never echo the exception: it may carry paths, internals or user text.
-        log.error("unhandled %s", type(exc).__name__, exc_info=exc)
-        error = ServiceError(ErrorKind.INTERNAL, "Internal server error.")
-        return error_response(error, dialect=request_dialect(request))

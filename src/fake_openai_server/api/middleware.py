@@ -1,6 +1,7 @@
-"""One ASGI middleware for what every request goes through, in this order:
+"""What every request goes through before its route, one ASGI middleware per job:
 
-request id → metrics → API key → body size limit → the route.
+``RequestLog`` (request id, metrics, access log) → ``ApiKeys`` → ``BodyLimit`` →
+``CrashReply`` → the route. ``install`` adds them in that order.
 """
 
 from __future__ import annotations
@@ -12,35 +13,38 @@ import time
 import uuid
 from collections.abc import Iterable
 
-from starlette.exceptions import HTTPException
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fake_openai_server.api.errors import dialect_for, error_response
+from fake_openai_server.api.errors import (
+    BodyTooLarge,
+    crash_response,
+    dialect_for,
+    error_response,
+    too_large,
+)
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/health", "/ready"})
+PUBLIC_PATHS = frozenset({"/health", "/ready"})  # answered without an API key
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-def too_large(limit: int) -> ServiceError:
-    return ServiceError(
-        ErrorKind.PAYLOAD_TOO_LARGE,
-        f"The request body is over the limit MAX_REQUEST_BYTES={limit}.",
-    )
-
-
-class BodyTooLarge(HTTPException):
-    """Raised from ``receive`` when a body grows past the limit while being read.
-
-    An HTTPException, because FastAPI turns any other exception raised while it reads
-    the body into "400 There was an error parsing the body"; this one stays a 413.
-    """
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, too_large(limit).message)
+def install(
+    app: FastAPI,
+    *,
+    metrics: Metrics,
+    api_keys: Iterable[str],
+    max_body_bytes: int,
+    routes: Iterable[str],
+) -> None:
+    # Starlette wraps the app in the middleware added last first: innermost first here.
+    app.add_middleware(CrashReply)
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
+    app.add_middleware(ApiKeys, api_keys=api_keys)
+    app.add_middleware(RequestLog, metrics=metrics, routes=routes)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -50,49 +54,19 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _as_json(scope: Scope) -> Scope:
-    """Treat every POST body as JSON: curl -d and some clients send no JSON content type."""
-    content_type = _header(scope, b"content-type") or ""
-    if "json" in content_type:
-        return scope
-    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-    headers.append((b"content-type", b"application/json"))
-    return {**scope, "headers": headers}
+async def _reply(error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
+    response = error_response(error, dialect=dialect_for(scope["path"]))
+    await response(scope, receive, send)
 
 
-def _bearer_token(authorization: str | None) -> str:
-    """The key in ``Authorization: Bearer <key>``; '' when absent or empty."""
-    if not authorization:
-        return ""
-    scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return authorization.strip() if not token else ""
-    return token.strip()
+class RequestLog:
+    """Gives every reply an X-Request-Id (the client's, when it sent a sane one), counts
+    the request in the metrics by route and status, and logs it at debug level."""
 
-
-class Guard:
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        metrics: Metrics,
-        api_keys: Iterable[str],
-        max_body_bytes: int,
-        routes: Iterable[str],
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, routes: Iterable[str]) -> None:
         self.app = app
         self.metrics = metrics
-        self.keys = [key.encode() for key in api_keys]
-        self.max_body = max_body_bytes
         self.routes = frozenset(routes)
-
-    def _authorized(self, scope: Scope) -> bool:
-        if not self.keys or scope["path"] in PUBLIC_PATHS:
-            return True
-        token = _bearer_token(_header(scope, b"authorization")).encode()
-        # Compare against every key, always, so timing says nothing about which matched.
-        matches = [hmac.compare_digest(token, key) for key in self.keys]
-        return any(matches)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -113,34 +87,16 @@ class Guard:
                 message = {**message, "headers": headers}
             await send(message)
 
-        async def reply(error: ServiceError) -> None:
-            response = error_response(error, dialect=dialect_for(scope["path"]))
-            await response(scope, receive, send_with_id)
-
         in_progress = self.metrics.in_progress.labels(route)
         in_progress.inc()
         try:
-            if not self._authorized(scope):
-                await reply(
-                    ServiceError(
-                        ErrorKind.UNAUTHORIZED,
-                        "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
-                    )
-                )
-                return
-            length = _header(scope, b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body:
-                await reply(self._too_large())
-                return
-            if scope["method"] == "POST":
-                scope = _as_json(scope)
-            await self._call_limited(scope, receive, send_with_id)
+            await self.app(scope, receive, send_with_id)
         finally:
             seconds = time.perf_counter() - started
             in_progress.dec()
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(seconds)
-            # The access log, at debug level: never a body, header or key.
+            # The access log: never a body, header or key.
             log.debug(
                 "%s %s %d %.1fms request_id=%s",
                 scope["method"],
@@ -150,13 +106,73 @@ class Guard:
                 request_id,
             )
 
-    def _too_large(self) -> ServiceError:
-        return too_large(self.max_body)
 
-    async def _call_limited(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Run the app, cutting off a body (chunked or lying about its length) past the limit."""
+def _bearer_token(authorization: str | None) -> str:
+    """The key in ``Authorization: Bearer <key>``; '' when absent or empty."""
+    if not authorization:
+        return ""
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return authorization.strip() if not token else ""
+    return token.strip()
+
+
+class ApiKeys:
+    """401 unless the request carries one of the keys (when keys are set); the health
+    probes stay open."""
+
+    def __init__(self, app: ASGIApp, *, api_keys: Iterable[str]) -> None:
+        self.app = app
+        self.keys = [key.encode() for key in api_keys]
+
+    def _authorized(self, scope: Scope) -> bool:
+        if not self.keys or scope["path"] in PUBLIC_PATHS:
+            return True
+        token = _bearer_token(_header(scope, b"authorization")).encode()
+        # Compare against every key, always, so timing says nothing about which matched.
+        matches = [hmac.compare_digest(token, key) for key in self.keys]
+        return any(matches)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        error = ServiceError(
+            ErrorKind.UNAUTHORIZED, "Missing or wrong API key: send 'Authorization: Bearer <key>'."
+        )
+        await _reply(error, scope, receive, send)
+
+
+def _as_json(scope: Scope) -> Scope:
+    """Treat every POST body as JSON: curl -d and some clients send no JSON content type."""
+    content_type = _header(scope, b"content-type") or ""
+    if "json" in content_type:
+        return scope
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+    headers.append((b"content-type", b"application/json"))
+    return {**scope, "headers": headers}
+
+
+class BodyLimit:
+    """413 for a body over MAX_REQUEST_BYTES: at once when Content-Length says so, else
+    as soon as the body read so far (chunked, or lying about its length) passes it.
+    Every POST body is read as JSON."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = _header(scope, b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            await _reply(too_large(self.max_body), scope, receive, send)
+            return
+        if scope["method"] == "POST":
+            scope = _as_json(scope)
         received = 0
-        started_response = False
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -167,6 +183,27 @@ class Guard:
                     raise BodyTooLarge(self.max_body)
             return message
 
+        await self.app(scope, limited_receive, send)
+
+
+class CrashReply:
+    """Answers what escaped the routes' error handlers (a 413 raised outside them, any
+    crash) with the error envelope, unless the reply had already begun.
+
+    Answering here, not in Starlette's ServerErrorMiddleware, keeps the connection: that
+    one re-raises after replying, and uvicorn then drops the keep-alive connection, so
+    the client's next request on it fails with a reset.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started_response = False
+
         async def tracking_send(message: Message) -> None:
             nonlocal started_response
             if message["type"] == "http.response.start":
@@ -174,18 +211,11 @@ class Guard:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
+            await self.app(scope, receive, tracking_send)
+        except BodyTooLarge as exc:
             if not started_response:
-                response = error_response(self._too_large(), dialect=dialect_for(scope["path"]))
-                await response(scope, receive, send)
+                await _reply(too_large(exc.limit), scope, receive, send)
         except Exception as exc:
-            # Answer here instead of letting Starlette's ServerErrorMiddleware do it: that
-            # one re-raises after replying, and uvicorn then drops the keep-alive
-            # connection, so the client's next request on it fails with a reset.
             if started_response:
                 raise
-            log.error("unhandled %s", type(exc).__name__, exc_info=exc)
-            error = ServiceError(ErrorKind.INTERNAL, "Internal server error.")
-            response = error_response(error, dialect=dialect_for(scope["path"]))
-            await response(scope, receive, send)
+            await crash_response(exc, scope["path"])(scope, receive, send)

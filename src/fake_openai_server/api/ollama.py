@@ -35,8 +35,8 @@ from fake_openai_server.api.compat_schemas import (
     OllamaTags,
     OllamaVersion,
 )
-from fake_openai_server.api.deps import answer_in_time, runtime
-from fake_openai_server.api.errors import KEY_RESPONSES
+from fake_openai_server.api.context import answer_in_time, runtime
+from fake_openai_server.api.openapi import KEY_RESPONSES
 from fake_openai_server.api.serialize import json_body
 from fake_openai_server.backends.base import ModelInfo
 from fake_openai_server.errors import ErrorKind, ServiceError
@@ -95,7 +95,7 @@ async def embed(body: OllamaEmbedRequest, request: Request) -> Response:
         vectors: list[Any] = []
         tokens = 0
     else:
-        check_texts(texts, "input", rt.settings.max_input_chars)
+        check_texts(texts, "input", rt.limits.max_input_chars)
         result = await answer_in_time(
             request,
             service.embed(
@@ -130,7 +130,7 @@ async def embeddings(body: OllamaEmbeddingsRequest, request: Request) -> Respons
     name = service.names.resolve(model_name(body.model))
     if body.prompt == "":
         return _json({"embedding": []})
-    check_texts([body.prompt], "prompt", rt.settings.max_input_chars)
+    check_texts([body.prompt], "prompt", rt.limits.max_input_chars)
     result = await answer_in_time(request, service.embed([body.prompt], model=name))
     return _json({"embedding": result.vectors[0]})
 
@@ -144,7 +144,7 @@ async def embeddings(body: OllamaEmbeddingsRequest, request: Request) -> Respons
 async def rerank(body: OllamaRerankRequest, request: Request) -> Response:
     rt = runtime(request)
     service = rt.require_rerank()
-    check_list(body.documents, "documents", rt.settings.max_input_chars)
+    check_list(body.documents, "documents", rt.limits.max_input_chars)
     result = await answer_in_time(
         request,
         service.rerank(body.query, body.documents, model=model_name(body.model), top_n=body.top_n),

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from fake_openai_server.api.errors import KEY_RESPONSES
+from fake_openai_server.api.openapi import KEY_RESPONSES
 from fake_openai_server.api.serialize import json_body
 from fake_openai_server.backends.base import FloatArray
 from fake_openai_server.service.quantize import CALIBRATED, Calibrations, quantize

@@ -12,37 +12,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from fake_openai_server.api.deps import answer_in_time, runtime
-from fake_openai_server.api.errors import ERROR_RESPONSES
+from fake_openai_server.api.context import answer_in_time, runtime
+from fake_openai_server.api.openapi import ERROR_RESPONSES
 from fake_openai_server.api.schemas import DocumentObject, RerankRequest, RerankResponse
 from fake_openai_server.api.serialize import json_body
-from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 
 router = APIRouter(tags=["rerank"])
-
-
-def document_texts(body: RerankRequest) -> list[str]:
-    """The text to rank for each document (``rank_fields`` joins several fields)."""
-    texts: list[str] = []
-    for index, doc in enumerate(body.documents):
-        if isinstance(doc, str):
-            texts.append(doc)
-            continue
-        fields = doc.model_dump(exclude_none=True)
-        if body.rank_fields:
-            parts = [f"{name}: {fields[name]}" for name in body.rank_fields if name in fields]
-            text = "\n".join(parts)
-        else:
-            text = fields.get("text", "")
-        if not isinstance(text, str) or not text:
-            wanted = excerpt(", ".join(body.rank_fields or ["text"]), 80)
-            raise ServiceError(
-                ErrorKind.INVALID_REQUEST,
-                f"documents[{index}] has no usable text (fields: {wanted}).",
-                param="documents",
-            )
-        texts.append(text)
-    return texts
 
 
 def echo(doc: str | DocumentObject) -> dict[str, Any]:
@@ -51,7 +26,7 @@ def echo(doc: str | DocumentObject) -> dict[str, Any]:
 
 async def _rerank(body: RerankRequest, request: Request, api_version: str) -> Response:
     service = runtime(request).require_rerank()
-    texts = document_texts(body)
+    texts = body.texts()
     top_n = body.top_k if body.top_n is None else body.top_n
     result = await answer_in_time(
         request,

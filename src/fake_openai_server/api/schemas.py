@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
-from fake_openai_server.errors import ErrorKind, ServiceError
+from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -206,6 +206,29 @@ class RerankRequest(BaseModel):
     def voyage(self) -> bool:
         """The voyageai client always sends top_k (null when unset)."""
         return "top_k" in self.model_fields_set
+
+    def texts(self) -> list[str]:
+        """The text to rank for each document (``rank_fields`` joins several fields)."""
+        texts: list[str] = []
+        for index, doc in enumerate(self.documents):
+            if isinstance(doc, str):
+                texts.append(doc)
+                continue
+            fields = doc.model_dump(exclude_none=True)
+            if self.rank_fields:
+                parts = [f"{name}: {fields[name]}" for name in self.rank_fields if name in fields]
+                text = "\n".join(parts)
+            else:
+                text = fields.get("text", "")
+            if not isinstance(text, str) or not text:
+                wanted = excerpt(", ".join(self.rank_fields or ["text"]), 80)
+                raise ServiceError(
+                    ErrorKind.INVALID_REQUEST,
+                    f"documents[{index}] has no usable text (fields: {wanted}).",
+                    param="documents",
+                )
+            texts.append(text)
+        return texts
 
 
 class RerankDocument(BaseModel):

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse, Response
 
-from fake_openai_server.api.deps import runtime
-from fake_openai_server.api.errors import KEY_RESPONSES
+from fake_openai_server.api.context import runtime
+from fake_openai_server.api.openapi import KEY_RESPONSES
 from fake_openai_server.api.schemas import Health, ModelList, Readiness
 from fake_openai_server.api.serialize import json_body
 from fake_openai_server.api.tei import tei_info
@@ -100,17 +101,7 @@ async def info(request: Request) -> Response:
             }
             for name, m in rt.models.items()
         },
-        "limits": {
-            "max_request_bytes": s.max_request_bytes,
-            "max_inputs": s.max_inputs,
-            "max_documents": s.max_documents,
-            "max_input_chars": s.max_input_chars,
-            "max_request_tokens": s.max_request_tokens,
-            "max_batch_size": s.max_batch_size,
-            "max_batch_tokens": s.max_batch_tokens,
-            "max_queue_tokens": s.max_queue_tokens,
-            "truncate": s.truncate,
-        },
+        "limits": asdict(rt.limits),
         "engine": rt.stats(),
     }
     if s.serves_embeddings:

@@ -27,7 +27,7 @@ from fake_openai_server.api.compat_schemas import (
     TeiToken,
     TeiTokenizeRequest,
 )
-from fake_openai_server.api.deps import answer_in_time, runtime
+from fake_openai_server.api.context import answer_in_time, runtime
 from fake_openai_server.api.schemas import RerankRequest
 from fake_openai_server.api.serialize import json_body
 from fake_openai_server.errors import ErrorKind, ServiceError
@@ -79,7 +79,7 @@ async def embed(body: TeiEmbedRequest, request: Request) -> Response:
     rt = runtime(request)
     service = rt.require_embeddings()
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-    check_list(texts, "inputs", rt.settings.max_input_chars)
+    check_list(texts, "inputs", rt.limits.max_input_chars)
     result = await answer_in_time(
         request,
         service.embed(
@@ -97,7 +97,7 @@ async def embed(body: TeiEmbedRequest, request: Request) -> Response:
 async def tei_rerank(body: TeiRerankRequest, request: Request) -> Response:
     rt = runtime(request)
     service = rt.require_rerank()
-    check_list(body.texts, "texts", rt.settings.max_input_chars)
+    check_list(body.texts, "texts", rt.limits.max_input_chars)
     if body.truncation_direction.lower() == "left":
         raise ServiceError(
             ErrorKind.INVALID_REQUEST,
@@ -170,7 +170,7 @@ async def tokenize(body: TeiTokenizeRequest, request: Request) -> Response:
         model=body.model,
         prompt_name=prompt_input_type(body.prompt_name),
         add_special_tokens=body.add_special_tokens,
-        max_inputs=runtime(request).settings.max_inputs,
+        max_inputs=runtime(request).limits.max_inputs,
     )
     return _json([[token.__dict__ for token in row] for row in result])
 
@@ -187,7 +187,7 @@ async def decode(body: TeiDecodeRequest, request: Request) -> Response:
         rows,  # type: ignore[arg-type]
         model=body.model,
         skip_special_tokens=body.skip_special_tokens,
-        max_inputs=runtime(request).settings.max_inputs,
+        max_inputs=runtime(request).limits.max_inputs,
     )
     return _json(texts)
 

@@ -22,7 +22,7 @@ from fake_openai_server.service.common import (
 )
 from fake_openai_server.service.tokenizing import TokenizerPool
 from fake_openai_server.service.truncation import TruncateMode, keep_the_end, split_prefix
-from fake_openai_server.settings import Settings
+from fake_openai_server.settings import InputType, Limits
 
 LANGCHAIN_HINT = (
     "Token ids are not accepted: clients such as LangChain's OpenAIEmbeddings send "
@@ -63,13 +63,23 @@ class EmbeddingsService:
     def __init__(
         self,
         models: dict[str, EmbeddingModel],
-        settings: Settings,
         engine: Engine,
         tokenizers: TokenizerPool,
+        *,
+        limits: Limits,
+        aliases: dict[str, str],
+        default_input_type: InputType | None,
+        normalize: bool,
+        allow_token_ids: bool,
     ) -> None:
+        """``default_input_type``, ``normalize`` and ``allow_token_ids``: the server's
+        DEFAULT_INPUT_TYPE, NORMALIZE and ALLOW_TOKEN_IDS."""
         self.models = models
-        self.names = ModelNames(list(models), settings.aliases())
-        self.settings = settings
+        self.names = ModelNames(list(models), aliases)
+        self.limits = limits
+        self.default_input_type = default_input_type
+        self.normalize = normalize
+        self.allow_token_ids = allow_token_ids
         self._engine = engine
         self._tokenizers = tokenizers
 
@@ -88,13 +98,17 @@ class EmbeddingsService:
     ) -> EmbeddingResult:
         """``truncate`` and ``normalize`` are per-request choices of the other APIs (TEI,
         Cohere, Ollama, Voyage); ``None`` keeps the server's TRUNCATE / NORMALIZE."""
+        if not inputs:
+            raise ServiceError(
+                ErrorKind.INVALID_REQUEST, "input must not be an empty list.", param="input"
+            )
         name = self.names.resolve(model)
         entry = self.models[name]
-        settings = self.settings
-        if len(inputs) > settings.max_inputs:
+        limits = self.limits
+        if len(inputs) > limits.max_inputs:
             raise ServiceError(
                 ErrorKind.INVALID_REQUEST,
-                f"input has {len(inputs)} items, over the limit MAX_INPUTS={settings.max_inputs}.",
+                f"input has {len(inputs)} items, over the limit MAX_INPUTS={limits.max_inputs}.",
                 param="input",
             )
         dimension = entry.info.dimension or 0
@@ -106,8 +120,8 @@ class EmbeddingsService:
                 param="dimensions",
             )
 
-        tokens = RequestTokens(settings.max_request_tokens)
-        mode = truncate or ("end" if settings.truncate else "none")
+        tokens = RequestTokens(limits.max_request_tokens)
+        mode = truncate or ("end" if limits.truncate else "none")
         why = " (TRUNCATE=false)" if truncate is None else ", and the request asked not to truncate"
 
         async def run(encoded: list[Encoded]) -> FloatArray:
@@ -132,8 +146,8 @@ class EmbeddingsService:
             vectors = await pipeline(prepare, rows, run)
         else:
             texts = [str(text) for text in inputs]
-            check_texts(texts, "input", settings.max_input_chars)
-            kind = normalize_input_type(input_type) or settings.default_input_type
+            check_texts(texts, "input", limits.max_input_chars)
+            kind = normalize_input_type(input_type) or self.default_input_type
             prefixed = [apply_prefix(entry.family, text, kind) for text in texts]
             encode = partial(self._tokenizers.encode, name)
             if mode == "start":
@@ -145,7 +159,7 @@ class EmbeddingsService:
 
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
-        if settings.normalize if normalize is None else normalize:
+        if self.normalize if normalize is None else normalize:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors = vectors / np.maximum(norms, np.float32(1e-12))
         _check_vectors(vectors)
@@ -155,7 +169,7 @@ class EmbeddingsService:
         )
 
     def _token_id_preparer(self, entry: EmbeddingModel) -> _TokenIdPreparer:
-        if not self.settings.allow_token_ids:
+        if not self.allow_token_ids:
             raise ServiceError(ErrorKind.INVALID_REQUEST, LANGCHAIN_HINT, param="input")
         return _TokenIdPreparer(entry)
 

@@ -24,7 +24,7 @@ from fake_openai_server.service.common import (
     pipeline,
 )
 from fake_openai_server.service.tokenizing import TokenizerPool
-from fake_openai_server.settings import Settings
+from fake_openai_server.settings import Limits
 
 
 @dataclass
@@ -49,13 +49,15 @@ class RerankService:
     def __init__(
         self,
         models: dict[str, RerankModel],
-        settings: Settings,
         engine: Engine,
         tokenizers: TokenizerPool,
+        *,
+        limits: Limits,
+        aliases: dict[str, str],
     ) -> None:
         self.models = models
-        self.names = ModelNames(list(models), settings.aliases())
-        self.settings = settings
+        self.names = ModelNames(list(models), aliases)
+        self.limits = limits
         self._engine = engine
         self._tokenizers = tokenizers
 
@@ -72,18 +74,18 @@ class RerankService:
         """``truncate=False`` (TEI ``truncate``, Voyage ``truncation``) refuses pairs that
         fill the model's whole length instead of cutting them; ``None`` cuts, as before."""
         name = self.names.resolve(model)
-        settings = self.settings
+        limits = self.limits
         if not query.strip():
             raise ServiceError(ErrorKind.INVALID_REQUEST, "query is empty.", param="query")
         if not documents:
             raise ServiceError(
                 ErrorKind.INVALID_REQUEST, "documents must not be empty.", param="documents"
             )
-        if len(documents) > settings.max_documents:
+        if len(documents) > limits.max_documents:
             raise ServiceError(
                 ErrorKind.INVALID_REQUEST,
                 f"documents has {len(documents)} items, over the limit "
-                f"MAX_DOCUMENTS={settings.max_documents}.",
+                f"MAX_DOCUMENTS={limits.max_documents}.",
                 param="documents",
             )
         if top_n is not None and top_n < 0:
@@ -93,10 +95,10 @@ class RerankService:
                 f"got {excerpt(str(top_n), 20)}.",
                 param="top_n",
             )
-        check_texts([query], "query", settings.max_input_chars)
-        check_texts(documents, "documents", settings.max_input_chars)
+        check_texts([query], "query", limits.max_input_chars)
+        check_texts(documents, "documents", limits.max_input_chars)
 
-        tokens = RequestTokens(settings.max_request_tokens)
+        tokens = RequestTokens(limits.max_request_tokens)
 
         async def run(encoded: list[Encoded]) -> FloatArray:
             if truncate is False:

@@ -1,4 +1,8 @@
-"""Helpers shared by the route modules."""
+"""What a route needs from around its request: the runtime, and a reply in time.
+
+``answer_in_time`` bounds a route's work by REQUEST_TIMEOUT and by the client staying
+connected, and cancels the work (with its queued items) when either runs out.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +12,17 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from fastapi import Request
-from starlette.responses import Response
 
+from fake_openai_server.api.errors import ClientGone
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.runtime import Runtime
 
 T = TypeVar("T")
 
-CLIENT_CLOSED = 499  # nginx's code for "client closed request"; nobody reads it
-
 
 def runtime(request: Request) -> Runtime:
     rt: Runtime = request.app.state.runtime
     return rt
-
-
-class ClientGone(Exception):
-    """The client disconnected before its reply was ready."""
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -56,7 +54,3 @@ async def answer_in_time(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
         if not task.done():
             task.cancel()
-
-
-def client_gone_response() -> Response:
-    return Response(status_code=CLIENT_CLOSED)
