@@ -22,7 +22,8 @@ import pytest
 
 from fake_openai_server.settings import Settings
 from tests.container import composefiles, support
-from tests.container.conftest import BuiltImage
+from tests.container.support import BuiltImage
+from tests.support.live import free_port
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(3600)]
 
@@ -132,7 +133,7 @@ def test_compose_service_answers_over_http(
     (container_port,) = service.container_ports
     # The compose port as is when it is free here; otherwise the same service on
     # another port through PORT (host networking: no port mapping to lean on).
-    port = container_port if support.port_free(container_port) else support.free_port()
+    port = container_port if support.port_free(container_port) else free_port("0.0.0.0")
     if port != container_port:
         env["PORT"] = str(port)
     settings = Settings(**{k.lower(): v for k, v in service.environment.items()})  # type: ignore[arg-type]

@@ -22,7 +22,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.e2e.conftest import EMBEDDINGS_MODEL, RERANKER_MODEL, STANDIN_DIM
+from tests.support.contract import EMBEDDINGS_MODEL, RERANKER_MODEL, STANDIN_DIM
 from tests.support.fakes import fake_logit, fake_text_vector
 from tests.support.live import LiveServer
 from tests.support.standins import japanese_text

@@ -32,8 +32,8 @@ import voyageai.error
 from huggingface_hub import AsyncInferenceClient, InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 
-from tests.e2e.conftest import EMBEDDINGS_MODEL, RERANKER_MODEL, STANDIN_DIM
 from tests.e2e.test_clients import DOCS, QUERY, TEXTS, Recorder, float_vectors, scores_alone
+from tests.support.contract import EMBEDDINGS_MODEL, RERANKER_MODEL, STANDIN_DIM
 from tests.support.fakes import BOS, EOS, MAX_LENGTH, char_ids, fake_text_vector, fake_vector
 from tests.support.live import LiveServer
 from tests.support.standins import japanese_text
