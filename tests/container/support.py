@@ -114,7 +114,8 @@ def image_id(ref: str) -> str | None:
 def inspect_image(ref: str) -> dict[str, Any]:
     out = run(["podman", "image", "inspect", ref]).stdout
     data = json.loads(out)
-    return data[0] if isinstance(data, list) else data  # type: ignore[no-any-return]
+    image: dict[str, Any] = data[0] if isinstance(data, list) else data
+    return image
 
 
 def ensure_base_image(log: Path) -> str:

@@ -17,6 +17,7 @@ import base64
 import math
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,7 +137,8 @@ def test_compose_service_answers_over_http(
     port = container_port if support.port_free(container_port) else free_port("0.0.0.0")
     if port != container_port:
         env["PORT"] = str(port)
-    settings = Settings(**{k.lower(): v for k, v in service.environment.items()})  # type: ignore[arg-type]
+    overrides: dict[str, Any] = {k.lower(): v for k, v in service.environment.items()}
+    settings = Settings(**overrides)
     assert settings.effective_port == container_port, "compose maps a port the server won't use"
 
     with support.serve(
