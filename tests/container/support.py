@@ -336,8 +336,13 @@ def http(method: str, url: str, body: object = None, timeout: float = 60) -> tup
 
 def wait_ready(server: Server, timeout: float = 300) -> float:
     """Poll /ready until 200 (returns the seconds it took); fails early if the
-    container's process exits."""
-    return wait_until_ready(server.base_url, timeout, server.process, server.log_path, interval=0.5)
+    container's process exits. Failures are assertion failures of the test."""
+    try:
+        return wait_until_ready(
+            server.base_url, timeout, server.process, server.log_path, interval=0.5
+        )
+    except (RuntimeError, TimeoutError) as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def finite_floats(values: object) -> bool:
