@@ -6,7 +6,6 @@ import base64
 import contextlib
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,28 +23,19 @@ import orjson
 from bench.client import close_all, encode_request, open_connections, run_users
 from bench.measure import Meter, peak_rss_mib, reset_peak_rss
 from bench.workload import EMBED_MODEL, READY_TIMEOUT, RERANK_MODEL, Plan
+from tests.support.live import LiveServer, free_port, stop_process, wait_ready
 
 
 # --- the server ---------------------------------------------------------------------
 @dataclass
-class Server:
-    base_url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    startup_s: float
+class Server(LiveServer):
+    """The server subprocess (``process``, ``pid``, ``log_path``), with how long it took
+    to become ready and its peak memory."""
+
+    startup_s: float = 0.0
     startup_peak_rss_mib: float = 0.0
     peak_rss_mib: float = 0.0
     peak_resets: bool = True
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _server_env(
@@ -133,7 +123,7 @@ def serve(
 
     From ``server_src`` (another source tree) when given, else from this one.
     """
-    port = _free_port()
+    port = free_port()
     log_path = log_dir / f"server-{service_type}.log"
     started = time.perf_counter()
     with log_path.open("wb") as log:
@@ -145,36 +135,15 @@ def serve(
         )
     base_url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(base_url, process, log_path)
-        server = Server(base_url, process, log_path, time.perf_counter() - started)
+        wait_ready(base_url, READY_TIMEOUT, process, log_path, interval=0.25)
+        server = Server(
+            base_url, process=process, log_path=log_path, startup_s=time.perf_counter() - started
+        )
         server.startup_peak_rss_mib = peak_rss_mib(process.pid)
         server.peak_rss_mib = server.startup_peak_rss_mib
         yield server
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def _wait_ready(base_url: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-4000:]
-            raise RuntimeError(f"the server exited with code {process.returncode}:\n{tail}")
-        with contextlib.suppress(httpx.HTTPError):
-            reply = httpx.get(f"{base_url}/ready", timeout=5)
-            if reply.status_code == 200:
-                return
-            if reply.json().get("status") == "failed":
-                tail = log_path.read_text(errors="replace")[-4000:]
-                raise RuntimeError(f"the server failed to load its model:\n{tail}")
-        time.sleep(0.25)
-    raise TimeoutError(f"{base_url} not ready after {READY_TIMEOUT:.0f}s")
+        stop_process(process, timeout=60)
 
 
 def _json(reply: bytes) -> Any:

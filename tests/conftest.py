@@ -7,11 +7,15 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.support.fakes import fake_plugin
 from tests.support.live import LiveServer, serve_app
+
+if TYPE_CHECKING:
+    from fake_openai_server.settings import Settings
 
 # huggingface_hub reads HF_HOME and HF_HUB_OFFLINE once, when first imported: set them
 # before anything imports it. Every test process gets its own empty cache.
@@ -36,10 +40,10 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def _settings(**overrides: object) -> object:
+def _settings(**overrides: Any) -> Settings:
     from fake_openai_server.settings import Settings
 
-    return Settings(**overrides)  # type: ignore[arg-type]
+    return Settings(**overrides)
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +51,7 @@ def embeddings_server(hf_home: Path) -> Iterator[LiveServer]:
     """The real embeddings app (default model names) in float32, for exact parity."""
     from fake_openai_server.api.app import create_embeddings_app
 
-    with serve_app(create_embeddings_app(_settings(dtype="float32"))) as server:  # type: ignore[arg-type]
+    with serve_app(create_embeddings_app(_settings(dtype="float32"))) as server:
         yield server
 
 
@@ -55,7 +59,7 @@ def embeddings_server(hf_home: Path) -> Iterator[LiveServer]:
 def rerank_server(hf_home: Path) -> Iterator[LiveServer]:
     from fake_openai_server.api.app import create_rerank_app
 
-    with serve_app(create_rerank_app(_settings(dtype="float32"))) as server:  # type: ignore[arg-type]
+    with serve_app(create_rerank_app(_settings(dtype="float32"))) as server:
         yield server
 
 
@@ -64,6 +68,6 @@ def fake_server() -> Iterator[LiveServer]:
     """Both APIs over the deterministic fake backends: fast contract tests, no torch."""
     from fake_openai_server.api.app import build_app
 
-    app = build_app(_settings(service_type="all", warmup=False), fake_plugin())  # type: ignore[arg-type]
+    app = build_app(_settings(service_type="all", warmup=False), fake_plugin())
     with serve_app(app) as server:
         yield server

@@ -207,10 +207,10 @@ def quiet_transformers() -> Iterator[None]:
     """The slow tokenizer logs a warning for every pair it truncates."""
     from transformers.utils import logging
 
-    level = logging.get_verbosity()  # type: ignore[no-untyped-call]
+    level = logging.get_verbosity()
     logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     yield
-    logging.set_verbosity(level)  # type: ignore[no-untyped-call]
+    logging.set_verbosity(level)
 
 
 def _bert_japanese(folder: Path, **kwargs: Any) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ def _plain(loader: yaml.SafeLoader, node: yaml.Node) -> object:
         return loader.construct_mapping(node, deep=True)
     if isinstance(node, yaml.SequenceNode):
         return loader.construct_sequence(node, deep=True)
-    return loader.construct_scalar(node)  # type: ignore[arg-type]
+    assert isinstance(node, yaml.ScalarNode)
+    return loader.construct_scalar(node)
 
 
 for _tag in ("!reset", "!override"):
@@ -90,9 +92,9 @@ def _environment(value: object) -> dict[str, str]:
     return {p[0]: p[1] if len(p) > 1 else "" for p in pairs}
 
 
-def _ports(value: object) -> list[tuple[int, int]]:
+def _ports(value: Iterable[object] | None) -> list[tuple[int, int]]:
     out = []
-    for item in value or []:  # type: ignore[attr-defined]
+    for item in value or []:
         if isinstance(item, dict):
             target = int(item["target"])
             out.append((int(item.get("published") or target), target))
@@ -105,9 +107,9 @@ def _ports(value: object) -> list[tuple[int, int]]:
     return out
 
 
-def _volumes(value: object) -> list[tuple[str, str]]:
+def _volumes(value: Iterable[object] | None) -> list[tuple[str, str]]:
     out = []
-    for item in value or []:  # type: ignore[attr-defined]
+    for item in value or []:
         if isinstance(item, dict):
             out.append((str(item.get("source", "")), str(item["target"])))
         else:

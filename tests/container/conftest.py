@@ -7,30 +7,12 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.container import support
-
-
-@dataclass(frozen=True)
-class BuiltImage:
-    id: str
-    config: dict[str, Any]  # podman image inspect → Config (Cmd, Entrypoint, Env, ...)
-    healthcheck: list[str]  # Config.Healthcheck.Test, e.g. ["CMD", "python", "-c", ...]
-
-    @property
-    def env(self) -> dict[str, str]:
-        pairs = (item.split("=", 1) for item in self.config.get("Env") or [])
-        return {key: value for key, value in pairs}
-
-    @property
-    def command(self) -> list[str]:
-        """What `docker run IMAGE` runs: Entrypoint followed by Cmd."""
-        return [*(self.config.get("Entrypoint") or []), *(self.config.get("Cmd") or [])]
+from tests.container.support import BuiltImage
 
 
 @pytest.fixture(scope="session")

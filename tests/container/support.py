@@ -35,6 +35,9 @@ from typing import Any
 
 import pytest
 
+from tests.support.live import LiveServer, log_tail
+from tests.support.live import wait_ready as wait_until_ready
+
 ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fake-openai-server"
 
@@ -75,20 +78,30 @@ def run(
                 timeout=timeout,
                 check=False,
             )
-        output = tail(log)
+        output = log_tail(log, 60)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args[:3])} ... exited {result.returncode}:\n{output}")
     return result
 
 
-def tail(path: Path, lines: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 # --- images ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    id: str
+    config: dict[str, Any]  # podman image inspect → Config (Cmd, Entrypoint, Env, ...)
+    healthcheck: list[str]  # Config.Healthcheck.Test, e.g. ["CMD", "python", "-c", ...]
+
+    @property
+    def env(self) -> dict[str, str]:
+        pairs = (item.split("=", 1) for item in self.config.get("Env") or [])
+        return {key: value for key, value in pairs}
+
+    @property
+    def command(self) -> list[str]:
+        """What `docker run IMAGE` runs: Entrypoint followed by Cmd."""
+        return [*(self.config.get("Entrypoint") or []), *(self.config.get("Cmd") or [])]
 
 
 def image_id(ref: str) -> str | None:
@@ -101,7 +114,8 @@ def image_id(ref: str) -> str | None:
 def inspect_image(ref: str) -> dict[str, Any]:
     out = run(["podman", "image", "inspect", ref]).stdout
     data = json.loads(out)
-    return data[0] if isinstance(data, list) else data  # type: ignore[no-any-return]
+    image: dict[str, Any] = data[0] if isinstance(data, list) else data
+    return image
 
 
 def ensure_base_image(log: Path) -> str:
@@ -130,7 +144,7 @@ def ensure_base_image(log: Path) -> str:
             run_with_stdin(["podman", "import", "-", BASE_IMAGE], tar, log)
         finally:
             tar.wait(timeout=600)
-    assert image_id(BASE_IMAGE), f"importing {BASE_IMAGE} failed:\n{tail(log)}"
+    assert image_id(BASE_IMAGE), f"importing {BASE_IMAGE} failed:\n{log_tail(log, 60)}"
     return BASE_IMAGE
 
 
@@ -147,7 +161,7 @@ def run_with_stdin(args: list[str], source: subprocess.Popen[bytes], log: Path) 
             check=False,
         )
     if result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{tail(log)}")
+        raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{log_tail(log, 60)}")
 
 
 def build_image(base: str, log: Path) -> str:
@@ -174,7 +188,7 @@ def build_image(base: str, log: Path) -> str:
     run([*command, "--target", "project", "-t", STAGE_TAG, str(ROOT)], log=log, timeout=3000)
     run([*command, "-t", IMAGE_TAG, str(ROOT)], log=log, timeout=3000)
     new = image_id(IMAGE_TAG)
-    assert new, f"podman build produced no {IMAGE_TAG}:\n{tail(log)}"
+    assert new, f"podman build produced no {IMAGE_TAG}:\n{log_tail(log, 60)}"
     for tag, previous in old.items():
         if previous and previous != image_id(tag):
             run(["podman", "rmi", previous], log=log, check=False)
@@ -227,19 +241,13 @@ def exec_in(
 
 
 @dataclass
-class Server:
+class Server(LiveServer):
     """The image's own command running in a container, reachable on 127.0.0.1."""
 
-    base_url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
     env: dict[str, str] = field(default_factory=dict)
 
-    def log(self) -> str:
-        return tail(self.log_path, 80)
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
+    def log(self, lines: int | None = 80) -> str:
+        return super().log(lines)
 
 
 @contextlib.contextmanager
@@ -261,7 +269,9 @@ def serve(
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        server = Server(f"http://127.0.0.1:{port}", process, log_path, dict(env))
+        server = Server(
+            f"http://127.0.0.1:{port}", process=process, log_path=log_path, env=dict(env)
+        )
         try:
             yield server
         finally:
@@ -290,12 +300,6 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("0.0.0.0", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_closed(port: int, timeout: float = 30) -> None:
@@ -331,24 +335,14 @@ def http(method: str, url: str, body: object = None, timeout: float = 60) -> tup
 
 
 def wait_ready(server: Server, timeout: float = 300) -> float:
-    """Poll /ready until 200; fails early if the container's process exits."""
-    start = time.monotonic()
-    last: object = None
-    while time.monotonic() - start < timeout:
-        if not server.alive():
-            raise AssertionError(
-                f"container exited with {server.process.returncode} before ready:\n{server.log()}"
-            )
-        try:
-            status, body = http("GET", f"{server.base_url}/ready", timeout=5)
-        except OSError as exc:
-            last = exc
-        else:
-            if status == 200:
-                return time.monotonic() - start
-            last = (status, body)
-        time.sleep(0.5)
-    raise AssertionError(f"not ready after {timeout}s (last: {last!r}):\n{server.log()}")
+    """Poll /ready until 200 (returns the seconds it took); fails early if the
+    container's process exits. Failures are assertion failures of the test."""
+    try:
+        return wait_until_ready(
+            server.base_url, timeout, server.process, server.log_path, interval=0.5
+        )
+    except (RuntimeError, TimeoutError) as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def finite_floats(values: object) -> bool:

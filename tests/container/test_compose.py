@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -143,7 +144,8 @@ def test_every_variable_named_is_a_real_setting(path: Path) -> None:
     for service in composefiles.services(path).values():
         for name in service.environment:
             assert name in SETTING_NAMES | OTHER_ENV, f"{service.name}: unknown {name}"
-        Settings(**{k.lower(): v for k, v in service.environment.items()})  # type: ignore[arg-type]
+        overrides: dict[str, Any] = {k.lower(): v for k, v in service.environment.items()}
+        Settings(**overrides)
     commented = re.findall(r"^\s+#\s*([A-Z][A-Z0-9_]+):", path.read_text(), re.MULTILINE)
     build_args = {"BASE_IMAGE", "APP_UID", "APP_GID", "PRELOAD_MODELS"}
     for name in commented:

@@ -17,12 +17,14 @@ import base64
 import math
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fake_openai_server.settings import Settings
 from tests.container import composefiles, support
-from tests.container.conftest import BuiltImage
+from tests.container.support import BuiltImage
+from tests.support.live import free_port
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(3600)]
 
@@ -132,10 +134,11 @@ def test_compose_service_answers_over_http(
     (container_port,) = service.container_ports
     # The compose port as is when it is free here; otherwise the same service on
     # another port through PORT (host networking: no port mapping to lean on).
-    port = container_port if support.port_free(container_port) else support.free_port()
+    port = container_port if support.port_free(container_port) else free_port("0.0.0.0")
     if port != container_port:
         env["PORT"] = str(port)
-    settings = Settings(**{k.lower(): v for k, v in service.environment.items()})  # type: ignore[arg-type]
+    overrides: dict[str, Any] = {k.lower(): v for k, v in service.environment.items()}
+    settings = Settings(**overrides)
     assert settings.effective_port == container_port, "compose maps a port the server won't use"
 
     with support.serve(

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fake_openai_server.settings import DEFAULT_PORTS, Settings
 from tests.container import composefiles
-from tests.hardening.fake_app import fake_app_process
+from tests.support.fake_app import fake_app_process
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBE = ROOT / "deploy" / "kubernetes"

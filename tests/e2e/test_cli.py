@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from fake_openai_server.settings import Settings
-from tests.e2e.conftest import EMBEDDINGS_MODEL, RERANKER_MODEL
+from tests.support.contract import EMBEDDINGS_MODEL, RERANKER_MODEL
 from tests.support.live import LiveServer, free_port, run_cli, run_server_process, wait_ready
 
 # Settings the tests' parent environment might carry; a subprocess must not inherit them.

@@ -13,6 +13,7 @@ import asyncio
 import http.client
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,7 +23,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.e2e.conftest import EMBEDDINGS_MODEL, RERANKER_MODEL, STANDIN_DIM
+from tests.support.contract import EMBEDDINGS_MODEL, RERANKER_MODEL, STANDIN_DIM
 from tests.support.fakes import fake_logit, fake_text_vector
 from tests.support.live import LiveServer
 from tests.support.standins import japanese_text
@@ -71,12 +72,12 @@ def scores_alone(server: LiveServer, query: str, docs: list[str]) -> list[float]
 
 
 def openai_client(server: LiveServer, recorder: Recorder | None = None) -> openai.OpenAI:
-    hooks = {"request": [recorder]} if recorder else {}
+    hooks: dict[str, list[Callable[..., Any]]] = {"request": [recorder]} if recorder else {}
     return openai.OpenAI(
         base_url=f"{server.base_url}/v1",
         api_key="unused",
         max_retries=0,
-        http_client=httpx.Client(event_hooks=hooks),  # type: ignore[arg-type]
+        http_client=httpx.Client(event_hooks=hooks),  # type: ignore[arg-type]  # openai types httpx2
     )
 
 

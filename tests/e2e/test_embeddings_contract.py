@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.e2e.conftest import EMBEDDINGS_MODEL, STANDIN_DIM, assert_error
+from tests.support.contract import EMBEDDINGS_MODEL, STANDIN_DIM, assert_error
 from tests.support.fakes import fake_text_vector
 from tests.support.live import LiveServer
 from tests.support.standins import japanese_text

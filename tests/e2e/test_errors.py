@@ -12,7 +12,7 @@ import pytest
 from fake_openai_server.api.app import build_app
 from fake_openai_server.backends.base import Plugin
 from fake_openai_server.settings import Settings
-from tests.e2e.conftest import EMBEDDINGS_MODEL, RERANKER_MODEL, assert_error
+from tests.support.contract import EMBEDDINGS_MODEL, RERANKER_MODEL, assert_error
 from tests.support.fakes import SECRET, fake_plugin
 from tests.support.live import LiveServer, serve_app, wait_ready
 

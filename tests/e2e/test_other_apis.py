@@ -32,8 +32,8 @@ import voyageai.error
 from huggingface_hub import AsyncInferenceClient, InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 
-from tests.e2e.conftest import EMBEDDINGS_MODEL, RERANKER_MODEL, STANDIN_DIM
 from tests.e2e.test_clients import DOCS, QUERY, TEXTS, Recorder, float_vectors, scores_alone
+from tests.support.contract import EMBEDDINGS_MODEL, RERANKER_MODEL, STANDIN_DIM
 from tests.support.fakes import BOS, EOS, MAX_LENGTH, char_ids, fake_text_vector, fake_vector
 from tests.support.live import LiveServer
 from tests.support.standins import japanese_text
@@ -434,8 +434,11 @@ def test_cohere_v2_inputs_and_truncate(fake_server: LiveServer) -> None:
     client = cohere.ClientV2(base_url=fake_server.base_url, api_key="unused")
     inputs = [{"content": [{"type": "text", "text": "東京"}, {"type": "text", "text": "大阪"}]}]
     reply = client.embed(
-        inputs=inputs, model=EMBEDDINGS_MODEL, input_type="clustering", embedding_types=["float"]
-    )  # type: ignore[arg-type]
+        inputs=inputs,  # type: ignore[arg-type]  # plain JSON dicts, not the SDK's models
+        model=EMBEDDINGS_MODEL,
+        input_type="clustering",
+        embedding_types=["float"],
+    )
     expected = fake_text_vector("クエリ: 東京\n大阪")  # ruri's prefix for clustering
     np.testing.assert_allclose(reply.embeddings.float_[0], expected, rtol=1e-6)
     with pytest.raises(cohere.BadRequestError) as refused:
@@ -472,11 +475,11 @@ def test_cohere_v2_inputs_and_truncate(fake_server: LiveServer) -> None:
     )
     with pytest.raises(cohere.BadRequestError) as image:
         client.embed(
-            inputs=[{"content": [{"type": "image_url", "image_url": {"url": "data:"}}]}],
+            inputs=[{"content": [{"type": "image_url", "image_url": {"url": "data:"}}]}],  # type: ignore[list-item]
             model=EMBEDDINGS_MODEL,
             input_type="search_query",
             embedding_types=["float"],
-        )  # type: ignore[list-item]
+        )
     assert "text only" in image.value.body["message"]
 
 

@@ -15,9 +15,9 @@ import voyageai
 
 from bench.quantization import measure
 from fake_openai_server.service.calibration_corpus import CALIBRATION_CORPUS
-from tests.e2e.conftest import EMBEDDINGS_MODEL, STANDIN_DIM
 from tests.e2e.test_clients import TEXTS
 from tests.e2e.test_other_apis import typed_vectors
+from tests.support.contract import EMBEDDINGS_MODEL, STANDIN_DIM
 from tests.support.live import LiveServer
 
 

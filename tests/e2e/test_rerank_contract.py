@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import RERANKER_MODEL, assert_error
+from tests.support.contract import RERANKER_MODEL, assert_error
 from tests.support.fakes import fake_logit
 from tests.support.live import LiveServer
 

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fake_openai_server.api.app import build_app
 from fake_openai_server.engine.core import FAILING_AFTER
 from fake_openai_server.settings import Settings
-from tests.hardening.fake_app import fake_app_process, rss_bytes
+from tests.support.fake_app import fake_app_process, rss_bytes
 from tests.support.fakes import fake_plugin, fake_text_vector
 from tests.support.live import LiveServer, serve_app
 

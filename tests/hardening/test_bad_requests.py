@@ -53,12 +53,12 @@ def assert_envelope(reply: httpx.Response | tuple[int, bytes], status: int) -> d
         code, raw = reply
         body, text = httpx.Response(200, content=raw).json(), raw.decode()
     assert code == status, text[:500]
-    error = body["error"]
+    error: dict[str, object] = body["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert isinstance(error["message"], str)
     assert 0 < len(error["message"]) <= MESSAGE_LIMIT + 40
     assert len(text) < 4 * MESSAGE_LIMIT  # never an echo of the request
-    return error  # type: ignore[no-any-return]
+    return error
 
 
 def assert_still_serving(client: httpx.Client) -> None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,7 +19,7 @@ from fake_openai_server.settings import Settings
 from tests.support.fakes import DIM, MAX_LENGTH, fake_plugin
 from tests.support.live import LiveServer, free_port, serve_app
 
-LIMITS = {
+LIMITS: dict[str, Any] = {
     "max_request_bytes": 123_456,
     "max_inputs": 77,
     "max_documents": 55,
@@ -32,7 +33,7 @@ LIMITS = {
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    settings = Settings(service_type="all", warmup=False, **LIMITS)  # type: ignore[arg-type]
+    settings = Settings(service_type="all", warmup=False, **LIMITS)
     with serve_app(build_app(settings, fake_plugin())) as live:
         yield live
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.hardening.fake_app import fake_app_process
+from tests.support.fake_app import fake_app_process
 
 SOAK = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
 

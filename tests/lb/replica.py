@@ -1,4 +1,4 @@
-"""The process a replica runs: ``tests.hardening.fake_app.serve`` with its output in a
+"""The process a replica runs: ``tests.support.fake_app.serve`` with its output in a
 log file. Imported once by the forkserver (see cluster.py), so that starting a replica
 forks a process that has the app's modules loaded instead of importing them for ~5 s
 on this 2-core machine; the replica is still a process of its own, signalled as one."""
@@ -12,7 +12,7 @@ from typing import Any
 import fake_openai_server.api.app
 import fake_openai_server.cli
 import tests.support.fakes
-from tests.hardening.fake_app import serve
+from tests.support.fake_app import serve
 
 PRELOADED = (fake_openai_server.api.app, fake_openai_server.cli, tests.support.fakes)
 

@@ -1,4 +1,10 @@
-"""Real servers on real sockets: uvicorn in a thread, or the CLI in a subprocess."""
+"""Real servers on real sockets, and the one harness every test and the benchmark use.
+
+- ``free_port`` and ``wait_ready``: a port to listen on, and polling ``/ready``;
+- ``LiveServer``: the handle to a running server (uvicorn in a thread of this process, a
+  subprocess, or a container: the container test and the benchmark extend it);
+- ``serve_app``, ``run_server_process``, ``run_cli`` and ``fake_cli``: ways to start one.
+"""
 
 from __future__ import annotations
 
@@ -20,45 +26,97 @@ import uvicorn
 from fastapi import FastAPI
 
 READY_TIMEOUT = 240.0
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
 class LiveServer:
+    """A server reachable at ``base_url``: ``app`` when it runs in this process,
+    ``process`` (with its output in ``log_path``) when it runs in another."""
+
     base_url: str
     app: FastAPI | None = None
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
-    def client(self, **kwargs: object) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=60, **kwargs)  # type: ignore[arg-type]
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=60, **kwargs)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path else ""
+    def log(self, lines: int | None = None) -> str:
+        """The server's output: all of it, or its last ``lines`` lines ("" when none)."""
+        return log_tail(self.log_path, lines)
+
+    def alive(self) -> bool:
+        """Whether the server's process is still running (always, in this process)."""
+        return self.process is None or self.process.poll() is None
+
+    @property
+    def pid(self) -> int:
+        """The server's process: this one for an app served in a thread."""
+        return os.getpid() if self.process is None else self.process.pid
 
 
-def free_port() -> int:
+def log_tail(path: Path | None, lines: int | None = None) -> str:
+    """The last ``lines`` lines of ``path`` (all of it when None); "" when unreadable."""
+    if path is None:
+        return ""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return text if lines is None else "\n".join(text.splitlines()[-lines:])
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at ``host`` (0.0.0.0 for a server on every interface)."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
-def wait_ready(base_url: str, timeout: float = READY_TIMEOUT, process: object = None) -> None:
-    deadline = time.monotonic() + timeout
+def wait_ready(
+    base_url: str,
+    timeout: float = READY_TIMEOUT,
+    process: subprocess.Popen[Any] | None = None,
+    log_path: Path | None = None,
+    *,
+    interval: float = 0.2,
+) -> float:
+    """Poll ``{base_url}/ready`` every ``interval`` seconds until it answers 200; returns
+    the seconds that took.
+
+    Fails early when ``process`` exits (RuntimeError) or /ready says that loading failed
+    (RuntimeError), else after ``timeout`` seconds (TimeoutError); the message then ends
+    with the last lines of ``log_path`` when given. Loopback only: never through a proxy
+    from the environment.
+    """
+    start = time.monotonic()
     last = ""
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:  # type: ignore[attr-defined]
-            raise RuntimeError(f"server exited early with code {process.returncode}")  # type: ignore[attr-defined]
+    while time.monotonic() - start < timeout:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(
+                f"server exited early with code {process.returncode}{_log_lines(log_path)}"
+            )
         try:
-            response = httpx.get(f"{base_url}/ready", timeout=5)
-            if response.status_code == 200:
-                return
-            last = response.text
-            if response.json().get("status") == "failed":
-                raise RuntimeError(f"{base_url}: model loading failed")
+            response = httpx.get(f"{base_url}/ready", timeout=5, trust_env=False)
         except httpx.HTTPError as exc:
             last = repr(exc)
-        time.sleep(0.2)
-    raise TimeoutError(f"{base_url} not ready after {timeout}s: {last}")
+        else:
+            if response.status_code == 200:
+                return time.monotonic() - start
+            last = f"{response.status_code} {response.text}"
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
+            if isinstance(body, dict) and body.get("status") == "failed":
+                raise RuntimeError(f"{base_url}: model loading failed{_log_lines(log_path)}")
+        time.sleep(interval)
+    raise TimeoutError(f"{base_url} not ready after {timeout:g}s: {last}{_log_lines(log_path)}")
+
+
+def _log_lines(log_path: Path | None, lines: int = 80) -> str:
+    return f"\n{log_tail(log_path, lines)}" if log_path is not None else ""
 
 
 @contextlib.contextmanager
@@ -99,7 +157,7 @@ def run_server_process(
     server = LiveServer(f"http://127.0.0.1:{port}", process=process, log_path=log_path)
     try:
         if wait:
-            wait_ready(server.base_url, process=process)
+            wait_ready(server.base_url, process=process, log_path=log_path)
         yield server
     finally:
         stop_process(process)
@@ -143,7 +201,6 @@ def fake_cli(
         json.dumps(overrides),
         json.dumps(options),
     ]
-    root = Path(__file__).resolve().parents[2]
     log_path = log_dir / f"fake-cli-{port}.log"
-    with run_server_process(command, port, log_path, wait=wait, cwd=root) as server:
+    with run_server_process(command, port, log_path, wait=wait, cwd=ROOT) as server:
         yield server

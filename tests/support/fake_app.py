@@ -1,4 +1,4 @@
-"""``python -m tests.hardening.fake_app SETTINGS_JSON DELAY [LOAD_SECONDS]``: the app over
+"""``python -m tests.support.fake_app SETTINGS_JSON DELAY [LOAD_SECONDS]``: the app over
 the fake backends in a process of its own, served as the CLI serves it (so SIGTERM drains
 as in production), so that a test can measure the server's memory or stop it.
 
@@ -17,9 +17,7 @@ from typing import Any
 
 import uvicorn
 
-from tests.support.live import LiveServer, free_port, run_server_process
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.live import ROOT, LiveServer, free_port, run_server_process
 
 
 def rss_bytes(pid: int) -> int:
@@ -34,7 +32,7 @@ def rss_bytes(pid: int) -> int:
 def fake_app_process(settings: dict[str, Any], delay: float) -> Iterator[LiveServer]:
     port = free_port()
     overrides = {**settings, "host": "127.0.0.1", "port": port}
-    command = [sys.executable, "-m", "tests.hardening.fake_app", json.dumps(overrides), str(delay)]
+    command = [sys.executable, "-m", "tests.support.fake_app", json.dumps(overrides), str(delay)]
     log_path = Path(tempfile.mkdtemp(prefix="fos-fake-")) / "server.log"
     with run_server_process(command, port, log_path, cwd=ROOT) as server:
         yield server
