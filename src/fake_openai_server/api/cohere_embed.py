@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from fake_openai_server.api.compat import check_list, error_responses
+from fake_openai_server.api.compat import error_responses
 from fake_openai_server.api.compat_schemas import (
     CohereEmbedRequest,
     CohereEmbedResponse,
@@ -73,7 +73,6 @@ async def _embed(body: CohereEmbedRequest, request: Request, api_version: str) -
     service = rt.require_embeddings()
     name = service.names.resolve(body.model)
     texts = texts_of(body)
-    check_list(texts, "texts", rt.limits.max_input_chars)
     max_length = service.models[name].info.max_length
     if body.max_tokens is not None and body.max_tokens < max_length:
         raise _invalid(
@@ -88,6 +87,7 @@ async def _embed(body: CohereEmbedRequest, request: Request, api_version: str) -
             input_type=body.input_type,
             dimensions=body.output_dimension,
             truncate=TRUNCATE[body.truncate] if body.truncate else None,
+            param="texts",
         ),
     )
     vectors = result.vectors

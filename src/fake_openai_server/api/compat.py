@@ -8,8 +8,6 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from fake_openai_server.api.openapi import ERROR_RESPONSES
-from fake_openai_server.errors import ErrorKind, ServiceError
-from fake_openai_server.service.common import check_texts
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -31,13 +29,3 @@ def validate(model: type[M], payload: Any) -> M:
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]
         ) from None
-
-
-def check_list(texts: list[str], param: str, max_chars: int) -> list[str]:
-    """A non-empty list of non-empty texts, each within MAX_INPUT_CHARS."""
-    if not texts:
-        raise ServiceError(
-            ErrorKind.INVALID_REQUEST, f"{param} must not be an empty list.", param=param
-        )
-    check_texts(texts, param, max_chars)
-    return texts

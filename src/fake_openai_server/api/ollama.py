@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from fake_openai_server.api.compat import check_list, error_responses
+from fake_openai_server.api.compat import error_responses
 from fake_openai_server.api.compat_schemas import (
     OllamaEmbeddingsRequest,
     OllamaEmbeddingsResponse,
@@ -42,7 +42,6 @@ from fake_openai_server.backends.base import ModelInfo
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.families import family_for
 from fake_openai_server.runtime import Runtime
-from fake_openai_server.service.common import check_texts
 from fake_openai_server.service.truncation import TruncateMode
 
 # The Ollama API level these routes follow (/api/embed with truncate and dimensions).
@@ -95,7 +94,6 @@ async def embed(body: OllamaEmbedRequest, request: Request) -> Response:
         vectors: list[Any] = []
         tokens = 0
     else:
-        check_texts(texts, "input", rt.limits.max_input_chars)
         result = await answer_in_time(
             request,
             service.embed(
@@ -130,8 +128,7 @@ async def embeddings(body: OllamaEmbeddingsRequest, request: Request) -> Respons
     name = service.names.resolve(model_name(body.model))
     if body.prompt == "":
         return _json({"embedding": []})
-    check_texts([body.prompt], "prompt", rt.limits.max_input_chars)
-    result = await answer_in_time(request, service.embed([body.prompt], model=name))
+    result = await answer_in_time(request, service.embed([body.prompt], model=name, param="prompt"))
     return _json({"embedding": result.vectors[0]})
 
 
@@ -144,7 +141,6 @@ async def embeddings(body: OllamaEmbeddingsRequest, request: Request) -> Respons
 async def rerank(body: OllamaRerankRequest, request: Request) -> Response:
     rt = runtime(request)
     service = rt.require_rerank()
-    check_list(body.documents, "documents", rt.limits.max_input_chars)
     result = await answer_in_time(
         request,
         service.rerank(body.query, body.documents, model=model_name(body.model), top_n=body.top_n),

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Body, Request
 from starlette.responses import Response
 
 from fake_openai_server.api import rerank
-from fake_openai_server.api.compat import check_list, error_responses, validate
+from fake_openai_server.api.compat import error_responses, validate
 from fake_openai_server.api.compat_schemas import (
     TeiDecodeRequest,
     TeiEmbedRequest,
@@ -79,7 +79,6 @@ async def embed(body: TeiEmbedRequest, request: Request) -> Response:
     rt = runtime(request)
     service = rt.require_embeddings()
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-    check_list(texts, "inputs", rt.limits.max_input_chars)
     result = await answer_in_time(
         request,
         service.embed(
@@ -89,6 +88,7 @@ async def embed(body: TeiEmbedRequest, request: Request) -> Response:
             dimensions=body.dimensions,
             truncate=truncation(body.truncate, body.truncation_direction, rt.settings.truncate),
             normalize=body.normalize,
+            param="inputs",
         ),
     )
     return _json(list(result.vectors))
@@ -97,7 +97,6 @@ async def embed(body: TeiEmbedRequest, request: Request) -> Response:
 async def tei_rerank(body: TeiRerankRequest, request: Request) -> Response:
     rt = runtime(request)
     service = rt.require_rerank()
-    check_list(body.texts, "texts", rt.limits.max_input_chars)
     if body.truncation_direction.lower() == "left":
         raise ServiceError(
             ErrorKind.INVALID_REQUEST,
@@ -114,6 +113,7 @@ async def tei_rerank(body: TeiRerankRequest, request: Request) -> Response:
             model=body.model,
             raw_scores=body.raw_scores,
             truncate=None if truncate else False,
+            documents_param="texts",
         ),
     )
     ranks: list[dict[str, Any]] = []

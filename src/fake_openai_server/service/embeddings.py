@@ -95,12 +95,14 @@ class EmbeddingsService:
         dimensions: int | None = None,
         truncate: TruncateMode | None = None,
         normalize: bool | None = None,
+        param: str = "input",
     ) -> EmbeddingResult:
         """``truncate`` and ``normalize`` are per-request choices of the other APIs (TEI,
-        Cohere, Ollama, Voyage); ``None`` keeps the server's TRUNCATE / NORMALIZE."""
+        Cohere, Ollama, Voyage); ``None`` keeps the server's TRUNCATE / NORMALIZE.
+        ``param`` names the field the inputs came in, for the error messages."""
         if not inputs:
             raise ServiceError(
-                ErrorKind.INVALID_REQUEST, "input must not be an empty list.", param="input"
+                ErrorKind.INVALID_REQUEST, f"{param} must not be an empty list.", param=param
             )
         name = self.names.resolve(model)
         entry = self.models[name]
@@ -108,8 +110,8 @@ class EmbeddingsService:
         if len(inputs) > limits.max_inputs:
             raise ServiceError(
                 ErrorKind.INVALID_REQUEST,
-                f"input has {len(inputs)} items, over the limit MAX_INPUTS={limits.max_inputs}.",
-                param="input",
+                f"{param} has {len(inputs)} items, over the limit MAX_INPUTS={limits.max_inputs}.",
+                param=param,
             )
         dimension = entry.info.dimension or 0
         if dimensions is not None and not 1 <= dimensions <= dimension:
@@ -146,7 +148,7 @@ class EmbeddingsService:
             vectors = await pipeline(prepare, rows, run)
         else:
             texts = [str(text) for text in inputs]
-            check_texts(texts, "input", limits.max_input_chars)
+            check_texts(texts, param, limits.max_input_chars)
             kind = normalize_input_type(input_type) or self.default_input_type
             prefixed = [apply_prefix(entry.family, text, kind) for text in texts]
             encode = partial(self._tokenizers.encode, name)

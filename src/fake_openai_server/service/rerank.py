@@ -70,23 +70,27 @@ class RerankService:
         top_n: int | None = None,
         raw_scores: bool = False,
         truncate: bool | None = None,
+        documents_param: str = "documents",
     ) -> RerankResult:
         """``truncate=False`` (TEI ``truncate``, Voyage ``truncation``) refuses pairs that
-        fill the model's whole length instead of cutting them; ``None`` cuts, as before."""
+        fill the model's whole length instead of cutting them; ``None`` cuts, as before.
+        ``documents_param`` names the field the documents came in, for the error messages."""
         name = self.names.resolve(model)
         limits = self.limits
         if not query.strip():
             raise ServiceError(ErrorKind.INVALID_REQUEST, "query is empty.", param="query")
         if not documents:
             raise ServiceError(
-                ErrorKind.INVALID_REQUEST, "documents must not be empty.", param="documents"
+                ErrorKind.INVALID_REQUEST,
+                f"{documents_param} must not be an empty list.",
+                param=documents_param,
             )
         if len(documents) > limits.max_documents:
             raise ServiceError(
                 ErrorKind.INVALID_REQUEST,
-                f"documents has {len(documents)} items, over the limit "
+                f"{documents_param} has {len(documents)} items, over the limit "
                 f"MAX_DOCUMENTS={limits.max_documents}.",
-                param="documents",
+                param=documents_param,
             )
         if top_n is not None and top_n < 0:
             raise ServiceError(
@@ -96,7 +100,7 @@ class RerankService:
                 param="top_n",
             )
         check_texts([query], "query", limits.max_input_chars)
-        check_texts(documents, "documents", limits.max_input_chars)
+        check_texts(documents, documents_param, limits.max_input_chars)
 
         tokens = RequestTokens(limits.max_request_tokens)
 
