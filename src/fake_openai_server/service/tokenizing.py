@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
@@ -80,7 +79,6 @@ class TokenizerPool:
         self._stopping = False
         self.wanted = 0
         self.restarts = 0
-        self._last_restart = 0.0
         self._respawning: set[asyncio.Task[None]] = set()
 
     async def start(self, models: list[ModelInfo], tokenizers: dict[str, Tokenizer]) -> None:
@@ -127,7 +125,6 @@ class TokenizerPool:
         if self._stopping:
             return
         self.restarts += 1
-        self._last_restart = time.monotonic()
         log.error(
             "tokenizer process %s ended (%s); starting a new one",
             worker.pid,
