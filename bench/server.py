@@ -95,8 +95,12 @@ def source_info(server_src: Path | None) -> dict[str, Any]:
             timeout=10,
         ).stdout.strip()
         info["dirty"] = bool(dirty)
-    if "commit" not in info and (tree / "COMMIT").is_file():
+    # bench/gpu.sh writes COMMIT: the device's copy of the checkout carries the commits
+    # made since the session began as uncommitted changes on an older HEAD.
+    if (tree / "COMMIT").is_file():
         info["commit"] = (tree / "COMMIT").read_text().strip()
+        info.pop("subject", None)
+        info["dirty"] = False
     env = _server_env(Path("/nonexistent"), "embeddings", "cpu", 1, {}, server_src)
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
         info["imported_from"] = subprocess.run(
