@@ -143,17 +143,15 @@ class _TorchRunner:
 
     def __init__(
         self,
-        model: Any,
         precision: Precision,
         pad_id: int,
         max_length: int,
         forward: Callable[..., torch.Tensor],
-        graphs: bool = False,
-        vocab_size: int = 2,
+        *,
+        graphs: bool,
+        vocab_size: int,
     ) -> None:
-        self.model = model
         self.vocab_size = vocab_size
-        self.precision = precision
         self.pad_id = pad_id
         self.max_length = max_length
         self.forward = forward
@@ -318,7 +316,12 @@ class _LoadedModel:
         self.vocab_size = len(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._runner = _TorchRunner(
-            model, precision, self.pad_id, self.max_length, self._forward, graphs, self.vocab_size
+            precision,
+            self.pad_id,
+            self.max_length,
+            self._forward,
+            graphs=graphs,
+            vocab_size=self.vocab_size,
         )
 
     def _forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
