@@ -30,6 +30,7 @@ from fake_openai_server.metrics import Metrics
 from fake_openai_server.service.embeddings import EmbeddingModel, EmbeddingsService
 from fake_openai_server.service.rerank import RerankModel, RerankService
 from fake_openai_server.service.tokenizing import TokenizerPool
+from fake_openai_server.service.tokens import Tokens
 from fake_openai_server.settings import Settings, SettingsError
 from fake_openai_server.workers import StartFailed, WorkerGone
 
@@ -69,6 +70,7 @@ class Runtime:
         self.on_fatal: Callable[[], None] | None = None  # the engine cannot be restarted
         self.embeddings: EmbeddingsService | None = None
         self.rerank: RerankService | None = None
+        self.tokens: Tokens | None = None  # TEI's /tokenize and /decode
         self.models: dict[str, ModelInfo] = {}
         self.tokenizer_kinds: dict[str, str] = {}
         self._workdir = tempfile.mkdtemp(prefix="fos-engine-")
@@ -169,6 +171,7 @@ class Runtime:
             self.rerank = RerankService(
                 rerankers, engine, self.tokenizers, limits=self.limits, aliases=s.aliases()
             )
+        self.tokens = Tokens(self.embeddings, self.rerank, max_inputs=self.limits.max_inputs)
         self.models = {info.name: info for info in models}
 
     def _fatal(self, reason: str) -> None:
@@ -197,6 +200,11 @@ class Runtime:
         self._require_ready()
         assert self.rerank is not None
         return self.rerank
+
+    def require_tokens(self) -> Tokens:
+        self._require_ready()
+        assert self.tokens is not None
+        return self.tokens
 
     def _require_ready(self) -> None:
         if self.state != "ready":

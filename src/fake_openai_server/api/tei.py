@@ -33,7 +33,6 @@ from fake_openai_server.api.serialize import json_body
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.families import INPUT_TYPE_ALIASES, family_for
 from fake_openai_server.runtime import Runtime
-from fake_openai_server.service.tokens import Tokens
 from fake_openai_server.service.truncation import TruncateMode
 
 TAGS: list[str | Enum] = ["text-embeddings-inference"]
@@ -147,16 +146,6 @@ async def root(request: Request, payload: Annotated[Any, Body()] = None) -> Resp
     return await embed(validate(TeiEmbedRequest, payload), request)
 
 
-def tokens(request: Request) -> Tokens:
-    rt = runtime(request)
-    found: Tokens | None = getattr(request.app.state, "tokens", None)
-    if found is None:
-        embeddings = rt.require_embeddings() if rt.settings.serves_embeddings else None
-        reranker = rt.require_rerank() if rt.settings.serves_rerank else None
-        found = request.app.state.tokens = Tokens(embeddings, reranker)
-    return found
-
-
 @router.post(
     "/tokenize",
     response_model=list[list[TeiToken]],
@@ -165,12 +154,15 @@ def tokens(request: Request) -> Tokens:
 )
 async def tokenize(body: TeiTokenizeRequest, request: Request) -> Response:
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-    result = await tokens(request).tokenize(
-        texts,
-        model=body.model,
-        prompt_name=prompt_input_type(body.prompt_name),
-        add_special_tokens=body.add_special_tokens,
-        max_inputs=runtime(request).limits.max_inputs,
+    result = (
+        await runtime(request)
+        .require_tokens()
+        .tokenize(
+            texts,
+            model=body.model,
+            prompt_name=prompt_input_type(body.prompt_name),
+            add_special_tokens=body.add_special_tokens,
+        )
     )
     return _json([[token.__dict__ for token in row] for row in result])
 
@@ -183,11 +175,14 @@ async def tokenize(body: TeiTokenizeRequest, request: Request) -> Response:
 )
 async def decode(body: TeiDecodeRequest, request: Request) -> Response:
     rows = [body.ids] if body.ids and isinstance(body.ids[0], int) else body.ids
-    texts = await tokens(request).decode(
-        rows,  # type: ignore[arg-type]
-        model=body.model,
-        skip_special_tokens=body.skip_special_tokens,
-        max_inputs=runtime(request).limits.max_inputs,
+    texts = (
+        await runtime(request)
+        .require_tokens()
+        .decode(
+            rows,  # type: ignore[arg-type]
+            model=body.model,
+            skip_special_tokens=body.skip_special_tokens,
+        )
     )
     return _json(texts)
 

@@ -21,9 +21,16 @@ from fake_openai_server.service.rerank import RerankService
 class Tokens:
     """The tokenizers of the served models: embeddings models first, then the reranker."""
 
-    def __init__(self, embeddings: EmbeddingsService | None, rerank: RerankService | None) -> None:
+    def __init__(
+        self,
+        embeddings: EmbeddingsService | None,
+        rerank: RerankService | None,
+        *,
+        max_inputs: int,
+    ) -> None:
         self._embeddings = embeddings
         self._rerank = rerank
+        self._max_inputs = max_inputs
         self._vocabularies: dict[str, Vocabulary | None] = {}
 
     def _resolve(self, model: str | None) -> tuple[str, object, ModelInfo, Family]:
@@ -60,11 +67,10 @@ class Tokens:
         model: str | None = None,
         prompt_name: str | None = None,
         add_special_tokens: bool = True,
-        max_inputs: int,
     ) -> list[list[Token]]:
         name, tokenizer, info, family = self._resolve(model)
         vocabulary = await self._vocabulary(name, tokenizer, info)
-        _check_count(len(texts), max_inputs, "inputs")
+        _check_count(len(texts), self._max_inputs, "inputs")
         kind = normalize_input_type(prompt_name) if prompt_name is not None else None
         prefixed = [apply_prefix(family, text, kind) for text in texts]
         for index, text in enumerate(prefixed):
@@ -85,11 +91,10 @@ class Tokens:
         *,
         model: str | None = None,
         skip_special_tokens: bool = True,
-        max_inputs: int,
     ) -> list[str]:
         name, tokenizer, info, _ = self._resolve(model)
         vocabulary = await self._vocabulary(name, tokenizer, info)
-        _check_count(len(rows), max_inputs, "ids")
+        _check_count(len(rows), self._max_inputs, "ids")
         for row in rows:
             bad = next((i for i in row if not 0 <= i < vocabulary.size), None)
             if bad is not None:
