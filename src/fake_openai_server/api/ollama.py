@@ -83,13 +83,8 @@ async def embed(body: OllamaEmbedRequest, request: Request) -> Response:
     service = rt.require_embeddings()
     name = service.names.resolve(model_name(body.model))
     texts = [body.input] if isinstance(body.input, str) else body.input
-    dimension = service.models[name].info.dimension or 0
-    if body.dimensions is not None and not 1 <= body.dimensions <= dimension:
-        raise ServiceError(
-            ErrorKind.INVALID_REQUEST,
-            f"dimensions must be between 1 and {dimension} for this model.",
-            param="dimensions",
-        )
+    # Checked even for the empty input, which only checks the model (as Ollama does).
+    service.check_dimensions(name, body.dimensions)
     if texts in ([""], []):
         vectors: list[Any] = []
         tokens = 0

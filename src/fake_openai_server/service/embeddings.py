@@ -83,6 +83,17 @@ class EmbeddingsService:
         self._engine = engine
         self._tokenizers = tokenizers
 
+    def check_dimensions(self, name: str, dimensions: int | None) -> None:
+        """A requested vector size (``dimensions``) the model ``name`` can cut to."""
+        dimension = self.models[name].info.dimension or 0
+        if dimensions is not None and not 1 <= dimensions <= dimension:
+            raise ServiceError(
+                ErrorKind.INVALID_REQUEST,
+                f"dimensions must be between 1 and {dimension} for this model; "
+                f"got {excerpt(str(dimensions), 20)}.",
+                param="dimensions",
+            )
+
     def resolve(self, requested: str | None) -> EmbeddingModel:
         return self.models[self.names.resolve(requested)]
 
@@ -113,14 +124,7 @@ class EmbeddingsService:
                 f"{param} has {len(inputs)} items, over the limit MAX_INPUTS={limits.max_inputs}.",
                 param=param,
             )
-        dimension = entry.info.dimension or 0
-        if dimensions is not None and not 1 <= dimensions <= dimension:
-            raise ServiceError(
-                ErrorKind.INVALID_REQUEST,
-                f"dimensions must be between 1 and {dimension} for this model; "
-                f"got {excerpt(str(dimensions), 20)}.",
-                param="dimensions",
-            )
+        self.check_dimensions(name, dimensions)
 
         tokens = RequestTokens(limits.max_request_tokens)
         mode = truncate or ("end" if limits.truncate else "none")
