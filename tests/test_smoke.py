@@ -44,3 +44,28 @@ def test_the_app_factories_are_the_package_front_door() -> None:
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_routers_never_share_a_route_and_the_busiest_come_first() -> None:
+    """FastAPI tries the routers in order on every request, so ``routers_for`` puts the
+    OpenAI and rerank routes first; that order is free only because no method and path
+    is answered by two routers (which one would win would depend on it)."""
+    from fake_openai_server.api.app import routers_for
+    from fake_openai_server.settings import Settings
+
+    for service_type, first in [
+        ("embeddings", "/v1/embeddings"),
+        ("reranker", "/v1/rerank"),
+        ("all", "/v1/embeddings"),
+    ]:
+        routers = routers_for(Settings(service_type=service_type))
+        answered = [
+            (method, route.path)
+            for router in routers
+            for route in router.routes
+            for method in getattr(route, "methods", None) or ()
+        ]
+        assert len(answered) == len(set(answered)), sorted(
+            key for key in set(answered) if answered.count(key) > 1
+        )
+        assert first in {getattr(route, "path", "") for route in routers[0].routes}

@@ -129,14 +129,21 @@ def build_app(
 
 
 def routers_for(settings: Settings) -> list[APIRouter]:
-    """The routes of every API family, for what ``settings`` serves."""
-    routers = [system.router, tei.router, ollama.router]
+    """The routes of every API family, for what ``settings`` serves.
+
+    No two routers share a path. FastAPI tries the routers in this order on every request
+    (walking each one's routes), so the busiest come first: the OpenAI and rerank routes.
+    """
+    routers: list[APIRouter] = []
     if settings.serves_embeddings:
-        routers += [embeddings.router, quantized.router, tei.embed_router]
-        routers += [ollama.embed_router, cohere_embed.router]
+        routers += [embeddings.router]
     if settings.serves_rerank:
-        routers += [rerank.router, tei.rerank_router, ollama.rerank_router]
-    return routers
+        routers += [rerank.router]
+    if settings.serves_embeddings:
+        routers += [quantized.router, tei.embed_router, ollama.embed_router, cohere_embed.router]
+    if settings.serves_rerank:
+        routers += [tei.rerank_router, ollama.rerank_router]
+    return [*routers, system.router, tei.router, ollama.router]
 
 
 def _for(service_type: ServiceType, settings: Settings | None) -> Settings:

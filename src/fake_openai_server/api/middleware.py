@@ -12,6 +12,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,6 +26,9 @@ from fake_openai_server.api.errors import (
 )
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.metrics import Metrics
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter, Gauge, Histogram
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,24 @@ class RequestLog:
         self.app = app
         self.metrics = metrics
         self.routes = frozenset(routes)
+        # Each series looked up once, on first use (prometheus_client checks the labels
+        # on every .labels() call: a dozen function calls per request).
+        self._by_route: dict[str, tuple[Gauge, Histogram]] = {}  # in progress, latency
+        self._by_status: dict[tuple[str, int], Counter] = {}  # requests counted
+
+    def _route_series(self, route: str) -> tuple[Gauge, Histogram]:
+        series = self._by_route.get(route)
+        if series is None:
+            series = (self.metrics.in_progress.labels(route), self.metrics.latency.labels(route))
+            self._by_route[route] = series
+        return series
+
+    def _count(self, route: str, status: int) -> None:
+        counter = self._by_status.get((route, status))
+        if counter is None:
+            counter = self.metrics.requests.labels(route, str(status))
+            self._by_status[route, status] = counter
+        counter.inc()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,15 +109,15 @@ class RequestLog:
                 message = {**message, "headers": headers}
             await send(message)
 
-        in_progress = self.metrics.in_progress.labels(route)
+        in_progress, latency = self._route_series(route)
         in_progress.inc()
         try:
             await self.app(scope, receive, send_with_id)
         finally:
             seconds = time.perf_counter() - started
             in_progress.dec()
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(seconds)
+            self._count(route, status)
+            latency.observe(seconds)
             # The access log: never a body, header or key.
             log.debug(
                 "%s %s %d %.1fms request_id=%s",
