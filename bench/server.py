@@ -10,7 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -122,17 +122,19 @@ def serve(
     log_dir: Path,
     settings: dict[str, str] | None = None,
     server_src: Path | None = None,
+    python_args: Sequence[str] = (),
 ) -> Iterator[Server]:
     """``python -m fake_openai_server`` with default settings (plus ``settings``), ready.
 
-    From ``server_src`` (another source tree) when given, else from this one.
+    From ``server_src`` (another source tree) when given, else from this one;
+    ``python_args`` go before ``-m`` (``bench.calls`` runs the server under cProfile).
     """
     port = free_port()
     log_path = log_dir / f"server-{service_type}.log"
     started = time.perf_counter()
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "fake_openai_server"],
+            [sys.executable, *python_args, "-m", "fake_openai_server"],
             env=_server_env(hf_home, service_type, device, port, settings or {}, server_src),
             stdout=log,
             stderr=subprocess.STDOUT,

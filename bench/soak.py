@@ -73,8 +73,8 @@ def _embeddings(rng: random.Random) -> Request:
     if roll < 0.03:
         return Request("embeddings-empty", "/v1/embeddings", {"input": [""]}, expect=400)
     if roll < 0.05:
-        body = {"input": "x", "model": "no-such-model"}
-        return Request("embeddings-unknown-model", "/v1/embeddings", body, expect=404)
+        unknown = {"input": "x", "model": "no-such-model"}
+        return Request("embeddings-unknown-model", "/v1/embeddings", unknown, expect=404)
     size = rng.choice([1, 1, 1, 4, 16, 64])
     body: dict[str, Any] = {"input": [text(rng) for _ in range(size)]}
     fmt = rng.choice([None, "float", "base64"])

@@ -49,7 +49,7 @@ def _rate(make: Callable[[], Any], work: Work, calls: int, threads: int) -> floa
         worker.join()
     used = meter.stop()
     _OTHER_LOAD.append(used["other_load_cores"] + used["stolen_cores"])
-    return calls / used["wall_s"]
+    return calls / float(used["wall_s"])
 
 
 def _tokenizer(folder: Path) -> Any:

@@ -87,3 +87,21 @@ def test_bench_runs_every_scenario_and_writes_its_report(hf_home: Path, tmp_path
         "MeCab",
     ):
         assert needle in report
+
+
+@pytest.mark.slow
+def test_calls_per_request_counts_the_api_process(hf_home: Path, tmp_path: Path) -> None:
+    """bench.calls profiles the real server twice and reports the difference per request."""
+    from bench import calls
+
+    args = ["--shape", "tiny", "--hf-home", str(hf_home), "--reuse", "--requests", "40"]
+    results = calls.main([*args, "--out", str(tmp_path), "--tag", "t"])
+
+    # A one-text request runs hundreds of Python calls through uvicorn, FastAPI and
+    # the server's own layers; the start-up's tens of thousands cancel out.
+    assert 200 < results["calls_per_request"] < 10_000
+    assert {"fastapi", "starlette", "fake_openai_server/api", "fake_openai_server/service"} <= set(
+        results["by_package"]
+    )
+    report = (tmp_path / "calls-t.md").read_text()
+    assert f"{results['calls_per_request']:,.0f} Python function calls per request" in report
