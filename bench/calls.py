@@ -39,7 +39,7 @@ import orjson
 
 from bench.client import close_all, encode_request, open_connections, run_async, run_users
 from bench.measure import machine_info
-from bench.server import serve, source_info
+from bench.server import add_server_options, check_server_options, serve, source_info
 from bench.workload import EMBED_MODEL, texts_300
 from tests.support import standins
 
@@ -69,13 +69,12 @@ async def _send(base_url: str, requests: list[bytes]) -> None:
 def _profile(hf_home: Path, work: Path, n: int, args: argparse.Namespace) -> pstats.Stats:
     """The API process's profile over its whole life, having served ``n`` requests."""
     out = work / f"api-{n}.prof"
-    settings = dict(item.split("=", 1) for item in args.server_env)
     with serve(
         hf_home,
         "embeddings",
         "cpu",
         work,
-        settings,
+        args.server_env,
         args.server_src,
         python_args=["-m", "cProfile", "-o", str(out)],
     ) as server:
@@ -163,15 +162,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shape", choices=sorted(standins.BERT_SHAPES), default="null")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--top", type=int, default=30, help="functions listed")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--tag", help="added to the file names (e.g. before, after)")
-    parser.add_argument("--hf-home", type=Path)
-    parser.add_argument("--reuse", action="store_true")
-    parser.add_argument("--server-src", type=Path, metavar="PATH")
-    parser.add_argument("--server-env", nargs="+", default=[], metavar="NAME=VALUE")
+    add_server_options(parser)
     args = parser.parse_args(argv)
-    if args.reuse and args.hf_home is None:
-        parser.error("--reuse needs --hf-home")
+    check_server_options(parser, args)
     return args
 
 
@@ -184,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine_info("cpu"),
         "server_source": source_info(args.server_src),
-        "server_settings": dict(item.split("=", 1) for item in args.server_env),
+        "server_settings": args.server_env,
         "shape": args.shape,
         "requests": args.requests,
     }

@@ -49,7 +49,7 @@ import orjson
 
 from bench.client import Connection, encode_request, loop_name, run_async
 from bench.measure import Meter, machine_info, rss_mib
-from bench.server import Server, serve, source_info
+from bench.server import Server, add_server_options, check_server_options, serve, source_info
 from bench.workload import EMBED_MODEL
 from tests.support import standins
 
@@ -523,19 +523,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"the server's event-loop lag metric on /metrics (default {LAG_METRIC})",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--tag", help="added to the file names (e.g. before, after)")
-    parser.add_argument("--hf-home", type=Path)
-    parser.add_argument("--reuse", action="store_true")
-    parser.add_argument("--server-src", type=Path, metavar="PATH")
-    parser.add_argument("--server-env", nargs="+", default=[], metavar="NAME=VALUE")
+    add_server_options(parser)
     args = parser.parse_args(argv)
-    pairs = [item.partition("=") for item in args.server_env]
-    if any(not name or not sep for name, sep, _ in pairs):
-        parser.error("--server-env takes NAME=VALUE pairs")
-    args.server_env = {name.upper(): value for name, _, value in pairs}
-    if args.reuse and args.hf_home is None:
-        parser.error("--reuse needs --hf-home")
+    check_server_options(parser, args)
     return args
 
 

@@ -72,6 +72,8 @@ from bench.measure import (
 )
 from bench.report import finish, render
 from bench.server import (
+    add_server_options,
+    check_server_options,
     embeddings_scenarios,
     min_cosine,
     rerank_scenarios,
@@ -341,33 +343,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="1 sequential, 2 concurrent, 3 bulk, 4 rerank (names work too); default all",
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument(
-        "--hf-home",
-        type=Path,
-        help="where the stand-ins go (default: a temporary folder, removed afterwards)",
-    )
-    parser.add_argument(
-        "--reuse", action="store_true", help="use the stand-ins already under --hf-home"
-    )
-    parser.add_argument(
-        "--server-env",
-        nargs="+",
-        default=[],
-        metavar="NAME=VALUE",
-        help="settings for the server beyond its defaults (e.g. MAX_BATCH_SIZE=32 DTYPE=int8)",
-    )
-    parser.add_argument(
-        "--server-src",
-        type=Path,
-        metavar="PATH",
-        help="run the server from this source tree (its src/ first on PYTHONPATH), e.g. a "
-        "`git worktree` of an older commit: the same harness measures before and after",
-    )
-    parser.add_argument(
-        "--tag",
-        help="added to the results' file names: <shape>-<device>-<tag>.md (e.g. before, after)",
-    )
+    add_server_options(parser)
     args = parser.parse_args(argv)
     names = {v: k for k, v in SCENARIOS.items()}
     wanted = set()
@@ -377,17 +353,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"unknown scenario {item!r}: use 1-4 or {', '.join(SCENARIOS.values())}")
         wanted.add(key)
     args.scenarios = wanted
-    pairs = [item.partition("=") for item in args.server_env]
-    if any(not name or not sep for name, sep, _ in pairs):
-        parser.error("--server-env takes NAME=VALUE pairs")
-    args.server_env = {name.upper(): value for name, _, value in pairs}
-    if args.reuse and args.hf_home is None:
-        parser.error("--reuse needs --hf-home")
-    if (
-        args.server_src is not None
-        and not (args.server_src / "src" / "fake_openai_server").is_dir()
-    ):
-        parser.error(f"--server-src {args.server_src}: no src/fake_openai_server there")
+    check_server_options(parser, args)
     return args
 
 

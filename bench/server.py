@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import os
@@ -24,6 +25,51 @@ from bench.client import close_all, encode_request, open_connections, run_users
 from bench.measure import Meter, peak_rss_mib, reset_peak_rss
 from bench.workload import EMBED_MODEL, READY_TIMEOUT, RERANK_MODEL, Plan
 from tests.support.live import LiveServer, free_port, stop_process, wait_ready
+
+
+# --- the options every benchmark shares -------------------------------------------------
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """Where results go, where the stand-ins are, and the server's source tree and
+    settings; ``check_server_options`` checks them after parsing."""
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--tag", help="added to the results' file names (e.g. before, after)")
+    parser.add_argument(
+        "--hf-home",
+        type=Path,
+        help="where the stand-ins go (default: a temporary folder, removed afterwards)",
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="use the stand-ins already under --hf-home"
+    )
+    parser.add_argument(
+        "--server-env",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help="settings for the server beyond its defaults (e.g. MAX_BATCH_SIZE=32 DTYPE=int8)",
+    )
+    parser.add_argument(
+        "--server-src",
+        type=Path,
+        metavar="PATH",
+        help="run the server from this source tree (its src/ first on PYTHONPATH), e.g. a "
+        "`git worktree` of an older commit: the same harness measures before and after",
+    )
+
+
+def check_server_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Turns ``--server-env`` into a dict of settings; refuses what cannot work."""
+    pairs = [item.partition("=") for item in args.server_env]
+    if any(not name or not sep for name, sep, _ in pairs):
+        parser.error("--server-env takes NAME=VALUE pairs")
+    args.server_env = {name.upper(): value for name, _, value in pairs}
+    if args.reuse and args.hf_home is None:
+        parser.error("--reuse needs --hf-home")
+    if (
+        args.server_src is not None
+        and not (args.server_src / "src" / "fake_openai_server").is_dir()
+    ):
+        parser.error(f"--server-src {args.server_src}: no src/fake_openai_server there")
 
 
 # --- the server ---------------------------------------------------------------------
