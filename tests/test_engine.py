@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from fake_openai_server.api.app import build_app
-from fake_openai_server.backends.base import IdArray
+from fake_openai_server.backends.base import IdArray, ModelInfo, Padding
 from fake_openai_server.engine.core import BatchReport, Engine
 from fake_openai_server.engine.queue import BatchLimits, BucketQueue, Item
 from fake_openai_server.errors import ErrorKind, ServiceError
@@ -103,6 +103,49 @@ def test_taking_a_batch_costs_the_same_at_any_queue_length() -> None:
     small, large = per_batch(1_000), per_batch(100_000)
     assert large < 0.005, large  # well under a millisecond here; loose for a busy machine
     assert large < 10 * small + 0.001, (small, large)
+
+
+def gpu_padding(max_length: int = 512) -> Padding:
+    """The real backend's padding on CUDA (tests/test_cuda_graphs.py runs it there)."""
+    from fake_openai_server.backends import sentence_transformers as st
+
+    steps = (st.LENGTH_STEP, st.LONG_STEP, st.WARM_LENGTH)
+    return Padding(st.BATCH_SIZES, *steps, max_length=max_length)
+
+
+@pytest.mark.parametrize("max_items", [64, 50])
+def test_on_a_gpu_every_batch_takes_a_shape_warmed_at_start_up(max_items: int) -> None:
+    """A deep queue of mixed lengths (256 clients, a bulk request): each batch's padded
+    shape is one the model warmed and captured, within MAX_BATCH_TOKENS. (Counting only
+    items x longest, 61% of such batches rounded up to a shape never warmed.)"""
+    padding = gpu_padding()
+    warmed = set(padding.shapes(max_items, 16384))
+    limits = BatchLimits(max_items, 16384, max_padding=1.1, free_waste=16384, padding=padding)
+    rng = np.random.default_rng(1)
+    queue = BucketQueue()
+    queue.push(items(*rng.integers(20, 512, 256).tolist()))
+    sizes = []
+    for _ in range(500):
+        batch = queue.take(limits)
+        rows, length = padding.shape(len(batch), max(item.cost for item in batch))
+        assert (rows, length) in warmed and rows * length <= 16384, (len(batch), rows, length)
+        sizes.append(len(batch))
+        queue.push(items(*rng.integers(20, 512, len(batch)).tolist()))
+    assert np.mean(sizes) > 25  # still full batches: 16384 tokens hold ~32 of 500
+
+
+def test_on_a_cpu_nothing_is_padded_beyond_the_longest() -> None:
+    assert Padding().shape(7, 333) == (7, 333)
+    assert Padding().shapes(64, 16384) == []  # every batch is a shape of its own
+    assert gpu_padding().shape(7, 333) == (8, 352)
+    assert gpu_padding(8192).shape(1, 5000) == (1, 5120)  # coarser past 1,024 tokens
+
+
+def test_model_info_crosses_processes_with_its_padding() -> None:
+    info = ModelInfo("m", "embeddings", 512, dimension=8, padding=gpu_padding())
+    assert ModelInfo.from_dict(json.loads(json.dumps(info.as_dict()))) == info
+    plain = ModelInfo("m", "rerank", 512)
+    assert ModelInfo.from_dict(json.loads(json.dumps(plain.as_dict()))) == plain
 
 
 # --- the engine, with its process -------------------------------------------------------------

@@ -110,7 +110,10 @@ class Settings(BaseSettings):
     # --- engine --------------------------------------------------------------
     max_batch_size: int = Field(64, ge=1, description="Most items in one forward pass")
     max_batch_tokens: int = Field(
-        16384, ge=1, description="Most padded tokens (items x longest) in one forward pass"
+        16384,
+        ge=1,
+        description="Most padded tokens in one forward pass: items x longest (on a GPU, of "
+        "the shape the batch is padded to, one warmed at start-up)",
     )
     max_queue_tokens: int = Field(
         2_000_000, ge=1, description="Tokens waiting in the queue before new requests get 429"

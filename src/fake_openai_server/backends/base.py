@@ -17,7 +17,7 @@ imports torch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -48,6 +48,50 @@ class Encoded:
 
 
 @dataclass(frozen=True)
+class Padding:
+    """The shape a model pads a batch to before its forward pass.
+
+    On a GPU a batch's rows go up to the next of ``rows`` and its length up to a
+    multiple of ``step`` (of ``long_step`` beyond ``long_from`` tokens), so that few
+    shapes exist and each is warmed up (and captured as a CUDA graph) at start-up. The
+    default pads nothing beyond the batch's longest item (a CPU, where a padded token
+    costs as much as a real one). The engine forms batches whose padded shape stays
+    within MAX_BATCH_TOKENS, so that every batch takes a shape that was warmed.
+    """
+
+    rows: tuple[int, ...] = ()
+    step: int = 1
+    long_step: int = 1
+    long_from: int = 0  # lengths beyond this step by long_step (0: none do)
+    max_length: int = 0  # no rounding beyond the model's maximum (0: none)
+
+    def shape(self, rows: int, longest: int) -> tuple[int, int]:
+        """The (rows, length) a batch of ``rows`` items, the longest ``longest``, runs as."""
+        padded_rows = next((choice for choice in self.rows if choice >= rows), rows)
+        step = self.long_step if self.long_from and longest > self.long_from else self.step
+        length = -(-longest // step) * step
+        if self.max_length:
+            length = min(length, max(self.max_length, longest))
+        return padded_rows, length
+
+    def shapes(self, max_rows: int, max_tokens: int) -> list[tuple[int, int]]:
+        """Every shape a batch of at most ``max_rows`` items and ``long_from`` tokens
+        can take within ``max_tokens`` padded tokens, largest first; none when nothing
+        is padded (every batch is a shape of its own)."""
+        if not self.rows or not self.long_from:
+            return []
+        top = min(self.max_length or self.long_from, self.long_from)
+        row_counts = {self.shape(items, 1)[0] for items in range(1, max_rows + 1)}
+        found = {
+            self.shape(rows, length)
+            for rows in row_counts
+            for length in range(self.step, top + self.step, self.step)
+        }
+        fitting = [(r, n) for r, n in found if r * n <= max_tokens and n <= self.long_from]
+        return sorted(fitting, key=lambda shape: shape[0] * shape[1], reverse=True)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     task: Task
@@ -59,9 +103,17 @@ class ModelInfo:
     precision_reason: str = ""
     tokenizer_dir: str = ""  # where the engine saved the tokenizer, for open_tokenizer
     cuda_graphs: int = 0  # batch shapes whose forward pass replays a captured CUDA graph
+    padding: Padding = field(default_factory=Padding)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, info: dict[str, Any]) -> ModelInfo:
+        """What ``as_dict`` gave (another process's, over JSON), as a ModelInfo again."""
+        padding = info.get("padding") or {}
+        rows = tuple(padding.get("rows", ()))
+        return cls(**{**info, "padding": Padding(**{**padding, "rows": rows})})
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from fake_openai_server.backends.base import (
     FloatArray,
     IdArray,
     ModelInfo,
+    Padding,
     Pending,
     Task,
 )
@@ -100,17 +101,15 @@ class _OnDevice:
 # not seen costs several milliseconds more (GEMM algorithm choice, new memory blocks);
 # with free lengths and batch sizes nearly every batch is a new shape, and a small pass
 # took twice as long as the model alone (H200, bench/results/full-cuda-after.md). With
-# lengths rounded up to LENGTH_STEP and batch sizes to BATCH_SIZES, every shape is run
-# once at start-up. Padded tokens are masked out; on CPU, where they cost compute in
+# lengths rounded up to LENGTH_STEP and batch sizes to BATCH_SIZES (the model's
+# ``Padding``), every shape within MAX_BATCH_TOKENS is run once at start-up, and the
+# engine forms only batches whose padded shape is within it, so each batch takes a warmed
+# (and captured) shape. Padded tokens are masked out; on CPU, where they cost compute in
 # proportion, batches are not padded beyond their longest item.
 LENGTH_STEP = 32
 LONG_STEP = 256  # beyond WARM_LENGTH (8192-token models): coarser, warmed on first sight
 WARM_LENGTH = 1024
 BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128)
-
-
-def _round_up(value: int, choices: Sequence[int]) -> int:
-    return next((choice for choice in choices if choice >= value), value)
 
 
 # With CUDA_GRAPHS, the forward pass of every warmed shape is also captured as a CUDA
@@ -159,28 +158,15 @@ class _TorchRunner:
         self.cuda = self.device.type == "cuda"
         self.use_graphs = graphs and self.cuda
         self._graphs: dict[tuple[int, int], _Graph] = {}
-
-    def shape(self, rows: int, longest: int) -> tuple[int, int]:
-        """The (rows, length) a batch is padded to."""
-        if not self.cuda:
-            return rows, longest
-        step = LENGTH_STEP if longest <= WARM_LENGTH else LONG_STEP
-        length = min(-(-longest // step) * step, max(self.max_length, longest))
-        return _round_up(rows, BATCH_SIZES), length
+        self.padding = (
+            Padding(BATCH_SIZES, LENGTH_STEP, LONG_STEP, WARM_LENGTH, max_length)
+            if self.cuda
+            else Padding()
+        )
 
     def warm_shapes(self, max_rows: int, max_tokens: int) -> list[tuple[int, int]]:
         """Every padded shape traffic can bring, largest first (CUDA; none on CPU)."""
-        if not self.cuda:
-            return []
-        top = min(self.max_length, WARM_LENGTH)
-        lengths = range(LENGTH_STEP, top + LENGTH_STEP, LENGTH_STEP)
-        shapes = {
-            self.shape(rows, length)
-            for rows in BATCH_SIZES
-            for length in lengths
-            if rows <= max_rows and rows * min(length, top) <= max_tokens
-        }
-        return sorted(shapes, key=lambda shape: shape[0] * shape[1], reverse=True)
+        return self.padding.shapes(max_rows, max_tokens)
 
     @torch.inference_mode()
     def capture(self, shapes: Sequence[tuple[int, int]]) -> int:
@@ -256,7 +242,7 @@ class _TorchRunner:
     @torch.inference_mode()
     def _launch(self, batch: Sequence[IdArray]) -> Pending:
         lengths = np.fromiter((len(ids) for ids in batch), dtype=np.int64, count=len(batch))
-        rows, longest = self.shape(len(batch), int(lengths.max()))
+        rows, longest = self.padding.shape(len(batch), int(lengths.max()))
         ids = np.full((rows, longest), self.pad_id, dtype=np.int64)
         for row, item in enumerate(batch):
             ids[row, : len(item)] = item
@@ -336,6 +322,7 @@ class _LoadedModel:
             dtype=self.precision.dtype,
             device=self.precision.device,
             precision_reason=self.precision.reason,
+            padding=self._runner.padding,
             **extra,
         )
 

@@ -147,6 +147,7 @@ class _Flight:
     lane: _Lane
     batch: list[Item]
     sent: float
+    padded_tokens: int  # of the shape the batch runs as
     expected_seconds: float
     queue_seconds: tuple[float, ...]
 
@@ -201,6 +202,7 @@ class Engine:
                 max_tokens=s.max_batch_tokens,
                 max_padding=MAX_PADDING,
                 free_waste=free_waste(cost, s.max_batch_tokens),
+                padding=info.padding,
             )
             observer = self.observers(info.name) if self.observers else None
             self._lanes[info.name] = _Lane(index, info, limits, observer=observer)
@@ -344,12 +346,13 @@ class Engine:
             item.job.queued_items -= 1
             item.job.queued_tokens -= item.cost
         cost = self.costs[lane.index]
-        padded = len(batch) * batch[0].cost
+        rows, length = lane.info.padding.shape(len(batch), batch[0].cost)  # longest first
         flight = _Flight(
             lane,
             batch,
             sent=now,
-            expected_seconds=cost.pass_seconds + cost.token_seconds * padded,
+            padded_tokens=rows * length,
+            expected_seconds=cost.pass_seconds + cost.token_seconds * rows * length,
             queue_seconds=tuple(now - item.enqueued for item in batch),
         )
         if not self._in_flight:
@@ -420,7 +423,7 @@ class Engine:
         batch, stats = flight.batch, flight.lane.stats
         tokens = sum(item.cost for item in batch)
         report = BatchReport(
-            len(batch), tokens, len(batch) * batch[0].cost, seconds, False, flight.queue_seconds
+            len(batch), tokens, flight.padded_tokens, seconds, False, flight.queue_seconds
         )
         stats.batches += 1
         stats.items += report.items

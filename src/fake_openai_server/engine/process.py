@@ -40,7 +40,7 @@ class EngineProcess(WorkerProcess):
         """Start the process and wait until its models are loaded and warm."""
         ready = await self.start()
         return Loaded(
-            models=[ModelInfo(**info) for info in ready["models"]],
+            models=[ModelInfo.from_dict(info) for info in ready["models"]],
             costs=[PassCost(**cost) for cost in ready["costs"]],
             pid=int(ready["pid"]),
         )

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from fake_openai_server.backends.base import IdArray
+from fake_openai_server.backends.base import IdArray, Padding
 
 # Lengths in one bucket differ by at most 3%, well inside any padding rule, so a batch
 # never has to skip an item in the middle of a bucket.
@@ -52,14 +52,19 @@ class Item:
 @dataclass(frozen=True)
 class BatchLimits:
     max_items: int
-    max_tokens: int  # padded tokens: items x longest
+    max_tokens: int  # tokens of the shape the batch runs as (its padding's shape)
     max_padding: float  # padded tokens per real token, beyond the free waste below
     free_waste: int  # padding tokens that cost less than one more pass (measured)
+    padding: Padding = field(default_factory=Padding)  # the model's: its warmed shapes on a GPU
 
     def fits(self, items: int, longest: int, real: int) -> bool:
-        padded = items * longest
-        if items > self.max_items or padded > self.max_tokens:
+        rows, length = self.padding.shape(items, longest)
+        if items > self.max_items or rows * length > self.max_tokens:
             return False
+        # The padding a batch chooses: its items' up to its longest. The rows and length
+        # its shape rounds up to are the same whichever items fill it (and counting them
+        # would stop a batch at 16 items where 20 fill a shape of 20 exactly).
+        padded = items * longest
         waste = padded - real
         return waste <= self.free_waste or padded <= self.max_padding * real
 

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         plugin = importlib.import_module(config["plugin"])
         tokenizers: list[Tokenizer] = [
-            plugin.open_tokenizer(ModelInfo(**info), config["options"]) for info in config["models"]
+            plugin.open_tokenizer(ModelInfo.from_dict(info), config["options"])
+            for info in config["models"]
         ]
     except Exception as exc:
         log.error("cannot open the tokenizers: %s: %s", type(exc).__name__, exc)
