@@ -135,11 +135,15 @@ def test_on_a_gpu_every_batch_takes_a_shape_warmed_at_start_up(max_items: int) -
     assert np.mean(sizes) > 25  # still full batches: 16384 tokens hold ~32 of 500
 
 
-def test_on_a_cpu_nothing_is_padded_beyond_the_longest() -> None:
-    assert Padding().shape(7, 333) == (7, 333)
+def test_padding_on_a_cpu_and_on_a_gpu() -> None:
+    assert Padding().shape(7, 333) == (7, 333)  # a CPU: nothing beyond the longest
     assert Padding().shapes(64, 16384) == []  # every batch is a shape of its own
     assert gpu_padding().shape(7, 333) == (8, 352)
     assert gpu_padding(8192).shape(1, 5000) == (1, 5120)  # coarser past 1,024 tokens
+    assert len(gpu_padding().shapes(64, 16384)) == 231  # ruri-large's, warmed at start-up
+    # A maximum length that is no multiple of the step is itself a warmed length.
+    odd = gpu_padding(514)
+    assert odd.shape(5, 514) == (6, 514) and (6, 514) in odd.shapes(64, 16384)
 
 
 def test_model_info_crosses_processes_with_its_padding() -> None:

@@ -83,11 +83,11 @@ class Padding:
         top = min(self.max_length or self.long_from, self.long_from)
         row_counts = {self.shape(items, 1)[0] for items in range(1, max_rows + 1)}
         found = {
-            self.shape(rows, length)
+            self.shape(rows, min(length, top))
             for rows in row_counts
             for length in range(self.step, top + self.step, self.step)
         }
-        fitting = [(r, n) for r, n in found if r * n <= max_tokens and n <= self.long_from]
+        fitting = [(r, n) for r, n in found if r * n <= max_tokens]
         return sorted(fitting, key=lambda shape: shape[0] * shape[1], reverse=True)
 
 

@@ -152,7 +152,6 @@ class _TorchRunner:
     ) -> None:
         self.vocab_size = vocab_size
         self.pad_id = pad_id
-        self.max_length = max_length
         self.forward = forward
         self.device = torch.device(precision.device)
         self.cuda = self.device.type == "cuda"

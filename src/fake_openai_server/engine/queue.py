@@ -61,9 +61,9 @@ class BatchLimits:
         rows, length = self.padding.shape(items, longest)
         if items > self.max_items or rows * length > self.max_tokens:
             return False
-        # The padding a batch chooses: its items' up to its longest. The rows and length
-        # its shape rounds up to are the same whichever items fill it (and counting them
-        # would stop a batch at 16 items where 20 fill a shape of 20 exactly).
+        # The padding rule weighs what the batch's own lengths bring (items x longest):
+        # the rows and length its shape rounds up to cost the same whichever items fill
+        # them (counting them would stop a batch at 17 items where 20 fill a shape of 20).
         padded = items * longest
         waste = padded - real
         return waste <= self.free_waste or padded <= self.max_padding * real
