@@ -204,6 +204,28 @@ async def test_concurrent_requests_share_batches_and_get_their_own_rows(
 
 
 @pytest.mark.anyio
+async def test_batches_fit_the_budget_in_the_shape_the_model_pads_them_to(
+    engine_factory: Any,
+) -> None:
+    """A model that pads batches to shapes (a GPU's): across the process boundary the
+    engine learns its padding, forms batches whose padded shape is within
+    MAX_BATCH_TOKENS (16 rows x 64 tokens here; counting items x longest, 17 items of
+    up to 59 tokens would fit, and run as 17 x 64), and counts the shape's tokens."""
+    grid = (1, 2, 4, 8, 16)
+    padding = {"rows": grid, "step": 32, "long_step": 32, "long_from": 1024}
+    engine, record = await engine_factory(delay=0.05, padding=padding, max_batch_tokens=1024)
+    requests = [[ids(*[r + 1] * (40 + r % 20))] for r in range(80)]  # 40-59 tokens
+    await asyncio.gather(*(engine.submit(MODEL, rows) for rows in requests))
+    batches = recorded(record)
+    rule = Padding(grid, 32, 32, 1024)
+    shapes = [rule.shape(len(batch), max(n for _, n in batch)) for batch in batches]
+    assert all(rows * length <= 1024 for rows, length in shapes), shapes
+    assert max(len(batch) for batch in batches) == 16  # full shapes still
+    stats = engine.stats()[MODEL]
+    assert stats["padded_tokens"] == sum(rows * length for rows, length in shapes)
+
+
+@pytest.mark.anyio
 async def test_lone_request_runs_at_once(engine_factory: Any) -> None:
     engine, _ = await engine_factory()
     await engine.submit(MODEL, [ids(1, 2, 3)])  # the first call pays for connecting

@@ -214,11 +214,15 @@ class FakeModel:
         return np.stack([logits, scores], axis=1)
 
 
-def _info(name: str, task: Task, dimension: int | None = None) -> ModelInfo:
+def _info(
+    name: str, task: Task, dimension: int | None = None, padding: dict[str, Any] | None = None
+) -> ModelInfo:
+    """``padding`` (Padding's fields): the model pads batches to shapes, as on a GPU."""
     max_length = MAX_LENGTH if task == "embeddings" else 4 * MAX_LENGTH
-    return ModelInfo(
+    info = ModelInfo(
         name=name, task=task, max_length=max_length, dimension=dimension, vocab_size=VOCAB
     )
+    return ModelInfo.from_dict({**info.as_dict(), "padding": padding or {}})
 
 
 def load_models(settings: Settings, options: dict[str, Any]) -> list[FakeModel]:
@@ -239,7 +243,9 @@ def load_models(settings: Settings, options: dict[str, Any]) -> list[FakeModel]:
     models = []
     if settings.serves_embeddings:
         for name in settings.embeddings_model:
-            models.append(FakeModel(_info(name, "embeddings", dimension), options))
+            info = _info(name, "embeddings", dimension, options.get("padding"))
+            models.append(FakeModel(info, options))
     if settings.serves_rerank:
-        models.append(FakeModel(_info(settings.reranker_model, "rerank"), options))
+        info = _info(settings.reranker_model, "rerank", padding=options.get("padding"))
+        models.append(FakeModel(info, options))
     return models
