@@ -81,7 +81,9 @@ class Padding:
         if not self.rows or not self.long_from:
             return []
         top = min(self.max_length or self.long_from, self.long_from)
-        row_counts = {self.shape(items, 1)[0] for items in range(1, max_rows + 1)}
+        # The grid's counts below the largest batch, and the count that batch runs as
+        # (beyond the grid, counts are not rounded: only the largest is warmed).
+        row_counts = {r for r in self.rows if r < max_rows} | {self.shape(max_rows, 1)[0]}
         found = {
             self.shape(rows, min(length, top))
             for rows in row_counts
