@@ -513,10 +513,15 @@ def _render_part(
         "generator; peak RSS: VmHWM summed over the server's processes):",
         "",
         "| scenario | forward passes by batch size | useful / padded tokens | model busy | "
-        "server CPU (processes) | client CPU (µs/request) | other load | peak RSS MiB | "
+        + ("passes on CUDA graphs | " if cuda else "")
+        + "server CPU (processes) | client CPU (µs/request) | other load | peak RSS MiB | "
         + ("GPU memory MiB | " if cuda else "")
         + "output check |",
-        "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if cuda else "") + "---|",
+        "|---|---|---:|---:|"
+        + ("---:|" if cuda else "")
+        + "---:|---:|---:|---:|"
+        + ("---:|" if cuda else "")
+        + "---|",
     ]
     for key, r in part["scenarios"].items():
         check = "–"
@@ -534,7 +539,8 @@ def _render_part(
         out.append(
             f"| {SCENARIO_LABELS.get(key, key)} | {histogram or '–'} | "
             f"{_pct(r.get('padding_efficiency'))} | {_pct(r.get('model_busy_fraction'))} | "
-            f"{_f(r['server_cpu_cores'])}{processes} | "
+            + (f"{_pct(r.get('graph_fraction'))} | " if cuda else "")
+            + f"{_f(r['server_cpu_cores'])}{processes} | "
             f"{_f(r['client_cpu_s'] / r['wall_s'])}{per_request} | {_f(r['other_load_cores'])} | "
             f"{_f(r['peak_rss_mib'], 0)} | "
             + (f"{_f(r.get('gpu_memory_mib'), 0)} | " if cuda else "")

@@ -230,7 +230,8 @@ _ENGINE_KEYS = ("batches", "items", "tokens", "padded_tokens", "busy_seconds")
 def _engine_delta(
     before: dict[str, Any] | None, after: dict[str, Any] | None, wall: float
 ) -> dict[str, Any]:
-    """Forward passes, mean batch, padding and model-busy share from /info's engine stats.
+    """Forward passes, mean batch, padding, model-busy share and CUDA-graph share from
+    /info's engine stats.
 
     All None when the server does not publish them (``engine`` missing in /info).
     """
@@ -243,6 +244,7 @@ def _engine_delta(
                 "tokens",
                 "padding_efficiency",
                 "model_busy_fraction",
+                "graph_fraction",
             )
         )
     d = {k: after[k] - before[k] for k in _ENGINE_KEYS}
@@ -254,6 +256,10 @@ def _engine_delta(
         "tokens": d["tokens"],
         "padding_efficiency": d["tokens"] / d["padded_tokens"] if d["padded_tokens"] else None,
         "model_busy_fraction": d["busy_seconds"] / wall if wall else 0.0,
+        # Passes that replayed a CUDA graph (a tree that does not count them: None).
+        "graph_fraction": (after["graph_batches"] - before.get("graph_batches", 0)) / batches
+        if batches and "graph_batches" in after
+        else None,
     }
 
 

@@ -201,6 +201,7 @@ async def test_concurrent_requests_share_batches_and_get_their_own_rows(
         assert out[:, 1].tolist() == [len(row) for row in rows]
     assert max(len(batch) for batch in recorded(record)) > 10  # many requests in one pass
     assert engine.stats()[MODEL]["items"] == sum(len(rows) for rows in requests)
+    assert engine.stats()[MODEL]["graph_batches"] == 0  # no CUDA graphs here
 
 
 @pytest.mark.anyio
@@ -210,10 +211,13 @@ async def test_batches_fit_the_budget_in_the_shape_the_model_pads_them_to(
     """A model that pads batches to shapes (a GPU's): across the process boundary the
     engine learns its padding, forms batches whose padded shape is within
     MAX_BATCH_TOKENS (16 rows x 64 tokens here; counting items x longest, 17 items of
-    up to 59 tokens would fit, and run as 17 x 64), and counts the shape's tokens."""
+    up to 59 tokens would fit, and run as 17 x 64), and counts the shape's tokens and
+    the passes that replayed a CUDA graph."""
     grid = (1, 2, 4, 8, 16)
     padding = {"rows": grid, "step": 32, "long_step": 32, "long_from": 1024}
-    engine, record = await engine_factory(delay=0.05, padding=padding, max_batch_tokens=1024)
+    engine, record = await engine_factory(
+        delay=0.05, padding=padding, max_batch_tokens=1024, graph=True
+    )
     requests = [[ids(*[r + 1] * (40 + r % 20))] for r in range(80)]  # 40-59 tokens
     await asyncio.gather(*(engine.submit(MODEL, rows) for rows in requests))
     batches = recorded(record)
@@ -223,6 +227,7 @@ async def test_batches_fit_the_budget_in_the_shape_the_model_pads_them_to(
     assert max(len(batch) for batch in batches) == 16  # full shapes still
     stats = engine.stats()[MODEL]
     assert stats["padded_tokens"] == sum(rows * length for rows, length in shapes)
+    assert stats["graph_batches"] == stats["batches"] == len(batches)  # the model said so
 
 
 @pytest.mark.anyio
@@ -353,3 +358,15 @@ async def test_stopping_never_blocks_the_loop_and_answers_every_request(
     for error in results:
         assert isinstance(error, ServiceError) and error.kind is ErrorKind.NOT_READY, error
     assert ticks >= seconds / 0.05 * 0.5, (ticks, seconds)  # the loop ran throughout
+
+
+def test_metrics_count_the_passes_that_replayed_a_cuda_graph() -> None:
+    from fake_openai_server.metrics import Metrics
+
+    metrics = Metrics()
+    observe = metrics.batch_observer(MODEL)
+    observe(BatchReport(2, 10, 12, 0.01, graph=True))
+    observe(BatchReport(3, 30, 30, 0.01))
+    labels = {"model": MODEL}
+    assert metrics.registry.get_sample_value("fos_batch_graphs_total", labels) == 1
+    assert metrics.registry.get_sample_value("fos_batch_items_count", labels) == 2

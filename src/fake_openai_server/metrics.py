@@ -60,6 +60,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.graph_batches = Counter(
+            "fos_batch_graphs",
+            "Forward passes that replayed a CUDA graph captured at start-up (GPU)",
+            ["model"],
+            registry=r,
+        )
         self.batch_failures = Counter(
             "fos_batch_failures",
             "Forward passes that raised (their requests got 500)",
@@ -112,6 +118,8 @@ class Metrics:
             self.batch_tokens.labels(model).inc(report.tokens)
             self.padded_tokens.labels(model).inc(report.padded_tokens)
             self.inference.labels(model).observe(report.seconds)
+            if report.graph:
+                self.graph_batches.labels(model).inc()
             for seconds in report.queue_seconds:
                 self.observe_queue_wait(model, seconds)
 

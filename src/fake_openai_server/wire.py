@@ -86,7 +86,7 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
 
 # --- payloads -------------------------------------------------------------------------
 _CALL = struct.Struct("<QHI")  # call id, target (model index), rows
-_DONE = struct.Struct("<QIId")  # call id, rows, columns, seconds the work took
+_DONE = struct.Struct("<QIIdB")  # call id, rows, columns, seconds the work took, graph
 _FAILED = struct.Struct("<Q")
 
 
@@ -107,16 +107,17 @@ def unpack_sequences(body: bytes) -> tuple[int, int, list[IdArray]]:
     return call_id, target, np.split(ids, bounds[:-1]) if n else []
 
 
-def pack_done(call_id: int, out: FloatArray, seconds: float) -> bytes:
+def pack_done(call_id: int, out: FloatArray, seconds: float, graph: bool = False) -> bytes:
+    """A batch's rows, the device time it took, and whether it replayed a CUDA graph."""
     out = np.ascontiguousarray(out, dtype="<f4")
     rows, columns = (out.shape[0], out.shape[1]) if out.ndim == 2 else (out.shape[0], 1)
-    return frame(Kind.DONE, _DONE.pack(call_id, rows, columns, seconds), out.data)
+    return frame(Kind.DONE, _DONE.pack(call_id, rows, columns, seconds, graph), out.data)
 
 
-def unpack_done(body: bytes) -> tuple[int, FloatArray, float]:
-    call_id, rows, columns, seconds = _DONE.unpack_from(body)
+def unpack_done(body: bytes) -> tuple[int, FloatArray, float, bool]:
+    call_id, rows, columns, seconds, graph = _DONE.unpack_from(body)
     out = np.frombuffer(body, dtype="<f4", count=rows * columns, offset=_DONE.size)
-    return call_id, out.reshape(rows, columns), seconds
+    return call_id, out.reshape(rows, columns), seconds, bool(graph)
 
 
 def pack_failed(call_id: int, error: dict[str, Any]) -> bytes:

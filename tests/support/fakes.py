@@ -167,6 +167,7 @@ class FakeModel:
         }
         self.record = options.get("record")
         self.echo = bool(options.get("echo"))
+        self.graph = bool(options.get("graph"))  # say each pass replayed a CUDA graph
         self.always_raise = bool(options.get("model_raise")) or (
             info.task == "rerank" and bool(options.get("model_raise_rerank"))
         )
@@ -202,7 +203,7 @@ class FakeModel:
             rows = rows[:-1]
         if "too_many" in faults:
             rows = np.concatenate([rows, rows[:1]])
-        return Done(rows)
+        return Done(rows, graph=self.graph)
 
     def rows(self, batch: Sequence[IdArray]) -> FloatArray:
         if self.echo:

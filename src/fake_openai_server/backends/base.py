@@ -127,6 +127,8 @@ class Plugin:
 
 
 class Pending(Protocol):
+    graph: bool  # the pass replays a CUDA graph captured at start-up
+
     def result(self) -> FloatArray:
         """Wait for the launched batch (releasing the GIL) and return its rows."""
         ...
@@ -171,8 +173,9 @@ class Tokenizer(Protocol):
 class Done:
     """A pending result that is already there (CPU passes, fakes)."""
 
-    def __init__(self, rows: FloatArray) -> None:
+    def __init__(self, rows: FloatArray, graph: bool = False) -> None:
         self._rows = rows
+        self.graph = graph
 
     def result(self) -> FloatArray:
         return self._rows

@@ -85,7 +85,8 @@ def _quantize_int8(module: torch.nn.Module) -> None:
 class _OnDevice:
     """A batch launched on a GPU: its rows are copied back once its kernels have run."""
 
-    def __init__(self, rows: torch.Tensor) -> None:
+    def __init__(self, rows: torch.Tensor, graph: bool = False) -> None:
+        self.graph = graph
         self._host = torch.empty(rows.shape, dtype=torch.float32, pin_memory=True)
         self._host.copy_(rows, non_blocking=True)
         self._done = torch.cuda.Event()  # type: ignore[no-untyped-call]
@@ -257,7 +258,7 @@ class _TorchRunner:
                 graph.input_ids.copy_(input_ids, non_blocking=True)
                 graph.attention_mask.copy_(attention, non_blocking=True)
                 graph.graph.replay()
-                return _OnDevice(graph.out[: len(batch)])
+                return _OnDevice(graph.out[: len(batch)], graph=True)
         out = self._pass(
             input_ids.to(self.device, non_blocking=True),
             attention.to(self.device, non_blocking=True),

@@ -31,7 +31,7 @@ from typing import Literal
 import numpy as np
 
 from fake_openai_server.backends.base import FloatArray, IdArray, ModelInfo, Plugin
-from fake_openai_server.engine.process import EngineProcess, Loaded
+from fake_openai_server.engine.process import EngineProcess, Loaded, Ran
 from fake_openai_server.engine.queue import BatchLimits, BucketQueue, Item
 from fake_openai_server.engine.worker import PassCost
 from fake_openai_server.errors import ErrorKind, ServiceError
@@ -73,6 +73,7 @@ class BatchReport:
     seconds: float
     failed: bool = False
     queue_seconds: tuple[float, ...] = ()  # how long each item waited before the pass
+    graph: bool = False  # the pass replayed a CUDA graph captured at start-up
 
 
 BatchObserver = Callable[[BatchReport], None]
@@ -86,6 +87,7 @@ class EngineStats:
     padded_tokens: int = 0
     busy_seconds: float = 0.0
     failed_batches: int = 0
+    graph_batches: int = 0  # that replayed a CUDA graph
 
     @property
     def mean_batch_size(self) -> float:
@@ -100,6 +102,7 @@ class EngineStats:
             "busy_seconds": round(self.busy_seconds, 3),
             "mean_batch_size": round(self.mean_batch_size, 2),
             "failed_batches": self.failed_batches,
+            "graph_batches": self.graph_batches,
         }
 
 
@@ -361,7 +364,7 @@ class Engine:
         future = process.run(lane.index, [item.ids for item in batch])
         future.add_done_callback(lambda done: self._finished(flight, done))
 
-    def _finished(self, flight: _Flight, done: asyncio.Future[tuple[FloatArray, float]]) -> None:
+    def _finished(self, flight: _Flight, done: asyncio.Future[Ran]) -> None:
         try:
             self._complete(flight, done)
         except Exception:
@@ -369,7 +372,7 @@ class Engine:
             log.exception("%s: handling a finished batch failed", flight.lane.info.name)
             self._fail_batch(flight.batch, ServiceError(ErrorKind.INTERNAL, "Internal error."))
 
-    def _complete(self, flight: _Flight, done: asyncio.Future[tuple[FloatArray, float]]) -> None:
+    def _complete(self, flight: _Flight, done: asyncio.Future[Ran]) -> None:
         was_head = bool(self._in_flight) and self._in_flight[0] is flight
         with contextlib.suppress(ValueError):
             self._in_flight.remove(flight)
@@ -378,7 +381,8 @@ class Engine:
         self._wake.set()
         lane, batch = flight.lane, flight.batch
         try:
-            out, seconds = done.result()
+            ran = done.result()
+            out = ran.rows
             if out.shape[0] != len(batch):
                 raise CallFailed(f"{out.shape[0]} rows for {len(batch)} items", oom=False)
         except CallFailed as exc:
@@ -400,7 +404,7 @@ class Engine:
         lane.consecutive_failures = 0
         for item, row in zip(batch, out, strict=True):
             item.job.put(item.position, row)
-        self._record(flight, seconds)
+        self._record(flight, ran)
 
     def _failed(self, flight: _Flight, error: ServiceError) -> None:
         lane = flight.lane
@@ -419,17 +423,23 @@ class Engine:
         for lane in self._lanes.values():
             self._fail_batch(lane.queue.drain(), error)
 
-    def _record(self, flight: _Flight, seconds: float) -> None:
+    def _record(self, flight: _Flight, ran: Ran) -> None:
         batch, stats = flight.batch, flight.lane.stats
         tokens = sum(item.cost for item in batch)
         report = BatchReport(
-            len(batch), tokens, flight.padded_tokens, seconds, False, flight.queue_seconds
+            len(batch),
+            tokens,
+            flight.padded_tokens,
+            ran.seconds,
+            queue_seconds=flight.queue_seconds,
+            graph=ran.graph,
         )
         stats.batches += 1
+        stats.graph_batches += ran.graph
         stats.items += report.items
         stats.tokens += report.tokens
         stats.padded_tokens += report.padded_tokens
-        stats.busy_seconds += seconds
+        stats.busy_seconds += ran.seconds
         self._observe(flight.lane, report)
 
     def _observe(self, lane: _Lane, report: BatchReport) -> None:

@@ -16,6 +16,15 @@ from fake_openai_server.workers import WorkerProcess
 
 
 @dataclass(frozen=True)
+class Ran:
+    """A batch's forward pass, done."""
+
+    rows: FloatArray
+    seconds: float  # device time
+    graph: bool  # it replayed a CUDA graph captured at start-up
+
+
+@dataclass(frozen=True)
 class Loaded:
     models: list[ModelInfo]
     costs: list[PassCost]
@@ -45,10 +54,10 @@ class EngineProcess(WorkerProcess):
             pid=int(ready["pid"]),
         )
 
-    def run(self, target: int, rows: Sequence[IdArray]) -> asyncio.Future[tuple[FloatArray, float]]:
-        """Send one batch for model ``target``; the future gets (rows, seconds of device time)."""
+    def run(self, target: int, rows: Sequence[IdArray]) -> asyncio.Future[Ran]:
+        """Send one batch for model ``target``."""
         return self.call(lambda call_id: wire.pack_sequences(call_id, target, rows))
 
     def decode(self, kind: int, body: bytes) -> tuple[int, Any]:
-        call_id, out, seconds = wire.unpack_done(body)
-        return call_id, (out, seconds)
+        call_id, out, seconds, graph = wire.unpack_done(body)
+        return call_id, Ran(out, seconds, graph)

@@ -167,7 +167,8 @@ class _Server:
                 continue
             finish = time.perf_counter()
             # Device time of this batch alone: it may have been queued behind the last one.
-            self.send(wire.pack_done(call_id, rows, finish - max(started, last_finish)))
+            seconds = finish - max(started, last_finish)
+            self.send(wire.pack_done(call_id, rows, seconds, pending.graph))
             last_finish = finish
 
 
