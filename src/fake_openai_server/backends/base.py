@@ -127,7 +127,8 @@ class Plugin:
 
 
 class Pending(Protocol):
-    graph: bool  # the pass replays a CUDA graph captured at start-up
+    """A launched pass. It may also say ``graph = True`` when it replays a CUDA graph
+    (counted in the engine's stats; a pending result without it counts as eager)."""
 
     def result(self) -> FloatArray:
         """Wait for the launched batch (releasing the GIL) and return its rows."""

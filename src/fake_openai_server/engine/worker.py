@@ -168,7 +168,8 @@ class _Server:
             finish = time.perf_counter()
             # Device time of this batch alone: it may have been queued behind the last one.
             seconds = finish - max(started, last_finish)
-            self.send(wire.pack_done(call_id, rows, seconds, pending.graph))
+            graph = bool(getattr(pending, "graph", False))  # a plugin's may not say
+            self.send(wire.pack_done(call_id, rows, seconds, graph))
             last_finish = finish
 
 
