@@ -39,7 +39,7 @@ import orjson
 
 from bench.client import close_all, encode_request, open_connections, run_async, run_users
 from bench.measure import machine_info
-from bench.server import add_server_options, check_server_options, serve, source_info
+from bench.server import parse_with_server_options, serve, source_info
 from bench.workload import EMBED_MODEL, texts_300
 from tests.support import standins
 
@@ -162,10 +162,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shape", choices=sorted(standins.BERT_SHAPES), default="null")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--top", type=int, default=30, help="functions listed")
-    add_server_options(parser)
-    args = parser.parse_args(argv)
-    check_server_options(parser, args)
-    return args
+    return parse_with_server_options(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

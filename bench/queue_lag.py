@@ -49,7 +49,7 @@ import orjson
 
 from bench.client import Connection, encode_request, loop_name, run_async
 from bench.measure import Meter, machine_info, rss_mib
-from bench.server import Server, add_server_options, check_server_options, serve, source_info
+from bench.server import Server, parse_with_server_options, serve, source_info
 from bench.workload import EMBED_MODEL
 from tests.support import standins
 
@@ -523,10 +523,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"the server's event-loop lag metric on /metrics (default {LAG_METRIC})",
     )
     parser.add_argument("--seed", type=int, default=0)
-    add_server_options(parser)
-    args = parser.parse_args(argv)
-    check_server_options(parser, args)
-    return args
+    return parse_with_server_options(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

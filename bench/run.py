@@ -72,10 +72,9 @@ from bench.measure import (
 )
 from bench.report import finish, render
 from bench.server import (
-    add_server_options,
-    check_server_options,
     embeddings_scenarios,
     min_cosine,
+    parse_with_server_options,
     rerank_scenarios,
     serve,
     server_dtype,
@@ -343,8 +342,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="1 sequential, 2 concurrent, 3 bulk, 4 rerank (names work too); default all",
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    add_server_options(parser)
-    args = parser.parse_args(argv)
+    args = parse_with_server_options(parser, argv)
     names = {v: k for k, v in SCENARIOS.items()}
     wanted = set()
     for item in args.scenarios:
@@ -353,7 +351,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"unknown scenario {item!r}: use 1-4 or {', '.join(SCENARIOS.values())}")
         wanted.add(key)
     args.scenarios = wanted
-    check_server_options(parser, args)
     return args
 
 

@@ -28,9 +28,19 @@ from tests.support.live import LiveServer, free_port, stop_process, wait_ready
 
 
 # --- the options every benchmark shares -------------------------------------------------
-def add_server_options(parser: argparse.ArgumentParser) -> None:
-    """Where results go, where the stand-ins are, and the server's source tree and
-    settings; ``check_server_options`` checks them after parsing."""
+def parse_with_server_options(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> argparse.Namespace:
+    """``argv`` parsed with ``parser``'s own options and those every benchmark shares:
+    where results go, where the stand-ins are, the server's source tree and settings
+    (``--server-env`` becomes a dict); what cannot work is refused."""
+    _add_server_options(parser)
+    args = parser.parse_args(argv)
+    _check_server_options(parser, args)
+    return args
+
+
+def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--tag", help="added to the results' file names (e.g. before, after)")
     parser.add_argument(
@@ -57,8 +67,7 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def check_server_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Turns ``--server-env`` into a dict of settings; refuses what cannot work."""
+def _check_server_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     pairs = [item.partition("=") for item in args.server_env]
     if any(not name or not sep for name, sep, _ in pairs):
         parser.error("--server-env takes NAME=VALUE pairs")
