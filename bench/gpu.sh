@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine (../shared/gpu/README.md): the GPU-only tests, then the
-# full-shape benchmark of this tree, then optionally a second run for comparison, same
-# harness, same machine. Prepare here first:
+# One call on the lent GPU machine (../shared/gpu/README.md): the full-shape benchmark of
+# this tree, then optionally a second run for comparison (same harness, same machine), then
+# the GPU-only tests (last, so that a failing test does not cost the measurements).
+# Prepare here first:
 #   bash ../shared/gpu/prepare.sh
 #   pytest and httpx (and their dependencies) as wheels in .gpu/tools/test/ for TESTS=1
 #   for BEFORE=tree: rm -rf .gpu/base && mkdir -p .gpu/base && git archive <base> src \
@@ -9,11 +10,12 @@
 #   git rev-parse HEAD > .gpu/COMMIT_AFTER
 # then run `bash bench/gpu.sh` there with carry [".gpu"]. Results land in $OUT.
 #
-#   TESTS=1              run tests/test_cuda_graphs.py first (and stop if it fails)
+#   TESTS=1              then run tests/test_cuda_graphs.py (exit 4 if it fails)
 #   AFTER_TAG=after      the tag of this tree's run; AFTER_ENV="NAME=VALUE ..." its settings
 #   BEFORE=tree          then the tree in .gpu/base, tagged "before"
 #   BEFORE=env           then this tree again with BEFORE_ENV's settings, tagged BEFORE_TAG
-#   ONLY=after           no second run; SCENARIOS="1 2" limits every run's scenarios
+#   ONLY=after           no second run; SCENARIOS="1 2" limits every run's scenarios,
+#                        BEFORE_SCENARIOS the second run's
 set -u
 export PYTHONUNBUFFERED=1
 tar xzf .gpu/unidic-lite-*.tar.gz -C /tmp
@@ -30,24 +32,25 @@ run() {  # tag, seconds, extra arguments
     echo "== $tag: exit $?"
     grep -E "scenario|model alone|ready in|wrote|Error|Traceback" "$OUT/$tag.log" | tail -25
 }
-if [ "${TESTS:-}" = 1 ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .gpu/tools/test/*.whl || exit 3
-    timeout 240 python3 -m pytest -c /dev/null --rootdir . -p no:cacheprovider -p no:hypothesispytest -q -rs \
-        tests/test_cuda_graphs.py > "$OUT/tests.log" 2>&1
-    status=$?
-    tail -30 "$OUT/tests.log"
-    [ $status = 0 ] || exit 4
-fi
 env_args=(); [ -n "${AFTER_ENV:-}" ] && read -ra env_args <<< "--server-env $AFTER_ENV"
 run "${AFTER_TAG:-after}" "${AFTER_SECONDS:-330}" "${env_args[@]}"
 reuse=(); [ -d /tmp/hf/hub ] && reuse=(--reuse)
+[ -n "${BEFORE_SCENARIOS:-}" ] && read -ra scenarios <<< "--scenarios $BEFORE_SCENARIOS"
 case "${ONLY:-}:${BEFORE:-}" in
     after:* | :) ;;
     *:tree) run before "${BEFORE_SECONDS:-240}" "${reuse[@]}" --server-src .gpu/base ;;
     *:env)
         read -ra env_args <<< "--server-env $BEFORE_ENV"
-        [ -n "${BEFORE_SCENARIOS:-}" ] && read -ra scenarios <<< "--scenarios $BEFORE_SCENARIOS"
         run "${BEFORE_TAG:-before}" "${BEFORE_SECONDS:-240}" "${reuse[@]}" "${env_args[@]}"
         ;;
 esac
+if [ "${TESTS:-}" = 1 ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .gpu/tools/test/*.whl || exit 3
+    timeout "${TESTS_SECONDS:-150}" python3 -m pytest -c /dev/null --rootdir . -p no:cacheprovider \
+        -p no:hypothesispytest -q -rs tests/test_cuda_graphs.py > "$OUT/tests.log" 2>&1
+    status=$?
+    tail -30 "$OUT/tests.log"
+    echo "== tests: exit $status"
+    [ $status = 0 ] || exit 4
+fi
