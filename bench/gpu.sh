@@ -14,6 +14,8 @@
 #   AFTER_TAG=after      the tag of this tree's run; AFTER_ENV="NAME=VALUE ..." its settings
 #   BEFORE=tree          then the tree in .gpu/base, tagged "before"
 #   BEFORE=env           then this tree again with BEFORE_ENV's settings, tagged BEFORE_TAG
+#   AB_ROUNDS=4          instead of all the above: bench.ab, .gpu/base (A) against this tree
+#                        (B), both servers at once, AB_SCENARIOS (default "2") alternating
 #   ONLY=after           no second run; SCENARIOS="1 2" limits every run's scenarios,
 #                        BEFORE_SCENARIOS the second run's
 set -u
@@ -24,6 +26,15 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$(ls -d /tmp/unidic-lite-*):$PWD/src:$PWD
 cp .gpu/COMMIT_AFTER COMMIT 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+if [ -n "${AB_ROUNDS:-}" ]; then
+    timeout "${AB_SECONDS:-300}" python3 -m bench.ab --shape full --device cuda --hf-home /tmp/hf \
+        --server-src .gpu/base --rounds "$AB_ROUNDS" --scenarios ${AB_SCENARIOS:-2} --out "$OUT" \
+        > "$OUT/ab.log" 2>&1
+    status=$?
+    grep -E "^\[ab|Error|Traceback" "$OUT/ab.log" | tail -20
+    echo "== ab: exit $status"
+    exit $status
+fi
 scenarios=(); [ -n "${SCENARIOS:-}" ] && read -ra scenarios <<< "--scenarios $SCENARIOS"
 run() {  # tag, seconds, extra arguments
     local tag=$1 limit=$2; shift 2

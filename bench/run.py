@@ -89,7 +89,7 @@ from bench.workload import (
     SCENARIOS,
     Plan,
     corpus_texts,
-    cycle,
+    embedding_texts,
     plan_for,
     texts_300,
 )
@@ -151,16 +151,8 @@ def run_embeddings(
     corpus = corpus_texts(plan.corpus)
     singles = texts_300(plan.sequential, seed=5000)
     corpus_tokens = token_counts(snapshot, corpus)
-    texts: dict[str, list[str]] = {}
+    texts = embedding_texts(plan, wanted)
     tokens: dict[str, list[int]] = {"corpus": corpus_tokens}
-    if "1" in wanted:
-        texts["1"] = singles
-    if "2" in wanted:
-        texts["2"] = corpus
-        texts["2-256"] = cycle(corpus, plan.many_requests)
-        texts["2u"] = texts_300(plan.uniform_requests, seed=3000)
-    if "3" in wanted:
-        texts["3"] = cycle(corpus, plan.bulk)
     for key, items in texts.items():
         if key in ("1", "2u"):
             tokens[key] = token_counts(snapshot, items)

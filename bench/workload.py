@@ -182,3 +182,22 @@ def texts_300(n: int, seed: int) -> list[str]:
 
 def cycle(items: Sequence[str], n: int) -> list[str]:
     return [items[i % len(items)] for i in range(n)]
+
+
+def embedding_texts(plan: Plan, wanted: set[str]) -> dict[str, list[str]]:
+    """Each embeddings scenario's texts, for the scenarios wanted ("1", "2", "3"): one
+    request per text for 1, 2, 2-256 and 2u; all of them in each request of 3.
+
+    1 and 2u are 300-character texts; 2, 2-256 and 3 the mixed corpus, cycled.
+    """
+    corpus = corpus_texts(plan.corpus)
+    texts: dict[str, list[str]] = {}
+    if "1" in wanted:
+        texts["1"] = texts_300(plan.sequential, seed=5000)
+    if "2" in wanted:
+        texts["2"] = corpus
+        texts["2-256"] = cycle(corpus, plan.many_requests)
+        texts["2u"] = texts_300(plan.uniform_requests, seed=3000)
+    if "3" in wanted:
+        texts["3"] = cycle(corpus, plan.bulk)
+    return texts

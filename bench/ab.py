@@ -1,0 +1,272 @@
+"""Two servers side by side, the same embeddings scenarios on each in turn: A/B on one machine.
+
+Two ``bench.run`` runs minutes apart compare two states of the machine as much as two
+trees (a shared host's other tenants, clocks, caches). Here both servers run at once (A
+from ``--server-src``, B from this tree, same settings and stand-ins) and the scenarios
+go to one, then the other, round after round, the first of each pair swapped every
+round, so that a slow spell of the machine falls on both. Each round gives B's figure
+over A's; the report lists every round and their median. From the repository root::
+
+    uv run python -m bench.ab --server-src /tmp/base --shape null --scenarios 2
+    python3 -m bench.ab --server-src .gpu/base --shape full --device cuda --rounds 3
+
+(the second on the lent GPU machine, see ``bench/gpu.sh``). Results go to
+``<out>/ab-<shape>-<device>[-<tag>].md`` and ``.json``. No in-process ceilings: that is
+``bench.run``'s job; this one answers only "which tree is faster here, now".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.client import run_async
+from bench.measure import machine_info, sample_gpu
+from bench.server import (
+    Server,
+    embeddings_scenarios,
+    min_cosine,
+    parse_with_server_options,
+    serve,
+    source_info,
+)
+from bench.workload import PLANS, Plan, embedding_texts, plan_for
+from tests.support import standins
+
+TREES = ("A", "B")
+# What each row reports, from bench.server.measured's results (None where absent).
+COLUMNS = (
+    ("per_s", "texts/s", "{:,.1f}"),
+    ("p50_ms", "p50 ms", "{:.1f}"),
+    ("mean_batch_size", "mean batch", "{:.1f}"),
+    ("model_busy_fraction", "model busy", "{:.0%}"),
+    ("gpu_busy", "GPU busy", "{:.0%}"),
+    ("graph_fraction", "on CUDA graphs", "{:.0%}"),
+    ("api_cpu_cores", "API CPU", "{:.2f}"),
+    ("busiest_child_cpu_cores", "engine CPU", "{:.2f}"),
+    ("client_us_per_request", "client µs/request", "{:.0f}"),
+)
+
+
+def _log(message: str) -> None:
+    print(f"[ab {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.ab", description=__doc__.split("\n\n")[0] if __doc__ else ""
+    )
+    parser.add_argument("--shape", choices=sorted(PLANS), default="null")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        default=["2"],
+        choices=["1", "2", "3"],
+        help="embeddings scenarios as in bench.run (2 runs 2, 2-256 and 2u); GET /health "
+        "always runs",
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parse_with_server_options(parser, argv)
+    if args.server_src is None:
+        parser.error("--server-src is tree A (this tree is B)")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
+
+
+@contextlib.contextmanager
+def _both(args: argparse.Namespace, hf_home: Path, log_dir: Path) -> Any:
+    """Servers A and B, started at the same time (start-up warms and captures for a
+    minute on a GPU); both stopped on the way out, also when one fails to start."""
+    managers = {
+        name: serve(
+            hf_home,
+            "embeddings",
+            args.device,
+            log_dir / name,
+            args.server_env,
+            args.server_src if name == "A" else None,
+        )
+        for name in TREES
+    }
+    for name in TREES:
+        (log_dir / name).mkdir()
+    with contextlib.ExitStack() as stack:
+        with ThreadPoolExecutor(len(TREES)) as pool:
+            starting = {name: pool.submit(m.__enter__) for name, m in managers.items()}
+        servers: dict[str, Server] = {}
+        failure: BaseException | None = None
+        for name, future in starting.items():
+            try:
+                servers[name] = future.result()
+                stack.push(managers[name].__exit__)
+            except BaseException as error:  # the other one still stops
+                failure = failure or error
+        if failure is not None:
+            raise failure
+        yield servers
+
+
+def _row(result: dict[str, Any]) -> list[str]:
+    cells = []
+    for key, _, form in COLUMNS:
+        value = result.get(key)
+        cells.append("–" if value is None else form.format(value))
+    return cells
+
+
+def measure(
+    args: argparse.Namespace, hf_home: Path, save: Callable[[dict[str, Any]], None]
+) -> None:
+    """The rounds; ``save`` gets the results so far after each (a run cut short by a
+    time limit still leaves its finished rounds)."""
+    plan = plan_for(args.shape, args.device)
+    texts = embedding_texts(plan, set(args.scenarios))
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-ab-logs-"))
+    rounds: list[dict[str, Any]] = []
+    try:
+        with sample_gpu(args.device), _both(args, hf_home, log_dir) as servers:
+            _log("ready: " + ", ".join(f"{n} in {s.startup_s:.1f} s" for n, s in servers.items()))
+            for number in range(args.rounds):
+                order = TREES if number % 2 == 0 else TREES[::-1]
+                done: dict[str, Any] = {"order": "".join(order)}
+                vectors: dict[str, dict[str, np.ndarray]] = {}
+                for name in order:
+                    done[name], vectors[name] = run_async(
+                        embeddings_scenarios(servers[name], plan, texts)
+                    )
+                done["min_cosine_b_to_a"] = min(
+                    (min_cosine(vectors["B"][k], vectors["A"][k]) for k in vectors["A"]),
+                    default=None,
+                )
+                rounds.append(done)
+                save(_summary(plan, rounds))
+                _log(
+                    f"round {number + 1} ({done['order']}): "
+                    + "; ".join(
+                        f"{key} B/A {done['B'][key]['per_s'] / done['A'][key]['per_s']:.2f}"
+                        for key in done["A"]
+                    )
+                )
+    except BaseException:
+        for log in sorted(log_dir.glob("*/*.log")):
+            _log(f"{log.parent.name}/{log.name}, last lines:\n{log.read_text()[-3000:]}")
+        raise
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def _summary(plan: Plan, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = list(rounds[0]["A"])
+    return {
+        "plan": asdict(plan),
+        "rounds": rounds,
+        "b_over_a": {
+            key: [r["B"][key]["per_s"] / r["A"][key]["per_s"] for r in rounds] for key in keys
+        },
+    }
+
+
+def _machine(m: dict[str, Any]) -> str:
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return (
+        f"{m['cpu']}{gpu}; {m['cores']} cores; Python {m['python']}, torch {m['torch']}, "
+        f"transformers {m['transformers']}"
+    )
+
+
+def render(results: dict[str, Any]) -> str:
+    source = results["source_a"]
+    lines = [
+        f"# A/B: {results['shape']} shape on {results['device']}, both servers at once",
+        "",
+        f"Command: `{results['command']}`  ",
+        f"Date: {results['date']}",
+        "",
+        f"- Machine: {_machine(results['machine'])}",
+        f"- A: the tree at {source['path']} (commit {source.get('commit', '?')}); "
+        f"B: this tree (commit {results['source_b'].get('commit', '?')})",
+        f"- Settings (both): {results['server_settings'] or 'defaults'}",
+        "- Every round runs GET /health and the scenarios on one server, then on the other "
+        "(the order named per round); the idle server's CPU counts as other load.",
+        "",
+        "B over A, texts/s (requests/s for 0), per round, and their median:",
+        "",
+        "| scenario | "
+        + " | ".join(f"round {i + 1}" for i in range(len(results["rounds"])))
+        + " | median |",
+        "|---|" + "---:|" * (len(results["rounds"]) + 1),
+    ]
+    for key, ratios in results["b_over_a"].items():
+        cells = [f"{r:.2f}" for r in ratios] + [f"**{statistics.median(ratios):.2f}**"]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    cosines = [r["min_cosine_b_to_a"] for r in results["rounds"]]
+    if any(c is not None for c in cosines):
+        least = min(c for c in cosines if c is not None)
+        lines += ["", f"Outputs: B's vectors against A's, least cosine {least:.5f}."]
+    header = "| scenario | round | tree | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    lines += ["", header, "|---|---:|---|" + "---:|" * len(COLUMNS)]
+    for key in results["b_over_a"]:
+        for number, done in enumerate(results["rounds"], 1):
+            for name in done["order"]:
+                lines.append(
+                    f"| {key} | {number} | {name} | " + " | ".join(_row(done[name][key])) + " |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    given = argv if argv is not None else sys.argv[1:]
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "command": f"python -m bench.ab {shlex.join(given)}",
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "shape": args.shape,
+        "device": args.device,
+        "machine": machine_info(args.device),
+        "server_settings": args.server_env,
+        "source_a": source_info(args.server_src),
+        "source_b": source_info(None),
+    }
+    hf_home = args.hf_home or Path(tempfile.mkdtemp(prefix="bench-ab-hf-"))
+    try:
+        if not args.reuse:
+            _log(f"building {args.shape} stand-in under {hf_home}")
+            standins.build_ruri_large(hf_home, args.shape)
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = args.out / "-".join(filter(None, ["ab", args.shape, args.device, args.tag]))
+
+        def save(rounds: dict[str, Any]) -> None:
+            results.update(rounds, run_s=time.perf_counter() - started)
+            stem.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+            stem.with_suffix(".md").write_text(render(results))
+
+        measure(args, hf_home, save)
+    finally:
+        if args.hf_home is None:
+            shutil.rmtree(hf_home, ignore_errors=True)
+    _log(f"wrote {stem}.md in {results['run_s'] / 60:.1f} min")
+    return results
+
+
+if __name__ == "__main__":
+    main()
