@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -96,7 +96,7 @@ class RequestLog:
             return
         started = time.perf_counter()
         sent_id = _header(scope, b"x-request-id")
-        request_id = sent_id if sent_id and _REQUEST_ID.match(sent_id) else uuid.uuid4().hex
+        request_id = sent_id if sent_id and _REQUEST_ID.match(sent_id) else os.urandom(16).hex()
         route = scope["path"] if scope["path"] in self.routes else "other"
         status = 500
 
