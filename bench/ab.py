@@ -34,19 +34,26 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
+import orjson
 
-from bench.client import run_async
-from bench.measure import machine_info, sample_gpu
+from bench.client import close_all, open_connections, run_async, run_users
+from bench.measure import Meter, machine_info, sample_gpu
 from bench.server import (
     Server,
+    _engine,
+    _engine_delta,
+    _post,
+    _vectors,
+    embed_clients,
     embeddings_scenarios,
     min_cosine,
     parse_with_server_options,
     serve,
     source_info,
 )
-from bench.workload import PLANS, Plan, embedding_texts, plan_for
+from bench.workload import EMBED_MODEL, PLANS, Plan, embedding_texts, plan_for
 from tests.support import standins
 
 TREES = ("A", "B")
@@ -83,33 +90,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "always runs",
     )
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--b-replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="B is N servers of this tree, each one-text scenario's clients spread evenly "
+        "over them (as a least-connections balancer settles); scenario 2 only",
+    )
     args = parse_with_server_options(parser, argv)
-    if args.server_src is None:
-        parser.error("--server-src is tree A (this tree is B)")
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
+    if args.server_src is None and args.b_replicas == 1:
+        parser.error("--server-src is tree A (this tree is B), unless --b-replicas is over 1")
+    if args.b_replicas > 1 and set(args.scenarios) != {"2"}:
+        parser.error("--b-replicas spreads many clients: use it with --scenarios 2")
+    if args.rounds < 1 or args.b_replicas < 1:
+        parser.error("--rounds and --b-replicas must be at least 1")
     return args
 
 
+def _names(replicas: int) -> list[str]:
+    return ["A", "B"] if replicas == 1 else ["A", *(f"B{i}" for i in range(1, replicas + 1))]
+
+
 @contextlib.contextmanager
-def _both(args: argparse.Namespace, hf_home: Path, log_dir: Path) -> Any:
-    """Servers A and B, started at the same time (start-up warms and captures for a
-    minute on a GPU); both stopped on the way out, also when one fails to start."""
-    managers = {
-        name: serve(
-            hf_home,
-            "embeddings",
-            args.device,
-            log_dir / name,
-            args.server_env,
-            args.server_src if name == "A" else None,
-        )
-        for name in TREES
-    }
-    for name in TREES:
+def _servers(args: argparse.Namespace, hf_home: Path, log_dir: Path) -> Any:
+    """Server A and B's server(s), started at the same time (start-up warms and captures
+    for a minute on a GPU); all stopped on the way out, also when one fails to start."""
+    managers = {}
+    for name in _names(args.b_replicas):
         (log_dir / name).mkdir()
+        source = args.server_src if name == "A" else None
+        managers[name] = serve(
+            hf_home, "embeddings", args.device, log_dir / name, args.server_env, source
+        )
     with contextlib.ExitStack() as stack:
-        with ThreadPoolExecutor(len(TREES)) as pool:
+        with ThreadPoolExecutor(len(managers)) as pool:
             starting = {name: pool.submit(m.__enter__) for name, m in managers.items()}
         servers: dict[str, Server] = {}
         failure: BaseException | None = None
@@ -117,11 +132,79 @@ def _both(args: argparse.Namespace, hf_home: Path, log_dir: Path) -> Any:
             try:
                 servers[name] = future.result()
                 stack.push(managers[name].__exit__)
-            except BaseException as error:  # the other one still stops
+            except BaseException as error:  # the others still stop
                 failure = failure or error
         if failure is not None:
             raise failure
         yield servers
+
+
+async def _spread(
+    servers: list[Server], plan: Plan, texts: dict[str, list[str]]
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The one-text scenarios with each one's clients spread evenly over ``servers``
+    (every connection pinned to one server), measured as one: texts/s and latency of
+    the whole, CPU summed over the servers, batches pooled."""
+    results: dict[str, Any] = {}
+    outputs: dict[str, np.ndarray] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(httpx.AsyncClient(base_url=s.base_url, timeout=600))
+            for s in servers
+        ]
+        for client in clients:  # untimed: touch the route once
+            warm = await client.post("/v1/embeddings", json={"model": EMBED_MODEL, "input": "準備"})
+            warm.raise_for_status()
+        for key, items in texts.items():
+            body = [{"model": EMBED_MODEL, "input": [text]} for text in items]
+            requests = [_post(servers[0], "/v1/embeddings", b) for b in body]
+            users = embed_clients(plan, key)
+            connections = []
+            for i, server in enumerate(servers):
+                share = users // len(servers) + (i < users % len(servers))
+                connections += await open_connections(server.base_url, share)
+            before = [await _engine(c, EMBED_MODEL) for c in clients]
+            meters = [Meter(s.pid) for s in servers]
+            try:
+                bodies, times = await run_users(connections, requests)
+            finally:
+                await close_all(connections)
+            used = [m.stop() for m in meters]
+            after = [await _engine(c, EMBED_MODEL) for c in clients]
+            results[key] = _pooled(used, before, after, len(requests), times)
+            outputs[key] = np.concatenate([_vectors(orjson.loads(b), 1) for b in bodies])
+    return results, outputs
+
+
+def _pooled(
+    used: list[dict[str, Any]],
+    before: list[dict[str, Any] | None],
+    after: list[dict[str, Any] | None],
+    requests: int,
+    times: list[float],
+) -> dict[str, Any]:
+    wall = max(u["wall_s"] for u in used)
+    deltas = [_engine_delta(b, a, u["wall_s"]) for b, a, u in zip(before, after, used, strict=True)]
+    batches = sum(d["forward_batches"] or 0 for d in deltas)
+    items = sum((d["mean_batch_size"] or 0) * (d["forward_batches"] or 0) for d in deltas)
+    graphs = [(d["graph_fraction"], d["forward_batches"] or 0) for d in deltas]
+    ms = sorted(1000 * t for t in times)
+    return {
+        "requests": requests,
+        "texts": requests,
+        "wall_s": wall,
+        "per_s": requests / wall,
+        "p50_ms": statistics.median(ms),
+        "mean_batch_size": items / batches if batches else None,
+        "model_busy_fraction": statistics.fmean(d["model_busy_fraction"] or 0 for d in deltas),
+        "graph_fraction": None
+        if any(g is None for g, _ in graphs) or not batches
+        else sum(g * n for g, n in graphs) / batches,
+        "gpu_busy": used[0].get("gpu_busy"),
+        "api_cpu_cores": sum(u["api_cpu_cores"] for u in used),
+        "busiest_child_cpu_cores": sum(u["busiest_child_cpu_cores"] for u in used),
+        "client_us_per_request": 1e6 * used[0]["client_cpu_s"] / requests,
+    }
 
 
 def _row(result: dict[str, Any]) -> list[str]:
@@ -142,18 +225,22 @@ def measure(
     log_dir = Path(tempfile.mkdtemp(prefix="bench-ab-logs-"))
     rounds: list[dict[str, Any]] = []
     try:
-        with sample_gpu(args.device), _both(args, hf_home, log_dir) as servers:
+        with sample_gpu(args.device), _servers(args, hf_home, log_dir) as servers:
             _log("ready: " + ", ".join(f"{n} in {s.startup_s:.1f} s" for n, s in servers.items()))
             for number in range(args.rounds):
                 order = TREES if number % 2 == 0 else TREES[::-1]
                 done: dict[str, Any] = {"order": "".join(order)}
                 vectors: dict[str, dict[str, np.ndarray]] = {}
                 for name in order:
-                    done[name], vectors[name] = run_async(
-                        embeddings_scenarios(servers[name], plan, texts)
-                    )
+                    if name == "B" and args.b_replicas > 1:
+                        replicas = [s for n, s in servers.items() if n != "A"]
+                        done[name], vectors[name] = run_async(_spread(replicas, plan, texts))
+                    else:
+                        done[name], vectors[name] = run_async(
+                            embeddings_scenarios(servers[name], plan, texts)
+                        )
                 done["min_cosine_b_to_a"] = min(
-                    (min_cosine(vectors["B"][k], vectors["A"][k]) for k in vectors["A"]),
+                    (min_cosine(vectors["B"][k], vectors["A"][k]) for k in vectors["B"]),
                     default=None,
                 )
                 rounds.append(done)
@@ -162,7 +249,7 @@ def measure(
                     f"round {number + 1} ({done['order']}): "
                     + "; ".join(
                         f"{key} B/A {done['B'][key]['per_s'] / done['A'][key]['per_s']:.2f}"
-                        for key in done["A"]
+                        for key in done["B"]
                     )
                 )
     except BaseException:
@@ -174,7 +261,7 @@ def measure(
 
 
 def _summary(plan: Plan, rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = list(rounds[0]["A"])
+    keys = list(rounds[0]["B"])  # with replicas, B skips GET /health
     return {
         "plan": asdict(plan),
         "rounds": rounds,
@@ -194,18 +281,22 @@ def _machine(m: dict[str, Any]) -> str:
 
 def render(results: dict[str, Any]) -> str:
     source = results["source_a"]
+    replicas = results.get("b_replicas", 1)
+    b = "this tree" if replicas == 1 else f"{replicas} servers of this tree, each scenario's "
+    b += "" if replicas == 1 else "clients spread evenly over them"
     lines = [
-        f"# A/B: {results['shape']} shape on {results['device']}, both servers at once",
+        f"# A/B: {results['shape']} shape on {results['device']}, all servers at once",
         "",
         f"Command: `{results['command']}`  ",
         f"Date: {results['date']}",
         "",
         f"- Machine: {_machine(results['machine'])}",
         f"- A: the tree at {source['path']} (commit {source.get('commit', '?')}); "
-        f"B: this tree (commit {results['source_b'].get('commit', '?')})",
-        f"- Settings (both): {results['server_settings'] or 'defaults'}",
-        "- Every round runs GET /health and the scenarios on one server, then on the other "
-        "(the order named per round); the idle server's CPU counts as other load.",
+        f"B: {b} (commit {results['source_b'].get('commit', '?')})",
+        f"- Settings (all): {results['server_settings'] or 'defaults'}",
+        "- Every round runs the scenarios on A, then on B, or B then A (the order named per "
+        "round); the idle servers' CPU counts as other load. GET /health (0) runs on a "
+        "single server only; with several B servers their CPU is summed.",
         "",
         "B over A, texts/s (requests/s for 0), per round, and their median:",
         "",
@@ -246,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "server_settings": args.server_env,
         "source_a": source_info(args.server_src),
         "source_b": source_info(None),
+        "b_replicas": args.b_replicas,
     }
     hf_home = args.hf_home or Path(tempfile.mkdtemp(prefix="bench-ab-hf-"))
     try:

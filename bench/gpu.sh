@@ -15,7 +15,9 @@
 #   BEFORE=tree          then the tree in .gpu/base, tagged "before"
 #   BEFORE=env           then this tree again with BEFORE_ENV's settings, tagged BEFORE_TAG
 #   AB_ROUNDS=4          instead of all the above: bench.ab, .gpu/base (A) against this tree
-#                        (B), both servers at once, AB_SCENARIOS (default "2") alternating
+#                        (B), both servers at once, AB_SCENARIOS (default "2") alternating;
+#                        with AB_REPLICAS=2, one server of this tree (A) against two (B), the
+#                        clients spread over them (scenario 2 only)
 #   ONLY=after           no second run; SCENARIOS="1 2" limits every run's scenarios,
 #                        BEFORE_SCENARIOS the second run's
 set -u
@@ -27,8 +29,10 @@ export PYTHONPATH=/tmp/site:$(ls -d /tmp/unidic-lite-*):$PWD/src:$PWD
 cp .gpu/COMMIT_AFTER COMMIT 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ -n "${AB_ROUNDS:-}" ]; then
+    ab=(--server-src .gpu/base)
+    [ -n "${AB_REPLICAS:-}" ] && ab=(--b-replicas "$AB_REPLICAS")
     timeout "${AB_SECONDS:-300}" python3 -m bench.ab --shape full --device cuda --hf-home /tmp/hf \
-        --server-src .gpu/base --rounds "$AB_ROUNDS" --scenarios ${AB_SCENARIOS:-2} --out "$OUT" \
+        "${ab[@]}" --rounds "$AB_ROUNDS" --scenarios ${AB_SCENARIOS:-2} --out "$OUT" \
         > "$OUT/ab.log" 2>&1
     status=$?
     grep -E "^\[ab|Error|Traceback" "$OUT/ab.log" | tail -20
