@@ -105,3 +105,31 @@ def test_calls_per_request_counts_the_api_process(hf_home: Path, tmp_path: Path)
     )
     report = (tmp_path / "calls-t.md").read_text()
     assert f"{results['calls_per_request']:,.0f} Python function calls per request" in report
+
+
+@pytest.mark.slow
+def test_ab_runs_both_sides_in_alternating_rounds(hf_home: Path, tmp_path: Path) -> None:
+    """bench.ab starts A (from --server-src) and B (here two servers, the clients spread
+    over them) at once and runs the one-text scenarios on each in turn."""
+    from bench import ab
+
+    root = Path(__file__).resolve().parents[2]
+    args = ["--shape", "tiny", "--hf-home", str(hf_home), "--reuse", "--server-src", str(root)]
+    args += ["--b-replicas", "2", "--scenarios", "2", "--rounds", "2"]
+    results = ab.main([*args, "--out", str(tmp_path), "--tag", "t"])
+
+    plan = ab.plan_for("tiny", "cpu")
+    rounds = results["rounds"]
+    assert [r["order"] for r in rounds] == ["AB", "BA"]  # who goes first swaps
+    assert set(results["b_over_a"]) == {"2", "2-256", "2u"}
+    for done in rounds:
+        assert done["min_cosine_b_to_a"] > 0.99  # same tree, same vectors
+        for key, texts in (("2", plan.corpus), ("2-256", plan.many_requests)):
+            a, b = done["A"][key], done["B"][key]
+            assert a["texts"] == b["texts"] == texts
+            assert b["per_s"] > 0 and b["p50_ms"] > 0
+            # B pooled two servers' engines: every text ran in one of their batches.
+            assert b["mean_batch_size"] >= 1 and b["api_cpu_cores"] > 0
+    report = (tmp_path / "ab-tiny-cpu-t.md").read_text()
+    assert "B: 2 servers of this tree" in report
+    assert "| 2-256 | 2 | B |" in report
