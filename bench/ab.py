@@ -52,6 +52,7 @@ from bench.server import (
     parse_with_server_options,
     serve,
     source_info,
+    tell_server_logs,
 )
 from bench.workload import EMBED_MODEL, PLANS, Plan, embedding_texts, plan_for
 from tests.support import standins
@@ -253,8 +254,7 @@ def measure(
                     )
                 )
     except BaseException:
-        for log in sorted(log_dir.glob("*/*.log")):
-            _log(f"{log.parent.name}/{log.name}, last lines:\n{log.read_text()[-3000:]}")
+        tell_server_logs(log_dir, _log)
         raise
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)

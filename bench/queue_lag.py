@@ -49,7 +49,7 @@ import orjson
 
 from bench.client import Connection, encode_request, loop_name, run_async
 from bench.measure import Meter, machine_info, rss_mib
-from bench.server import Server, parse_with_server_options, serve, source_info
+from bench.server import Server, parse_with_server_options, serve, source_info, tell_server_logs
 from bench.workload import EMBED_MODEL
 from tests.support import standins
 
@@ -371,8 +371,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
             results["rss_after_mib"] = rss_mib(server.pid)
             results["health_idle_after"] = _latencies(run_async(_idle_probes(server, 200)))
     except BaseException:
-        for log in sorted(log_dir.glob("*.log")):
-            _log(f"{log.name}, last lines:\n{log.read_text(errors='replace')[-3000:]}")
+        tell_server_logs(log_dir, _log)
         raise
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)

@@ -79,6 +79,7 @@ from bench.server import (
     serve,
     server_dtype,
     source_info,
+    tell_server_logs,
 )
 from bench.workload import (
     EMBED_MODEL,
@@ -442,9 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 hf_home, device, precision.dtype, plan, log_dir, args.server_env, args.server_src
             )
     except BaseException:
-        for log in sorted(log_dir.glob("*.log")):  # the server's side of what went wrong
-            tail = log.read_text(errors="replace")[-3000:]
-            _log(f"{log.name}, last lines:\n{tail}")
+        tell_server_logs(log_dir, _log)
         raise
     finally:
         stack.close()

@@ -207,6 +207,14 @@ def serve(
         stop_process(process, timeout=60)
 
 
+def tell_server_logs(log_dir: Path, say: Callable[[str], None]) -> None:
+    """The last lines of every server log under ``log_dir``: the server's side of what
+    went wrong, said before a benchmark that failed re-raises."""
+    for log in sorted(log_dir.rglob("*.log")):
+        name = log.relative_to(log_dir)
+        say(f"{name}, last lines:\n{log.read_text(errors='replace')[-3000:]}")
+
+
 def _json(reply: bytes) -> Any:
     return orjson.loads(reply)
 
