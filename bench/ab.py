@@ -58,7 +58,8 @@ from bench.workload import EMBED_MODEL, PLANS, Plan, embedding_texts, plan_for
 from tests.support import standins
 
 TREES = ("A", "B")
-# What each row reports, from bench.server.measured's results (None where absent).
+# What each row reports, from bench.server.measured's results or _pooled's (None where
+# absent).
 COLUMNS = (
     ("per_s", "texts/s", "{:,.1f}"),
     ("p50_ms", "p50 ms", "{:.1f}"),
@@ -88,7 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=["2"],
         choices=["1", "2", "3"],
         help="embeddings scenarios as in bench.run (2 runs 2, 2-256 and 2u); GET /health "
-        "always runs",
+        "runs too, where B is one server",
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
