@@ -134,16 +134,15 @@ def routers_for(settings: Settings) -> list[APIRouter]:
     No two routers share a path. FastAPI tries the routers in this order on every request
     (walking each one's routes), so the busiest come first: the OpenAI and rerank routes.
     """
-    routers: list[APIRouter] = []
+    busiest: list[APIRouter] = []
+    others: list[APIRouter] = []
     if settings.serves_embeddings:
-        routers += [embeddings.router]
+        busiest.append(embeddings.router)
+        others += [quantized.router, tei.embed_router, ollama.embed_router, cohere_embed.router]
     if settings.serves_rerank:
-        routers += [rerank.router]
-    if settings.serves_embeddings:
-        routers += [quantized.router, tei.embed_router, ollama.embed_router, cohere_embed.router]
-    if settings.serves_rerank:
-        routers += [tei.rerank_router, ollama.rerank_router]
-    return [*routers, system.router, tei.router, ollama.router]
+        busiest.append(rerank.router)
+        others += [tei.rerank_router, ollama.rerank_router]
+    return [*busiest, *others, system.router, tei.router, ollama.router]
 
 
 def _for(service_type: ServiceType, settings: Settings | None) -> Settings:
