@@ -44,6 +44,7 @@ from bench.server import (
     Server,
     _engine,
     _engine_delta,
+    _latencies,
     _post,
     _vectors,
     embed_clients,
@@ -190,13 +191,12 @@ def _pooled(
     batches = sum(d["forward_batches"] or 0 for d in deltas)
     items = sum((d["mean_batch_size"] or 0) * (d["forward_batches"] or 0) for d in deltas)
     graphs = [(d["graph_fraction"], d["forward_batches"] or 0) for d in deltas]
-    ms = sorted(1000 * t for t in times)
     return {
         "requests": requests,
         "texts": requests,
         "wall_s": wall,
         "per_s": requests / wall,
-        "p50_ms": statistics.median(ms),
+        **_latencies(times),
         "mean_batch_size": items / batches if batches else None,
         "model_busy_fraction": statistics.fmean(d["model_busy_fraction"] or 0 for d in deltas),
         "graph_fraction": None
