@@ -92,6 +92,7 @@ from bench.workload import (
     corpus_texts,
     embedding_texts,
     plan_for,
+    single_texts,
     texts_300,
 )
 from tests.support import standins
@@ -150,7 +151,7 @@ def run_embeddings(
     snapshot = _snapshot(hf_home, EMBED_MODEL)
     config = model_config(snapshot)
     corpus = corpus_texts(plan.corpus)
-    singles = texts_300(plan.sequential, seed=5000)
+    singles = single_texts(plan)
     corpus_tokens = token_counts(snapshot, corpus)
     texts = embedding_texts(plan, wanted)
     tokens: dict[str, list[int]] = {"corpus": corpus_tokens}

@@ -184,6 +184,11 @@ def cycle(items: Sequence[str], n: int) -> list[str]:
     return [items[i % len(items)] for i in range(n)]
 
 
+def single_texts(plan: Plan) -> list[str]:
+    """Scenario 1's texts (300 characters each), also the in-process one-text ceiling's."""
+    return texts_300(plan.sequential, seed=5000)
+
+
 def embedding_texts(plan: Plan, wanted: set[str]) -> dict[str, list[str]]:
     """Each embeddings scenario's texts, for the scenarios wanted ("1", "2", "3"): one
     request per text for 1, 2, 2-256 and 2u; all of them in each request of 3.
@@ -193,7 +198,7 @@ def embedding_texts(plan: Plan, wanted: set[str]) -> dict[str, list[str]]:
     corpus = corpus_texts(plan.corpus)
     texts: dict[str, list[str]] = {}
     if "1" in wanted:
-        texts["1"] = texts_300(plan.sequential, seed=5000)
+        texts["1"] = single_texts(plan)
     if "2" in wanted:
         texts["2"] = corpus
         texts["2-256"] = cycle(corpus, plan.many_requests)
