@@ -29,6 +29,7 @@ from fake_openai_server.api import (
     tei,
 )
 from fake_openai_server.api.errors import install_error_handlers
+from fake_openai_server.api.hot import hot_routes
 from fake_openai_server.api.openapi import document_truthfully
 from fake_openai_server.backends.base import Plugin
 from fake_openai_server.runtime import Runtime
@@ -124,6 +125,7 @@ def build_app(
         api_keys=api_keys,
         max_body_bytes=settings.max_request_bytes,
         routes=routes,
+        hot=hot_routes(routers),
     )
     return app
 

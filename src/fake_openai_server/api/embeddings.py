@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from fake_openai_server.api.context import answer_in_time, runtime
+from fake_openai_server.api.hot import hot
 from fake_openai_server.api.openapi import ERROR_RESPONSES
 from fake_openai_server.api.quantized import as_type
 from fake_openai_server.api.schemas import EmbeddingsRequest, EmbeddingsResponse
@@ -26,6 +27,7 @@ router = APIRouter(tags=["embeddings"])
     summary="Create embeddings (OpenAI-compatible)",
 )
 @router.post("/embeddings", include_in_schema=False)
+@hot
 async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Response:
     service = runtime(request).require_embeddings()
     items = body.items()

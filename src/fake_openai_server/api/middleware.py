@@ -1,7 +1,8 @@
 """What every request goes through before its route, one ASGI middleware per job:
 
 ``RequestLog`` (request id, metrics, access log) → ``ApiKeys`` → ``BodyLimit`` →
-``CrashReply`` → the route. ``install`` adds them in that order.
+``CrashReply`` → ``HotRoutes`` (``api/hot.py``: the busiest routes, without FastAPI's
+per-request machinery) → FastAPI's routing. ``install`` adds them in that order.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
@@ -24,6 +25,7 @@ from fake_openai_server.api.errors import (
     error_response,
     too_large,
 )
+from fake_openai_server.api.hot import HotRoute, HotRoutes
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.metrics import Metrics
 
@@ -43,8 +45,10 @@ def install(
     api_keys: Iterable[str],
     max_body_bytes: int,
     routes: Iterable[str],
+    hot: Mapping[str, HotRoute],
 ) -> None:
     # Starlette wraps the app in the middleware added last first: innermost first here.
+    app.add_middleware(HotRoutes, routes=hot, handlers=app.exception_handlers)
     app.add_middleware(CrashReply)
     app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
     app.add_middleware(ApiKeys, api_keys=api_keys)

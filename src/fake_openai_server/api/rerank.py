@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from fake_openai_server.api.context import answer_in_time, runtime
+from fake_openai_server.api.hot import hot
 from fake_openai_server.api.openapi import ERROR_RESPONSES
 from fake_openai_server.api.schemas import DocumentObject, RerankRequest, RerankResponse
 from fake_openai_server.api.serialize import json_body
@@ -72,6 +73,7 @@ async def _rerank(body: RerankRequest, request: Request, api_version: str) -> Re
     summary="Rerank documents (Cohere v1 / Jina compatible)",
 )
 @router.post("/v1/v1/rerank", include_in_schema=False)
+@hot
 async def rerank_v1(body: RerankRequest, request: Request) -> Response:
     return await _rerank(body, request, "1")
 
@@ -82,5 +84,6 @@ async def rerank_v1(body: RerankRequest, request: Request) -> Response:
     responses=ERROR_RESPONSES,
     summary="Rerank documents (Cohere v2 compatible)",
 )
+@hot
 async def rerank_v2(body: RerankRequest, request: Request) -> Response:
     return await _rerank(body, request, "2")

@@ -1,0 +1,342 @@
+"""The hot routes (``api/hot.py``): the busiest endpoints answered without FastAPI's
+per-request machinery, with nothing a client can see changed.
+
+- which routes are hot, and what a hot endpoint must look like;
+- over a real socket, a hot route and its cold twin (the same endpoint, reached only
+  through FastAPI) give the same reply for good bodies, bad bodies and endpoint errors,
+  and only the good bodies skip FastAPI;
+- the body parse: whatever pydantic's JSON parser accepts, FastAPI's path (``json.loads``
+  then validation) accepts too, with the same values. A body it does not accept goes on
+  to FastAPI, so this is the one property the shortcut rests on.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import APIRouter, Depends, FastAPI, Request
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
+from starlette.responses import Response
+
+from fake_openai_server.api import middleware
+from fake_openai_server.api.app import routers_for
+from fake_openai_server.api.errors import install_error_handlers
+from fake_openai_server.api.hot import hot, hot_routes
+from fake_openai_server.api.schemas import EmbeddingsRequest, RerankRequest
+from fake_openai_server.errors import ErrorKind, ServiceError
+from fake_openai_server.metrics import Metrics
+from fake_openai_server.settings import Settings
+from tests.support.live import serve_app
+
+
+def test_the_routes_every_client_calls_are_hot() -> None:
+    def hot_paths(service_type: str) -> set[str]:
+        return set(hot_routes(routers_for(Settings(service_type=service_type))))
+
+    assert hot_paths("embeddings") == {"/v1/embeddings", "/embeddings"}
+    assert hot_paths("reranker") == {"/v1/rerank", "/v1/v1/rerank", "/v2/rerank"}
+    assert hot_paths("all") == hot_paths("embeddings") | hot_paths("reranker")
+
+
+def test_a_hot_endpoint_must_take_a_body_model_and_the_request() -> None:
+    router = APIRouter()
+
+    @router.post("/a")
+    @hot
+    async def wrong_names(payload: EmbeddingsRequest, request: Request) -> Response:
+        return Response()
+
+    with pytest.raises(TypeError, match="must take"):
+        hot_routes([router])
+
+    router = APIRouter()
+
+    async def needs_something() -> None:
+        return None
+
+    @router.post("/b", dependencies=[Depends(needs_something)])
+    @hot
+    async def with_dependency(body: EmbeddingsRequest, request: Request) -> Response:
+        return Response()
+
+    with pytest.raises(TypeError, match="dependencies"):
+        hot_routes([router])
+
+
+# --- a hot route and its cold twin over a real socket ----------------------------------
+class Echo(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    text: StrictStr
+    times: int = 1
+
+
+async def _echo(body: Echo, request: Request) -> Response:
+    if body.text == "refuse":
+        raise ServiceError(ErrorKind.INVALID_REQUEST, "Refused.", param="text")
+    if body.text == "crash":
+        raise RuntimeError("a bug")
+    # Starlette's router puts the endpoint in the scope: only FastAPI's path has it.
+    via = "fastapi" if "endpoint" in request.scope else "hot"
+    return Response(json.dumps({"echo": body.text * body.times, "via": via}))
+
+
+def _twin_app() -> FastAPI:
+    router = APIRouter()
+
+    @router.post("/hot")
+    @hot
+    async def hot_echo(body: Echo, request: Request) -> Response:
+        return await _echo(body, request)
+
+    @router.post("/cold")
+    async def cold_echo(body: Echo, request: Request) -> Response:
+        return await _echo(body, request)
+
+    app = FastAPI()
+    app.include_router(router)
+    install_error_handlers(app)
+    middleware.install(
+        app,
+        metrics=Metrics(),
+        api_keys=[],
+        max_body_bytes=1000,
+        routes=["/hot", "/cold"],
+        hot=hot_routes([router]),
+    )
+    return app
+
+
+# (body, status, the way a good body went on the hot route)
+BODIES: list[tuple[bytes, int, str]] = [
+    (b'{"text": "ab", "times": 2}', 200, "hot"),
+    (b'{"text": "ab", "unknown": [1, {"x": null}]}', 200, "hot"),
+    (b'{"text": "ab", "times": 2.0}', 200, "hot"),  # lax int: both paths take 2.0 as 2
+    # A BOM: pydantic's parser refuses it, FastAPI's json.loads takes it.
+    (b"\xef\xbb\xbf" + b'{"text": "ab"}', 200, "fastapi"),
+    (b'{"text": "refuse"}', 400, ""),
+    (b'{"text": 5}', 400, ""),
+    (b'{"text": "ab", "times": "x"}', 400, ""),
+    (b'{"times": 1}', 400, ""),
+    (b'{"text": "a', 400, ""),
+    (b"", 400, ""),
+    (b"[]", 400, ""),
+    (b'{"text": "x' + b"y" * 1000 + b'"}', 413, ""),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "via"), BODIES, ids=[repr(b[:24]) for b, *_ in BODIES])
+def test_a_hot_route_answers_as_its_cold_twin(body: bytes, status: int, via: str) -> None:
+    with serve_app(_twin_app(), wait=False) as server, server.client() as client:
+        cold = client.post("/cold", content=body)
+        warm = client.post("/hot", content=body)
+    assert cold.status_code == warm.status_code == status, (cold.text, warm.text)
+    if status != 200:
+        assert warm.json() == cold.json()
+        return
+    assert cold.json()["via"] == "fastapi"
+    assert warm.json() == {**cold.json(), "via": via}
+
+
+def test_an_endpoint_crash_on_a_hot_route_is_the_usual_500_and_the_server_goes_on() -> None:
+    with serve_app(_twin_app(), wait=False) as server, server.client() as client:
+        cold = client.post("/cold", json={"text": "crash"})
+        warm = client.post("/hot", json={"text": "crash"})
+        after = client.post("/hot", json={"text": "ok"})
+    assert cold.status_code == warm.status_code == 500
+    assert warm.json() == cold.json()
+    assert after.status_code == 200 and after.json()["via"] == "hot"
+
+
+def test_a_hot_route_still_goes_through_the_servers_middleware() -> None:
+    app = _twin_app()
+    with serve_app(app, wait=False) as server, server.client() as client:
+        reply = client.post("/hot", json={"text": "a"}, headers={"X-Request-Id": "abc-1"})
+        wrong = client.get("/hot")  # not POST: FastAPI's 405
+    assert reply.headers["x-request-id"] == "abc-1"
+    assert wrong.status_code == 405
+    assert wrong.json()["error"]["message"] == "Method GET is not allowed on /hot."
+
+
+def test_a_hot_route_reads_a_chunked_body() -> None:
+    def chunks() -> Any:
+        yield b'{"text": '
+        yield b'"abc"}'
+
+    with serve_app(_twin_app(), wait=False) as server:
+        reply = httpx.post(f"{server.base_url}/hot", content=chunks())
+    assert reply.status_code == 200 and reply.json() == {"echo": "abc", "via": "hot"}
+
+
+# --- the body parse ----------------------------------------------------------------------
+def _cold_parse(model: type[BaseModel], raw: bytes) -> BaseModel | None:
+    """FastAPI's way: the JSON as Python, then the model validated from it."""
+    try:
+        return model.model_validate(json.loads(raw))
+    except (ValueError, ValidationError):  # json.JSONDecodeError and UnicodeDecodeError too
+        return None
+
+
+def _hot_parse(model: type[BaseModel], raw: bytes) -> BaseModel | None:
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError:
+        return None
+
+
+def _same(a: BaseModel, b: BaseModel) -> bool:
+    # repr: NaN is not equal to itself, and -0.0 is equal to 0.0.
+    return (
+        repr(a.model_dump()) == repr(b.model_dump())
+        and a.model_fields_set == b.model_fields_set
+        and type(a) is type(b)
+    )
+
+
+def _assert_hot_implies_cold(model: type[BaseModel], raw: bytes) -> bool:
+    hot_body = _hot_parse(model, raw)
+    if hot_body is None:
+        return False
+    cold_body = _cold_parse(model, raw)
+    assert cold_body is not None, raw
+    assert _same(hot_body, cold_body), raw
+    return True
+
+
+json_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+)
+json_value = st.recursive(
+    json_leaf,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=12,
+)
+text = st.text(min_size=1, max_size=20)
+embeddings_fields = {
+    "input": text
+    | st.lists(text, min_size=1, max_size=4)
+    | st.lists(st.integers(0, 9999))
+    | st.lists(st.lists(st.integers(0, 9999), min_size=1), max_size=3),
+    "model": st.none() | st.text(max_size=20),
+    "encoding_format": st.sampled_from([None, "float", "base64", "hex"]),
+    "dimensions": st.none() | st.integers(-3, 2000) | st.floats(-3, 3),
+    "input_type": st.none() | st.sampled_from(["query", "document", "passage"]),
+    "user": json_value,
+    "output_dtype": st.sampled_from([None, "float", "int8", "binary", "float16"]),
+    "embedding_type": st.sampled_from([None, "float", "base64", "ubinary"]),
+    "output_dimension": st.none() | st.integers(1, 64),
+    "truncation": st.none() | st.booleans() | st.sampled_from([0, 1, "true"]),
+}
+document = text | st.dictionaries(
+    st.sampled_from(["text", "title", "body"]) | st.text(max_size=5), json_value, max_size=3
+)
+rerank_fields = {
+    "query": text | json_leaf,
+    "documents": st.lists(document, min_size=1, max_size=4) | json_value,
+    "model": st.none() | st.text(max_size=10),
+    "top_n": st.none() | st.integers(-2, 10) | st.floats(0, 3),
+    "top_k": st.none() | st.integers(0, 10),
+    "return_documents": st.none() | st.booleans() | st.just(1),
+    "rank_fields": st.none() | st.lists(st.text(max_size=5), max_size=3),
+    "raw_scores": st.booleans() | st.just("yes"),
+    "truncation": st.none() | st.booleans(),
+}
+
+
+def _objects(
+    fields: dict[str, st.SearchStrategy[Any]], required: tuple[str, ...]
+) -> st.SearchStrategy[dict[str, Any]]:
+    """Objects with the model's required fields and any of the others (and some it does
+    not know), values of the right type or not."""
+    return st.fixed_dictionaries(
+        {name: fields[name] for name in required},
+        optional={
+            **{name: value for name, value in fields.items() if name not in required},
+            "extra": json_value,
+            "input_types": json_value,
+        },
+    )
+
+
+MODELS = [
+    (EmbeddingsRequest, _objects(embeddings_fields, ("input",))),
+    (RerankRequest, _objects(rerank_fields, ("query", "documents"))),
+]
+
+
+def _encoded(value: Any, ascii_only: bool, indent: int | None) -> bytes:
+    return json.dumps(value, ensure_ascii=ascii_only, indent=indent).encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(MODELS).flatmap(lambda mo: st.tuples(st.just(mo[0]), mo[1] | json_value)),
+    st.booleans(),
+    st.sampled_from([None, 0, 2]),
+)
+def test_what_the_hot_parse_accepts_fastapi_accepts_the_same(
+    model_and_value: tuple[type[BaseModel], Any], ascii_only: bool, indent: int | None
+) -> None:
+    model, value = model_and_value
+    _assert_hot_implies_cold(model, _encoded(value, ascii_only, indent))
+
+
+# Bodies at the edges of JSON itself, where two parsers are most likely to differ.
+EDGE_BODIES = [
+    b'{"input": "a\\ud800b"}',  # a lone surrogate escape
+    b'{"input": "\\ud83d\\ude00"}',  # a pair: one emoji
+    b'{"input": "a\x01b"}',  # a raw control character
+    b'{"input": "a\x7fb"}',
+    b'{"input": "a", "input": ["b", "c"]}',  # a key twice: the last wins
+    b'{"input": "a", "dimensions": 8.0}',
+    b'{"input": "a", "dimensions": 1e1}',
+    b'{"input": "a", "dimensions": 123456789012345678901234567890}',
+    b'{"input": [1, 2, 3.0]}',
+    b'{"input": "a", "user": NaN}',
+    b'{"input": "a", "user": Infinity}',
+    b'{"input": "a", "user": 1e400}',
+    b'{"input": "a", "user": -0.0}',
+    b'{"input": "a"} ',
+    b' \t\r\n{"input": "a"}',
+    b'{"input": "a"}x',
+    b'{"input": "a",}',
+    b"{'input': 'a'}",
+    b'{"input": "\xff"}',  # not UTF-8
+    b'{"input": "\xc3\xa9", "model": null}',
+    '{"input": "é"}'.encode("utf-16"),
+    '{"input": "é"}'.encode("utf-16-le"),
+    b"\xef\xbb\xbf" + b'{"input": "a"}',
+    b'{"input": "a", "user": ' + b"[" * 300 + b"]" * 300 + b"}",  # deep nesting
+    b'{"query": "q", "documents": [{"text": "d", "n": ' + b"[" * 300 + b"]" * 300 + b"}]}",
+    b'{"query": "q", "documents": ["d"], "top_k": null}',  # Voyage: top_k set, as null
+    b'{"query": "q", "documents": [{"text": "d", "title": "t"}], "return_documents": true}',
+]
+
+
+@pytest.mark.parametrize("raw", EDGE_BODIES, ids=[repr(b[:30]) for b in EDGE_BODIES])
+def test_at_the_edges_of_json_the_hot_parse_is_never_more_lenient(raw: bytes) -> None:
+    for model in (EmbeddingsRequest, RerankRequest):
+        _assert_hot_implies_cold(model, raw)
+
+
+def test_the_property_is_not_vacuous() -> None:
+    """Good requests of every shape clients send are taken by the hot parse."""
+    good = [
+        (EmbeddingsRequest, {"input": "東京", "model": "ruri-large"}),
+        (EmbeddingsRequest, {"input": ["a", "b"], "encoding_format": "base64", "user": "u"}),
+        (EmbeddingsRequest, {"input": [[1, 2], [3]], "dimensions": 8, "truncation": True}),
+        (EmbeddingsRequest, {"input": ["a"], "output_dtype": "int8", "input_type": "query"}),
+        (RerankRequest, {"query": "q", "documents": ["a", {"text": "b", "id": 3}], "top_n": 1}),
+        (RerankRequest, {"query": "q", "documents": ["a"], "top_k": None, "model": "m"}),
+    ]
+    for model, value in good:
+        assert _assert_hot_implies_cold(model, json.dumps(value).encode()), value
