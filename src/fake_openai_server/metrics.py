@@ -110,23 +110,30 @@ class Metrics:
         self.loop_lag.observe(seconds)
 
     def batch_observer(self, model: str) -> Callable[[BatchReport], None]:
+        # Each series looked up once (prometheus_client checks the labels on every
+        # .labels() call, and a batch observes every item's wait).
+        failures = self.batch_failures.labels(model)
+        items = self.batch_items.labels(model)
+        tokens = self.batch_tokens.labels(model)
+        padded_tokens = self.padded_tokens.labels(model)
+        inference = self.inference.labels(model)
+        graph_batches = self.graph_batches.labels(model)
+        queue_wait = self.queue_wait.labels(model)
+
         def observe(report: BatchReport) -> None:
             if report.failed:
-                self.batch_failures.labels(model).inc()
+                failures.inc()
                 return
-            self.batch_items.labels(model).observe(report.items)
-            self.batch_tokens.labels(model).inc(report.tokens)
-            self.padded_tokens.labels(model).inc(report.padded_tokens)
-            self.inference.labels(model).observe(report.seconds)
+            items.observe(report.items)
+            tokens.inc(report.tokens)
+            padded_tokens.inc(report.padded_tokens)
+            inference.observe(report.seconds)
             if report.graph:
-                self.graph_batches.labels(model).inc()
+                graph_batches.inc()
             for seconds in report.queue_seconds:
-                self.observe_queue_wait(model, seconds)
+                queue_wait.observe(seconds)
 
         return observe
-
-    def observe_queue_wait(self, model: str, seconds: float) -> None:
-        self.queue_wait.labels(model).observe(seconds)
 
     def track_queue(self, model: str, depth: Callable[[], int]) -> None:
         self.queue_tokens.labels(model).set_function(depth)
