@@ -3,7 +3,8 @@
 For a one-text request FastAPI's routing, dependency solving and body parsing cost about
 as much of the server process's CPU as everything else it does (reading the request,
 tokenizing, batching, replying), and that process is what limits many clients on a
-large GPU (``bench/results/hot-routes-null-cpu.md``). So the endpoints marked ``@hot``
+large GPU (``bench/results/calls-{before,after}-hot-routes.md``,
+``ab-null-cpu-hot-routes.md``). So the endpoints marked ``@hot``
 (POST /v1/embeddings, /v1/rerank and their aliases) are also reached this shorter way:
 the body is parsed by pydantic's JSON parser straight into the route's request model and
 the endpoint called with it, its exceptions answered by the app's own handlers.
@@ -102,18 +103,17 @@ class HotRoutes:
         request = Request(scope, receive)
         try:
             raw = await _read_body(receive)
-            try:
-                body = route.model.model_validate_json(raw)
-            except ValidationError:
-                # FastAPI says what is wrong, as it does for every route.
-                await self.app(scope, _replay(raw, receive), send)
-                return
-            response = await route.endpoint(body, request)
+            body = _parsed(route.model, raw)
+            response = None if body is None else await route.endpoint(body, request)
         except Exception as exc:
             handler = self._handler_for(exc)
             if handler is None:
                 raise
             response = await handler(request, exc)
+        if response is None:
+            # FastAPI says what is wrong with the body, as it does for every route.
+            await self.app(scope, _replay(raw, receive), send)
+            return
         await response(scope, receive, send)
 
     def _handler_for(self, exc: Exception) -> ExceptionHandler | None:
@@ -125,6 +125,13 @@ class HotRoutes:
             handler = self.handlers.get(cls)
             if handler is not None:
                 return handler
+        return None
+
+
+def _parsed(model: type[BaseModel], raw: bytes) -> BaseModel | None:
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError:
         return None
 
 
