@@ -370,3 +370,34 @@ def test_metrics_count_the_passes_that_replayed_a_cuda_graph() -> None:
     labels = {"model": MODEL}
     assert metrics.registry.get_sample_value("fos_batch_graphs_total", labels) == 1
     assert metrics.registry.get_sample_value("fos_batch_items_count", labels) == 2
+
+
+@pytest.mark.anyio
+async def test_calls_of_one_turn_reach_a_worker_in_one_write_and_before_stop(
+    tmp_path: Path,
+) -> None:
+    """Many requests arriving together cost the server one system call to hand their
+    work over, not one each; and a stop right after them still lets the worker answer
+    them (they go out before STOP)."""
+    from fake_openai_server.engine.process import EngineProcess
+
+    process = EngineProcess(Settings(warmup=False), fake_plugin(echo=True), str(tmp_path))
+    await process.load()
+    writes: list[int] = []
+    writer = process._writer
+    assert writer is not None
+    send = writer.writelines
+
+    def counted(frames: Any) -> None:
+        frames = list(frames)
+        writes.append(len(frames))
+        send(frames)
+
+    writer.writelines = counted  # type: ignore[method-assign]
+    first = [process.run(0, [ids(value)]) for value in (1, 2, 3, 4, 5)]
+    await asyncio.gather(*first)
+    last = [process.run(0, [ids(value)]) for value in (7, 8)]
+    await process.stop()
+    answers = [(await future).rows[0, 0] for future in first + last]
+    assert answers == [1, 2, 3, 4, 5, 7, 8]
+    assert writes == [5, 2]

@@ -81,6 +81,7 @@ class WorkerProcess:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._outbox: list[tuple[int, bytes]] = []  # frames to send at the end of this turn
         self._ids = itertools.count()
         self.exit_code: int | None = None
         self._ended = False  # its socket has closed: it is gone, if not yet reaped
@@ -131,19 +132,34 @@ class WorkerProcess:
         return ready
 
     def call(self, pack: Callable[[int], bytes]) -> asyncio.Future[Any]:
-        """Send the frame ``pack(call_id)``; the future gets the worker's answer."""
+        """Send the frame ``pack(call_id)``; the future gets the worker's answer.
+
+        The frames of one turn of the event loop go out in one write (one system call
+        for the calls of many requests that arrived together).
+        """
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if not self.alive or self._writer is None:
             future.set_exception(WorkerGone(f"{self.module} is not running"))
             return future
         call_id = next(self._ids)
         self._calls[call_id] = future
-        try:
-            self._writer.write(pack(call_id))
-        except (OSError, RuntimeError):  # the socket closed under us: the reader will know
-            self._calls.pop(call_id, None)
-            future.set_exception(WorkerGone(f"{self.module} is not running"))
+        self._outbox.append((call_id, pack(call_id)))
+        if len(self._outbox) == 1:
+            future.get_loop().call_soon(self._flush)
         return future
+
+    def _flush(self) -> None:
+        sent, self._outbox = self._outbox, []
+        if not sent:
+            return  # stop() sent them already
+        try:
+            if self._writer is None:
+                raise RuntimeError("never started")
+            self._writer.writelines([frame for _, frame in sent])
+        except (OSError, RuntimeError):
+            # The socket closed under us (the reader will know): fail what was not sent.
+            for call_id, _ in sent:
+                self._resolve(call_id, error=WorkerGone(f"{self.module} is not running"))
 
     def decode(self, kind: int, body: bytes) -> tuple[int, Any]:
         """(call id, result) of one answer frame."""
@@ -207,6 +223,8 @@ class WorkerProcess:
         if self._process is None:
             return
         self.on_exit = None
+        if self._outbox:
+            self._flush()  # what it was sent goes before STOP
         if self.alive and self._writer is not None:
             with contextlib.suppress(OSError, RuntimeError):
                 self._writer.write(wire.frame(wire.Kind.STOP))
