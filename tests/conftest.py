@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 # huggingface_hub reads HF_HOME and HF_HUB_OFFLINE once, when first imported: set them
 # before anything imports it. Every test process gets its own empty cache.
 _HF_HOME = Path(tempfile.mkdtemp(prefix="fos-hf-"))
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)  # also when no test used it
 os.environ["HF_HOME"] = str(_HF_HOME)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.pop("HF_HUB_CACHE", None)
