@@ -25,6 +25,13 @@ from starlette.responses import Response
 
 from fake_openai_server.api import middleware
 from fake_openai_server.api.app import routers_for
+from fake_openai_server.api.compat_schemas import (
+    CohereEmbedRequest,
+    OllamaEmbeddingsRequest,
+    OllamaEmbedRequest,
+    OllamaRerankRequest,
+    TeiEmbedRequest,
+)
 from fake_openai_server.api.errors import install_error_handlers
 from fake_openai_server.api.hot import hot, hot_routes
 from fake_openai_server.api.schemas import EmbeddingsRequest, RerankRequest
@@ -38,8 +45,13 @@ def test_the_routes_every_client_calls_are_hot() -> None:
     def hot_paths(service_type: str) -> set[str]:
         return set(hot_routes(routers_for(Settings(service_type=service_type))))
 
-    assert hot_paths("embeddings") == {"/v1/embeddings", "/embeddings"}
-    assert hot_paths("reranker") == {"/v1/rerank", "/v1/v1/rerank", "/v2/rerank"}
+    assert hot_paths("embeddings") == {
+        *("/v1/embeddings", "/embeddings"),  # OpenAI (Dify, Open WebUI, LangChain, n8n, ...)
+        *("/api/embed", "/api/embeddings"),  # Ollama (Dify's and Open WebUI's Ollama)
+        "/embed",  # TEI
+        *("/v1/embed", "/v2/embed"),  # Cohere
+    }
+    assert hot_paths("reranker") == {"/v1/rerank", "/v1/v1/rerank", "/v2/rerank", "/api/rerank"}
     assert hot_paths("all") == hot_paths("embeddings") | hot_paths("reranker")
 
 
@@ -243,11 +255,11 @@ rerank_fields = {
     "query": text | json_leaf,
     "documents": st.lists(document, min_size=1, max_size=4) | json_value,
     "model": st.none() | st.text(max_size=10),
-    "top_n": st.none() | st.integers(-2, 10) | st.floats(0, 3),
+    "top_n": st.none() | st.integers(-2, 10) | st.sampled_from([1.0, 2.5]),
     "top_k": st.none() | st.integers(0, 10),
-    "return_documents": st.none() | st.booleans() | st.just(1),
+    "return_documents": st.sampled_from([None, True, False, True, False, 1]),
     "rank_fields": st.none() | st.lists(st.text(max_size=5), max_size=3),
-    "raw_scores": st.booleans() | st.just("yes"),
+    "raw_scores": st.sampled_from([True, False, True, False, "yes"]),
     "truncation": st.none() | st.booleans(),
 }
 
@@ -267,26 +279,53 @@ def _objects(
     )
 
 
+# Values for the fields of the other hot models: of the usual types (and the words their
+# Literal fields take), right or wrong for any given field.
+some_value = (
+    json_value
+    | text
+    | st.lists(text, min_size=1, max_size=3)
+    | st.sampled_from(["query", "document", "search_query", "END", "NONE", "float", "left"])
+)
+
+
+def _any_fields(model: type[BaseModel]) -> st.SearchStrategy[dict[str, Any]]:
+    required = tuple(name for name, field in model.model_fields.items() if field.is_required())
+    return _objects({name: some_value for name in model.model_fields}, required)
+
+
+SPECIFIC = {
+    EmbeddingsRequest: _objects(embeddings_fields, ("input",)),
+    RerankRequest: _objects(rerank_fields, ("query", "documents")),
+}
+HOT_MODELS = sorted(
+    {route.model for route in hot_routes(routers_for(Settings(service_type="all"))).values()},
+    key=lambda model: model.__name__,
+)
 MODELS = [
-    (EmbeddingsRequest, _objects(embeddings_fields, ("input",))),
-    (RerankRequest, _objects(rerank_fields, ("query", "documents"))),
+    (model, SPECIFIC[model] if model in SPECIFIC else _any_fields(model)) for model in HOT_MODELS
 ]
+
+
+def test_every_hot_model_is_in_the_property() -> None:
+    assert {EmbeddingsRequest, RerankRequest} < set(HOT_MODELS)
 
 
 def _encoded(value: Any, ascii_only: bool, indent: int | None) -> bytes:
     return json.dumps(value, ensure_ascii=ascii_only, indent=indent).encode()
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    st.sampled_from(MODELS).flatmap(lambda mo: st.tuples(st.just(mo[0]), mo[1] | json_value)),
-    st.booleans(),
-    st.sampled_from([None, 0, 2]),
-)
+@pytest.mark.parametrize(("model", "objects"), MODELS, ids=[m.__name__ for m, _ in MODELS])
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), ascii_only=st.booleans(), indent=st.sampled_from([None, 0, 2]))
 def test_what_the_hot_parse_accepts_fastapi_accepts_the_same(
-    model_and_value: tuple[type[BaseModel], Any], ascii_only: bool, indent: int | None
+    model: type[BaseModel],
+    objects: st.SearchStrategy[dict[str, Any]],
+    data: st.DataObject,
+    ascii_only: bool,
+    indent: int | None,
 ) -> None:
-    model, value = model_and_value
+    value = data.draw(objects | json_value)
     _assert_hot_implies_cold(model, _encoded(value, ascii_only, indent))
 
 
@@ -324,7 +363,7 @@ EDGE_BODIES = [
 
 @pytest.mark.parametrize("raw", EDGE_BODIES, ids=[repr(b[:30]) for b in EDGE_BODIES])
 def test_at_the_edges_of_json_the_hot_parse_is_never_more_lenient(raw: bytes) -> None:
-    for model in (EmbeddingsRequest, RerankRequest):
+    for model in HOT_MODELS:
         _assert_hot_implies_cold(model, raw)
 
 
@@ -337,6 +376,12 @@ def test_the_property_is_not_vacuous() -> None:
         (EmbeddingsRequest, {"input": ["a"], "output_dtype": "int8", "input_type": "query"}),
         (RerankRequest, {"query": "q", "documents": ["a", {"text": "b", "id": 3}], "top_n": 1}),
         (RerankRequest, {"query": "q", "documents": ["a"], "top_k": None, "model": "m"}),
+        (OllamaEmbedRequest, {"model": "ruri-large:latest", "input": ["a"], "truncate": True}),
+        (OllamaEmbeddingsRequest, {"model": "ruri-large", "prompt": "a", "options": {}}),
+        (OllamaRerankRequest, {"model": "m", "query": "q", "documents": ["a"], "top_n": 1}),
+        (TeiEmbedRequest, {"inputs": ["a"], "normalize": False, "prompt_name": "query"}),
+        (CohereEmbedRequest, {"texts": ["a"], "input_type": "search_query", "truncate": "END"}),
     ]
+    assert {model for model, _ in good} == set(HOT_MODELS)
     for model, value in good:
         assert _assert_hot_implies_cold(model, json.dumps(value).encode()), value

@@ -28,6 +28,7 @@ from fake_openai_server.api.compat_schemas import (
     CohereError,
 )
 from fake_openai_server.api.context import answer_in_time, runtime
+from fake_openai_server.api.hot import hot
 from fake_openai_server.api.quantized import as_type
 from fake_openai_server.api.serialize import json_body
 from fake_openai_server.errors import ErrorKind, ServiceError
@@ -121,6 +122,7 @@ async def _embed(body: CohereEmbedRequest, request: Request, api_version: str) -
     responses=ERRORS,
     summary="Embed (Cohere v1)",
 )
+@hot
 async def embed_v1(body: CohereEmbedRequest, request: Request) -> Response:
     return await _embed(body, request, "1")
 
@@ -131,5 +133,6 @@ async def embed_v1(body: CohereEmbedRequest, request: Request) -> Response:
     responses=ERRORS,
     summary="Embed (Cohere v2)",
 )
+@hot
 async def embed_v2(body: CohereEmbedRequest, request: Request) -> Response:
     return await _embed(body, request, "2")

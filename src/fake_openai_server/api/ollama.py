@@ -36,6 +36,7 @@ from fake_openai_server.api.compat_schemas import (
     OllamaVersion,
 )
 from fake_openai_server.api.context import answer_in_time, runtime
+from fake_openai_server.api.hot import hot
 from fake_openai_server.api.openapi import KEY_RESPONSES
 from fake_openai_server.api.serialize import json_body
 from fake_openai_server.backends.base import ModelInfo
@@ -77,6 +78,7 @@ def _truncate(truncate: bool | None, server_truncates: bool) -> TruncateMode:
     responses=ERRORS,
     summary="Embed (Ollama)",
 )
+@hot
 async def embed(body: OllamaEmbedRequest, request: Request) -> Response:
     started = time.perf_counter_ns()
     rt = runtime(request)
@@ -117,6 +119,7 @@ async def embed(body: OllamaEmbedRequest, request: Request) -> Response:
     responses=ERRORS,
     summary="Embed one prompt (Ollama, deprecated by Ollama in favour of /api/embed)",
 )
+@hot
 async def embeddings(body: OllamaEmbeddingsRequest, request: Request) -> Response:
     rt = runtime(request)
     service = rt.require_embeddings()
@@ -133,6 +136,7 @@ async def embeddings(body: OllamaEmbeddingsRequest, request: Request) -> Respons
     responses=ERRORS,
     summary="Rerank (the shape Dify's Ollama provider sends; not in Ollama itself)",
 )
+@hot
 async def rerank(body: OllamaRerankRequest, request: Request) -> Response:
     rt = runtime(request)
     service = rt.require_rerank()

@@ -28,6 +28,7 @@ from fake_openai_server.api.compat_schemas import (
     TeiTokenizeRequest,
 )
 from fake_openai_server.api.context import answer_in_time, runtime
+from fake_openai_server.api.hot import hot
 from fake_openai_server.api.schemas import RerankRequest
 from fake_openai_server.api.serialize import json_body
 from fake_openai_server.errors import ErrorKind, ServiceError
@@ -74,6 +75,7 @@ def prompt_input_type(prompt_name: str | None) -> str | None:
     responses=ERRORS,
     summary="Embed (text-embeddings-inference)",
 )
+@hot
 async def embed(body: TeiEmbedRequest, request: Request) -> Response:
     rt = runtime(request)
     service = rt.require_embeddings()
