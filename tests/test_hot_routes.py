@@ -294,9 +294,16 @@ def _any_fields(model: type[BaseModel]) -> st.SearchStrategy[dict[str, Any]]:
     return _objects({name: some_value for name in model.model_fields}, required)
 
 
+ollama_rerank_fields = {
+    "query": text | json_leaf,
+    "documents": st.lists(text, min_size=1, max_size=4) | json_value,
+    "model": st.none() | st.text(max_size=10),
+    "top_n": st.none() | st.integers(-2, 10) | st.sampled_from([1.0, 2.5]),
+}
 SPECIFIC = {
     EmbeddingsRequest: _objects(embeddings_fields, ("input",)),
     RerankRequest: _objects(rerank_fields, ("query", "documents")),
+    OllamaRerankRequest: _objects(ollama_rerank_fields, ("query", "documents")),
 }
 HOT_MODELS = sorted(
     {route.model for route in hot_routes(routers_for(Settings(service_type="all"))).values()},
