@@ -33,7 +33,7 @@ from fake_openai_server.api.compat_schemas import (
     TeiEmbedRequest,
 )
 from fake_openai_server.api.errors import install_error_handlers
-from fake_openai_server.api.hot import hot, hot_routes
+from fake_openai_server.api.hot import hot, hot_routes, parsed_body
 from fake_openai_server.api.schemas import EmbeddingsRequest, RerankRequest
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.metrics import Metrics
@@ -194,13 +194,6 @@ def _cold_parse(model: type[BaseModel], raw: bytes) -> BaseModel | None:
         return None
 
 
-def _hot_parse(model: type[BaseModel], raw: bytes) -> BaseModel | None:
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError:
-        return None
-
-
 def _same(a: BaseModel, b: BaseModel) -> bool:
     # repr: NaN is not equal to itself, and -0.0 is equal to 0.0.
     return (
@@ -211,7 +204,7 @@ def _same(a: BaseModel, b: BaseModel) -> bool:
 
 
 def _assert_hot_implies_cold(model: type[BaseModel], raw: bytes) -> bool:
-    hot_body = _hot_parse(model, raw)
+    hot_body = parsed_body(model, raw)
     if hot_body is None:
         return False
     cold_body = _cold_parse(model, raw)
