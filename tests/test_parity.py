@@ -119,6 +119,42 @@ def test_rerank_raw_scores_are_logits(rerank_server: LiveServer, cross_encoder: 
     np.testing.assert_allclose([raw[i] for i in range(len(DOCUMENTS))], expected, atol=ATOL)
 
 
+# --- tokenizer processes -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def processes_server(hf_home: Path) -> Iterator[LiveServer]:
+    """Both models, tokenizing in a tokenizer process (a GPU host's default) rather than
+    in the server's threads (a CPU host's, which every other test here uses)."""
+    from fake_openai_server.api.app import create_all_in_one_app
+    from fake_openai_server.settings import Settings
+
+    app = create_all_in_one_app(Settings(dtype="float32", tokenizer_workers=1))
+    with serve_app(app) as server:
+        assert app.state.runtime.tokenizers.workers, "no tokenizer process started"
+        yield server
+
+
+def test_tokenizer_processes_give_the_same_numbers(
+    processes_server: LiveServer, st_model: Any, cross_encoder: Any
+) -> None:
+    texts = [*TEXTS, "\u3000全角\tと\u00a0空白\n", "🙂 e\u0301 ｶﾀｶﾅ", "x" * 3000]
+    vectors, tokens = embed(processes_server, texts)
+    np.testing.assert_allclose(
+        vectors, st_model.encode(texts, convert_to_numpy=True), atol=ATOL, rtol=1e-4
+    )
+    tokenizer = st_model.tokenizer
+    assert tokens == sum(
+        len(tokenizer(text, truncation=True, max_length=512)["input_ids"]) for text in texts
+    )
+    # One text per request, as Dify sends them.
+    single = np.concatenate([embed(processes_server, [text])[0] for text in texts])
+    np.testing.assert_allclose(single, vectors, atol=ATOL, rtol=1e-4)
+    scores = rerank(processes_server, QUERY, DOCUMENTS)
+    expected = cross_encoder.predict([(QUERY, doc) for doc in DOCUMENTS])
+    np.testing.assert_allclose([scores[i] for i in range(len(DOCUMENTS))], expected, atol=ATOL)
+
+
 # --- reduced precision --------------------------------------------------------
 
 

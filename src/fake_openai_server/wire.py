@@ -137,12 +137,9 @@ _TOKENS = struct.Struct("<QI")  # call id, items
 
 def pack_texts(call_id: int, target: int, operation: int, texts: Sequence[str]) -> bytes:
     encoded = [text.encode("utf-8", "surrogatepass") for text in texts]
-    lengths = np.fromiter((len(b) for b in encoded), dtype="<i4", count=len(encoded))
+    lengths = struct.pack(f"<{len(encoded)}i", *map(len, encoded))
     return frame(
-        Kind.CALL,
-        _TEXTS.pack(call_id, target, operation, len(encoded)),
-        lengths.tobytes(),
-        b"".join(encoded),
+        Kind.CALL, _TEXTS.pack(call_id, target, operation, len(encoded)), lengths, *encoded
     )
 
 
@@ -175,9 +172,11 @@ def pack_tokens(
 def unpack_tokens(body: bytes) -> tuple[int, list[IdArray], list[int], list[bool]]:
     call_id, n = _TOKENS.unpack_from(body)
     offset = _TOKENS.size
-    lengths = np.frombuffer(body, dtype="<i4", count=n, offset=offset)
-    original = np.frombuffer(body, dtype="<i4", count=n, offset=offset + 4 * n).tolist()
-    truncated = np.frombuffer(body, dtype=np.uint8, count=n, offset=offset + 8 * n)
+    lengths_and_original = struct.unpack_from(f"<{2 * n}i", body, offset)
+    truncated = [bool(t) for t in body[offset + 8 * n : offset + 9 * n]]
     ids = np.frombuffer(body, dtype="<i4", offset=offset + 9 * n)
-    rows = np.split(ids, np.cumsum(lengths)[:-1]) if n else []
-    return call_id, rows, original, [bool(t) for t in truncated]
+    rows, start = [], 0
+    for length in lengths_and_original[:n]:
+        rows.append(ids[start : start + length])
+        start += length
+    return call_id, rows, list(lengths_and_original[n:]), truncated

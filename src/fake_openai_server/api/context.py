@@ -31,43 +31,48 @@ async def answer_in_time(request: Request, work: Awaitable[T]) -> T:
     """Await ``work``, cancelling it (and its queued items) if the client goes away or
     REQUEST_TIMEOUT passes first (then the reply is 504).
 
-    ``work`` runs in the request's own task. If it is still running after
-    ``WATCH_AFTER``, a watcher task starts that waits for the client to disconnect and
-    cancels the request's task if it does: most requests are answered sooner and never
-    pay for the watcher, and a client that leaves costs at most that much of its work.
+    ``work`` runs in the request's own task. A request answered within ``WATCH_AFTER``
+    (most are) costs one timer and nothing else. One still running then gets a watcher
+    task that waits, until REQUEST_TIMEOUT, for its client to disconnect, and cancels the
+    request's task at whichever comes first: a client that leaves costs at most that
+    much of its work.
     """
     timeout = runtime(request).settings.request_timeout
     request_task = asyncio.current_task()
     assert request_task is not None  # a route runs in its request's task
-    gone = False
+    why: type[ClientGone] | type[TimeoutError] | None = None
     watcher: asyncio.Task[None] | None = None
 
-    async def watch() -> None:
-        nonlocal gone
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        gone = True
+    async def watch(remaining: float) -> None:
+        nonlocal why
+        try:
+            async with asyncio.timeout(remaining):
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+            why = ClientGone
+        except TimeoutError:
+            why = TimeoutError
         request_task.cancel()
 
     def start_watching() -> None:
         nonlocal watcher
-        watcher = asyncio.ensure_future(watch())
+        watcher = asyncio.ensure_future(watch(timeout - first))
 
-    later = asyncio.get_running_loop().call_later(WATCH_AFTER, start_watching)
+    first = min(WATCH_AFTER, timeout)
+    later = asyncio.get_running_loop().call_later(first, start_watching)
     try:
-        async with asyncio.timeout(timeout):
-            return await work
-    except TimeoutError:
+        return await work
+    except asyncio.CancelledError:
+        if why is None:
+            raise  # the server's own cancellation (shutdown): not ours to answer
+        request_task.uncancel()
+        if why is ClientGone:
+            raise ClientGone from None
         raise ServiceError(
             ErrorKind.TIMEOUT,
             f"The request was not answered within REQUEST_TIMEOUT={timeout:g} seconds "
             "(the server is overloaded or the input is large); retry, or send fewer inputs.",
         ) from None
-    except asyncio.CancelledError:
-        if not gone:
-            raise  # the server's own cancellation (shutdown): not ours to answer
-        request_task.uncancel()
-        raise ClientGone from None
     finally:
         later.cancel()
         if watcher is not None:
