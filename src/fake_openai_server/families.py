@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 # Names clients use for input_type, mapped to ours (Cohere, Voyage, Jina, Nomic).
 INPUT_TYPE_ALIASES: dict[str, str] = {
@@ -35,9 +36,10 @@ class Family:
     def prefix_for(self, input_type: str | None) -> str:
         return self.prefixes.get(input_type, "") if input_type else ""
 
-    def known_prefixes(self) -> list[str]:
+    @cached_property
+    def known_prefixes(self) -> tuple[str, ...]:
         """Non-empty prefixes, longest first (so '検索クエリ: ' is tried before a shorter one)."""
-        return sorted({p for p in self.prefixes.values() if p}, key=len, reverse=True)
+        return tuple(sorted({p for p in self.prefixes.values() if p}, key=len, reverse=True))
 
 
 _RURI_V1 = {
@@ -87,7 +89,7 @@ def apply_prefix(family: Family, text: str, input_type: str | None) -> str:
     them when its prefix fields are set, joining with a space) keeps that
     prefix, written in its canonical form, and gets no second one.
     """
-    for prefix in family.known_prefixes():
+    for prefix in family.known_prefixes:
         bare = prefix.rstrip()
         if text.startswith(bare):
             return prefix + text[len(bare) :].lstrip(" \u3000")

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fake_openai_server.api.app import build_app
+from fake_openai_server.api.context import WATCH_AFTER
 from fake_openai_server.engine.core import FAILING_AFTER
 from fake_openai_server.settings import Settings
 from tests.support.fake_app import fake_app_process, rss_bytes
@@ -128,7 +129,9 @@ def test_a_burst_over_the_queue_gets_200s_and_429s_only(tmp_path: Path) -> None:
 
 # --- client disconnect ---------------------------------------------------------------
 
-DELAY = 0.4  # seconds per batch of the fake model
+# Seconds per batch of the fake model: the client that leaves is seen to have left
+# (WATCH_AFTER) before the first batch ends and its own items would start.
+DELAY = 2 * WATCH_AFTER + 0.2
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from fastapi import APIRouter, FastAPI
+from fastapi.telemetry import TelemetryConfig
 
 from fake_openai_server.api import (
     cohere_embed,
@@ -39,6 +41,16 @@ from fake_openai_server.settings import ServiceType, Settings
 log = logging.getLogger(__name__)
 
 TITLE = "fake-openai-server"
+# FastAPI's native OpenTelemetry, off: it asks on every request whether a provider has
+# been configured since (three environment lookups, a few percent of a one-text
+# request's time in this process).
+NO_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
+
+
+def opentelemetry_wanted(environ: Mapping[str, str]) -> bool:
+    """Leave FastAPI's native OpenTelemetry on where the environment configures
+    OpenTelemetry (``OTEL_*``, ``FASTAPI_OTEL_AUTO_CONFIGURE``)."""
+    return any(name.startswith(("OTEL_", "FASTAPI_OTEL_")) for name in environ)
 
 
 def build_app(
@@ -103,6 +115,7 @@ def build_app(
         version=system.package_version(),
         summary="OpenAI-compatible embeddings and Cohere/Jina-compatible rerank for Japanese",
         lifespan=lifespan,
+        telemetry=None if opentelemetry_wanted(os.environ) else NO_TELEMETRY,
     )
     app.state.runtime = runtime
     app.state.calibrations = calibrations

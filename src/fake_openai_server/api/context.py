@@ -18,8 +18,11 @@ from fake_openai_server.runtime import Runtime
 
 T = TypeVar("T")
 
-# How long a request runs before the server starts watching for its client leaving.
-WATCH_AFTER = 0.05
+# How long a request runs before the server starts watching for its client leaving (and
+# for REQUEST_TIMEOUT). Longer than a request waits in a busy server's queue (256 clients
+# on a GPU: ~0.15 s), so that under load as in quiet times most requests never pay for a
+# watcher; a client that leaves sooner still has its queued work dropped then.
+WATCH_AFTER = 0.5
 
 
 def runtime(request: Request) -> Runtime:

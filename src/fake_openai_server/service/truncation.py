@@ -28,7 +28,7 @@ Tokenize = Callable[[Sequence[str]], Awaitable[list[Encoded]]]
 
 def split_prefix(family: Family, text: str) -> tuple[str, str]:
     """(prefix, body) of a text that ``apply_prefix`` produced."""
-    for prefix in family.known_prefixes():
+    for prefix in family.known_prefixes:
         if text.startswith(prefix):
             return prefix, text[len(prefix) :]
     return "", text
