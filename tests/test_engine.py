@@ -401,3 +401,33 @@ async def test_calls_of_one_turn_reach_a_worker_in_one_write_and_before_stop(
     answers = [(await future).rows[0, 0] for future in first + last]
     assert answers == [1, 2, 3, 4, 5, 7, 8]
     assert writes == [5, 2]
+
+
+@pytest.mark.anyio
+async def test_a_failed_write_fails_exactly_the_calls_it_carried(tmp_path: Path) -> None:
+    """The socket to a worker refusing a write (it closed under us) answers the calls of
+    that write with WorkerGone at once, instead of leaving them waiting; calls written
+    before and after are answered as usual."""
+    from fake_openai_server.engine.process import EngineProcess
+    from fake_openai_server.workers import WorkerGone
+
+    process = EngineProcess(Settings(warmup=False), fake_plugin(echo=True), str(tmp_path))
+    await process.load()
+    writer = process._writer
+    assert writer is not None
+    send = writer.writelines
+    try:
+        assert (await process.run(0, [ids(1)])).rows[0, 0] == 1
+
+        def refused(frames: Any) -> None:
+            raise ConnectionResetError("the worker's socket closed")
+
+        writer.writelines = refused  # type: ignore[method-assign]
+        lost = [process.run(0, [ids(value)]) for value in (2, 3)]
+        for future in lost:
+            with pytest.raises(WorkerGone):
+                await asyncio.wait_for(future, 5)
+        writer.writelines = send  # type: ignore[method-assign]
+        assert (await process.run(0, [ids(4)])).rows[0, 0] == 4
+    finally:
+        await process.stop()

@@ -152,14 +152,14 @@ class WorkerProcess:
         sent, self._outbox = self._outbox, []
         if not sent:
             return  # stop() sent them already
-        try:
-            if self._writer is None:
-                raise RuntimeError("never started")
-            self._writer.writelines([frame for _, frame in sent])
-        except (OSError, RuntimeError):
-            # The socket closed under us (the reader will know): fail what was not sent.
-            for call_id, _ in sent:
-                self._resolve(call_id, error=WorkerGone(f"{self.module} is not running"))
+        if self._writer is not None:
+            try:
+                self._writer.writelines([frame for _, frame in sent])
+                return
+            except (OSError, RuntimeError):
+                pass  # the socket closed under us (the reader will know)
+        for call_id, _ in sent:
+            self._resolve(call_id, error=WorkerGone(f"{self.module} is not running"))
 
     def decode(self, kind: int, body: bytes) -> tuple[int, Any]:
         """(call id, result) of one answer frame."""
