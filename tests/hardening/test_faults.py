@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from fake_openai_server.api.app import build_app
+from fake_openai_server.api.context import WATCH_AFTER
 from fake_openai_server.engine.core import BatchReport
 from fake_openai_server.settings import Settings
 from tests.support.fakes import fake_plugin, fake_text_vector
@@ -243,3 +244,16 @@ def test_an_engine_that_cannot_come_back_ends_the_server(tmp_path: Path) -> None
         code = server.process.wait(timeout=60)
     assert code == 1
     assert "could not be restarted" in server.log()
+
+
+def test_a_request_timeout_shorter_than_the_watch_delay_holds() -> None:
+    """REQUEST_TIMEOUT under WATCH_AFTER (the delay before a request is watched): the
+    504 still comes at REQUEST_TIMEOUT, not when the watching starts."""
+    timeout = 0.1
+    settings = Settings(service_type="embeddings", warmup=False, request_timeout=timeout)
+    with serve_app(build_app(settings, fake_plugin(delay=3.0))) as server:
+        started = time.monotonic()
+        reply = httpx.post(f"{server.base_url}/v1/embeddings", json={"input": "遅"}, timeout=10)
+        seconds = time.monotonic() - started
+    assert "REQUEST_TIMEOUT=0.1" in error_of(reply, 504, "timeout")
+    assert timeout <= seconds < WATCH_AFTER - 0.1, seconds
