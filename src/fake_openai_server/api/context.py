@@ -37,8 +37,8 @@ async def answer_in_time(request: Request, work: Awaitable[T]) -> T:
     ``work`` runs in the request's own task. A request answered within ``WATCH_AFTER``
     (most are) costs one timer and nothing else. One still running then gets a watcher
     task that waits, until REQUEST_TIMEOUT, for its client to disconnect, and cancels the
-    request's task at whichever comes first: of a client that leaves, at most
-    ``WATCH_AFTER`` seconds of its work is computed.
+    request's task at whichever comes first: the queued work of a client that left is
+    dropped by ``WATCH_AFTER`` at the latest (what reached the model by then still runs).
     """
     timeout = runtime(request).settings.request_timeout
     request_task = asyncio.current_task()
