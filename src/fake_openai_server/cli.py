@@ -14,7 +14,7 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
-from fake_openai_server import logs
+from fake_openai_server import logs, memory
 from fake_openai_server.backends.base import Plugin
 from fake_openai_server.settings import Settings, SettingsError
 
@@ -90,6 +90,9 @@ def serve(settings: Settings, plugin: Plugin | None = None) -> None:
     from fake_openai_server.runtime import Runtime
 
     runtime = Runtime(settings, plugin)
+    # This process serves and nothing else: tune its garbage collector once it is ready
+    # (an app built in someone else's process, e.g. tests', leaves theirs alone).
+    runtime.on_ready = memory.settle_after_start
     server: Server | None = None
 
     def stop_on_failure() -> None:

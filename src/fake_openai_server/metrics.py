@@ -8,6 +8,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
     ProcessCollector,
     generate_latest,
@@ -27,6 +28,8 @@ class Metrics:
         r = self.registry
         # process_resident_memory_bytes, CPU seconds, open file descriptors (Linux).
         ProcessCollector(registry=r)
+        # python_gc_collections_total by generation: passes of the garbage collector.
+        GCCollector(registry=r)
         self.requests = Counter(
             "fos_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )

@@ -68,6 +68,7 @@ class Runtime:
         self.failure: str | None = None
         self.misconfigured = False  # the failure is a setting that contradicts a model
         self.on_fatal: Callable[[], None] | None = None  # the engine cannot be restarted
+        self.on_ready: Callable[[], None] | None = None  # start-up is done (not on failure)
         self.embeddings: EmbeddingsService | None = None
         self.rerank: RerankService | None = None
         self.tokens: Tokens | None = None  # TEI's /tokenize and /decode
@@ -113,6 +114,8 @@ class Runtime:
             if not preparing.done():
                 preparing.cancel()
         self._build(models, tokenizers)
+        if self.on_ready is not None:
+            self.on_ready()  # before /ready says so: no request waits for it
         self.state = "ready"
         for info in models:
             log.info(
