@@ -43,6 +43,7 @@ async def answer_in_time(request: Request, work: Awaitable[T]) -> T:
     timeout = runtime(request).settings.request_timeout
     request_task = asyncio.current_task()
     assert request_task is not None  # a route runs in its request's task
+    first = min(WATCH_AFTER, timeout)  # when watching starts (never after the timeout)
     why: type[ClientGone] | type[TimeoutError] | None = None
     watcher: asyncio.Task[None] | None = None
 
@@ -61,7 +62,6 @@ async def answer_in_time(request: Request, work: Awaitable[T]) -> T:
         nonlocal watcher
         watcher = asyncio.ensure_future(watch(timeout - first))
 
-    first = min(WATCH_AFTER, timeout)
     later = asyncio.get_running_loop().call_later(first, start_watching)
     try:
         return await work
