@@ -10,9 +10,15 @@ over A's; the report lists every round and their median. From the repository roo
     uv run python -m bench.ab --server-src /tmp/base --shape null --scenarios 2
     python3 -m bench.ab --server-src .gpu/base --shape full --device cuda --rounds 3
 
-(the second on the lent GPU machine, see ``bench/gpu.sh``). Results go to
-``<out>/ab-<shape>-<device>[-<tag>].md`` and ``.json``. No in-process ceilings: that is
-``bench.run``'s job; this one answers only "which tree is faster here, now".
+(the second on the lent GPU machine, see ``bench/gpu.sh``). Without a GPU,
+``--emulate-gpu`` runs both trees over fake models that take the lent H200's time
+(``EMULATED_H200``): how the server's pipeline keeps a GPU fed, measured on any machine::
+
+    uv run python -m bench.ab --server-src /tmp/base --emulate-gpu --scenarios 1 2 3
+
+Results go to ``<out>/ab-<shape>-<device>[-<tag>].md`` and ``.json`` (device
+``emulated-gpu`` for the latter). No in-process ceilings: that is ``bench.run``'s job;
+this one answers only "which tree is faster here, now".
 """
 
 from __future__ import annotations
@@ -55,7 +61,14 @@ from bench.server import (
     source_info,
     tell_server_logs,
 )
-from bench.workload import EMBED_MODEL, PLANS, Plan, embedding_texts, plan_for
+from bench.workload import (
+    EMBED_MODEL,
+    EMULATED_H200,
+    PLANS,
+    Plan,
+    embedding_texts,
+    plan_for,
+)
 from tests.support import standins
 
 TREES = ("A", "B")
@@ -101,11 +114,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="B is N servers of this tree, each one-text scenario's clients spread evenly "
         "over them (as a least-connections balancer settles); scenario 2 only",
     )
+    parser.add_argument(
+        "--emulate-gpu",
+        action="store_true",
+        help="both trees over the fake models with the lent H200's timing (EMULATED_H200 in "
+        "bench/workload.py: tokenizing and forward passes sleep as long as they took there): "
+        "the server's hand-offs at a GPU host's pace, on this machine; no stand-ins",
+    )
     args = parse_with_server_options(parser, argv)
     if args.server_src is None and args.b_replicas == 1:
         parser.error("--server-src is tree A (this tree is B), unless --b-replicas is over 1")
     if args.b_replicas > 1 and set(args.scenarios) != {"2"}:
         parser.error("--b-replicas spreads many clients: use it with --scenarios 2")
+    if args.emulate_gpu and args.device != "cpu":
+        parser.error("--emulate-gpu stands in for a GPU: leave --device as cpu")
     if args.rounds < 1 or args.b_replicas < 1:
         parser.error("--rounds and --b-replicas must be at least 1")
     return args
@@ -120,11 +142,15 @@ def _servers(args: argparse.Namespace, hf_home: Path, log_dir: Path) -> Any:
     """Server A and B's server(s), started at the same time (start-up warms and captures
     for a minute on a GPU); all stopped on the way out, also when one fails to start."""
     managers = {}
+    settings, fakes = args.server_env, None
+    if args.emulate_gpu:
+        settings = {**EMULATED_H200.settings(), **args.server_env}
+        fakes = EMULATED_H200.fakes()
     for name in _names(args.b_replicas):
         (log_dir / name).mkdir()
         source = args.server_src if name == "A" else None
         managers[name] = serve(
-            hf_home, "embeddings", args.device, log_dir / name, args.server_env, source
+            hf_home, "embeddings", args.device, log_dir / name, settings, source, fakes=fakes
         )
     with contextlib.ExitStack() as stack:
         with ThreadPoolExecutor(len(managers)) as pool:
@@ -285,8 +311,10 @@ def render(results: dict[str, Any]) -> str:
     replicas = results.get("b_replicas", 1)
     b = "this tree" if replicas == 1 else f"{replicas} servers of this tree, each scenario's "
     b += "" if replicas == 1 else "clients spread evenly over them"
+    emulated = results.get("emulated_gpu")
+    where = "an emulated GPU" if emulated else results["device"]
     lines = [
-        f"# A/B: {results['shape']} shape on {results['device']}, all servers at once",
+        f"# A/B: {results['shape']} shape on {where}, all servers at once",
         "",
         f"Command: `{results['command']}`  ",
         f"Date: {results['date']}",
@@ -295,6 +323,17 @@ def render(results: dict[str, Any]) -> str:
         f"- A: the tree at {source['path']} (commit {source.get('commit', '?')}); "
         f"B: {b} (commit {results['source_b'].get('commit', '?')})",
         f"- Settings (all): {results['server_settings'] or 'defaults'}",
+    ]
+    if emulated:
+        lines.append(
+            "- Emulated GPU (`EMULATED_H200`, bench/workload.py): the fake models, each "
+            f"forward pass {emulated['pass_ms']} ms + {emulated['row_ms']} ms per text, one "
+            f"after another; tokenizing {emulated['tokenize_ms_per_text']} ms per text in "
+            f"each tokenizer process; settings {emulated['settings']} (unless set "
+            f"above); the model alone in full batches: {emulated['device_alone']:,.0f} "
+            "texts/s. Only the serving process uses this machine's CPU."
+        )
+    lines += [
         "- Every round runs the scenarios on A, then on B, or B then A (the order named per "
         "round); the idle servers' CPU counts as other load. GET /health (0) runs on a "
         "single server only; with several B servers their CPU is summed.",
@@ -309,6 +348,18 @@ def render(results: dict[str, Any]) -> str:
     for key, ratios in results["b_over_a"].items():
         cells = [f"{r:.2f}" for r in ratios] + [f"**{statistics.median(ratios):.2f}**"]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    if emulated:
+        lines += ["", "Median texts/s over the emulated model alone:", ""]
+        lines += ["| scenario | A | B |", "|---|---:|---:|"]
+        for key in (k for k in results["b_over_a"] if k != "0"):  # 0: GET /health
+            medians = [
+                statistics.median(r[name][key]["per_s"] for r in results["rounds"]) for name in "AB"
+            ]
+            lines.append(
+                f"| {key} | "
+                + " | ".join(f"{m / emulated['device_alone']:.2f}×" for m in medians)
+                + " |"
+            )
     cosines = [r["min_cosine_b_to_a"] for r in results["rounds"]]
     if any(c is not None for c in cosines):
         least = min(c for c in cosines if c is not None)
@@ -339,14 +390,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "source_a": source_info(args.server_src),
         "source_b": source_info(None),
         "b_replicas": args.b_replicas,
+        "emulated_gpu": {
+            **asdict(EMULATED_H200),
+            "settings": EMULATED_H200.settings(),
+            "device_alone": EMULATED_H200.device_alone,
+        }
+        if args.emulate_gpu
+        else None,
     }
     hf_home = args.hf_home or Path(tempfile.mkdtemp(prefix="bench-ab-hf-"))
     try:
-        if not args.reuse:
+        if not args.reuse and not args.emulate_gpu:
             _log(f"building {args.shape} stand-in under {hf_home}")
             standins.build_ruri_large(hf_home, args.shape)
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / "-".join(filter(None, ["ab", args.shape, args.device, args.tag]))
+        device = "emulated-gpu" if args.emulate_gpu else args.device
+        stem = args.out / "-".join(filter(None, ["ab", args.shape, device, args.tag]))
 
         def save(rounds: dict[str, Any]) -> None:
             results.update(rounds, run_s=time.perf_counter() - started)

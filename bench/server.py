@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import json
 import os
 import re
 import statistics
@@ -24,7 +25,7 @@ import orjson
 from bench.client import close_all, encode_request, open_connections, run_users
 from bench.measure import Meter, peak_rss_mib, reset_peak_rss
 from bench.workload import EMBED_MODEL, READY_TIMEOUT, RERANK_MODEL, Plan
-from tests.support.live import LiveServer, free_port, stop_process, wait_ready
+from tests.support.live import ROOT, LiveServer, free_port, stop_process, wait_ready
 
 
 # --- the options every benchmark shares -------------------------------------------------
@@ -178,18 +179,26 @@ def serve(
     settings: dict[str, str] | None = None,
     server_src: Path | None = None,
     python_args: Sequence[str] = (),
+    fakes: dict[str, Any] | None = None,
 ) -> Iterator[Server]:
     """``python -m fake_openai_server`` with default settings (plus ``settings``), ready.
 
     From ``server_src`` (another source tree) when given, else from this one;
     ``python_args`` go before ``-m`` (``bench.calls`` runs the server under cProfile).
+    With ``fakes`` (the fake models' options, ``tests/support/fakes.py``), the CLI's same
+    serving path over the fake models instead of the stand-ins.
     """
     port = free_port()
     log_path = log_dir / f"server-{service_type}.log"
     started = time.perf_counter()
+    module = ["fake_openai_server"]
+    if fakes is not None:  # tests.support from this repository, whatever the cwd
+        module = ["tests.support.fake_cli", "{}", json.dumps(fakes)]
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        settings = {**(settings or {}), "PYTHONPATH": path}
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, *python_args, "-m", "fake_openai_server"],
+            [sys.executable, *python_args, "-m", *module],
             env=_server_env(hf_home, service_type, device, port, settings or {}, server_src),
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from tests.support import standins
+from tests.support import fakes, standins
 
 EMBED_MODEL = standins.RURI_LARGE
 RERANK_MODEL = standins.RERANKER
@@ -170,6 +170,53 @@ def plan_for(shape: str, device: str) -> Plan:
         model_alone_batch_sizes=(32, 64, 128, 256),
         matmul_n=8192,
     )
+
+
+# --- the lent H200's timing, on any machine ---------------------------------------
+@dataclass(frozen=True)
+class EmulatedGPU:
+    """The GPU host's timing for ``bench.ab --emulate-gpu``: the server runs over the fake
+    models (``tests/support/fakes.py``), whose tokenizers and forward passes take that
+    host's time by sleeping, so the server's own hand-offs (HTTP, tokenizer processes,
+    chunks, queue, engine process, two passes in flight) run for real at that host's pace
+    on a machine of two cores.
+
+    From ``bench/results/full-cuda-final.md`` (H200, ruri-large shape, float16): the model
+    alone does 1,795 texts/s in batches of 32 and 1,972 in batches of 128, i.e. a pass
+    takes ~2.1 ms plus ~0.49 ms per text; its tokenizer, 825 texts/s on one core, ~1.2 ms
+    per text; the server's forward batches of scenario 3 held ~38 texts (its
+    ``MAX_BATCH_TOKENS`` over ~300-token texts), which the fake texts (all 32 tokens)
+    reach with ``MAX_BATCH_TOKENS`` 38 x 32; 8 tokenizer processes, as there by default.
+    Not emulated: the CPU that tokenizing and the engine use there (here they sleep), so
+    only the serving process competes for this machine's cores.
+    """
+
+    pass_ms: float = 2.1
+    row_ms: float = 0.49
+    tokenize_ms_per_text: float = 1.2
+    batch_rows: int = 38
+    tokenizer_workers: int = 8
+
+    def fakes(self) -> dict[str, object]:
+        return {
+            "device": [self.pass_ms, self.row_ms],
+            "tokenizer_ms_per_text": self.tokenize_ms_per_text,
+        }
+
+    def settings(self) -> dict[str, str]:
+        return {
+            "TOKENIZER_WORKERS": str(self.tokenizer_workers),
+            # Every corpus text is cut to the fake model's MAX_LENGTH tokens.
+            "MAX_BATCH_TOKENS": str(self.batch_rows * fakes.MAX_LENGTH),
+        }
+
+    @property
+    def device_alone(self) -> float:
+        """Texts/s of the emulated model alone, in full batches."""
+        return 1000 * self.batch_rows / (self.pass_ms + self.row_ms * self.batch_rows)
+
+
+EMULATED_H200 = EmulatedGPU()
 
 
 def corpus_texts(n: int, seed: int = 1000) -> list[str]:

@@ -135,3 +135,26 @@ def test_ab_runs_both_sides_in_alternating_rounds(hf_home: Path, tmp_path: Path)
     report = (tmp_path / "ab-tiny-cpu-t.md").read_text()
     assert "B: 2 servers of this tree" in report
     assert "| 2-256 | 2 | B |" in report
+
+
+@pytest.mark.slow
+def test_ab_emulates_the_gpu_hosts_timing_over_the_fake_models(tmp_path: Path) -> None:
+    """bench.ab --emulate-gpu serves both trees over the fake models with the H200's
+    timing (no stand-ins to build) and reports each against the emulated model alone."""
+    from bench import ab
+    from bench.workload import EMULATED_H200
+
+    root = Path(__file__).resolve().parents[2]
+    args = ["--shape", "tiny", "--emulate-gpu", "--server-src", str(root), "--scenarios", "3"]
+    results = ab.main([*args, "--rounds", "1", "--out", str(tmp_path), "--tag", "t"])
+
+    done = results["rounds"][0]
+    plan = ab.plan_for("tiny", "cpu")
+    assert done["A"]["3"]["texts"] == done["B"]["3"]["texts"] == plan.bulk * plan.bulk_repeats
+    assert done["min_cosine_b_to_a"] > 0.99
+    # The engine ran the fake models, in batches within the emulated host's budget.
+    assert 1 <= done["B"]["3"]["mean_batch_size"] <= EMULATED_H200.batch_rows
+    assert results["emulated_gpu"]["settings"]["TOKENIZER_WORKERS"] == "8"
+    report = (tmp_path / "ab-tiny-emulated-gpu-t.md").read_text()
+    assert report.startswith("# A/B: tiny shape on an emulated GPU")
+    assert "Median texts/s over the emulated model alone:" in report

@@ -12,6 +12,11 @@ the behaviour with the plugin's options (``fake_plugin(...)``):
   ``too_many`` rows, ``hang``s, or ``die``s (the engine process kills itself);
 - ``tokenizer_raise``: a text holding this character makes the tokenizer raise;
 - ``tokenizer_delay``: seconds every tokenizer call takes;
+- ``device``: [fixed ms, ms per row]: each pass runs on an emulated device, as on a GPU:
+  ``launch`` returns at once, the passes run one after another, each taking that long,
+  and ``result()`` waits for its own (no CPU spent meanwhile);
+- ``tokenizer_ms_per_text``: every text (or query + document pair) takes this long to
+  tokenize (a sleep: the tokenizer processes of a many-core host, on any machine);
 - ``load_seconds``: loading takes this long;
 - ``load_error``: loading raises with this message; ``load_gate``: loading waits for
   this file to exist; ``fail_after_first_load``: a marker file; every load after the
@@ -128,15 +133,20 @@ class FakeTokenizer:
         self.max_length = info.max_length
         self.explode = options.get("tokenizer_raise")
         self.delay = float(options.get("tokenizer_delay", 0.0))
+        self.per_text = float(options.get("tokenizer_ms_per_text", 0.0)) / 1000
+
+    def _take_time(self, texts: int) -> None:
+        if self.delay or self.per_text:
+            time.sleep(self.delay + self.per_text * texts)
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
-        if self.delay:
-            time.sleep(self.delay)
+        self._take_time(len(texts))
         if self.explode and any(self.explode in text for text in texts):
             raise RuntimeError(f"tokenizer crashed reading {SECRET}")
         return [self.wrap_ids(char_ids(text)) for text in texts]
 
     def encode_pairs(self, query: str, documents: Sequence[str]) -> list[Encoded]:
+        self._take_time(len(documents))
         if self.explode and self.explode in query:
             raise RuntimeError(f"tokenizer crashed reading {SECRET}")
         q = char_ids(query)[:MAX_LENGTH]
@@ -158,6 +168,19 @@ class OutOfMemoryError(RuntimeError):
     """Named like torch's, which is what the engine recognises."""
 
 
+class OnDevice:
+    """A pass launched on the emulated device: its rows are there at ``done_at``."""
+
+    def __init__(self, rows: FloatArray, done_at: float, graph: bool) -> None:
+        self._rows = rows
+        self._done_at = done_at
+        self.graph = graph
+
+    def result(self) -> FloatArray:
+        time.sleep(max(0.0, self._done_at - time.monotonic()))
+        return self._rows
+
+
 class FakeModel:
     def __init__(self, info: ModelInfo, options: dict[str, Any]) -> None:
         self.info = info
@@ -168,6 +191,9 @@ class FakeModel:
         self.record = options.get("record")
         self.echo = bool(options.get("echo"))
         self.graph = bool(options.get("graph"))  # say each pass replayed a CUDA graph
+        fixed_ms, row_ms = options.get("device") or (0.0, 0.0)
+        self.pass_cost = (float(fixed_ms) / 1000, float(row_ms) / 1000)
+        self.device_free_at = 0.0
         self.always_raise = bool(options.get("model_raise")) or (
             info.task == "rerank" and bool(options.get("model_raise_rerank"))
         )
@@ -203,6 +229,11 @@ class FakeModel:
             rows = rows[:-1]
         if "too_many" in faults:
             rows = np.concatenate([rows, rows[:1]])
+        if any(self.pass_cost):
+            fixed, per_row = self.pass_cost
+            start = max(time.monotonic(), self.device_free_at)
+            self.device_free_at = start + fixed + per_row * len(batch)
+            return OnDevice(rows, self.device_free_at, self.graph)
         return Done(rows, graph=self.graph)
 
     def rows(self, batch: Sequence[IdArray]) -> FloatArray:
