@@ -159,9 +159,9 @@ class EmbeddingsService:
             if mode == "start":
                 cut_start = keep_the_end(encode, entry.info.max_length)
                 parts = [split_prefix(entry.family, text) for text in prefixed]
-                vectors = await pipeline(cut_start, parts, run)
+                vectors = await pipeline(cut_start, parts, run, self._tokenizers.parallel)
             else:
-                vectors = await pipeline(encode, prefixed, run)
+                vectors = await pipeline(encode, prefixed, run, self._tokenizers.parallel)
 
         if dimensions is not None:
             vectors = vectors[:, :dimensions]

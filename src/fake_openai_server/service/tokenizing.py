@@ -153,6 +153,11 @@ class TokenizerPool:
         return None
 
     # --- tokenizing ----------------------------------------------------------------------
+    @property
+    def parallel(self) -> int:
+        """How many calls tokenize at once: the live tokenizer processes, else the threads."""
+        return sum(worker.alive for worker in self.workers) or THREADS
+
     async def encode(self, model: str, texts: Sequence[str]) -> list[Encoded]:
         return await self._run(model, ENCODE, list(texts))
 
