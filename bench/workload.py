@@ -199,7 +199,7 @@ class EmulatedGPU:
 
     def fakes(self) -> dict[str, object]:
         return {
-            "device": [self.pass_ms, self.row_ms],
+            "gpu": [self.pass_ms, self.row_ms],
             "tokenizer_ms_per_text": self.tokenize_ms_per_text,
         }
 

@@ -313,37 +313,50 @@ def test_many_dify_users_share_batches_over_http() -> None:
 
 
 def test_a_large_request_is_cut_into_small_chunks_first_then_doubling_ones() -> None:
-    assert chunk_sizes(TOKENIZE_CHUNK, 8) == [TOKENIZE_CHUNK]  # up to 64: one chunk
     assert FIRST_CHUNK == 8 and TOKENIZE_CHUNK == 64
-    assert chunk_sizes(512, 8) == [8] * 8 + [16] * 8 + [32] * 8 + [64]
-    assert chunk_sizes(512, 2) == [8, 8, 16, 16, 32, 32] + [64] * 6 + [16]
-    assert chunk_sizes(65, 1) == [8, 16, 32, 9]
-    assert chunk_sizes(1000, 0) == chunk_sizes(1000, 1)  # no tokenizer alive: as one
+    assert chunk_sizes(64, 8, 8) == [64]  # up to 64: one chunk
+    assert chunk_sizes(512, 8, 8) == [8] * 8 + [16] * 8 + [32] * 8 + [64]
+    assert chunk_sizes(512, 2, 8) == [8, 8, 16, 16, 32, 32] + [64] * 6 + [16]
+    assert chunk_sizes(65, 1, 8) == [8, 16, 32, 9]
+    assert chunk_sizes(1000, 0, 8) == chunk_sizes(1000, 1, 8)  # no tokenizer alive: as one
+    assert chunk_sizes(200) == [64, 64, 64, 8]  # by default, chunks of 64
     for count in range(65, 2000, 37):
         for parallel in (1, 2, 3, 8):
-            sizes = chunk_sizes(count, parallel)
+            sizes = chunk_sizes(count, parallel, 8)
             assert sum(sizes) == count and max(sizes) <= TOKENIZE_CHUNK
 
 
-def test_a_large_request_reaches_the_model_after_its_first_small_chunks(tmp_path: Path) -> None:
-    """Texts of a large request reach the model chunk by chunk; the first round of chunks
-    (one per tokenizer process) is FIRST_CHUNK texts, so the first forward pass waits
-    for 8 texts' tokenizing, not 64's (the time a GPU idled before each bulk request).
-    Every text still gets its own vector, in order."""
+@pytest.mark.parametrize("on_gpu", [True, False], ids=["gpu", "cpu"])
+def test_a_large_request_reaches_the_model_after_its_first_small_chunks(
+    tmp_path: Path, on_gpu: bool
+) -> None:
+    """Texts of a large request reach the model chunk by chunk. With the model on a GPU,
+    the first round of chunks (one per tokenizer process) is FIRST_CHUNK texts, so the
+    first forward pass waits for 8 texts' tokenizing, not 64's (the time a GPU idled
+    before each bulk request); on a CPU, where the model shares the cores, chunks stay
+    64 texts. Every text still gets its own vector, in order."""
     record = tmp_path / "batches.jsonl"
     settings = Settings(warmup=False, tokenizer_workers=2)
-    app = build_app(settings, fake_plugin(record=str(record), tokenizer_ms_per_text=2))
+    options: dict[str, Any] = {"record": str(record), "tokenizer_ms_per_text": 2}
+    if on_gpu:
+        options["gpu"] = [1.0, 0.1]  # ms per pass, per text
+    app = build_app(settings, fake_plugin(**options))
     texts = [f"大きな依頼の{i}番目の文書" for i in range(300)]
 
     with serve_app(app) as server:
         reply = httpx.post(f"{server.base_url}/v1/embeddings", json={"input": texts}, timeout=60)
+        info = httpx.get(f"{server.base_url}/info").json()
     assert reply.status_code == 200
     for text, item in zip(texts, reply.json()["data"], strict=True):
         np.testing.assert_allclose(item["embedding"], fake_text_vector(text), rtol=1e-6)
     passes = recorded(record)
     assert sum(len(rows) for rows in passes) == len(texts)
-    # Both processes' first chunks of 8 at most (it was a chunk of 64: seen to fail).
-    assert len(passes[0]) <= 16
+    if on_gpu:
+        assert info["models"][MODEL]["device"].startswith("cuda")
+        # Both processes' first chunks of 8 at most (it was a chunk of 64: seen to fail).
+        assert len(passes[0]) <= 16
+    else:
+        assert len(passes[0]) >= 64
 
 
 @pytest.mark.anyio

@@ -12,9 +12,9 @@ the behaviour with the plugin's options (``fake_plugin(...)``):
   ``too_many`` rows, ``hang``s, or ``die``s (the engine process kills itself);
 - ``tokenizer_raise``: a text holding this character makes the tokenizer raise;
 - ``tokenizer_delay``: seconds every tokenizer call takes;
-- ``device``: [fixed ms, ms per row]: each pass runs on an emulated device, as on a GPU:
-  ``launch`` returns at once, the passes run one after another, each taking that long,
-  and ``result()`` waits for its own (no CPU spent meanwhile);
+- ``gpu``: [fixed ms, ms per row]: the models say they run on ``cuda`` and each pass runs
+  on an emulated GPU: ``launch`` returns at once, the passes run one after another, each
+  taking that long, and ``result()`` waits for its own (no CPU spent meanwhile);
 - ``tokenizer_ms_per_text``: every text (or query + document pair) takes this long to
   tokenize (a sleep: the tokenizer processes of a many-core host, on any machine);
 - ``load_seconds``: loading takes this long;
@@ -169,7 +169,7 @@ class OutOfMemoryError(RuntimeError):
 
 
 class OnDevice:
-    """A pass launched on the emulated device: its rows are there at ``done_at``."""
+    """A pass launched on the emulated GPU: its rows are there at ``done_at``."""
 
     def __init__(self, rows: FloatArray, done_at: float, graph: bool) -> None:
         self._rows = rows
@@ -191,7 +191,7 @@ class FakeModel:
         self.record = options.get("record")
         self.echo = bool(options.get("echo"))
         self.graph = bool(options.get("graph"))  # say each pass replayed a CUDA graph
-        fixed_ms, row_ms = options.get("device") or (0.0, 0.0)
+        fixed_ms, row_ms = options.get("gpu") or (0.0, 0.0)
         self.pass_cost = (float(fixed_ms) / 1000, float(row_ms) / 1000)
         self.device_free_at = 0.0
         self.always_raise = bool(options.get("model_raise")) or (
@@ -247,13 +247,20 @@ class FakeModel:
 
 
 def _info(
-    name: str, task: Task, dimension: int | None = None, padding: dict[str, Any] | None = None
+    name: str, task: Task, options: dict[str, Any], dimension: int | None = None
 ) -> ModelInfo:
-    """``padding`` (Padding's fields): the model pads batches to shapes, as on a GPU."""
+    """The options' ``padding`` (Padding's fields): the model pads batches to shapes, as
+    on a GPU; ``gpu``: the model says it runs on ``cuda``."""
     max_length = MAX_LENGTH if task == "embeddings" else 4 * MAX_LENGTH
     info = ModelInfo(
-        name=name, task=task, max_length=max_length, dimension=dimension, vocab_size=VOCAB
+        name=name,
+        task=task,
+        max_length=max_length,
+        dimension=dimension,
+        vocab_size=VOCAB,
+        device="cuda:0" if options.get("gpu") else "cpu",
     )
+    padding = options.get("padding")
     return ModelInfo.from_dict({**info.as_dict(), "padding": padding or {}})
 
 
@@ -275,9 +282,9 @@ def load_models(settings: Settings, options: dict[str, Any]) -> list[FakeModel]:
     models = []
     if settings.serves_embeddings:
         for name in settings.embeddings_model:
-            info = _info(name, "embeddings", dimension, options.get("padding"))
+            info = _info(name, "embeddings", options, dimension)
             models.append(FakeModel(info, options))
     if settings.serves_rerank:
-        info = _info(settings.reranker_model, "rerank", padding=options.get("padding"))
+        info = _info(settings.reranker_model, "rerank", options)
         models.append(FakeModel(info, options))
     return models

@@ -14,11 +14,11 @@ from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 T = TypeVar("T")
 
 # A large request is tokenized in chunks, each going to the model as soon as it is ready,
-# so the model starts while the rest is still being tokenized. The first round of chunks
-# (one per tokenizer) is FIRST_CHUNK texts, so that the model waits for a few texts'
-# tokenizing, not TOKENIZE_CHUNK's (~60 ms per 64 texts of ruri-large's tokenizer, in
-# which a GPU had nothing to do); each later round is twice as large, up to TOKENIZE_CHUNK,
-# which keeps the model fed while the chunks stay few.
+# so that the model starts while the rest is still being tokenized. Where the model has a
+# GPU to itself, the first round of chunks (one per tokenizer) is FIRST_CHUNK texts, so
+# that the GPU waits for a few texts' tokenizing, not TOKENIZE_CHUNK's (~60 ms per 64
+# texts of ruri-large's tokenizer on the H200 host); each later round is twice as large,
+# up to TOKENIZE_CHUNK, which keeps the GPU fed while the chunks stay few.
 FIRST_CHUNK = 8
 TOKENIZE_CHUNK = 64
 
@@ -79,14 +79,14 @@ def check_texts(texts: Sequence[str], param: str, max_chars: int) -> None:
             )
 
 
-def chunk_sizes(count: int, parallel: int) -> list[int]:
+def chunk_sizes(count: int, parallel: int = 1, first: int = TOKENIZE_CHUNK) -> list[int]:
     """How ``count`` items are cut for ``parallel`` tokenizers: one chunk up to
-    TOKENIZE_CHUNK; beyond, rounds of ``parallel`` chunks from FIRST_CHUNK items each,
-    doubling every round up to TOKENIZE_CHUNK."""
+    TOKENIZE_CHUNK; beyond, rounds of ``parallel`` chunks of ``first`` items, doubling
+    every round up to TOKENIZE_CHUNK."""
     if count <= TOKENIZE_CHUNK:
         return [count]
     sizes: list[int] = []
-    size = FIRST_CHUNK
+    size = first
     while count:
         for _ in range(max(1, parallel)):
             sizes.append(min(size, count))
@@ -101,14 +101,14 @@ async def pipeline(
     prepare: Callable[[Sequence[T]], Awaitable[list[Encoded]]],
     items: Sequence[T],
     run: Callable[[list[Encoded]], Awaitable[FloatArray]],
-    parallel: int = 1,
+    sizes: Sequence[int] = (),
 ) -> FloatArray:
-    """Prepare (tokenize) ``items`` in chunks and run each chunk as soon as it is ready.
+    """Prepare (tokenize) ``items`` in chunks of ``sizes`` (by default ``chunk_sizes``'s)
+    and run each chunk as soon as it is ready.
 
-    A large request starts on the model while the rest is still being tokenized, by
-    ``parallel`` tokenizers at once (``chunk_sizes``). If any chunk fails, the others
-    are cancelled (their queued work is dropped). Returns the outputs stacked in input
-    order.
+    A large request starts on the model while the rest is still being tokenized.
+    If any chunk fails, the others are cancelled (their queued work is dropped).
+    Returns the outputs stacked in input order.
     """
 
     async def one(chunk: Sequence[T]) -> FloatArray:
@@ -118,7 +118,7 @@ async def pipeline(
         return await one(items)  # one chunk (Dify's one text): no tasks to spare
     chunks = []
     start = 0
-    for size in chunk_sizes(len(items), parallel):
+    for size in sizes or chunk_sizes(len(items)):
         chunks.append(items[start : start + size])
         start += size
     try:

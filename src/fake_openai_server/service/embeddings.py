@@ -156,12 +156,13 @@ class EmbeddingsService:
             kind = normalize_input_type(input_type) or self.default_input_type
             prefixed = [apply_prefix(entry.family, text, kind) for text in texts]
             encode = partial(self._tokenizers.encode, name)
+            sizes = self._tokenizers.chunk_sizes(len(texts))
             if mode == "start":
                 cut_start = keep_the_end(encode, entry.info.max_length)
                 parts = [split_prefix(entry.family, text) for text in prefixed]
-                vectors = await pipeline(cut_start, parts, run, self._tokenizers.parallel)
+                vectors = await pipeline(cut_start, parts, run, sizes)
             else:
-                vectors = await pipeline(encode, prefixed, run, self._tokenizers.parallel)
+                vectors = await pipeline(encode, prefixed, run, sizes)
 
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
