@@ -327,10 +327,12 @@ def render(results: dict[str, Any]) -> str:
     if emulated:
         lines.append(
             "- Emulated GPU (`EMULATED_H200`, bench/workload.py): the fake models, each "
-            f"forward pass {emulated['pass_ms']} ms + {emulated['row_ms']} ms per text, one "
-            f"after another; tokenizing {emulated['tokenize_ms_per_text']} ms per text in "
-            f"each tokenizer process; settings {emulated['settings']} (unless set "
-            f"above); the model alone in full batches: {emulated['device_alone']:,.0f} "
+            f"forward pass {emulated['pass_ms']} ms + {emulated['token_ms'] * 1000:.3g} µs "
+            "per token of its padded shape (the CUDA backend's shapes), one after another; "
+            f"tokenizing {emulated['tokenize_ms_per_text']} ms per text in each tokenizer "
+            f"process; one token per character up to {emulated['max_length']}; settings "
+            f"{emulated['settings']} (unless set above); the model alone, batches of 128: "
+            f"{emulated['device_alone']:,.0f} "
             "texts/s. Only the serving process uses this machine's CPU."
         )
     lines += [

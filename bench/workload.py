@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
-from tests.support import fakes, standins
+from fake_openai_server.backends.base import Padding
+from tests.support import standins
 
 EMBED_MODEL = standins.RURI_LARGE
 RERANK_MODEL = standins.RERANKER
@@ -182,38 +183,42 @@ class EmulatedGPU:
     on a machine of two cores.
 
     From ``bench/results/full-cuda-final.md`` (H200, ruri-large shape, float16): the model
-    alone does 1,795 texts/s in batches of 32 and 1,972 in batches of 128, i.e. a pass
-    takes ~2.1 ms plus ~0.49 ms per text; its tokenizer, 825 texts/s on one core, ~1.2 ms
-    per text; the server's forward batches of scenario 3 held ~38 texts (its
-    ``MAX_BATCH_TOKENS`` over ~300-token texts), which the fake texts (all 32 tokens)
-    reach with ``MAX_BATCH_TOKENS`` 38 x 32; 8 tokenizer processes, as there by default.
-    Not emulated: the CPU that tokenizing and the engine use there (here they sleep), so
-    only the serving process competes for this machine's cores.
+    alone does 1,795 texts/s in batches of 32 and 1,972 in batches of 128 (texts of ~300
+    tokens), i.e. a pass takes ~2.1 ms plus ~1.6 µs per token of its padded shape; the
+    tokenizer, 825 texts/s on one core, ~1.2 ms per text; 8 tokenizer processes, as there
+    by default. The fake models pad batches to the shapes the real backend uses on CUDA
+    and take one token per character up to ruri-large's 512, so the corpus's texts have
+    its lengths (100/300/500 characters: ~100/300/500 tokens) and batches form and pad
+    as they do there, within the default ``MAX_BATCH_TOKENS``. Not emulated: the CPU that
+    tokenizing and the engine use there (here they sleep), and that host's slower Python.
     """
 
     pass_ms: float = 2.1
-    row_ms: float = 0.49
+    token_ms: float = 0.001635
     tokenize_ms_per_text: float = 1.2
-    batch_rows: int = 38
+    max_length: int = 512
     tokenizer_workers: int = 8
 
     def fakes(self) -> dict[str, object]:
+        from fake_openai_server.backends import sentence_transformers as st
+
+        padding = Padding(st.BATCH_SIZES, st.LENGTH_STEP, st.LONG_STEP, st.WARM_LENGTH)
         return {
-            "gpu": [self.pass_ms, self.row_ms],
+            "gpu": [self.pass_ms, self.token_ms],
             "tokenizer_ms_per_text": self.tokenize_ms_per_text,
+            "max_length": self.max_length,
+            "padding": {**asdict(padding), "max_length": self.max_length},
         }
 
     def settings(self) -> dict[str, str]:
-        return {
-            "TOKENIZER_WORKERS": str(self.tokenizer_workers),
-            # Every corpus text is cut to the fake model's MAX_LENGTH tokens.
-            "MAX_BATCH_TOKENS": str(self.batch_rows * fakes.MAX_LENGTH),
-        }
+        return {"TOKENIZER_WORKERS": str(self.tokenizer_workers)}
 
     @property
     def device_alone(self) -> float:
-        """Texts/s of the emulated model alone, in full batches."""
-        return 1000 * self.batch_rows / (self.pass_ms + self.row_ms * self.batch_rows)
+        """Texts/s of the emulated model alone: batches of 128 corpus texts (302 tokens on
+        average with the fake tokenizer's two special tokens), each padded to its longest
+        (length-sorted, as ``bench.run``'s model alone)."""
+        return 1000 * 128 / (self.pass_ms + self.token_ms * 128 * 302)
 
 
 EMULATED_H200 = EmulatedGPU()

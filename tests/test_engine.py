@@ -339,7 +339,7 @@ def test_a_large_request_reaches_the_model_after_its_first_small_chunks(
     settings = Settings(warmup=False, tokenizer_workers=2)
     options: dict[str, Any] = {"record": str(record), "tokenizer_ms_per_text": 2}
     if on_gpu:
-        options["gpu"] = [1.0, 0.1]  # ms per pass, per text
+        options["gpu"] = [1.0, 0.01]  # ms per pass, per token
     app = build_app(settings, fake_plugin(**options))
     texts = [f"大きな依頼の{i}番目の文書" for i in range(300)]
 

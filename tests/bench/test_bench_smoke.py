@@ -152,9 +152,9 @@ def test_ab_emulates_the_gpu_hosts_timing_over_the_fake_models(tmp_path: Path) -
     plan = ab.plan_for("tiny", "cpu")
     assert done["A"]["3"]["texts"] == done["B"]["3"]["texts"] == plan.bulk * plan.bulk_repeats
     assert done["min_cosine_b_to_a"] > 0.99
-    # The engine ran the fake models, in batches within the emulated host's budget.
-    assert 1 <= done["B"]["3"]["mean_batch_size"] <= EMULATED_H200.batch_rows
+    assert done["B"]["3"]["mean_batch_size"] >= 1  # the engine ran the fake models
     assert results["emulated_gpu"]["settings"]["TOKENIZER_WORKERS"] == "8"
+    assert results["emulated_gpu"]["device_alone"] == EMULATED_H200.device_alone
     report = (tmp_path / "ab-tiny-emulated-gpu-t.md").read_text()
     assert report.startswith("# A/B: tiny shape on an emulated GPU")
     assert "Median texts/s over the emulated model alone:" in report

@@ -12,9 +12,12 @@ the behaviour with the plugin's options (``fake_plugin(...)``):
   ``too_many`` rows, ``hang``s, or ``die``s (the engine process kills itself);
 - ``tokenizer_raise``: a text holding this character makes the tokenizer raise;
 - ``tokenizer_delay``: seconds every tokenizer call takes;
-- ``gpu``: [fixed ms, ms per row]: the models say they run on ``cuda`` and each pass runs
+- ``gpu``: [fixed ms, ms per token]: the models say they run on ``cuda`` and each pass runs
   on an emulated GPU: ``launch`` returns at once, the passes run one after another, each
-  taking that long, and ``result()`` waits for its own (no CPU spent meanwhile);
+  taking the fixed time plus the per-token time of its padded shape (``padding``), and
+  ``result()`` waits for its own (no CPU spent meanwhile);
+- ``max_length``: the embedding models' maximum length in tokens (the reranker's is 4×;
+  default ``MAX_LENGTH``);
 - ``tokenizer_ms_per_text``: every text (or query + document pair) takes this long to
   tokenize (a sleep: the tokenizer processes of a many-core host, on any machine);
 - ``load_seconds``: loading takes this long;
@@ -72,7 +75,7 @@ def char_ids(text: str) -> list[int]:
 def fake_vector(ids: Sequence[int]) -> FloatArray:
     """The fake model's embedding of ``ids`` (special tokens included)."""
     k = np.arange(1, DIM + 1, dtype=np.float64)
-    total = sum(np.sin(i * k * 0.01) for i in ids)
+    total = np.sin(np.outer(np.asarray(ids, dtype=np.float64), k) * 0.01).sum(axis=0)
     return np.asarray(total / len(ids) + 0.001 * k, dtype=np.float32)
 
 
@@ -191,8 +194,8 @@ class FakeModel:
         self.record = options.get("record")
         self.echo = bool(options.get("echo"))
         self.graph = bool(options.get("graph"))  # say each pass replayed a CUDA graph
-        fixed_ms, row_ms = options.get("gpu") or (0.0, 0.0)
-        self.pass_cost = (float(fixed_ms) / 1000, float(row_ms) / 1000)
+        fixed_ms, token_ms = options.get("gpu") or (0.0, 0.0)
+        self.pass_cost = (float(fixed_ms) / 1000, float(token_ms) / 1000)
         self.device_free_at = 0.0
         self.always_raise = bool(options.get("model_raise")) or (
             info.task == "rerank" and bool(options.get("model_raise_rerank"))
@@ -210,7 +213,10 @@ class FakeModel:
         if self.always_raise:
             raise ValueError(f"shape mismatch in {SECRET}")
         faults = {
-            self.triggers[i] for ids in batch for i in set(ids.tolist()) & self.triggers.keys()
+            self.triggers[i]
+            for ids in batch
+            if self.triggers
+            for i in set(ids.tolist()) & self.triggers.keys()
         }
         rows = self.rows(batch)
         if "raise" in faults:
@@ -230,9 +236,10 @@ class FakeModel:
         if "too_many" in faults:
             rows = np.concatenate([rows, rows[:1]])
         if any(self.pass_cost):
-            fixed, per_row = self.pass_cost
+            fixed, per_token = self.pass_cost
+            shape = self.info.padding.shape(len(batch), max(map(len, batch)))
             start = max(time.monotonic(), self.device_free_at)
-            self.device_free_at = start + fixed + per_row * len(batch)
+            self.device_free_at = start + fixed + per_token * shape[0] * shape[1]
             return OnDevice(rows, self.device_free_at, self.graph)
         return Done(rows, graph=self.graph)
 
@@ -240,7 +247,7 @@ class FakeModel:
         if self.echo:
             return np.array([[ids[0], len(ids)] for ids in batch], dtype=np.float32)
         if self.info.task == "embeddings":
-            return np.stack([fake_vector(ids.tolist()) for ids in batch])
+            return np.stack([fake_vector(ids) for ids in batch])
         logits = np.asarray([_logit_of(ids.tolist()) for ids in batch], dtype=np.float32)
         scores = np.asarray([1 / (1 + math.exp(-x)) for x in logits], dtype=np.float32)
         return np.stack([logits, scores], axis=1)
@@ -251,7 +258,8 @@ def _info(
 ) -> ModelInfo:
     """The options' ``padding`` (Padding's fields): the model pads batches to shapes, as
     on a GPU; ``gpu``: the model says it runs on ``cuda``."""
-    max_length = MAX_LENGTH if task == "embeddings" else 4 * MAX_LENGTH
+    longest = int(options.get("max_length", MAX_LENGTH))
+    max_length = longest if task == "embeddings" else 4 * longest
     info = ModelInfo(
         name=name,
         task=task,
