@@ -212,12 +212,11 @@ class FakeModel:
             time.sleep(self.delay)
         if self.always_raise:
             raise ValueError(f"shape mismatch in {SECRET}")
-        faults = {
-            self.triggers[i]
-            for ids in batch
-            if self.triggers
-            for i in set(ids.tolist()) & self.triggers.keys()
-        }
+        faults: set[str] = set()
+        if self.triggers:  # only then: a set of each row's ids is not free at 512 tokens
+            faults = {
+                self.triggers[i] for ids in batch for i in set(ids.tolist()) & self.triggers.keys()
+            }
         rows = self.rows(batch)
         if "raise" in faults:
             raise RuntimeError(f"CUDA error at {SECRET}")
