@@ -202,12 +202,14 @@ class EmulatedGPU:
     def fakes(self) -> dict[str, object]:
         from fake_openai_server.backends import sentence_transformers as st
 
-        padding = Padding(st.BATCH_SIZES, st.LENGTH_STEP, st.LONG_STEP, st.WARM_LENGTH)
+        padding = Padding(
+            st.BATCH_SIZES, st.LENGTH_STEP, st.LONG_STEP, st.WARM_LENGTH, self.max_length
+        )
         return {
             "gpu": [self.pass_ms, self.token_ms],
             "tokenizer_ms_per_text": self.tokenize_ms_per_text,
             "max_length": self.max_length,
-            "padding": {**asdict(padding), "max_length": self.max_length},
+            "padding": asdict(padding),
         }
 
     def settings(self) -> dict[str, str]:
