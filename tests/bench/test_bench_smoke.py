@@ -131,7 +131,10 @@ def test_ab_runs_both_sides_in_alternating_rounds(hf_home: Path, tmp_path: Path)
             assert a["texts"] == b["texts"] == texts
             assert b["per_s"] > 0 and b["p50_ms"] > 0
             # B pooled two servers' engines: every text ran in one of their batches.
-            assert b["mean_batch_size"] >= 1 and b["api_cpu_cores"] > 0
+            assert b["mean_batch_size"] >= 1 and b["api_cpu_cores"] >= 0
+        # /proc counts CPU in 10 ms ticks: one tiny scenario can read 0 (it did, in CI),
+        # a round's scenarios together cannot.
+        assert sum(done["B"][key]["api_cpu_cores"] for key in ("2", "2-256", "2u")) > 0
     report = (tmp_path / "ab-tiny-cpu-t.md").read_text()
     assert "B: 2 servers of this tree" in report
     assert "| 2-256 | 2 | B |" in report
