@@ -77,6 +77,7 @@ TREES = ("A", "B")
 COLUMNS = (
     ("per_s", "texts/s", "{:,.1f}"),
     ("p50_ms", "p50 ms", "{:.1f}"),
+    ("p99_ms", "p99 ms", "{:.1f}"),
     ("mean_batch_size", "mean batch", "{:.1f}"),
     ("model_busy_fraction", "model busy", "{:.0%}"),
     ("gpu_busy", "GPU busy", "{:.0%}"),
@@ -101,9 +102,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--scenarios",
         nargs="+",
         default=["2"],
-        choices=["1", "2", "3"],
-        help="embeddings scenarios as in bench.run (2 runs 2, 2-256 and 2u); GET /health "
-        "runs too, where B is one server",
+        choices=["1", "2", "3", "5"],
+        help="embeddings scenarios as in bench.run (2 runs 2, 2-256 and 2u); 5: 16 chat "
+        "users, one text per request, while a bulk job sends scenario 3's requests (its "
+        "p50/p99 are the chat users'); GET /health runs too, where B is one server",
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
@@ -362,6 +364,20 @@ def render(results: dict[str, Any]) -> str:
                 + " | ".join(f"{m / emulated['device_alone']:.2f}×" for m in medians)
                 + " |"
             )
+    if "5" in results["b_over_a"]:
+        lines += [
+            "",
+            "Scenario 5, the chat users' one-text requests beside the bulk job: median over "
+            "the rounds, A → B:",
+            "",
+            "| p50 ms | p90 ms | p99 ms | chat requests/s | bulk texts/s |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        cells = []
+        for key in ("p50_ms", "p90_ms", "p99_ms", "one_text_per_s", "bulk_texts_per_s"):
+            a, b = (statistics.median(r[n]["5"][key] for r in results["rounds"]) for n in "AB")
+            cells.append(f"{a:,.1f} → {b:,.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
     cosines = [r["min_cosine_b_to_a"] for r in results["rounds"]]
     if any(c is not None for c in cosines):
         least = min(c for c in cosines if c is not None)

@@ -244,10 +244,11 @@ def single_texts(plan: Plan) -> list[str]:
 
 
 def embedding_texts(plan: Plan, wanted: set[str]) -> dict[str, list[str]]:
-    """Each embeddings scenario's texts, for the scenarios wanted ("1", "2", "3"): one
-    request per text for 1, 2, 2-256 and 2u; all of them in each request of 3.
+    """Each embeddings scenario's texts, for the scenarios wanted ("1", "2", "3", "5"):
+    one request per text for 1, 2, 2-256, 2u and 5; all of them in each request of 3 and
+    of 5's bulk job ("5-bulk").
 
-    1 and 2u are 300-character texts; 2, 2-256 and 3 the mixed corpus, cycled.
+    1 and 2u are 300-character texts; 2, 2-256, 3 and 5 the mixed corpus, cycled.
     """
     corpus = corpus_texts(plan.corpus)
     texts: dict[str, list[str]] = {}
@@ -259,4 +260,7 @@ def embedding_texts(plan: Plan, wanted: set[str]) -> dict[str, list[str]]:
         texts["2u"] = texts_300(plan.uniform_requests, seed=3000)
     if "3" in wanted:
         texts["3"] = cycle(corpus, plan.bulk)
+    if "5" in wanted:  # the corpus one text at a time, beside requests of scenario 3's texts
+        texts["5"] = corpus
+        texts["5-bulk"] = cycle(corpus, plan.bulk)
     return texts

@@ -20,7 +20,7 @@ import pytest
 from fake_openai_server.api.app import build_app
 from fake_openai_server.backends.base import IdArray, ModelInfo, Padding
 from fake_openai_server.engine.core import BatchReport, Engine
-from fake_openai_server.engine.queue import BatchLimits, BucketQueue, Item
+from fake_openai_server.engine.queue import BatchLimits, BucketQueue, Flow, Item
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.service.common import FIRST_CHUNK, TOKENIZE_CHUNK, chunk_sizes
 from fake_openai_server.settings import Settings
@@ -104,6 +104,65 @@ def test_taking_a_batch_costs_the_same_at_any_queue_length() -> None:
     small, large = per_batch(1_000), per_batch(100_000)
     assert large < 0.005, large  # well under a millisecond here; loose for a busy machine
     assert large < 10 * small + 0.001, (small, large)
+
+
+def batch_of(queue: BucketQueue, limits: BatchLimits, item: Item) -> int:
+    """Which batch (0, 1, ...) the queue gives ``item`` in."""
+    for number in range(10_000):
+        if item in queue.take(limits):
+            return number
+    raise AssertionError("never taken")
+
+
+FIVE = BatchLimits(max_items=5, max_tokens=4096, max_padding=1.1, free_waste=0)
+
+
+@pytest.mark.parametrize("paced", [True, False], ids=["paced", "first-come"])
+def test_a_short_request_waits_for_one_batch_of_a_bulk_request_not_all_of_it(
+    paced: bool,
+) -> None:
+    """A bulk request's first ``quantum`` tokens are due on arrival, the rest at the
+    pace (seconds per token) the queue is given: a one-text request that arrives after
+    it goes ahead of its items due later. Without a pace (0), first come first served:
+    the one text waits behind all of the bulk request's 100 items."""
+    queue = BucketQueue(quantum=1000, seconds_per_token=0.001 if paced else 0.0)
+    queue.push(items(*[100] * 100), Flow(), now=0.0)  # items 0-10 due at 0, 11 at 0.1, ...
+    single = items(100)
+    queue.push(single, Flow(), now=0.05)
+    # Paced: after items 0-10 (two batches of five, then 10 with it), before item 11.
+    assert batch_of(queue, FIVE, single[0]) == (2 if paced else 20)
+
+
+def test_a_bulk_request_is_never_starved_by_short_ones_arriving_after_it() -> None:
+    """Its items are due at fixed times, so each goes before every short request that
+    arrives after it is due, however many keep arriving and keep the model busy."""
+    queue = BucketQueue(quantum=0, seconds_per_token=0.001)
+    bulk = items(*[100] * 20)
+    queue.push(bulk, Flow(), now=0.0)  # due at 0, 0.1, ..., 1.9
+    shorts: list[Item] = []
+    taken: list[Item] = []
+    for step in range(60):  # a short request every 0.05 s, one item taken for each
+        shorts += items(100)
+        queue.push(shorts[-1:], Flow(), now=0.05 * step)
+        taken += queue.take(BatchLimits(1, 4096, 1.1, 0))
+    assert all(item in taken for item in bulk)
+    for item in bulk:
+        after = [short for short in shorts if short.due > item.due]
+        assert all(taken.index(item) < taken.index(s) for s in after if s in taken)
+    assert taken.index(bulk[-1]) < taken.index(shorts[39])  # due 1.9, before 1.95's
+
+
+def test_a_request_queued_in_chunks_is_paced_as_one() -> None:
+    """Its ``Flow`` carries the tokens queued so far from chunk to chunk."""
+    queue = BucketQueue(quantum=200, seconds_per_token=0.001)
+    flow = Flow()
+    first, second = items(100, 100, 100), items(100, 100)
+    queue.push(first, flow, now=1.0)
+    queue.push(second, flow, now=1.01)
+    # 200 tokens due on arrival, then 0.1 s a hundred tokens: 1.1, 1.2; the first
+    # chunk's due at 1.0, the second's arrival at 1.01 does not reset the pace.
+    assert [item.due for item in first + second] == pytest.approx([1.0, 1.0, 1.0, 1.1, 1.2])
+    assert flow.tokens == 500
 
 
 def gpu_padding(max_length: int = 512) -> Padding:
@@ -357,6 +416,37 @@ def test_a_large_request_reaches_the_model_after_its_first_small_chunks(
         assert len(passes[0]) <= 16
     else:
         assert len(passes[0]) >= 64
+
+
+def test_a_one_text_request_is_answered_while_a_bulk_request_runs() -> None:
+    """Dify's one-text query arriving while a client's bulk request of 2,000 texts runs
+    (on an emulated GPU: 2 ms a pass plus 10 µs a token, paced at twice that): it waits
+    for about a batch, not for the whole bulk request (seen to fail with first come,
+    first served: it was answered after the bulk request)."""
+    settings = Settings(max_inputs=2048)
+    app = build_app(settings, fake_plugin(gpu=[2.0, 0.01], max_length=128))
+    bulk = [f"大量の文書の{i}番目。" + "あ" * 90 for i in range(2000)]  # ~100 tokens each
+
+    async def scenario(base_url: str) -> tuple[float, float, float]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+            started = time.perf_counter()
+
+            async def timed(texts: list[str]) -> float:
+                reply = await client.post("/v1/embeddings", json={"input": texts})
+                assert reply.status_code == 200, reply.text
+                assert len(reply.json()["data"]) == len(texts)
+                return time.perf_counter() - started
+
+            running = asyncio.ensure_future(timed(bulk))
+            await asyncio.sleep(0.5)  # the bulk request's items are queued
+            single = await timed(["今日の天気は?"])
+            return 0.5, single, await running
+
+    with serve_app(app) as server:
+        sent, single, bulk_done = asyncio.run(scenario(server.base_url))
+    # ~2 s of passes in all: the single text came back long before the bulk request.
+    assert bulk_done > 1.5, bulk_done
+    assert single - sent < 0.35 * (bulk_done - sent), (single - sent, bulk_done)
 
 
 @pytest.mark.anyio

@@ -32,7 +32,8 @@ import numpy as np
 
 from fake_openai_server.backends.base import FloatArray, IdArray, ModelInfo, Plugin
 from fake_openai_server.engine.process import EngineProcess, Loaded, Ran
-from fake_openai_server.engine.queue import BatchLimits, BucketQueue, Item
+from fake_openai_server.engine.queue import PACE, BatchLimits, BucketQueue, Item
+from fake_openai_server.engine.queue import Flow as Flow  # what a request hands submit()
 from fake_openai_server.engine.worker import PassCost
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.settings import Settings
@@ -208,7 +209,10 @@ class Engine:
                 padding=info.padding,
             )
             observer = self.observers(info.name) if self.observers else None
-            self._lanes[info.name] = _Lane(index, info, limits, observer=observer)
+            # A request's first batch's worth of tokens is due on arrival; the rest at the
+            # pace of the model at 1/PACE of its measured speed (engine/queue.py).
+            queue = BucketQueue(s.max_batch_tokens, PACE * cost.token_seconds)
+            self._lanes[info.name] = _Lane(index, info, limits, queue, observer=observer)
             log.info(
                 "%s: a forward pass costs %.1f ms + %.1f µs per token: batches may carry "
                 "%d padding tokens",
@@ -272,8 +276,14 @@ class Engine:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
-    async def submit(self, model: str, items: Sequence[IdArray]) -> FloatArray:
-        """Queue ``items`` for ``model`` and return their rows, stacked in the same order."""
+    async def submit(
+        self, model: str, items: Sequence[IdArray], flow: Flow | None = None
+    ) -> FloatArray:
+        """Queue ``items`` for ``model`` and return their rows, stacked in the same order.
+
+        ``flow`` is their request's, when it queues its items in several chunks (one
+        ``Flow()`` per request): its items beyond the first batch's worth are paced.
+        """
         if not items:
             raise ValueError("submit() needs at least one item")
         lane = self._lanes[model]
@@ -290,7 +300,7 @@ class Engine:
         future: asyncio.Future[FloatArray] = asyncio.get_running_loop().create_future()
         job = _Job(future, total=len(items), remaining=len(items))
         now = time.perf_counter()
-        queue.push([Item(job, i, ids, enqueued=now) for i, ids in enumerate(items)])
+        queue.push([Item(job, i, ids, enqueued=now) for i, ids in enumerate(items)], flow, now)
         job.queued_items, job.queued_tokens = len(items), cost
         self._wake.set()
         try:

@@ -1,19 +1,26 @@
 """The items waiting for one model, grouped by length so that batches form cheaply.
 
-A batch starts from the oldest waiting item (no request starves) and takes the items
-closest to it in length, within the batch size, the padded-token budget and the
-padding the device can afford. Items sit in buckets of lengths within ``BUCKET_RATIO``
-of each other, each in arrival order, so forming a batch looks at the buckets around
-the oldest item and costs O(batch + buckets looked at), whatever the length of the
-queue. Items of a
-request that has gone (cancelled, timed out) are left where they are and skipped when
-reached; the queue is compacted once they outnumber the live ones.
+Every item is *due* at a time, and a batch starts from the item due first (no request
+starves) and takes the items closest to it in length, within the batch size, the
+padded-token budget and the padding the device can afford. An item is due when it
+arrives, except a large request's beyond its first ``quantum`` tokens (one batch's
+worth): those are due as if the request had the model at ``1/PACE`` of its speed, so a
+request of a few texts that arrives while a bulk request of thousands is queued waits
+for about one batch of it, not for all of it, and the bulk request still keeps at
+least that share of the model while others keep it busy.
+
+Items sit in buckets of lengths within ``BUCKET_RATIO`` of each other, each a heap by
+due time, so forming a batch looks at the buckets around the first item due and costs
+O(batch x log(queue) + buckets looked at), however long the queue. Items of a request
+that has gone (cancelled, timed out) are left where they are and skipped when reached;
+the queue is compacted once they outnumber the live ones.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +33,10 @@ _LOG_RATIO = math.log(BUCKET_RATIO)
 # A batch looks at most this many buckets on either side of its oldest item (lengths
 # 100 times shorter or longer): beyond that the padding rules refuse anyway.
 MAX_BUCKET_DISTANCE = 160
+# A large request's items beyond its first batch are due at the pace of the model at
+# 1/PACE of its speed (its measured seconds per token, times PACE): the share of the
+# model a bulk request keeps while short requests keep arriving.
+PACE = 2.0
 
 
 def bucket_of(length: int) -> int:
@@ -38,6 +49,7 @@ class Item:
     position: int
     ids: IdArray
     enqueued: float = 0.0
+    due: float = 0.0  # when it should start, by the pacing above (set by push)
     cost: int = field(init=False)
     taken: bool = False
 
@@ -69,21 +81,49 @@ class BatchLimits:
         return waste <= self.free_waste or padded <= self.max_padding * real
 
 
+@dataclass(eq=False, slots=True)
+class Flow:
+    """One request's place in its model's queue, across the chunks it is queued in."""
+
+    start: float = -1.0  # when its first item arrived (-1: none yet)
+    tokens: int = 0  # its tokens queued so far
+
+
+# A heap entry: (due, arrival number, item); the arrival number breaks ties in order.
+Entry = tuple[float, int, Item]
+
+
 class BucketQueue:
-    def __init__(self) -> None:
-        self._buckets: dict[int, deque[Item]] = {}
-        self._arrivals: deque[Item] = deque()
+    def __init__(self, quantum: int = 0, seconds_per_token: float = 0.0) -> None:
+        """``quantum``: the tokens of a request due on arrival; ``seconds_per_token``:
+        the pace of the rest (0: every item is due on arrival, first come first served)."""
+        self.quantum = quantum
+        self.seconds_per_token = seconds_per_token
+        self._buckets: dict[int, list[Entry]] = {}
+        self._due: list[Entry] = []  # every item not yet reached at the top, by due time
+        self._arrivals = itertools.count()
         self.tokens = 0  # live tokens waiting
         self.items = 0  # live items waiting
-        self._dead = 0  # items of gone requests still in the deques
+        self._dead = 0  # items of gone requests still in the heaps
 
     def __len__(self) -> int:
         return self.items
 
-    def push(self, items: list[Item]) -> None:
+    def push(self, items: list[Item], flow: Flow | None = None, now: float = 0.0) -> None:
+        """Queue ``items``, arrived at ``now``: the next of ``flow``'s (their request's)
+        when given, else a request of their own."""
+        flow = flow or Flow()
+        if flow.start < 0:
+            flow.start = now
         for item in items:
-            self._buckets.setdefault(bucket_of(item.cost), deque()).append(item)
-            self._arrivals.append(item)
+            item.due = now
+            beyond = flow.tokens - self.quantum
+            if beyond > 0:
+                item.due = max(now, flow.start + beyond * self.seconds_per_token)
+            flow.tokens += item.cost
+            entry = (item.due, next(self._arrivals), item)
+            heapq.heappush(self._buckets.setdefault(bucket_of(item.cost), []), entry)
+            heapq.heappush(self._due, entry)
             self.tokens += item.cost
         self.items += len(items)
 
@@ -96,14 +136,15 @@ class BucketQueue:
             self._compact()
 
     def take(self, limits: BatchLimits) -> list[Item]:
-        """The next batch: the oldest item and those closest to it in length."""
-        anchor = self._oldest()
-        if anchor is None:
+        """The next batch: the item due first and those closest to it in length."""
+        first = self._first()
+        if first is None:
             return []
-        home = bucket_of(anchor.cost)
+        home = bucket_of(first.cost)
         batch: list[Item] = []
         longest = real = 0
-        # Buckets in order of distance from the anchor's: home, home-1, home+1, ...
+        # Buckets in order of distance from the first item's: home, home-1, home+1, ...
+        # (its own bucket gives it first: it is due before any other there).
         sides = {-1: True, 1: True}
         for distance in range(MAX_BUCKET_DISTANCE + 1):
             for side in (1,) if distance == 0 else (-1, 1):
@@ -111,9 +152,9 @@ class BucketQueue:
                     continue
                 bucket = self._buckets.get(home + side * distance)
                 while bucket:
-                    item = bucket[0]
+                    item = bucket[0][2]
                     if not item.live:
-                        bucket.popleft()
+                        heapq.heappop(bucket)
                         self._skip(item)
                         continue
                     widest = max(longest, item.cost)
@@ -122,7 +163,7 @@ class BucketQueue:
                         if distance:
                             sides[side] = False
                         break
-                    bucket.popleft()
+                    heapq.heappop(bucket)
                     item.taken = True
                     batch.append(item)
                     longest, real = widest, real + item.cost
@@ -133,25 +174,27 @@ class BucketQueue:
         return self._taken(batch, real)
 
     def drain(self) -> list[Item]:
-        """Every live item, oldest first; the queue is left empty."""
-        live = [item for item in self._arrivals if item.live]
+        """Every live item, first due first; the queue is left empty."""
+        live = [entry[2] for entry in sorted(self._due) if entry[2].live]
         self._buckets.clear()
-        self._arrivals.clear()
+        self._due.clear()
         self.tokens = self.items = self._dead = 0
         return live
 
     # --- internals ----------------------------------------------------------------
-    def _oldest(self) -> Item | None:
-        while self._arrivals and not self._arrivals[0].live:
-            item = self._arrivals.popleft()
+    def _first(self) -> Item | None:
+        """The live item due first (items taken or gone are dropped from the top)."""
+        due = self._due
+        while due and not due[0][2].live:
+            item = heapq.heappop(due)[2]
             if not item.taken:
                 # Gone, and reached here first: the bucket no longer needs to skip it.
                 item.taken = True
                 self._dead -= 1
-        return self._arrivals[0] if self._arrivals else None
+        return due[0][2] if due else None
 
     def _skip(self, item: Item) -> None:
-        """A gone item reached the head of its bucket: count it out once."""
+        """A gone item reached the top of its bucket: count it out once."""
         if not item.taken:
             item.taken = True
             self._dead -= 1
@@ -165,10 +208,12 @@ class BucketQueue:
 
     def _compact(self) -> None:
         for key in list(self._buckets):
-            kept = deque(item for item in self._buckets[key] if item.live)
+            kept = [entry for entry in self._buckets[key] if entry[2].live]
             if kept:
+                heapq.heapify(kept)
                 self._buckets[key] = kept
             else:
                 del self._buckets[key]
-        self._arrivals = deque(item for item in self._arrivals if item.live)
+        self._due = [entry for entry in self._due if entry[2].live]
+        heapq.heapify(self._due)
         self._dead = 0

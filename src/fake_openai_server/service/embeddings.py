@@ -11,7 +11,7 @@ from typing import cast
 import numpy as np
 
 from fake_openai_server.backends.base import Encoded, FloatArray, ModelInfo, Tokenizer
-from fake_openai_server.engine.core import Engine
+from fake_openai_server.engine.core import Engine, Flow
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.families import INPUT_TYPE_ALIASES, Family, apply_prefix
 from fake_openai_server.service.common import (
@@ -127,6 +127,7 @@ class EmbeddingsService:
         self.check_dimensions(name, dimensions)
 
         tokens = RequestTokens(limits.max_request_tokens)
+        flow = Flow()  # the request's place in the queue, across its chunks
         mode = truncate or ("end" if limits.truncate else "none")
         why = " (TRUNCATE=false)" if truncate is None else ", and the request asked not to truncate"
 
@@ -140,7 +141,7 @@ class EmbeddingsService:
                         param="input",
                     )
             tokens.add(encoded)
-            return await self._engine.submit(name, [item.ids for item in encoded])
+            return await self._engine.submit(name, [item.ids for item in encoded], flow)
 
         if inputs and not isinstance(inputs[0], str):
             rows = cast(Sequence[Sequence[int]], inputs)

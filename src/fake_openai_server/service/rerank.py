@@ -15,7 +15,7 @@ from fake_openai_server.backends.base import (
     ModelInfo,
     Tokenizer,
 )
-from fake_openai_server.engine.core import Engine
+from fake_openai_server.engine.core import Engine, Flow
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.service.common import (
     ModelNames,
@@ -103,12 +103,13 @@ class RerankService:
         check_texts(documents, documents_param, limits.max_input_chars)
 
         tokens = RequestTokens(limits.max_request_tokens)
+        flow = Flow()  # the request's place in the queue, across its chunks
 
         async def run(encoded: list[Encoded]) -> FloatArray:
             if truncate is False:
                 _refuse_cut_pairs(encoded, self.models[name].info.max_length)
             tokens.add(encoded)
-            return await self._engine.submit(name, [item.ids for item in encoded])
+            return await self._engine.submit(name, [item.ids for item in encoded], flow)
 
         prepare = partial(self._tokenizers.encode_pairs, name, query)
         rows = await pipeline(prepare, documents, run, self._tokenizers.chunk_sizes(len(documents)))
