@@ -189,7 +189,9 @@ class EmulatedGPU:
     by default. The fake models pad batches to the shapes the real backend uses on CUDA
     and take one token per character up to ruri-large's 512, so the corpus's texts have
     its lengths (100/300/500 characters: ~100/300/500 tokens) and batches form and pad
-    as they do there, within the default ``MAX_BATCH_TOKENS``. Not emulated: the CPU that
+    as they do there, within the default ``MAX_BATCH_TOKENS``; their vectors have
+    ruri-large's 1,024 dimensions, so replies are as large as there and cost the serving
+    process as much to write (a one-text reply in floats: ~10 KB). Not emulated: the CPU that
     tokenizing and the engine use there (here they sleep), and that host's slower Python.
     """
 
@@ -197,6 +199,7 @@ class EmulatedGPU:
     token_ms: float = 0.001635
     tokenize_ms_per_text: float = 1.2
     max_length: int = 512
+    dimension: int = 1024
     tokenizer_workers: int = 8
 
     def fakes(self) -> dict[str, object]:
@@ -209,6 +212,7 @@ class EmulatedGPU:
             "gpu": [self.pass_ms, self.token_ms],
             "tokenizer_ms_per_text": self.tokenize_ms_per_text,
             "max_length": self.max_length,
+            "dimension": self.dimension,
             "padding": asdict(padding),
         }
 
