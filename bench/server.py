@@ -113,10 +113,8 @@ def _server_env(
     """This environment minus anything the server would read as a setting; then ours.
 
     The ``src`` of ``server_src`` (another commit's tree), else of this tree, comes first
-    on PYTHONPATH: the server runs from that tree, the benchmark from this one. Both
-    sides of an A/B start alike: with this tree's package found through the virtual
-    environment instead (no PYTHONPATH), an A/A comparison on the emulated GPU put B
-    ahead by 7-8% at 32 clients in every round; with the same path, 0.95-1.00.
+    on PYTHONPATH: the server runs from that tree, the benchmark from this one, and both
+    sides of an A/B start the same way.
     """
     from fake_openai_server.settings import Settings
 

@@ -18,6 +18,7 @@ the behaviour with the plugin's options (``fake_plugin(...)``):
   ``result()`` waits for its own (no CPU spent meanwhile);
 - ``max_length``: the embedding models' maximum length in tokens (the reranker's is 4×;
   default ``MAX_LENGTH``);
+- ``dimension``: the embedding models' vectors have this many floats (default ``DIM``);
 - ``tokenizer_ms_per_text``: every text (or query + document pair) takes this long to
   tokenize (a sleep: the tokenizer processes of a many-core host, on any machine);
 - ``load_seconds``: loading takes this long;
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from fake_openai_server.backends.base import (
     Done,
@@ -72,21 +74,29 @@ def char_ids(text: str) -> list[int]:
     return [ord(c) % (VOCAB - 10) + 10 for c in text]
 
 
-def fake_vector(ids: Sequence[int]) -> FloatArray:
-    """The fake model's embedding of ``ids`` (special tokens included)."""
+def fake_vector(ids: Sequence[int], dim: int = DIM) -> FloatArray:
+    """The fake model's embedding of ``ids`` (special tokens included), ``dim`` floats."""
     k = np.arange(1, DIM + 1, dtype=np.float64)
     total = sum(np.sin(i * k * 0.01) for i in ids)
-    return np.asarray(total / len(ids) + 0.001 * k, dtype=np.float32)
+    return _widened(total, len(ids), dim)
 
 
-def fake_vector_at_once(ids: IdArray) -> FloatArray:
+def fake_vector_at_once(ids: IdArray, dim: int = DIM) -> FloatArray:
     """``fake_vector`` in one numpy call (the same float32 values), for the emulated GPU:
     the loop costs ~0.3 ms of the engine process's CPU per 500-token text, which a GPU
     would not spend. The other fakes keep the loop: the tests' timings were set with it
     (with this one everywhere, the 100,000-item flood's /health probes waited longer)."""
     k = np.arange(1, DIM + 1, dtype=np.float64)
     total = np.sin(np.outer(ids.astype(np.float64), k) * 0.01).sum(axis=0)
-    return np.asarray(total / len(ids) + 0.001 * k, dtype=np.float32)
+    return _widened(total, len(ids), dim)
+
+
+def _widened(total: npt.NDArray[np.float64], n: int, dim: int) -> FloatArray:
+    """The DIM sums, averaged, repeated to ``dim`` floats and told apart by a ramp: as
+    cheap at ruri-large's 1,024 dimensions as at 8 (a sine per id and dimension cost the
+    emulated GPU's engine ~5 ms a text), and as long in JSON as a model's floats."""
+    k = np.arange(1, dim + 1, dtype=np.float64)
+    return np.asarray(np.resize(total, dim) / n + 0.001 * k, dtype=np.float32)
 
 
 def fake_text_vector(text: str) -> FloatArray:
@@ -256,9 +266,10 @@ class FakeModel:
         if self.echo:
             return np.array([[ids[0], len(ids)] for ids in batch], dtype=np.float32)
         if self.info.task == "embeddings":
+            dim = self.info.dimension or DIM  # the ``dimension`` option's
             if any(self.pass_cost):
-                return np.stack([fake_vector_at_once(ids) for ids in batch])
-            return np.stack([fake_vector(ids.tolist()) for ids in batch])
+                return np.stack([fake_vector_at_once(ids, dim) for ids in batch])
+            return np.stack([fake_vector(ids.tolist(), dim) for ids in batch])
         logits = np.asarray([_logit_of(ids.tolist()) for ids in batch], dtype=np.float32)
         scores = np.asarray([1 / (1 + math.exp(-x)) for x in logits], dtype=np.float32)
         return np.stack([logits, scores], axis=1)
