@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,16 @@ import numpy as np
 import pytest
 
 from fake_openai_server.api.app import build_app
-from fake_openai_server.backends.base import IdArray, ModelInfo, Padding
+from fake_openai_server.backends.base import Encoded, FloatArray, IdArray, ModelInfo, Padding
 from fake_openai_server.engine.core import BatchReport, Engine
 from fake_openai_server.engine.queue import BatchLimits, BucketQueue, Flow, Item
 from fake_openai_server.errors import ErrorKind, ServiceError
-from fake_openai_server.service.common import FIRST_CHUNK, TOKENIZE_CHUNK, chunk_sizes
+from fake_openai_server.service.common import (
+    FIRST_CHUNK,
+    TOKENIZE_CHUNK,
+    chunk_sizes,
+    pipeline,
+)
 from fake_openai_server.settings import Settings
 from tests.support.fakes import char_ids, fake_plugin, fake_text_vector
 from tests.support.live import serve_app
@@ -383,6 +388,56 @@ def test_a_large_request_is_cut_into_small_chunks_first_then_doubling_ones() -> 
         for parallel in (1, 2, 3, 8):
             sizes = chunk_sizes(count, parallel, 8)
             assert sum(sizes) == count and max(sizes) <= TOKENIZE_CHUNK
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("parallel", [2, 0])
+async def test_a_large_request_tokenizes_as_many_chunks_at_once_as_there_are_tokenizers(
+    parallel: int,
+) -> None:
+    """Its other chunks wait in the request, not in the tokenizers' queues (0: no bound,
+    every chunk at once); each chunk still runs as soon as it is ready, outputs in order."""
+    preparing = most = 0
+
+    async def prepare(chunk: Sequence[int]) -> list[Encoded]:
+        nonlocal preparing, most
+        preparing += 1
+        most = max(most, preparing)
+        await asyncio.sleep(0.001)
+        preparing -= 1
+        return [Encoded.of([n]) for n in chunk]
+
+    async def run(encoded: list[Encoded]) -> FloatArray:
+        return np.array([[item.ids[0]] for item in encoded], dtype=np.float32)
+
+    rows = await pipeline(prepare, list(range(1000)), run, chunk_sizes(1000, 2, 8), parallel)
+    assert rows[:, 0].tolist() == list(range(1000))
+    assert most == (2 if parallel else len(chunk_sizes(1000, 2, 8)))
+
+
+def test_a_one_text_request_is_tokenized_while_a_bulk_request_is() -> None:
+    """A query arriving while 2 tokenizer processes work through a bulk request of 2,000
+    texts (2 ms a text: 2 s in all) waits for one chunk at most, not for every chunk
+    queued ahead of it (seen to fail with every chunk sent at once: ~1.7 s)."""
+    settings = Settings(tokenizer_workers=2, max_inputs=2048)
+    app = build_app(settings, fake_plugin(tokenizer_ms_per_text=2))
+    bulk = [f"大量の文書の{i}番目" for i in range(2000)]
+
+    async def scenario(base_url: str) -> tuple[float, float]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+            started = time.perf_counter()
+            running = asyncio.ensure_future(client.post("/v1/embeddings", json={"input": bulk}))
+            await asyncio.sleep(0.3)
+            sent = time.perf_counter()
+            reply = await client.post("/v1/embeddings", json={"input": "今日の天気は?"})
+            single = time.perf_counter() - sent
+            assert reply.status_code == 200 and (await running).status_code == 200
+            return single, time.perf_counter() - started
+
+    with serve_app(app) as server:
+        single, bulk_seconds = asyncio.run(scenario(server.base_url))
+    assert bulk_seconds > 1.5, bulk_seconds  # 2,000 texts at 2 ms on 2 processes
+    assert single < 0.45, (single, bulk_seconds)  # a chunk of 64 texts takes 0.13 s
 
 
 @pytest.mark.parametrize("on_gpu", [True, False], ids=["gpu", "cpu"])

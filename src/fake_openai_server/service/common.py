@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
@@ -102,20 +103,27 @@ async def pipeline(
     items: Sequence[T],
     run: Callable[[list[Encoded]], Awaitable[FloatArray]],
     sizes: Sequence[int] = (),
+    parallel: int = 0,
 ) -> FloatArray:
     """Prepare (tokenize) ``items`` in chunks of ``sizes`` (by default ``chunk_sizes``'s)
     and run each chunk as soon as it is ready.
 
-    A large request starts on the model while the rest is still being tokenized.
+    A large request starts on the model while the rest is still being tokenized. At
+    most ``parallel`` of its chunks are being prepared at once (0: all of them), one per
+    tokenizer: the others wait here, not in the tokenizers' own queues, where a short
+    request arriving after a bulk one would wait behind all of its chunks.
     If any chunk fails, the others are cancelled (their queued work is dropped).
     Returns the outputs stacked in input order.
     """
+    if len(items) <= TOKENIZE_CHUNK:
+        return await run(await prepare(items))  # one chunk (Dify's one text): no tasks to spare
+    turns = asyncio.Semaphore(parallel) if parallel > 0 else contextlib.nullcontext()
 
     async def one(chunk: Sequence[T]) -> FloatArray:
-        return await run(await prepare(chunk))
+        async with turns:
+            encoded = await prepare(chunk)
+        return await run(encoded)
 
-    if len(items) <= TOKENIZE_CHUNK:
-        return await one(items)  # one chunk (Dify's one text): no tasks to spare
     chunks = []
     start = 0
     for size in sizes or chunk_sizes(len(items)):

@@ -158,12 +158,13 @@ class EmbeddingsService:
             prefixed = [apply_prefix(entry.family, text, kind) for text in texts]
             encode = partial(self._tokenizers.encode, name)
             sizes = self._tokenizers.chunk_sizes(len(texts))
+            parallel = self._tokenizers.parallel()
             if mode == "start":
                 cut_start = keep_the_end(encode, entry.info.max_length)
                 parts = [split_prefix(entry.family, text) for text in prefixed]
-                vectors = await pipeline(cut_start, parts, run, sizes)
+                vectors = await pipeline(cut_start, parts, run, sizes, parallel)
             else:
-                vectors = await pipeline(encode, prefixed, run, sizes)
+                vectors = await pipeline(encode, prefixed, run, sizes, parallel)
 
         if dimensions is not None:
             vectors = vectors[:, :dimensions]

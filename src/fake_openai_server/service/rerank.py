@@ -112,7 +112,8 @@ class RerankService:
             return await self._engine.submit(name, [item.ids for item in encoded], flow)
 
         prepare = partial(self._tokenizers.encode_pairs, name, query)
-        rows = await pipeline(prepare, documents, run, self._tokenizers.chunk_sizes(len(documents)))
+        sizes = self._tokenizers.chunk_sizes(len(documents))
+        rows = await pipeline(prepare, documents, run, sizes, self._tokenizers.parallel())
         # Each row holds the raw logit and the model's own activation of it.
         scores = rows[:, RERANK_COLUMNS.index("logit" if raw_scores else "score")]
         if not np.isfinite(scores).all():

@@ -58,6 +58,7 @@ class TokenizerProcess(WorkerProcess):
     module = "fake_openai_server.service.tokenize_worker"
     # One process is one core's worth of tokenizing: no thread pool of its own in Rust.
     environment: ClassVar[dict[str, str]] = {"TOKENIZERS_PARALLELISM": "false"}
+    texts = 0  # texts sent to it and not yet answered
 
     def decode(self, kind: int, body: bytes) -> tuple[int, Any]:
         call_id, rows, original, truncated = wire.unpack_tokens(body)
@@ -167,8 +168,12 @@ class TokenizerPool:
         """
         if count <= TOKENIZE_CHUNK or not self._on_gpu:
             return chunk_sizes(count)
-        parallel = sum(worker.alive for worker in self.workers) or THREADS
-        return chunk_sizes(count, parallel, FIRST_CHUNK)
+        return chunk_sizes(count, self.parallel(), FIRST_CHUNK)
+
+    def parallel(self) -> int:
+        """How many chunks are tokenized at once: one per live tokenizer process, or per
+        thread where there are none (a request's further chunks wait their turn)."""
+        return sum(worker.alive for worker in self.workers) or THREADS
 
     async def encode(self, model: str, texts: Sequence[str]) -> list[Encoded]:
         return await self._run(model, ENCODE, list(texts))
@@ -185,7 +190,10 @@ class TokenizerPool:
                 return tokenize(tokenizer, operation, texts)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._threads, tokenize, tokenizer, operation, texts)
-        worker = min(live, key=lambda w: w.in_flight)
+        # The one with the fewest texts to go: a short request goes where the chunk ahead
+        # of it is smallest.
+        worker = min(live, key=lambda w: w.texts)
+        worker.texts += len(texts)
         try:
             result: list[Encoded] = await worker.call(
                 lambda call_id: wire.pack_texts(call_id, target, operation, texts)
@@ -198,6 +206,8 @@ class TokenizerPool:
         except CallFailed as exc:
             # The tokenizer raised: a server error, without the exception's text.
             raise RuntimeError(f"the tokenizer raised {exc.error_type}") from None
+        finally:
+            worker.texts -= len(texts)
         return result
 
     async def stop(self) -> None:
