@@ -6,8 +6,8 @@ padded-token budget and the padding the device can afford. An item is due when i
 arrives, except a large request's beyond its first ``quantum`` tokens (one batch's
 worth): those are due as if the request had the model at ``1/PACE`` of its speed, so a
 request of a few texts that arrives while a bulk request of thousands is queued waits
-for about one batch of it, not for all of it, and the bulk request still keeps at
-least that share of the model while others keep it busy.
+for about one batch of it, not for all of it, and the bulk request still keeps about
+that share of the model while others keep it busy.
 
 Items sit in buckets of lengths within ``BUCKET_RATIO`` of each other, each a heap by
 due time, so forming a batch looks at the buckets around the first item due and costs
@@ -30,7 +30,7 @@ from fake_openai_server.backends.base import IdArray, Padding
 # never has to skip an item in the middle of a bucket.
 BUCKET_RATIO = 1.03
 _LOG_RATIO = math.log(BUCKET_RATIO)
-# A batch looks at most this many buckets on either side of its oldest item (lengths
+# A batch looks at most this many buckets on either side of its first item (lengths
 # 100 times shorter or longer): beyond that the padding rules refuse anyway.
 MAX_BUCKET_DISTANCE = 160
 # A large request's items beyond its first batch are due at the pace of the model at
