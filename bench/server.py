@@ -368,8 +368,13 @@ async def measured(
 
 def _latencies(values: list[float]) -> dict[str, float]:
     ms = sorted(1000 * v for v in values)
-    p99 = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
-    return {"p50_ms": statistics.median(ms), "p99_ms": p99, "mean_ms": statistics.fmean(ms)}
+    p90, p99 = (ms[min(len(ms) - 1, round(q * (len(ms) - 1)))] for q in (0.9, 0.99))
+    return {
+        "p50_ms": statistics.median(ms),
+        "p90_ms": p90,
+        "p99_ms": p99,
+        "mean_ms": statistics.fmean(ms),
+    }
 
 
 async def _users(
@@ -447,12 +452,10 @@ async def _beside_bulk(
         bulk_wall = time.perf_counter() - bulk_started
     finally:
         await close_all(connections)
-    latencies = _latencies(times)
-    latencies["p90_ms"] = sorted(times)[int(0.9 * (len(times) - 1))] * 1000
     return bodies, {
         "requests": len(singles),
         "clients": BESIDE_BULK_CLIENTS,
-        **latencies,
+        **_latencies(times),
         "bulk_requests": bulk_done,
         "bulk_texts_per_s": bulk_done * bulk_texts / bulk_wall,
         "one_text_per_s": len(singles) / wall,
@@ -483,12 +486,15 @@ async def embeddings_scenarios(
             _, result = await _users(server, [request] * plan.health_requests, plan.health_clients)
             return result
 
-        async def one_text_each(key: str) -> dict[str, Any]:
+        def one_text_requests(key: str) -> list[bytes]:
             # What Dify sends: one text, no encoding_format (floats back).
-            requests = [
+            return [
                 _post(server, "/v1/embeddings", {"model": EMBED_MODEL, "input": [text]})
                 for text in texts[key]
             ]
+
+        async def one_text_each(key: str) -> dict[str, Any]:
+            requests = one_text_requests(key)
             bodies, result = await _users(server, requests, embed_clients(plan, key))
             outputs[key] = np.concatenate([_vectors(_json(b), 1) for b in bodies])
             return {**result, "texts": len(requests)}
@@ -501,10 +507,7 @@ async def embeddings_scenarios(
             return {**result, "texts": len(texts[key]) * plan.bulk_repeats}
 
         async def beside_bulk(key: str) -> dict[str, Any]:
-            singles = [
-                _post(server, "/v1/embeddings", {"model": EMBED_MODEL, "input": [text]})
-                for text in texts[key]
-            ]
+            singles = one_text_requests(key)
             body = {"model": EMBED_MODEL, "input": texts["5-bulk"], "encoding_format": "base64"}
             bulk_request = _post(server, "/v1/embeddings", body)
             bodies, result = await _beside_bulk(server, singles, bulk_request, len(texts["5-bulk"]))
