@@ -159,6 +159,10 @@ def run_server_process(
         if wait:
             wait_ready(server.base_url, process=process, log_path=log_path)
         yield server
+    except Exception:
+        # A test that failed while the server ran shows what the server said meanwhile.
+        print(f"--- last lines of {log_path.name} ---\n{server.log(60)}", file=sys.stderr)
+        raise
     finally:
         stop_process(process)
 
