@@ -55,6 +55,7 @@ from bench.server import (
     _vectors,
     embed_clients,
     embeddings_scenarios,
+    env_pairs,
     min_cosine,
     parse_with_server_options,
     serve,
@@ -123,9 +124,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "bench/workload.py: tokenizing and forward passes sleep as long as they took there): "
         "the server's hand-offs at a GPU host's pace, on this machine; no stand-ins",
     )
+    parser.add_argument(
+        "--b-env",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help="settings for B only, over --server-env's: the A/B of a setting (without "
+        "--server-src, A is this tree too)",
+    )
     args = parse_with_server_options(parser, argv)
-    if args.server_src is None and args.b_replicas == 1:
-        parser.error("--server-src is tree A (this tree is B), unless --b-replicas is over 1")
+    args.b_env = env_pairs(parser, "--b-env", args.b_env)
+    if args.server_src is None and args.b_replicas == 1 and not args.b_env:
+        parser.error(
+            "--server-src is tree A (this tree is B), unless --b-replicas is over 1 or "
+            "--b-env sets B apart"
+        )
     if args.b_replicas > 1 and set(args.scenarios) != {"2"}:
         parser.error("--b-replicas spreads many clients: use it with --scenarios 2")
     if args.emulate_gpu and args.device != "cpu":
@@ -151,8 +164,9 @@ def _servers(args: argparse.Namespace, hf_home: Path, log_dir: Path) -> Any:
     for name in _names(args.b_replicas):
         (log_dir / name).mkdir()
         source = args.server_src if name == "A" else None
+        own = settings if name == "A" else {**settings, **args.b_env}
         managers[name] = serve(
-            hf_home, "embeddings", args.device, log_dir / name, settings, source, fakes=fakes
+            hf_home, "embeddings", args.device, log_dir / name, own, source, fakes=fakes
         )
     with contextlib.ExitStack() as stack:
         with ThreadPoolExecutor(len(managers)) as pool:
@@ -326,6 +340,8 @@ def render(results: dict[str, Any]) -> str:
         f"B: {b} (commit {results['source_b'].get('commit', '?')})",
         f"- Settings (all): {results['server_settings'] or 'defaults'}",
     ]
+    if results.get("b_settings"):
+        lines.append(f"- B's own settings, over those: {results['b_settings']}")
     if emulated:
         lines.append(
             "- Emulated GPU (`EMULATED_H200`, bench/workload.py): the fake models, each "
@@ -406,6 +422,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": args.device,
         "machine": machine_info(args.device),
         "server_settings": args.server_env,
+        "b_settings": args.b_env,
         "source_a": source_info(args.server_src),
         "source_b": source_info(None),
         "b_replicas": args.b_replicas,

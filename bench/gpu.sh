@@ -17,7 +17,8 @@
 #   AB_ROUNDS=4          instead of all the above: bench.ab, .gpu/base (A) against this tree
 #                        (B), both servers at once, AB_SCENARIOS (default "2") alternating;
 #                        with AB_REPLICAS=2, one server of this tree (A) against two (B), the
-#                        clients spread over them (scenario 2 only)
+#                        clients spread over them (scenario 2 only); with AB_B_ENV="NAME=VALUE
+#                        ...", this tree on both sides, B with those settings
 #   ONLY=after           no second run; SCENARIOS="1 2" limits every run's scenarios,
 #                        BEFORE_SCENARIOS the second run's
 set -u
@@ -31,6 +32,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ -n "${AB_ROUNDS:-}" ]; then
     ab=(--server-src .gpu/base)
     [ -n "${AB_REPLICAS:-}" ] && ab=(--b-replicas "$AB_REPLICAS")
+    [ -n "${AB_B_ENV:-}" ] && read -ra ab <<< "--b-env $AB_B_ENV"
     timeout "${AB_SECONDS:-300}" python3 -m bench.ab --shape full --device cuda --hf-home /tmp/hf \
         "${ab[@]}" --rounds "$AB_ROUNDS" --scenarios ${AB_SCENARIOS:-2} --out "$OUT" \
         > "$OUT/ab.log" 2>&1

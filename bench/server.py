@@ -76,11 +76,16 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_server_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    pairs = [item.partition("=") for item in args.server_env]
+def env_pairs(parser: argparse.ArgumentParser, option: str, items: list[str]) -> dict[str, str]:
+    """``option``'s NAME=VALUE items as settings (names upper-cased)."""
+    pairs = [item.partition("=") for item in items]
     if any(not name or not sep for name, sep, _ in pairs):
-        parser.error("--server-env takes NAME=VALUE pairs")
-    args.server_env = {name.upper(): value for name, _, value in pairs}
+        parser.error(f"{option} takes NAME=VALUE pairs")
+    return {name.upper(): value for name, _, value in pairs}
+
+
+def _check_server_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    args.server_env = env_pairs(parser, "--server-env", args.server_env)
     if args.reuse and args.hf_home is None:
         parser.error("--reuse needs --hf-home")
     if (

@@ -144,19 +144,21 @@ def test_ab_runs_both_sides_in_alternating_rounds(hf_home: Path, tmp_path: Path)
 def test_ab_emulates_the_gpu_hosts_timing_over_the_fake_models(tmp_path: Path) -> None:
     """bench.ab --emulate-gpu serves both trees over the fake models with the H200's
     timing (no stand-ins to build) and reports each against the emulated model alone;
-    scenario 5 sends one-text requests while a bulk job runs beside them."""
+    scenario 5 sends one-text requests while a bulk job runs beside them. ``--b-env``
+    sets B apart (this tree on both sides): the A/B of a setting."""
     from bench import ab
     from bench.workload import EMULATED_H200
 
-    root = Path(__file__).resolve().parents[2]
-    args = ["--shape", "tiny", "--emulate-gpu", "--server-src", str(root), "--scenarios", "3", "5"]
+    args = ["--shape", "tiny", "--emulate-gpu", "--b-env", "MAX_BATCH_SIZE=2"]
+    args += ["--scenarios", "3", "5"]
     results = ab.main([*args, "--rounds", "1", "--out", str(tmp_path), "--tag", "t"])
 
     done = results["rounds"][0]
     plan = ab.plan_for("tiny", "cpu")
     assert done["A"]["3"]["texts"] == done["B"]["3"]["texts"] == plan.bulk * plan.bulk_repeats
     assert done["min_cosine_b_to_a"] > 0.99
-    assert done["B"]["3"]["mean_batch_size"] >= 1  # the engine ran the fake models
+    # The engine ran the fake models, B's at its own batch limit, A's at the default.
+    assert 1 <= done["B"]["3"]["mean_batch_size"] <= 2 < done["A"]["3"]["mean_batch_size"]
     beside = done["B"]["5"]
     assert beside["requests"] == plan.corpus and beside["bulk_requests"] >= 1
     assert beside["texts"] == plan.corpus + beside["bulk_requests"] * plan.bulk
@@ -165,5 +167,6 @@ def test_ab_emulates_the_gpu_hosts_timing_over_the_fake_models(tmp_path: Path) -
     assert results["emulated_gpu"]["device_alone"] == EMULATED_H200.device_alone
     report = (tmp_path / "ab-tiny-emulated-gpu-t.md").read_text()
     assert report.startswith("# A/B: tiny shape on an emulated GPU")
+    assert "- B's own settings, over those: {'MAX_BATCH_SIZE': '2'}" in report
     assert "Median texts/s over the emulated model alone:" in report
     assert "Scenario 5, the chat users' one-text requests beside the bulk job" in report
