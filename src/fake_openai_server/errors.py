@@ -35,5 +35,7 @@ class ServiceError(Exception):
 
 
 def excerpt(text: str, limit: int = 40) -> str:
-    """A short, safe excerpt of user input for an error message."""
-    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
+    """A short, safe excerpt of user input for an error message (a lone surrogate, which
+    no reply can carry, is written as its escape)."""
+    short = text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
+    return short.encode("utf-8", "backslashreplace").decode("utf-8")

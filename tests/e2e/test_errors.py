@@ -61,8 +61,11 @@ def test_health_and_ready(fake_server: LiveServer) -> None:
     with fake_server.client() as client:
         health = client.get("/health")
         ready = client.get("/ready")
+        # Some load balancers and uptime monitors probe with HEAD.
+        heads = [client.head(path) for path in ("/health", "/ready")]
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert [(head.status_code, head.content) for head in heads] == [(200, b""), (200, b"")]
 
 
 def test_info_publishes_models_and_limits(embeddings_server: LiveServer) -> None:

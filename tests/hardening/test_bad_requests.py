@@ -7,8 +7,11 @@ and the server keeps serving: a normal request right after it succeeds.
 from __future__ import annotations
 
 import http.client
+import json
+import logging
 import select
 import socket
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -107,6 +110,32 @@ CATALOGUE = [
         b'{"query": "q", "documents": ["a"], "return_documents": "yes"}',
         path="/v1/rerank",
     ),
+    Bad(
+        "top-k-negative",
+        b'{"query": "q", "documents": ["a"], "top_k": -1}',
+        path="/v1/rerank",
+        says="top_k must be 0 or more",
+    ),
+    # object documents are echoed whole: a field no JSON reply can carry is refused
+    Bad(
+        "document-field-over-64-bits",
+        b'{"query": "q", "documents": [{"text": "a", "n": 18446744073709551616}]}',
+        path="/v1/rerank",
+        says="documents[0] has a field that cannot be sent back",
+    ),
+    Bad(
+        "document-field-under-64-bits",
+        b'{"query": "q", "documents": ["a", {"text": "b", "n": -9223372036854775809}], '
+        b'"return_documents": true}',
+        path="/v2/rerank",
+        says="documents[1] has a field that cannot be sent back",
+    ),
+    Bad(
+        "document-field-251-deep",
+        b'{"query": "q", "documents": [{"text": "a", "x": ' + b"[" * 251 + b"]" * 251 + b"}]}",
+        path="/v1/rerank",
+        says="documents[0] has a field that cannot be sent back",
+    ),
     # empty things
     Bad("empty-string", b'{"input": ""}', says="empty"),
     Bad("blank-string", b'{"input": ["a", " \\t\\n"]}', says="input[1]"),
@@ -138,13 +167,17 @@ CATALOGUE = [
     Bad("float-token", b'{"input": [1.5, 2]}', says="'input'"),
     Bad("negative-token", b'{"input": [-1, 2]}', says="vocabulary"),
     Bad("huge-token", b'{"input": [1' + b"0" * 4000 + b"]}", says="vocabulary"),
-    Bad("too-many-digits", b'{"input": [1' + b"0" * 5000 + b"]}"),
+    Bad("too-many-digits", b'{"input": [1' + b"0" * 5000 + b"]}", says="too many digits"),
     Bad("bool-token", b'{"input": [true, false]}', says="'input'"),
     # deep nesting
     Bad("deep-array", b"[" * 100_000 + b"]" * 100_000),
     Bad("deep-object", b'{"a":' * 100_000 + b"1" + b"}" * 100_000),
     Bad("deep-input", b'{"input": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
-    Bad("deep-unknown-field", b'{"input": "a", "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
+    Bad(
+        "deep-unknown-field",
+        b'{"input": "a", "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+        says="nested too deeply",
+    ),
     # many and large
     Bad(
         "million-empty-strings",
@@ -159,6 +192,12 @@ CATALOGUE = [
         says="MAX_DOCUMENTS",
     ),
     Bad("long-text", b'{"input": "' + b"a" * 20_000 + b'"}', says="MAX_INPUT_CHARS=10000"),
+    Bad(
+        "long-query",
+        b'{"query": "' + b"q" * 10_001 + b'", "documents": ["a"]}',
+        path="/v1/rerank",
+        says="query has 10001 characters",
+    ),
     Bad(
         "too-many-tokens",
         b'{"input": ' + _json_list(b'"' + b"a" * 30 + b'"', 200) + b"}",
@@ -202,6 +241,19 @@ def test_bad_request_gets_its_4xx_and_the_server_goes_on(bad: Bad, client: httpx
     assert bad.says in str(error["message"])
     assert reply.headers["x-request-id"]
     assert_still_serving(client)
+
+
+def test_document_fields_come_back_when_the_reply_can_carry_them(client: httpx.Client) -> None:
+    """The refusals above are for fields the reply would echo: not echoed, any field is
+    fine; echoed, nesting up to what JSON writers take comes back as sent."""
+    huge = b'{"query": "q", "documents": [{"text": "a", "n": 18446744073709551616}]'
+    reply = client.post("/v1/rerank", content=huge + b', "return_documents": false}')
+    assert reply.status_code == 200, reply.text[:300]
+    assert "document" not in reply.json()["results"][0]
+    deep = b'{"query": "q", "documents": [{"text": "a", "x": ' + b"[" * 250 + b"]" * 250 + b"}]}"
+    reply = client.post("/v1/rerank", content=deep)
+    assert reply.status_code == 200, reply.text[:300]
+    assert reply.json()["results"][0]["document"]["x"] == json.loads(b"[" * 250 + b"]" * 250)
 
 
 def test_million_token_ids_are_cut_like_text(client: httpx.Client) -> None:
@@ -282,6 +334,36 @@ def test_chunked_body_over_the_limit_is_cut_off_with_413(server: LiveServer) -> 
 def test_body_over_the_limit_sent_whole_is_413(client: httpx.Client) -> None:
     reply = client.post("/v1/embeddings", content=b'{"input": "' + b"a" * LIMIT + b'"}')
     assert_envelope(reply, 413)
+    assert_still_serving(client)
+
+
+def test_a_client_gone_before_its_body_is_in_is_no_server_error(
+    server: LiveServer, client: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that hangs up half-way through its body is counted as gone (499), as one
+    that leaves while its texts are queued: no 500, no error logged."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+
+    def answered(status: int) -> float:
+        metrics = client.get("/metrics").text
+        prefix = f'fos_requests_total{{route="/v1/embeddings",status="{status}"}} '
+        return sum(
+            float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(prefix)
+        )
+
+    gone, crashed = answered(499), answered(500)
+    with caplog.at_level(logging.ERROR), socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"input": '
+        )
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while answered(499) == gone and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert answered(499) == gone + 1
+    assert answered(500) == crashed
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     assert_still_serving(client)
 
 

@@ -29,7 +29,7 @@ def client() -> Iterator[httpx.Client]:
 @dataclass
 class Bad:
     path: str
-    body: Any
+    body: Any  # sent as JSON; bytes as they are
     says: str
     status: int = 400
 
@@ -63,6 +63,7 @@ CATALOGUE = [
     Bad("/decode", {"ids": []}, "ids must not be empty"),
     Bad("/decode", {"ids": [1, 999_999]}, "outside this model's vocabulary"),
     Bad("/decode", {"ids": "abc"}, "'ids': expected a list of token ids"),
+    Bad("/decode", b'{"ids": [1], "model": "\\ud800"}', "lone UTF-16 surrogate"),
     # Ollama
     Bad("/api/embed", {"model": "nomic-embed-text", "input": "a"}, "does not exist", 404),
     Bad("/api/embed", {"input": 5}, "'input'"),
@@ -72,6 +73,7 @@ CATALOGUE = [
     Bad("/api/embeddings", {"prompt": ["a"]}, "'prompt'"),
     Bad("/api/embeddings", {"prompt": " "}, "prompt[0] is empty"),
     Bad("/api/show", {"model": "llama3"}, "does not exist", 404),
+    Bad("/api/show", b'{"name": "\\udfff"}', "lone UTF-16 surrogate"),
     Bad("/api/rerank", {"query": "q", "documents": []}, "documents must not be an empty list"),
     Bad("/api/rerank", {"query": "q", "documents": ["a"], "top_n": -1}, "top_n"),
     # Cohere embed
@@ -84,6 +86,7 @@ CATALOGUE = [
     Bad("/v1/embed", {"texts": ["a"], "images": ["data:image/png;base64,AA"]}, "text only"),
     Bad("/v2/embed", {"texts": ["a"], "inputs": [{"content": []}]}, "not both"),
     Bad("/v2/embed", {"inputs": [{"content": [{"type": "image_url"}]}]}, "text only"),
+    Bad("/v2/embed", {"inputs": [{"content": [{"text": "a"}]}]}, "'inputs.0.content.0.type' is"),
     Bad("/v2/embed", {"texts": ["a"], "output_dimension": 4096}, "between 1 and 8"),
     Bad("/v2/embed", {"texts": ["a"], "max_tokens": 4}, "max_tokens"),
     # Voyage and Jina fields on the OpenAI route
@@ -123,7 +126,10 @@ def message_of(path: str, body: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize("bad", CATALOGUE, ids=str)
 def test_bad_request_gets_its_4xx_in_its_apis_envelope(bad: Bad, client: httpx.Client) -> None:
-    reply = client.post(bad.path, json=bad.body)
+    if isinstance(bad.body, bytes):
+        reply = client.post(bad.path, content=bad.body)
+    else:
+        reply = client.post(bad.path, json=bad.body)
     assert reply.status_code == bad.status, reply.text[:500]
     message = message_of(bad.path, reply.json())
     assert bad.says in message, message

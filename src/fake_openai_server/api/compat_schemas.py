@@ -94,6 +94,7 @@ TokenIdRow = Annotated[list[TokenId], Field(json_schema_extra={"minItems": 1})]
 
 class TeiDecodeRequest(BaseModel):
     model_config = _LOOSE
+    _valid_unicode = _valid_unicode
 
     ids: TokenIdRow | Annotated[list[TokenIdRow], Field(json_schema_extra={"minItems": 1})]
     skip_special_tokens: StrictBool = True
@@ -173,6 +174,7 @@ class OllamaVersion(BaseModel):
 
 class OllamaShowRequest(BaseModel):
     model_config = _LOOSE
+    _valid_unicode = _valid_unicode
 
     model: StrictStr | None = Field(None, description="A served model (absent: the first)")
     name: StrictStr | None = Field(None, description="The older name of `model`")

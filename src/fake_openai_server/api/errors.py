@@ -56,6 +56,14 @@ HTTP_KINDS = {
 
 CLIENT_CLOSED = 499  # nginx's code for "client closed request"; nobody reads it
 
+# FastAPI's reply to a body that its JSON parser refused for more than its syntax (nested
+# over ~1,000 levels, an integer of over 4,300 digits), and what this server says instead.
+FASTAPI_BODY_ERROR = "There was an error parsing the body"
+UNREADABLE_BODY = (
+    "The request body could not be read as JSON: it is nested too deeply or holds a number "
+    "with too many digits."
+)
+
 
 class ClientGone(Exception):
     """The client disconnected before its reply was ready."""
@@ -168,12 +176,11 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         return "The request body is not valid JSON.", None
     if not loc:
         return "The request body must be a JSON object.", None
-    field = loc[0]
+    field, path = loc[0], ".".join(loc)
     if first.get("type") == "missing":
-        return f"'{field}' is required.", field
+        return f"'{path}' is required.", field
     if field in _INPUT_SHAPES:
         return f"Invalid '{field}': expected {_INPUT_SHAPES[field]}.", field
-    path = ".".join(loc)
     return f"Invalid '{path}': {first.get('msg', 'invalid value')}.", field
 
 
@@ -214,6 +221,8 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"No route {request.method} {path}."
         elif kind is ErrorKind.METHOD_NOT_ALLOWED:
             message = f"Method {request.method} is not allowed on {path}."
+        elif exc.detail == FASTAPI_BODY_ERROR:
+            kind, message = ErrorKind.INVALID_REQUEST, UNREADABLE_BODY
         elif exc.status_code < 500:
             kind, message = kind or ErrorKind.INVALID_REQUEST, excerpt(str(exc.detail), 200)
         else:

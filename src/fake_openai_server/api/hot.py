@@ -26,9 +26,10 @@ from typing import Any, TypeVar, get_type_hints
 from fastapi import APIRouter, Request
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
-from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fake_openai_server.api.errors import ClientGone
 
 Endpoint = Callable[[Any, Request], Awaitable[Response]]
 ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
@@ -140,12 +141,13 @@ def parsed_body(model: type[BaseModel], raw: bytes) -> BaseModel | None:
 
 async def _read_body(receive: Receive) -> bytes:
     """What Starlette's ``Request.body()`` does, without its async generator and
-    ``aclosing`` (a dozen calls per request on the path this module exists to shorten)."""
+    ``aclosing`` (a dozen calls per request on the path this module exists to shorten);
+    a client that leaves before its body is in gets the reply of one that left later."""
     chunks = []
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
+            raise ClientGone()
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(chunks)

@@ -7,8 +7,10 @@ any other comes here.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -17,6 +19,7 @@ from fake_openai_server.api.hot import hot
 from fake_openai_server.api.openapi import ERROR_RESPONSES
 from fake_openai_server.api.schemas import DocumentObject, RerankRequest, RerankResponse
 from fake_openai_server.api.serialize import json_body
+from fake_openai_server.errors import ErrorKind, ServiceError
 
 router = APIRouter(tags=["rerank"])
 
@@ -25,10 +28,34 @@ def echo(doc: str | DocumentObject) -> dict[str, Any]:
     return {"text": doc} if isinstance(doc, str) else doc.model_dump(exclude_none=True)
 
 
+def check_echoable(documents: Sequence[str | DocumentObject]) -> None:
+    """Object documents come back whole, with every field the client gave them: refuse
+    (before the model runs) one that a JSON reply cannot carry."""
+    for index, doc in enumerate(documents):
+        if isinstance(doc, str) or not doc.model_extra:
+            continue
+        try:
+            # As deep as the reply holds it: {"results": [{"document": {...}}]}.
+            orjson.dumps({"results": [{"document": doc.model_extra}]})
+        except orjson.JSONEncodeError:
+            raise ServiceError(
+                ErrorKind.INVALID_REQUEST,
+                f"documents[{index}] has a field that cannot be sent back in the reply (an "
+                "integer beyond 64 bits, or nesting over 250 levels deep); remove it, or "
+                "send 'return_documents': false.",
+                param="documents",
+            ) from None
+
+
 async def _rerank(body: RerankRequest, request: Request, api_version: str) -> Response:
     service = runtime(request).require_rerank()
     texts = body.texts()
     top_n = body.top_k if body.top_n is None else body.top_n
+    return_documents = body.return_documents
+    if return_documents is None:
+        return_documents = api_version == "1" and not body.voyage
+    if return_documents:
+        check_echoable(body.documents)
     result = await answer_in_time(
         request,
         service.rerank(
@@ -38,11 +65,9 @@ async def _rerank(body: RerankRequest, request: Request, api_version: str) -> Re
             top_n=top_n,
             raw_scores=body.raw_scores,
             truncate=body.truncation,
+            top_n_param="top_n" if body.top_n is not None or body.top_k is None else "top_k",
         ),
     )
-    return_documents = body.return_documents
-    if return_documents is None:
-        return_documents = api_version == "1" and not body.voyage
     results = []
     for ranked in result.ranked:
         item: dict[str, Any] = {"index": ranked.index, "relevance_score": ranked.score}

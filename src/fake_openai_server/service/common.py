@@ -61,21 +61,21 @@ class ModelNames:
             ) from None
 
 
-def check_texts(texts: Sequence[str], param: str, max_chars: int) -> None:
-    """Reject empty texts and texts over MAX_INPUT_CHARS, naming the index."""
+def check_texts(texts: Sequence[str], param: str, max_chars: int, indexed: bool = True) -> None:
+    """Reject empty texts and texts over MAX_INPUT_CHARS, naming the index (``indexed``:
+    ``param`` is a list, not one text)."""
     for index, text in enumerate(texts):
+        name = f"{param}[{index}]" if indexed else param
         if not text.strip():
             raise ServiceError(
                 ErrorKind.INVALID_REQUEST,
-                f"{param}[{index}] is empty; every text must contain at least one "
-                "non-whitespace character.",
+                f"{name} is empty; every text must contain at least one non-whitespace character.",
                 param=param,
             )
         if len(text) > max_chars:
             raise ServiceError(
                 ErrorKind.INVALID_REQUEST,
-                f"{param}[{index}] has {len(text)} characters, over the limit "
-                f"MAX_INPUT_CHARS={max_chars}.",
+                f"{name} has {len(text)} characters, over the limit MAX_INPUT_CHARS={max_chars}.",
                 param=param,
             )
 

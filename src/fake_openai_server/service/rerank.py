@@ -71,10 +71,12 @@ class RerankService:
         raw_scores: bool = False,
         truncate: bool | None = None,
         documents_param: str = "documents",
+        top_n_param: str = "top_n",
     ) -> RerankResult:
         """``truncate=False`` (TEI ``truncate``, Voyage ``truncation``) refuses pairs that
         fill the model's whole length instead of cutting them; ``None`` cuts, as before.
-        ``documents_param`` names the field the documents came in, for the error messages."""
+        ``documents_param`` and ``top_n_param`` name the fields the documents and top_n
+        came in (Voyage: top_k), for the error messages."""
         name = self.names.resolve(model)
         limits = self.limits
         if not query.strip():
@@ -95,11 +97,11 @@ class RerankService:
         if top_n is not None and top_n < 0:
             raise ServiceError(
                 ErrorKind.INVALID_REQUEST,
-                f"top_n must be 0 or more (0 or absent: every document); "
+                f"{top_n_param} must be 0 or more (0 or absent: every document); "
                 f"got {excerpt(str(top_n), 20)}.",
-                param="top_n",
+                param=top_n_param,
             )
-        check_texts([query], "query", limits.max_input_chars)
+        check_texts([query], "query", limits.max_input_chars, indexed=False)
         check_texts(documents, documents_param, limits.max_input_chars)
 
         tokens = RequestTokens(limits.max_request_tokens)
