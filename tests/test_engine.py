@@ -354,6 +354,29 @@ async def test_failed_batch_fails_only_its_requests(engine_factory: Any) -> None
     assert (await engine.submit(MODEL, [ids(15)]))[0, 0] == 15  # still serving
 
 
+@pytest.mark.anyio
+async def test_a_dying_engine_leaves_nothing_counted_in_its_queue(engine_factory: Any) -> None:
+    """The requests queued when the engine process dies fail, and the queue counts them
+    out once: its counters used to go below zero (every failed request counted its items
+    out again), which broke len(queue), /metrics and the MAX_QUEUE_TOKENS check."""
+    die = char_ids("✝")[0]
+    engine, _ = await engine_factory(delay=0.2, max_batch_size=1, triggers={"✝": "die"})
+    running = asyncio.ensure_future(engine.submit(MODEL, [ids(die)]))  # ends the process
+    queued = [asyncio.ensure_future(engine.submit(MODEL, [ids(*[i] * 10)])) for i in (2, 3, 4)]
+    await asyncio.sleep(0.05)
+    assert engine.queued_items >= 2  # waiting behind the pass that will die
+    results = await asyncio.wait_for(asyncio.gather(running, *queued, return_exceptions=True), 10)
+    assert all(isinstance(error, ServiceError) for error in results), results
+    queue = engine.lane(MODEL).queue
+    assert (queue.items, queue.tokens, len(queue), engine.queued_tokens(MODEL)) == (0, 0, 0, 0)
+    for _ in range(600):  # back within 30 s
+        if engine.state == "ready":
+            break
+        await asyncio.sleep(0.05)
+    assert (await engine.submit(MODEL, [ids(9)]))[0, 0] == 9  # back, and counting right
+    assert engine.queued_tokens(MODEL) == 0
+
+
 def test_many_dify_users_share_batches_over_http() -> None:
     """32 concurrent one-text requests (Dify's shape): shared batches, own vectors."""
     settings = Settings(warmup=False)

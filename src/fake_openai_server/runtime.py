@@ -11,7 +11,6 @@ answers and ``/ready`` says 503 while a large model loads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import logging
 import shutil
@@ -238,8 +237,10 @@ class Runtime:
         self.state = "stopping"
         if self._lag is not None:
             self._lag.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lag
+            # Whatever became of it, the engine and the tokenizers are stopped below.
+            (ended,) = await asyncio.gather(self._lag, return_exceptions=True)
+            if isinstance(ended, Exception):
+                log.error("the loop-lag task had failed", exc_info=ended)
         await self.engine.stop()
         await self.tokenizers.stop()
         shutil.rmtree(self._workdir, ignore_errors=True)

@@ -24,6 +24,7 @@ import pytest
 from fake_openai_server.api.app import build_app
 from fake_openai_server.api.context import WATCH_AFTER
 from fake_openai_server.engine.core import BatchReport
+from fake_openai_server.service import tokenizing
 from fake_openai_server.settings import Settings
 from tests.support.fakes import fake_plugin, fake_text_vector
 from tests.support.live import LiveServer, fake_cli, serve_app
@@ -230,6 +231,39 @@ def test_a_killed_tokenizer_process_costs_only_what_it_held() -> None:
             time.sleep(0.05)
         assert len(pool.workers) == 2 and victim not in [w.pid for w in pool.workers]
         assert ready(base) == (200, {"status": "ready"})
+
+
+def test_a_tokenizer_process_that_cannot_start_at_once_is_tried_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The memory pressure that kills a tokenizer process can also refuse its replacement
+    (fork fails): the pool tries again until it is whole, where it used to stay short."""
+    settings = Settings(service_type="embeddings", warmup=False, tokenizer_workers=2)
+    app = build_app(settings, fake_plugin())
+    with serve_app(app) as server:
+        pool = app.state.runtime.tokenizers
+        start = tokenizing.TokenizerProcess.start
+        refusals = [OSError(12, "Cannot allocate memory")] * 2
+
+        async def refused_at_first(process: tokenizing.TokenizerProcess) -> None:
+            if refusals:
+                raise refusals.pop()
+            await start(process)
+
+        monkeypatch.setattr(tokenizing.TokenizerProcess, "start", refused_at_first)
+        victim = pool.workers[0].pid
+        os.kill(victim, signal.SIGKILL)
+
+        def whole_again() -> bool:
+            pids = [worker.pid for worker in pool.workers]
+            return len(pids) == 2 and victim not in pids
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not whole_again():
+            time.sleep(0.05)
+        assert not refusals and whole_again()
+        assert ready(server.base_url) == (200, {"status": "ready"})
+        assert_clean(asyncio.run(together(server.base_url, ["再開"]))[0][0], "再開")
 
 
 def test_an_engine_that_cannot_come_back_ends_the_server(tmp_path: Path) -> None:

@@ -431,7 +431,11 @@ class Engine:
 
     def _fail_queued(self, error: ServiceError) -> None:
         for lane in self._lanes.values():
-            self._fail_batch(lane.queue.drain(), error)
+            left = lane.queue.drain()
+            for job in {item.job for item in left}:
+                # Nothing of theirs is queued now: their submit() must not count it out.
+                job.queued_items = job.queued_tokens = 0
+            self._fail_batch(left, error)
 
     def _record(self, flight: _Flight, ran: Ran) -> None:
         batch, stats = flight.batch, flight.lane.stats

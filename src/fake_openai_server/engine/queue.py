@@ -174,12 +174,13 @@ class BucketQueue:
         return self._taken(batch, real)
 
     def drain(self) -> list[Item]:
-        """Every live item, first due first; the queue is left empty."""
-        live = [entry[2] for entry in sorted(self._due) if entry[2].live]
+        """Every item not taken, first due first, gone requests' too (their jobs must learn
+        that nothing of theirs is queued any more); the queue is left empty."""
+        left = [entry[2] for entry in sorted(self._due) if not entry[2].taken]
         self._buckets.clear()
         self._due.clear()
         self.tokens = self.items = self._dead = 0
-        return live
+        return left
 
     # --- internals ----------------------------------------------------------------
     def _first(self) -> Item | None:

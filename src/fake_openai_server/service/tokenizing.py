@@ -38,6 +38,7 @@ INLINE_TEXTS = 8
 INLINE_CHARS = 1_000
 MAX_AUTO_WORKERS = 8
 RESPAWN_DELAY = 0.5  # seconds before a tokenizer process that died is replaced
+RESPAWN_MAX_DELAY = 30.0  # the longest wait between tries, when a new one cannot start
 
 
 def available_cores() -> int:
@@ -139,15 +140,25 @@ class TokenizerPool:
         task.add_done_callback(self._respawning.discard)
 
     async def _respawn(self) -> None:
-        await asyncio.sleep(RESPAWN_DELAY)
-        if self._stopping:
+        """Start a process in a dead one's place, trying again (at growing intervals) for
+        as long as it cannot start: memory short enough to kill one can refuse the next."""
+        delay = RESPAWN_DELAY
+        while True:
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            try:
+                await self._spawn()
+            except Exception as exc:
+                delay = min(2 * delay, RESPAWN_MAX_DELAY)
+                log.error(
+                    "a new tokenizer process could not start (%s); trying again in %g s",
+                    exc,
+                    delay,
+                )
+                continue
+            log.info("tokenizer processes whole again (%d)", len(self.workers))
             return
-        try:
-            await self._spawn()
-        except Exception as exc:
-            log.error("a new tokenizer process could not start (%s)", exc)
-            return
-        log.info("tokenizer processes whole again (%d)", len(self.workers))
 
     def health(self) -> str | None:
         """Why the pool is not whole, for /ready (which still says 200: requests are served)."""
