@@ -7,7 +7,9 @@ a real engine process (``tests/support/fakes.py``), as the server does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -645,5 +647,70 @@ async def test_a_failed_write_fails_exactly_the_calls_it_carried(tmp_path: Path)
                 await asyncio.wait_for(future, 5)
         writer.writelines = send  # type: ignore[method-assign]
         assert (await process.run(0, [ids(4)])).rows[0, 0] == 4
+    finally:
+        await process.stop()
+
+
+def _children() -> set[int]:
+    """This process's children, running or not yet reaped."""
+    me, found = os.getpid(), set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == me:  # after the name: state, then the parent's pid
+                found.add(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.anyio
+async def test_a_worker_stopped_while_it_forks_leaves_no_process_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop during a restart can cancel a worker's start while its process is being
+    forked (in a thread, a large process forking slowly): the process that fork makes is
+    ended with it, instead of outliving the server."""
+    import subprocess
+
+    from fake_openai_server.engine.process import EngineProcess
+
+    popen = subprocess.Popen
+
+    def slow_to_return(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        process = popen(*args, **kwargs)
+        time.sleep(0.5)  # forked; the thread has yet to hand the process back
+        return process
+
+    monkeypatch.setattr(subprocess, "Popen", slow_to_return)
+    before = _children()
+    process = EngineProcess(Settings(warmup=False), fake_plugin(echo=True), str(tmp_path))
+    loading = asyncio.ensure_future(process.load())
+    await asyncio.sleep(0.2)  # inside the fork's thread
+    loading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await loading
+    await asyncio.sleep(0.5)
+    assert _children() - before == set()
+
+
+@pytest.mark.anyio
+async def test_an_answer_that_cannot_be_read_ends_the_worker_not_its_callers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's answer the server cannot decode ends that worker (it is replaced as if
+    it had died); its callers are answered instead of waiting forever."""
+    from fake_openai_server.engine.process import EngineProcess
+    from fake_openai_server.workers import WorkerGone
+
+    process = EngineProcess(Settings(warmup=False), fake_plugin(echo=True), str(tmp_path))
+    await process.load()
+
+    def garbled(kind: int, body: bytes) -> tuple[int, Any]:
+        raise ValueError("an answer of the wrong shape")
+
+    monkeypatch.setattr(process, "decode", garbled)
+    try:
+        with pytest.raises(WorkerGone):
+            await asyncio.wait_for(process.run(0, [ids(1)]), 10)
+        assert not process.alive
     finally:
         await process.stop()

@@ -102,15 +102,28 @@ class WorkerProcess:
     async def start(self) -> dict[str, Any]:
         """Start the process; return its READY answer once it is ready."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            # fork + exec off the event loop: a large process takes a while to fork.
-            self._process = await asyncio.to_thread(
+        # fork + exec off the event loop: a large process takes a while to fork.
+        spawning = asyncio.ensure_future(
+            asyncio.to_thread(
                 subprocess.Popen,
                 [sys.executable, "-m", self.module, str(child.fileno())],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
                 env={**self.environment, **_child_env()},
             )
+        )
+        try:
+            self._process = await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            # Stopped while forking (shutdown during a restart): the fork goes on in its
+            # thread. Wait for it (the child's socket must stay open until then) and end
+            # what it started, or it would outlive the server.
+            with contextlib.suppress(Exception):
+                orphan = await spawning
+                orphan.kill()
+                await asyncio.to_thread(orphan.wait)
+            parent.close()
+            raise
         finally:
             child.close()
         reader, self._writer = await asyncio.open_unix_connection(sock=parent)
@@ -180,6 +193,10 @@ class WorkerProcess:
             pass
         except asyncio.CancelledError:
             return
+        except Exception:
+            # An answer it cannot read: end the process, or its callers would wait forever.
+            log.exception("%s sent an answer that could not be read; ending it", self.module)
+            self.kill()
         await self._gone()
 
     def _resolve(
