@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -94,6 +95,75 @@ def test_items_of_a_gone_request_are_skipped_and_counted_out() -> None:
     batch = queue.take(LIMITS)
     assert sorted(item.cost for item in batch) == [11, 12]
     assert queue.take(LIMITS) == [] and queue.tokens == 0
+
+
+def _random_traffic(seed: int, seconds_per_token: float) -> None:
+    """400 random steps on one queue: requests arrive (in 1-3 chunks of one flow), leave,
+    or a batch is taken; after every step the queue agrees with a plain list of the live
+    items, and at the end every item of a request that stayed was taken, once."""
+    rng = random.Random(seed)
+    gpu = Padding((1, 2, 4, 8, 16, 32, 64), 32, 64, 256, max_length=512)
+    padding = gpu if seed % 2 else Padding()
+    queue = BucketQueue(quantum=(0, 100, 4096)[seed % 3], seconds_per_token=seconds_per_token)
+    limits = BatchLimits(
+        max_items=rng.choice([1, 3, 8, 64]),
+        max_tokens=rng.choice([600, 2048, 4096]),
+        max_padding=1.1,
+        free_waste=rng.choice([0, 50, 4096]),
+        padding=padding,
+    )
+    requests: list[tuple[Job, list[Item]]] = []
+    taken: set[int] = set()
+
+    def take() -> list[Item]:
+        batch = queue.take(limits)
+        for item in batch:
+            assert id(item) not in taken and not item.job.gone
+            taken.add(id(item))
+        return batch
+
+    now = 0.0
+    for _ in range(400):
+        now += rng.random() * 0.01
+        live = [item for _, its in requests for item in its if item.live]
+        roll = rng.random()
+        if roll < 0.35:
+            job, flow = Job(), Flow()
+            lengths = [rng.choice([1, 5, 31, 100, 300, 512]) for _ in range(rng.randint(1, 20))]
+            its = [Item(job, i, np.zeros(n, np.int32), enqueued=now) for i, n in enumerate(lengths)]
+            cuts = sorted(rng.sample(range(1, len(its)), min(rng.randint(0, 2), len(its) - 1)))
+            for start, stop in zip([0, *cuts], [*cuts, len(its)], strict=True):
+                queue.push(its[start:stop], flow, now)
+            requests.append((job, its))
+        elif roll < 0.45 and requests:
+            job, its = rng.choice(requests)
+            if not job.gone:
+                job.gone = True
+                left = [item for item in its if not item.taken]
+                queue.forget(len(left), sum(item.cost for item in left))
+        else:
+            batch = take()
+            assert bool(batch) == bool(live)
+            if batch:
+                assert min(item.due for item in live) in {item.due for item in batch}
+                assert len(batch) <= limits.max_items
+                rows, length = padding.shape(len(batch), max(item.cost for item in batch))
+                assert len(batch) == 1 or rows * length <= limits.max_tokens
+        live = [item for _, its in requests for item in its if item.live]
+        assert (queue.items, queue.tokens) == (len(live), sum(item.cost for item in live))
+    while take():
+        pass
+    assert queue.items == queue.tokens == 0
+    for job, its in requests:
+        assert job.gone or all(id(item) in taken for item in its)
+
+
+@pytest.mark.parametrize("seconds_per_token", [0.0, 1e-4], ids=["first-come", "paced"])
+def test_the_queue_keeps_its_books_under_random_traffic(seconds_per_token: float) -> None:
+    """No item is taken twice or lost, the item due first is always in the next batch,
+    batches keep their limits, and the counters stay exact (first come, and paced)."""
+    for seed in range(60):
+        _random_traffic(seed, seconds_per_token)
 
 
 def test_taking_a_batch_costs_the_same_at_any_queue_length() -> None:
