@@ -87,6 +87,9 @@ CATALOGUE = [
     Bad("/v2/embed", {"texts": ["a"], "inputs": [{"content": []}]}, "not both"),
     Bad("/v2/embed", {"inputs": [{"content": [{"type": "image_url"}]}]}, "text only"),
     Bad("/v2/embed", {"inputs": [{"content": [{"text": "a"}]}]}, "'inputs.0.content.0.type' is"),
+    Bad(
+        "/v2/embed", {"inputs": "a"}, "'inputs': expected a list of objects, each with a 'content'"
+    ),
     Bad("/v2/embed", {"texts": ["a"], "output_dimension": 4096}, "between 1 and 8"),
     Bad("/v2/embed", {"texts": ["a"], "max_tokens": 4}, "max_tokens"),
     # Voyage and Jina fields on the OpenAI route

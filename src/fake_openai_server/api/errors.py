@@ -166,8 +166,15 @@ _INPUT_SHAPES = {
 }
 
 
-def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """One readable sentence for a request-validation failure, and the field it names."""
+# Where one field name means another shape: Cohere v2's inputs are content objects.
+_INPUT_SHAPES_AT = {
+    ("/v2/embed", "inputs"): "a list of objects, each with a 'content' list of text parts",
+}
+
+
+def validation_message(errors: list[dict[str, Any]], route: str = "") -> tuple[str, str | None]:
+    """One readable sentence for a request-validation failure on ``route`` (its path),
+    and the field it names."""
     if not errors:
         return "Invalid request.", None
     first = errors[0]
@@ -179,8 +186,9 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     field, path = loc[0], ".".join(loc)
     if first.get("type") == "missing":
         return f"'{path}' is required.", field
-    if field in _INPUT_SHAPES:
-        return f"Invalid '{field}': expected {_INPUT_SHAPES[field]}.", field
+    shape = _INPUT_SHAPES_AT.get((route, field)) or _INPUT_SHAPES.get(field)
+    if shape is not None:
+        return f"Invalid '{field}': expected {shape}.", field
     return f"Invalid '{path}': {first.get('msg', 'invalid value')}.", field
 
 
@@ -201,7 +209,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        message, param = validation_message(list(exc.errors()))
+        message, param = validation_message(list(exc.errors()), request.url.path)
         error = ServiceError(ErrorKind.INVALID_REQUEST, message, param)
         return error_response(error, dialect=request_dialect(request))
 
