@@ -108,6 +108,9 @@ def serve(settings: Settings, plugin: Plugin | None = None) -> None:
         access_log=False,
         # 0 means no grace (int(0.5) or None used to mean "wait forever").
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds),
+        # uvicorn's 5 s equals httpx's own idle limit (the openai SDK, Dify): a request
+        # sent on a connection just as the server closed it failed with a reset.
+        timeout_keep_alive=math.ceil(settings.keep_alive_seconds),
         server_header=False,
     )
     server = Server(config)

@@ -163,6 +163,12 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM, time given to in-flight requests"
     )
+    keep_alive_seconds: float = Field(
+        75.0,
+        gt=0,
+        description="How long an idle keep-alive connection stays open (longer than clients' "
+        "own idle limits, so that a client never reuses one the server is closing)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     log_json: bool = Field(False, description="Log one JSON object per line")
 

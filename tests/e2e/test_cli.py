@@ -5,9 +5,12 @@ fake_openai_server`` and ``uvicorn --factory``; refusals for bad settings; a cle
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,14 @@ import pytest
 
 from fake_openai_server.settings import Settings
 from tests.support.contract import EMBEDDINGS_MODEL, RERANKER_MODEL
-from tests.support.live import LiveServer, free_port, run_cli, run_server_process, wait_ready
+from tests.support.live import (
+    LiveServer,
+    fake_cli,
+    free_port,
+    run_cli,
+    run_server_process,
+    wait_ready,
+)
 
 # Settings the tests' parent environment might carry; a subprocess must not inherit them.
 _SETTING_NAMES = [name.upper() for name in Settings.model_fields]
@@ -224,3 +234,37 @@ def test_help_lists_every_setting() -> None:
     for name in Settings.model_fields:
         flag = "--" + name.replace("_", "-")
         assert flag in done.stdout, flag
+
+
+# --- keep-alive ------------------------------------------------------------------------------
+
+
+def _idle_then_ask(server: LiveServer, idle: float) -> int | None:
+    """Ask on one connection, leave it idle ``idle`` seconds, ask again: the second
+    answer's status, or None when the server had closed the connection meanwhile."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    request = b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        for attempt in range(2):
+            if attempt:
+                time.sleep(idle)
+            try:
+                sock.sendall(request)
+                reply = http.client.HTTPResponse(sock)
+                reply.begin()
+                reply.read()
+            except (http.client.RemoteDisconnected, ConnectionError):
+                return None
+    return reply.status
+
+
+def test_an_idle_connection_outlives_the_clients_own_idle_limit(tmp_path: Path) -> None:
+    """httpx (the openai SDK, Dify) drops a connection idle for 5 s, and so did uvicorn by
+    default: a request sent on one just as the server closed it failed with a reset. The
+    server keeps an idle connection KEEP_ALIVE_SECONDS (75 by default), so clients close
+    first; a shorter setting closes sooner."""
+    settings = {"service_type": "embeddings", "warmup": False}
+    with fake_cli(settings, {}, tmp_path) as server:
+        assert _idle_then_ask(server, idle=6) == 200
+    with fake_cli({**settings, "keep_alive_seconds": 1}, {}, tmp_path) as server:
+        assert _idle_then_ask(server, idle=2.5) is None
