@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -24,6 +25,8 @@ from typing import Any
 import httpx
 import uvicorn
 from fastapi import FastAPI
+
+from fake_openai_server.settings import Settings
 
 READY_TIMEOUT = 240.0
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,7 +126,12 @@ def _log_lines(log_path: Path | None, lines: int = 80) -> str:
 def serve_app(app: FastAPI, wait: bool = True) -> Iterator[LiveServer]:
     """Run ``app`` under a real uvicorn on 127.0.0.1 in a background thread."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    # Idle connections kept as the CLI keeps them (KEEP_ALIVE_SECONDS): with uvicorn's 5 s,
+    # a pooled client connection could be reused just as the server closed it.
+    keep_alive = math.ceil(Settings.model_fields["keep_alive_seconds"].default)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=keep_alive
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -24,6 +24,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
@@ -230,6 +231,8 @@ def install_error_handlers(app: FastAPI) -> None:
         elif kind is ErrorKind.METHOD_NOT_ALLOWED:
             message = f"Method {request.method} is not allowed on {path}."
         elif exc.detail == FASTAPI_BODY_ERROR:
+            if isinstance(exc.__cause__, ClientDisconnect):  # gone mid-body, as on fast routes
+                return Response(status_code=CLIENT_CLOSED)
             kind, message = ErrorKind.INVALID_REQUEST, UNREADABLE_BODY
         elif exc.status_code < 500:
             kind, message = kind or ErrorKind.INVALID_REQUEST, excerpt(str(exc.detail), 200)
