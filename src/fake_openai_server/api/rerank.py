@@ -50,7 +50,8 @@ def check_echoable(documents: Sequence[str | DocumentObject]) -> None:
 async def _rerank(body: RerankRequest, request: Request, api_version: str) -> Response:
     service = runtime(request).require_rerank()
     texts = body.texts()
-    top_n = body.top_k if body.top_n is None else body.top_n
+    # Voyage's name for top_n, when only it is given (errors then name it as sent).
+    top_n, top_n_param = (body.top_k, "top_k") if body.top_n is None else (body.top_n, "top_n")
     return_documents = body.return_documents
     if return_documents is None:
         return_documents = api_version == "1" and not body.voyage
@@ -65,7 +66,7 @@ async def _rerank(body: RerankRequest, request: Request, api_version: str) -> Re
             top_n=top_n,
             raw_scores=body.raw_scores,
             truncate=body.truncation,
-            top_n_param="top_n" if body.top_n is not None or body.top_k is None else "top_k",
+            top_n_param=top_n_param,
         ),
     )
     results = []
