@@ -10,12 +10,15 @@ import sys
 import threading
 from collections.abc import Generator
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
+from starlette.types import ASGIApp
 
 from fake_openai_server import logs, memory
 from fake_openai_server.backends.base import Plugin
+from fake_openai_server.connections import with_read_deadline
 from fake_openai_server.settings import Settings, SettingsError
 
 log = logging.getLogger("fake_openai_server")
@@ -100,19 +103,7 @@ def serve(settings: Settings, plugin: Plugin | None = None) -> None:
             server.should_exit = True
 
     app = build_app(settings, runtime=runtime, on_failure=stop_on_failure)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.effective_port,
-        log_config=None,
-        access_log=False,
-        # 0 means no grace (int(0.5) or None used to mean "wait forever").
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds),
-        # uvicorn's 5 s equals httpx's own idle limit (the openai SDK, Dify): a request
-        # sent on a connection just as the server closed it failed with a reset.
-        timeout_keep_alive=math.ceil(settings.keep_alive_seconds),
-        server_header=False,
-    )
+    config = uvicorn_config(app, settings)
     server = Server(config)
     log.info(
         "starting %s service on %s:%d",
@@ -134,6 +125,25 @@ def serve(settings: Settings, plugin: Plugin | None = None) -> None:
             file=sys.stderr,
         )
         raise SystemExit(1)
+
+
+def uvicorn_config(app: ASGIApp, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """How uvicorn serves ``app`` for ``settings`` (the tests' in-process servers too, with
+    their own host, port and log level as ``overrides``)."""
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.effective_port,
+        "log_config": None,
+        "access_log": False,
+        # 0 means no grace (int(0.5) or None used to mean "wait forever").
+        "timeout_graceful_shutdown": math.ceil(settings.shutdown_grace_seconds),
+        # uvicorn's 5 s equals httpx's own idle limit (the openai SDK, Dify): a request
+        # sent on a connection just as the server closed it failed with a reset.
+        "timeout_keep_alive": math.ceil(settings.keep_alive_seconds),
+        "http": with_read_deadline(settings.read_timeout_seconds),
+        "server_header": False,
+    }
+    return uvicorn.Config(app, **{**options, **overrides})
 
 
 def configured_models(settings: Settings) -> str:

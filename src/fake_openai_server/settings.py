@@ -169,6 +169,13 @@ class Settings(BaseSettings):
         description="How long an idle keep-alive connection stays open (longer than clients' "
         "own idle limits, so that a client never reuses one the server is closing)",
     )
+    read_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A request must arrive in full, headers and body, within this many "
+        "seconds of its first byte (a new connection: of opening); a slower connection is "
+        "closed",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     log_json: bool = Field(False, description="Log one JSON object per line")
 

@@ -268,3 +268,23 @@ def test_an_idle_connection_outlives_the_clients_own_idle_limit(tmp_path: Path) 
         assert _idle_then_ask(server, idle=6) == 200
     with fake_cli({**settings, "keep_alive_seconds": 1}, {}, tmp_path) as server:
         assert _idle_then_ask(server, idle=2.5) is None
+
+
+def test_a_request_that_does_not_arrive_in_time_loses_its_connection(tmp_path: Path) -> None:
+    """READ_TIMEOUT_SECONDS reaches the CLI's uvicorn: a connection that stops half-way
+    through its headers is closed, and the log says why (``connections.py``; the cases
+    are in tests/hardening/test_slow_clients.py)."""
+    settings = {"service_type": "embeddings", "warmup": False, "read_timeout_seconds": 1}
+    with fake_cli(settings, {}, tmp_path) as server:
+        host, port = server.base_url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: te")
+            started = time.monotonic()
+            assert sock.recv(1024) == b""
+            assert 0.9 <= time.monotonic() - started < 5
+        deadline = time.monotonic() + 5
+        while "READ_TIMEOUT_SECONDS=1" not in server.log():
+            assert time.monotonic() < deadline, server.log(20)
+            time.sleep(0.05)
+        with server.client() as client:
+            assert client.post("/v1/embeddings", json={"input": "東京"}).status_code == 200

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import uvicorn
 
 from tests.support.live import ROOT, LiveServer, free_port, run_server_process
 
@@ -40,21 +37,17 @@ def fake_app_process(settings: dict[str, Any], delay: float) -> Iterator[LiveSer
 
 def serve(overrides: dict[str, Any], delay: float, load_seconds: float = 0.0) -> None:
     """Serve the app over the fakes until SIGTERM (a drain, as the CLI does) or SIGINT."""
+    from fake_openai_server import logs
     from fake_openai_server.api.app import build_app
-    from fake_openai_server.cli import Server
+    from fake_openai_server.cli import Server, uvicorn_config
     from fake_openai_server.settings import Settings
     from tests.support.fakes import fake_plugin
 
     settings = Settings(**overrides)
+    logs.configure(settings.log_level, settings.log_json)
     app = build_app(settings, fake_plugin(delay=delay, load_seconds=load_seconds))
-    # As cli.main() serves: same graceful-shutdown bound, exit 0 after a clean drain.
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.effective_port,
-        log_level="warning",
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds),
-    )
+    # As cli.main() serves: same logging and uvicorn settings, exit 0 after a clean drain.
+    config = uvicorn_config(app, settings)
     Server(config).run()
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import socket
 import subprocess
@@ -26,6 +25,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
+from fake_openai_server.cli import uvicorn_config
 from fake_openai_server.settings import Settings
 
 READY_TIMEOUT = 240.0
@@ -126,12 +126,10 @@ def _log_lines(log_path: Path | None, lines: int = 80) -> str:
 def serve_app(app: FastAPI, wait: bool = True) -> Iterator[LiveServer]:
     """Run ``app`` under a real uvicorn on 127.0.0.1 in a background thread."""
     port = free_port()
-    # Idle connections kept as the CLI keeps them (KEEP_ALIVE_SECONDS): with uvicorn's 5 s,
-    # a pooled client connection could be reused just as the server closed it.
-    keep_alive = math.ceil(Settings.model_fields["keep_alive_seconds"].default)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=keep_alive
-    )
+    # Served as the CLI serves it (keep-alive, read deadline): for the app's own settings,
+    # or the defaults for an app built without them.
+    settings = getattr(app.state, "settings", None) or Settings.model_construct()
+    config = uvicorn_config(app, settings, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -1,0 +1,162 @@
+"""Clients too slow to send their request (READ_TIMEOUT_SECONDS, ``connections.py``).
+
+A connection that sends nothing, half its headers or half its body is closed once the
+deadline passes, and the server goes on serving; a request that arrives in time is never
+cut, however long it then takes to answer, nor is a connection idle between requests.
+Raw sockets against a real uvicorn, served as the CLI serves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from fake_openai_server.api.app import build_app
+from fake_openai_server.settings import Settings
+from tests.hardening.test_bad_requests import assert_still_serving
+from tests.support.fakes import fake_plugin
+from tests.support.live import LiveServer, serve_app
+
+READ_TIMEOUT = 0.5
+MODEL_SECONDS = 1.0  # every forward pass: longer than the read deadline
+EMBED = b'{"input": "\xe6\x9d\xb1\xe4\xba\xac"}'  # "東京"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LiveServer]:
+    settings = Settings(service_type="all", warmup=False, read_timeout_seconds=READ_TIMEOUT)
+    with serve_app(build_app(settings, fake_plugin(delay=MODEL_SECONDS))) as live:
+        yield live
+
+
+def _connect(server: LiveServer) -> socket.socket:
+    host, port = server.base_url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _head(path: str, length: int, *, close: bool = False) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n{'Connection: close' + chr(13) + chr(10) if close else ''}"
+        "\r\n"
+    ).encode()
+
+
+def _read_all(sock: socket.socket) -> tuple[bytes, float]:
+    """Everything the server sends until it closes, and how long that took."""
+    started, data = time.monotonic(), b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data, time.monotonic() - started
+
+
+def _statuses(data: bytes) -> list[int]:
+    """The status of every reply in ``data`` (one reply's body runs into the next's head)."""
+    return [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
+
+
+def _answered(client: httpx.Client, path: str, status: int) -> float:
+    prefix = f'fos_requests_total{{route="{path}",status="{status}"}} '
+    lines = client.get("/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(prefix))
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"", b"POST /v1/embeddings HTTP/1.1\r\nHost: te", _head("/v1/embeddings", 100) + b'{"in'],
+    ids=["nothing", "half-the-headers", "half-the-body"],
+)
+def test_a_request_not_in_by_the_deadline_loses_its_connection(
+    server: LiveServer, sent: bytes
+) -> None:
+    with _connect(server) as sock:
+        sock.sendall(sent)
+        data, waited = _read_all(sock)
+    assert data == b""  # closed, unanswered: a client that slow reads nothing
+    assert READ_TIMEOUT * 0.9 <= waited < READ_TIMEOUT + 3
+    with server.client() as client:
+        assert_still_serving(client)
+
+
+def test_a_body_cut_off_is_a_client_gone_and_logs_one_warning(
+    server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The route meets a client that left (499, no error logged); the log says why once
+    (a Slowloris scan closes thousands: one line a minute at most, with the count)."""
+    with server.client() as client:
+        gone = _answered(client, "/v1/embeddings", 499)
+        with caplog.at_level(logging.WARNING):
+            for _ in range(2):
+                with _connect(server) as sock:
+                    sock.sendall(_head("/v1/embeddings", 100) + b'{"input": ')
+                    assert _read_all(sock)[0] == b""
+            deadline = time.monotonic() + 10
+            while _answered(client, "/v1/embeddings", 499) < gone + 2:
+                assert time.monotonic() < deadline, "the cut-off requests were not counted"
+                time.sleep(0.05)
+        assert _answered(client, "/v1/embeddings", 500) == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.name.endswith("connections")]
+    assert len(warnings) <= 1, warnings  # the module's earlier tests may have logged it
+    assert all(f"READ_TIMEOUT_SECONDS={READ_TIMEOUT:g}" in w for w in warnings)
+
+
+def test_a_request_sent_slowly_but_in_time_is_answered(server: LiveServer) -> None:
+    with _connect(server) as sock:
+        sock.sendall(_head("/v1/embeddings", len(EMBED), close=True) + EMBED[:5])
+        time.sleep(READ_TIMEOUT * 0.6)
+        sock.sendall(EMBED[5:])
+        data, _ = _read_all(sock)
+    assert _statuses(data) == [200]
+
+
+def test_a_request_in_time_is_answered_however_long_it_takes_and_its_connection_kept(
+    server: LiveServer,
+) -> None:
+    """The deadline is for receiving: the model's time (twice the deadline here) and the
+    idle time between requests on a kept-alive connection are not counted."""
+    with server.client() as client:
+        started = time.monotonic()
+        first = client.post("/v1/embeddings", content=EMBED)
+        assert first.status_code == 200, first.text
+        assert time.monotonic() - started >= MODEL_SECONDS
+        time.sleep(READ_TIMEOUT * 3)
+        again = client.post("/v1/embeddings", content=EMBED)
+        assert again.status_code == 200, again.text
+        assert again.extensions["network_stream"] is first.extensions["network_stream"]
+
+
+def test_the_servers_own_wait_is_not_the_clients() -> None:
+    """A pipelined request is not read while the one before it is answered (uvicorn stops
+    reading): the rest of its body, sent long before, arrives late through no fault of
+    the client's, and both are answered. (A bare app, whose slow route never reads: this
+    server's routes read at once, so reading resumes sooner; the rule is uvicorn's.)"""
+    app = FastAPI()
+    app.state.settings = Settings.model_construct(read_timeout_seconds=READ_TIMEOUT)
+
+    @app.get("/slow")
+    async def slow() -> dict[str, bool]:
+        await asyncio.sleep(READ_TIMEOUT * 4)
+        return {"ok": True}
+
+    @app.post("/echo")
+    async def echo(request: Request) -> Response:
+        return Response(await request.body())
+
+    with serve_app(app, wait=False) as server, _connect(server) as sock:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n" + _head("/echo", 10, close=True))
+        sock.sendall(b"01234")
+        time.sleep(0.2)  # the server has stopped reading by now
+        sock.sendall(b"56789")
+        data, _ = _read_all(sock)
+    assert _statuses(data) == [200, 200]
+    assert data.endswith(b"0123456789")
