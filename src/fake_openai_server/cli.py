@@ -18,7 +18,7 @@ from starlette.types import ASGIApp
 
 from fake_openai_server import logs, memory
 from fake_openai_server.backends.base import Plugin
-from fake_openai_server.connections import with_read_deadline
+from fake_openai_server.connections import http_protocol
 from fake_openai_server.settings import Settings, SettingsError
 
 log = logging.getLogger("fake_openai_server")
@@ -140,7 +140,7 @@ def uvicorn_config(app: ASGIApp, settings: Settings, **overrides: Any) -> uvicor
         # uvicorn's 5 s equals httpx's own idle limit (the openai SDK, Dify): a request
         # sent on a connection just as the server closed it failed with a reset.
         "timeout_keep_alive": math.ceil(settings.keep_alive_seconds),
-        "http": with_read_deadline(settings.read_timeout_seconds),
+        "http": http_protocol(settings.read_timeout_seconds),
         "server_header": False,
     }
     return uvicorn.Config(app, **{**options, **overrides})

@@ -1,4 +1,5 @@
-"""The one deadline uvicorn does not keep: a request must arrive within READ_TIMEOUT_SECONDS.
+"""What uvicorn does for each connection, made this server's: a deadline for receiving a
+request (READ_TIMEOUT_SECONDS), and the error envelope for bytes that are not HTTP.
 
 uvicorn closes a keep-alive connection left idle between requests (KEEP_ALIVE_SECONDS)
 and nothing else (its issue #157). A connection that opens and sends nothing, stops
@@ -12,9 +13,12 @@ answered: a client that slow would not read it. A request cut off inside its bod
 its route as a client that left (499). Time in which the server itself had stopped reading
 (a pipelined request waiting for the one before it, or a body read faster than the app
 takes it) is not the client's: a check that finds reading paused starts the clock again.
-
 Checking costs a timestamp per request: one timer per connection looks at it, every
 ``read_timeout`` seconds at most.
+
+Bytes uvicorn's parser refuses (an unknown method, a bad header, a Content-Length that
+contradicts itself) were answered ``400 Invalid HTTP request received.`` in plain text,
+before any route; the reply is now the error envelope every other 400 has.
 """
 
 from __future__ import annotations
@@ -23,18 +27,29 @@ import asyncio
 import logging
 import math
 
+import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from fake_openai_server.api.errors import error_body
+from fake_openai_server.errors import ErrorKind, ServiceError
 
 log = logging.getLogger(__name__)
 
 
-def with_read_deadline(read_timeout: float) -> type[asyncio.Protocol]:
+NOT_HTTP = ServiceError(
+    ErrorKind.INVALID_REQUEST,
+    "The request is not valid HTTP/1.1: its request line, a header or its length could not "
+    "be parsed.",
+)
+
+
+def http_protocol(read_timeout: float) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol (httptools, what it picks itself), closing a connection whose
     request has not arrived ``read_timeout`` seconds after it began."""
     return type(
-        "ReadDeadlineProtocol",
-        (ReadDeadline,),
-        {"read_timeout": read_timeout, "closed": SlowClosures(read_timeout)},
+        "Connection",
+        (Connection,),
+        {"read_timeout": read_timeout, "slow": SlowClosures(read_timeout)},
     )
 
 
@@ -62,39 +77,57 @@ class SlowClosures:
         self.unreported, self.reported_at = 0, now
 
 
-class ReadDeadline(HttpToolsProtocol):
+class Connection(HttpToolsProtocol):
+    """One connection: when the request now arriving began (None between requests, which
+    are keep-alive's), and the timer that looks at it."""
+
     read_timeout: float
-    closed: SlowClosures
+    slow: SlowClosures
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        # When the request now arriving began; None between requests (keep-alive's time).
-        self.receiving_since: float | None = self.loop.time()
-        self.check = self.loop.call_later(self.read_timeout, self.check_deadline)
+        self._receiving_since: float | None = self.loop.time()
+        self._deadline = self.loop.call_later(self.read_timeout, self._check_deadline)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.check.cancel()
+        self._deadline.cancel()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
-        if self.receiving_since is None:
-            self.receiving_since = self.loop.time()
+        if self._receiving_since is None:
+            self._receiving_since = self.loop.time()
         super().on_message_begin()
 
     def on_message_complete(self) -> None:
-        self.receiving_since = None
+        self._receiving_since = None
         super().on_message_complete()
 
-    def check_deadline(self) -> None:
+    def _check_deadline(self) -> None:
         if self.transport.is_closing():
             return
         now = self.loop.time()
-        since = self.receiving_since
+        since = self._receiving_since
         if since is not None and self.flow.read_paused:
-            since = self.receiving_since = now  # the server's wait, not the client's
+            since = self._receiving_since = now  # the server's wait, not the client's
         if since is not None and now - since >= self.read_timeout:
-            self.closed.count(now)
+            self.slow.count(now)
             self.transport.close()
             return
         due = (now if since is None else since) + self.read_timeout
-        self.check = self.loop.call_at(due, self.check_deadline)
+        self._deadline = self.loop.call_at(due, self._check_deadline)
+
+    def send_400_response(self, msg: str) -> None:
+        """The reply to bytes the parser refused (uvicorn has logged ``msg``): as uvicorn's,
+        with the error envelope for a body."""
+        body = orjson.dumps(error_body(NOT_HTTP))
+        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+            body,
+        ]
+        self.transport.write(b"".join(head))
+        self.transport.close()

@@ -369,6 +369,28 @@ def test_a_client_gone_before_its_body_is_in_is_no_server_error(
     assert_still_serving(client)
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"BREW /v1/embeddings HTTP/1.1\r\nHost: test\r\n\r\n",
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: test\r\nBad\x01Name: 1\r\n\r\n",
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n"
+        b"Content-Length: 6\r\n\r\n{}",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # TLS to a plain-HTTP port
+    ],
+    ids=["unknown-method", "bad-header-name", "two-lengths", "tls-hello"],
+)
+def test_bytes_that_are_not_http_get_the_envelope(
+    server: LiveServer, client: httpx.Client, raw: bytes
+) -> None:
+    """uvicorn's parser answers these before any route; the reply is the envelope of every
+    other 400 (it was ``Invalid HTTP request received.`` in plain text)."""
+    status, body, _ = _raw(server, raw)
+    error = assert_envelope((status, body), 400)
+    assert "not valid HTTP/1.1" in str(error["message"])
+    assert_still_serving(client)
+
+
 def test_body_at_the_limit_is_parsed(client: httpx.Client) -> None:
     """Just under MAX_REQUEST_BYTES is a normal request (here: over MAX_INPUT_CHARS)."""
     padding = LIMIT - len(b'{"input": ""}')
