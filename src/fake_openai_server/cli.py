@@ -14,11 +14,9 @@ from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
-from starlette.types import ASGIApp
 
 from fake_openai_server import logs, memory
 from fake_openai_server.backends.base import Plugin
-from fake_openai_server.connections import http_protocol
 from fake_openai_server.settings import Settings, SettingsError
 
 log = logging.getLogger("fake_openai_server")
@@ -127,9 +125,11 @@ def serve(settings: Settings, plugin: Plugin | None = None) -> None:
         raise SystemExit(1)
 
 
-def uvicorn_config(app: ASGIApp, settings: Settings, **overrides: Any) -> uvicorn.Config:
-    """How uvicorn serves ``app`` for ``settings`` (the tests' in-process servers too, with
-    their own host, port and log level as ``overrides``)."""
+def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """How uvicorn serves the ASGI ``app`` for ``settings`` (the tests' in-process servers
+    too, with their own host, port and log level as ``overrides``)."""
+    from fake_openai_server.api.connections import http_protocol
+
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.effective_port,

@@ -272,7 +272,7 @@ def test_an_idle_connection_outlives_the_clients_own_idle_limit(tmp_path: Path) 
 
 def test_a_request_that_does_not_arrive_in_time_loses_its_connection(tmp_path: Path) -> None:
     """READ_TIMEOUT_SECONDS reaches the CLI's uvicorn: a connection that stops half-way
-    through its headers is closed, and the log says why (``connections.py``; the cases
+    through its headers is closed, and the log says why (``api/connections.py``; the cases
     are in tests/hardening/test_slow_clients.py)."""
     settings = {"service_type": "embeddings", "warmup": False, "read_timeout_seconds": 1}
     with fake_cli(settings, {}, tmp_path) as server:
