@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -242,9 +241,8 @@ def test_help_lists_every_setting() -> None:
 def _idle_then_ask(server: LiveServer, idle: float) -> int | None:
     """Ask on one connection, leave it idle ``idle`` seconds, ask again: the second
     answer's status, or None when the server had closed the connection meanwhile."""
-    host, port = server.base_url.removeprefix("http://").split(":")
     request = b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n"
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
+    with server.connect() as sock:
         for attempt in range(2):
             if attempt:
                 time.sleep(idle)
@@ -276,8 +274,7 @@ def test_a_request_that_does_not_arrive_in_time_loses_its_connection(tmp_path: P
     are in tests/hardening/test_slow_clients.py)."""
     settings = {"service_type": "embeddings", "warmup": False, "read_timeout_seconds": 1}
     with fake_cli(settings, {}, tmp_path) as server:
-        host, port = server.base_url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=10) as sock:
+        with server.connect() as sock:
             sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: te")
             started = time.monotonic()
             assert sock.recv(1024) == b""

@@ -15,7 +15,6 @@ import json
 import math
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import cohere
 import httpx
@@ -323,8 +322,7 @@ def test_dify_rerank_top_n_zero_or_count_returns_everything(
 def raw_post(server: LiveServer, path: str, body: dict[str, Any], headers: dict[str, str]) -> Any:
     """POST with http.client: httpx refuses header values with trailing spaces ("Bearer "),
     which Open WebUI's aiohttp/requests send as they are."""
-    url = urlsplit(server.base_url)
-    connection = http.client.HTTPConnection(url.hostname or "", url.port, timeout=60)
+    connection = http.client.HTTPConnection(*server.address, timeout=60)
     try:
         connection.request("POST", path, json.dumps(body), headers)
         reply = connection.getresponse()

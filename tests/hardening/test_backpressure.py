@@ -20,17 +20,7 @@ from fake_openai_server.engine.core import FAILING_AFTER
 from fake_openai_server.settings import Settings
 from tests.support.fake_app import fake_app_process, rss_bytes
 from tests.support.fakes import fake_plugin, fake_text_vector
-from tests.support.live import LiveServer, serve_app
-
-
-def metric(base_url: str, name: str, **labels: str) -> float:
-    """One sample of the server's /metrics, parsed as Prometheus text; 0 when absent."""
-    text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
+from tests.support.live import LiveServer, metric, serve_app
 
 
 def engine_items(base_url: str) -> int:

@@ -10,7 +10,6 @@ import http.client
 import json
 import logging
 import select
-import socket
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -293,8 +292,7 @@ def test_request_id_is_honoured_only_when_sane(client: httpx.Client) -> None:
 
 def _raw(server: LiveServer, head: bytes, chunks: Iterable[bytes] = ()) -> tuple[int, bytes, int]:
     """Send ``head`` then ``chunks`` until the server answers; the reply and the bytes sent."""
-    host, port = server.base_url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
+    with server.connect() as sock:
         sock.sendall(head)
         sent = 0
         for chunk in chunks:
@@ -344,17 +342,12 @@ def test_a_client_gone_before_its_body_is_in_is_no_server_error(
     """A client that hangs up half-way through its body is counted as gone (499), as one
     that leaves while its texts are queued, on a fast route (``api/hot.py``) as on one of
     FastAPI's: no 500 or 400, no error logged."""
-    host, port = server.base_url.removeprefix("http://").split(":")
 
     def answered(status: int) -> float:
-        metrics = client.get("/metrics").text
-        prefix = f'fos_requests_total{{route="{path}",status="{status}"}} '
-        return sum(
-            float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(prefix)
-        )
+        return server.metric("fos_requests_total", route=path, status=str(status))
 
     gone, refused, crashed = answered(499), answered(400), answered(500)
-    with caplog.at_level(logging.ERROR), socket.create_connection((host, int(port))) as sock:
+    with caplog.at_level(logging.ERROR), server.connect() as sock:
         sock.sendall(
             f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n".encode()
             + b'Content-Length: 100\r\n\r\n{"input": '

@@ -68,13 +68,13 @@ class Reply:
 
 def _call(server: LiveServer, method: str, path: str, authorization: str | None) -> Reply:
     """http.client, not httpx: it sends header values as given ('Bearer ' with its space)."""
-    host, port = server.base_url.removeprefix("http://").split(":")
+    host, port = server.address
     headers = {} if authorization is None else {"Authorization": authorization}
     body = None
     if method == "POST":
         body = json.dumps(BODIES.get(path, RANK)).encode()
         headers["Content-Type"] = "application/json"
-    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection = http.client.HTTPConnection(host, port, timeout=30)
     try:
         connection.putrequest(method, path)
         for name, value in headers.items():

@@ -15,7 +15,6 @@ import socket
 import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -36,11 +35,6 @@ def server() -> Iterator[LiveServer]:
     settings = Settings(service_type="all", warmup=False, read_timeout_seconds=READ_TIMEOUT)
     with serve_app(build_app(settings, fake_plugin(delay=MODEL_SECONDS))) as live:
         yield live
-
-
-def _connect(server: LiveServer) -> socket.socket:
-    host, port = server.base_url.removeprefix("http://").split(":")
-    return socket.create_connection((host, int(port)), timeout=10)
 
 
 def _head(path: str, length: int, *, close: bool = False) -> bytes:
@@ -64,12 +58,6 @@ def _statuses(data: bytes) -> list[int]:
     return [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
 
 
-def _answered(client: httpx.Client, path: str, status: int) -> float:
-    prefix = f'fos_requests_total{{route="{path}",status="{status}"}} '
-    lines = client.get("/metrics").text.splitlines()
-    return sum(float(line.split()[-1]) for line in lines if line.startswith(prefix))
-
-
 @pytest.mark.parametrize(
     "sent",
     [b"", b"POST /v1/embeddings HTTP/1.1\r\nHost: te", _head("/v1/embeddings", 100) + b'{"in'],
@@ -78,7 +66,7 @@ def _answered(client: httpx.Client, path: str, status: int) -> float:
 def test_a_request_not_in_by_the_deadline_loses_its_connection(
     server: LiveServer, sent: bytes
 ) -> None:
-    with _connect(server) as sock:
+    with server.connect() as sock:
         sock.sendall(sent)
         data, waited = _read_all(sock)
     assert data == b""  # closed, unanswered: a client that slow reads nothing
@@ -92,18 +80,21 @@ def test_a_body_cut_off_is_a_client_gone_and_logs_one_warning(
 ) -> None:
     """The route meets a client that left (499, no error logged); the log says why once
     (a Slowloris scan closes thousands: one line a minute at most, with the count)."""
-    with server.client() as client:
-        gone = _answered(client, "/v1/embeddings", 499)
-        with caplog.at_level(logging.WARNING):
-            for _ in range(2):
-                with _connect(server) as sock:
-                    sock.sendall(_head("/v1/embeddings", 100) + b'{"input": ')
-                    assert _read_all(sock)[0] == b""
-            deadline = time.monotonic() + 10
-            while _answered(client, "/v1/embeddings", 499) < gone + 2:
-                assert time.monotonic() < deadline, "the cut-off requests were not counted"
-                time.sleep(0.05)
-        assert _answered(client, "/v1/embeddings", 500) == 0
+
+    def answered(status: str) -> float:
+        return server.metric("fos_requests_total", route="/v1/embeddings", status=status)
+
+    gone = answered("499")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            with server.connect() as sock:
+                sock.sendall(_head("/v1/embeddings", 100) + b'{"input": ')
+                assert _read_all(sock)[0] == b""
+        deadline = time.monotonic() + 10
+        while answered("499") < gone + 2:
+            assert time.monotonic() < deadline, "the cut-off requests were not counted"
+            time.sleep(0.05)
+    assert answered("500") == 0
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     warnings = [r.getMessage() for r in caplog.records if r.name.endswith("connections")]
     assert len(warnings) <= 1, warnings  # the module's earlier tests may have logged it
@@ -111,7 +102,7 @@ def test_a_body_cut_off_is_a_client_gone_and_logs_one_warning(
 
 
 def test_a_request_sent_slowly_but_in_time_is_answered(server: LiveServer) -> None:
-    with _connect(server) as sock:
+    with server.connect() as sock:
         sock.sendall(_head("/v1/embeddings", len(EMBED), close=True) + EMBED[:5])
         time.sleep(READ_TIMEOUT * 0.3)
         sock.sendall(EMBED[5:])
@@ -152,7 +143,7 @@ def test_the_servers_own_wait_is_not_the_clients() -> None:
     async def echo(request: Request) -> Response:
         return Response(await request.body())
 
-    with serve_app(app, wait=False) as server, _connect(server) as sock:
+    with serve_app(app, wait=False) as server, server.connect() as sock:
         sock.sendall(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n" + _head("/echo", 10, close=True))
         sock.sendall(b"01234")
         time.sleep(0.2)  # the server has stopped reading by now

@@ -29,12 +29,11 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.lb import replica as replica_process
 from tests.lb.dns import DnsServer
 from tests.support.fakes import fake_text_vector
-from tests.support.live import free_port, stop_process
+from tests.support.live import free_port, metric, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
@@ -85,17 +84,6 @@ def wait_until(what: str, predicate: Callable[[], bool], timeout: float = 20) ->
             raise TimeoutError(f"not after {timeout}s: {what}")
         time.sleep(0.05)
     return time.monotonic() - started
-
-
-def metric(base_url: str, name: str, **labels: str) -> float:
-    """Sum of the samples ``name`` with ``labels`` in a replica's /metrics."""
-    text = httpx.get(f"{base_url}/metrics", timeout=5).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
 
 
 @dataclass

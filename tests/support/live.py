@@ -2,7 +2,9 @@
 
 - ``free_port`` and ``wait_ready``: a port to listen on, and polling ``/ready``;
 - ``LiveServer``: the handle to a running server (uvicorn in a thread of this process, a
-  subprocess, or a container: the container test and the benchmark extend it);
+  subprocess, or a container: the container test and the benchmark extend it), with a raw
+  socket to it for what httpx will not send;
+- ``metric``: one counter or gauge of a server's ``/metrics``;
 - ``serve_app``, ``run_server_process``, ``run_cli`` and ``fake_cli``: ways to start one.
 """
 
@@ -24,6 +26,7 @@ from typing import Any
 import httpx
 import uvicorn
 from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 
 from fake_openai_server.cli import uvicorn_config
 from fake_openai_server.settings import Settings
@@ -45,6 +48,19 @@ class LiveServer:
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=60, **kwargs)
 
+    @property
+    def address(self) -> tuple[str, int]:
+        """The host and port ``base_url`` names."""
+        host, port = self.base_url.removeprefix("http://").rsplit(":", 1)
+        return host, int(port)
+
+    def connect(self, timeout: float = 10) -> socket.socket:
+        """A raw TCP connection to the server, for bytes no HTTP client would send."""
+        return socket.create_connection(self.address, timeout=timeout)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric(self.base_url, name, **labels)
+
     def log(self, lines: int | None = None) -> str:
         """The server's output: all of it, or its last ``lines`` lines ("" when none)."""
         return log_tail(self.log_path, lines)
@@ -57,6 +73,18 @@ class LiveServer:
     def pid(self) -> int:
         """The server's process: this one for an app served in a thread."""
         return os.getpid() if self.process is None else self.process.pid
+
+
+def metric(base_url: str, name: str, **labels: str) -> float:
+    """The sum of the samples ``name`` whose labels include ``labels`` in the server's
+    ``/metrics`` (Prometheus text); 0 when there are none."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10, trust_env=False).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 def log_tail(path: Path | None, lines: int | None = None) -> str:
