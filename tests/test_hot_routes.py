@@ -20,11 +20,15 @@ import pytest
 from fastapi import APIRouter, Depends, FastAPI, Request
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
 from starlette.responses import Response
 
 from fake_openai_server.api import middleware
-from fake_openai_server.api.app import routers_for
+from fake_openai_server.api.app import build_app, routers_for
 from fake_openai_server.api.compat_schemas import (
     CohereEmbedRequest,
     OllamaEmbeddingsRequest,
@@ -38,6 +42,7 @@ from fake_openai_server.api.schemas import EmbeddingsRequest, RerankRequest
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.metrics import Metrics
 from fake_openai_server.settings import Settings
+from tests.support.fakes import fake_plugin
 from tests.support.live import serve_app
 
 
@@ -183,6 +188,75 @@ def test_a_hot_route_reads_a_chunked_body() -> None:
     with serve_app(_twin_app(), wait=False) as server:
         reply = httpx.post(f"{server.base_url}/hot", content=chunks())
     assert reply.status_code == 200 and reply.json() == {"echo": "abc", "via": "hot"}
+
+
+# Content types clients send: none (curl --data-binary), curl -d's form type, and JSON under
+# names FastAPI alone would not parse as JSON (it would say the body is not an object).
+CONTENT_TYPES = [
+    None,
+    "application/x-www-form-urlencoded",
+    "text/plain",
+    "text/json",
+    "application/x-ndjson",
+    "application/json; charset=utf-8",
+    "application/ld+json",
+    "application/json, text/plain",
+]
+
+
+def test_a_body_is_read_as_json_whatever_its_content_type_says_on_either_way() -> None:
+    with serve_app(_twin_app(), wait=False) as server, server.client() as client:
+        for content_type in CONTENT_TYPES:
+            headers = {} if content_type is None else {"Content-Type": content_type}
+            cold = client.post("/cold", content=b'{"text": "ab"}', headers=headers)
+            warm = client.post("/hot", content=b'{"text": "ab"}', headers=headers)
+            assert (cold.status_code, warm.status_code) == (200, 200), (content_type, cold.text)
+            assert (cold.json(), warm.json()) == (
+                {"echo": "ab", "via": "fastapi"},
+                {"echo": "ab", "via": "hot"},
+            ), content_type
+
+
+def test_under_a_root_path_routes_are_found_as_fastapi_finds_them() -> None:
+    """``uvicorn --root-path /api`` (behind a proxy that strips /api) puts the prefix in
+    front of every request's path; the hot routes, the metrics' route label, the API keys'
+    open paths and the error dialect read the path without it, as FastAPI's routing does.
+    With the prefix kept, ``/embed`` (TEI) had been answered as Ollama's ``/api/embed``."""
+    settings = Settings(service_type="all", warmup=False, api_keys=["k"])
+    app = build_app(settings, fake_plugin())
+    with serve_app(app, root_path="/api") as server, server.client() as client:
+        key = {"Authorization": "Bearer k"}
+        assert client.get("/health").status_code == 200  # open without a key
+        tei = client.post("/embed", json={"inputs": "東京"}, headers=key)
+        openai = client.post("/embeddings", json={"input": "東京"}, headers=key)
+        rerank = client.post("/rerank", json={"query": "q", "documents": ["a", "b"]}, headers=key)
+        refused = client.post("/v1/rerank", json={"query": "q", "documents": []})
+        metrics = client.get("/metrics", headers=key).text
+    assert tei.status_code == 200 and len(tei.json()) == 1, tei.text
+    assert openai.status_code == 200 and openai.json()["object"] == "list", openai.text
+    assert rerank.status_code == 200 and rerank.json()["meta"], rerank.text
+    assert refused.status_code == 401 and refused.json()["error"]["code"], refused.text
+    assert 'fos_requests_total{route="/embed",status="200"} 1.0' in metrics
+
+
+def test_with_opentelemetry_on_every_request_is_named_by_its_route(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FastAPI's spans name a request by the route its routing found; where OpenTelemetry
+    is configured (``OTEL_*``), every request goes that way and none is left unnamed."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)  # once per process: no other test sets one
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "fake-openai-server")
+    app = build_app(Settings(service_type="all", warmup=False), fake_plugin())
+    with serve_app(app) as server, server.client() as client:
+        exporter.clear()
+        for path, body in [("/v1/embeddings", {"input": "東京"}), ("/embed", {"inputs": "a"})]:
+            assert client.post(path, json=body).status_code == 200
+    provider.force_flush()
+    routes = [span.attributes.get("http.route") for span in exporter.get_finished_spans()]
+    assert "/v1/embeddings" in routes and "/embed" in routes, routes
 
 
 # --- the body parse ----------------------------------------------------------------------

@@ -151,14 +151,16 @@ def _log_lines(log_path: Path | None, lines: int = 80) -> str:
 
 
 @contextlib.contextmanager
-def serve_app(app: FastAPI, wait: bool = True) -> Iterator[LiveServer]:
-    """Run ``app`` under a real uvicorn on 127.0.0.1 in a background thread."""
+def serve_app(app: FastAPI, wait: bool = True, **config: Any) -> Iterator[LiveServer]:
+    """Run ``app`` under a real uvicorn on 127.0.0.1 in a background thread (``config``:
+    more of uvicorn's options, as its command line would give them)."""
     port = free_port()
     # Served as the CLI serves it (keep-alive, read deadline): for the app's own settings,
     # or the defaults for an app built without them.
     settings = getattr(app.state, "settings", None) or Settings.model_construct()
-    config = uvicorn_config(app, settings, host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(
+        uvicorn_config(app, settings, host="127.0.0.1", port=port, log_level="warning", **config)
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base_url = f"http://127.0.0.1:{port}"

@@ -110,12 +110,13 @@ def build_app(
             await calibrations.stop()
             await runtime.stop()
 
+    telemetry = opentelemetry_wanted(os.environ)
     app = FastAPI(
         title=TITLE,
         version=system.package_version(),
         summary="OpenAI-compatible embeddings and Cohere/Jina-compatible rerank for Japanese",
         lifespan=lifespan,
-        telemetry=None if opentelemetry_wanted(os.environ) else NO_TELEMETRY,
+        telemetry=None if telemetry else NO_TELEMETRY,
     )
     app.state.runtime = runtime
     app.state.calibrations = calibrations
@@ -138,7 +139,10 @@ def build_app(
         api_keys=api_keys,
         max_body_bytes=settings.max_request_bytes,
         routes=routes,
-        hot=hot_routes(routers),
+        # FastAPI's spans and metrics name a request by the route its routing found: with
+        # OpenTelemetry on, every request takes that way (the shortcut would leave them
+        # unnamed).
+        hot={} if telemetry else hot_routes(routers),
     )
     return app
 

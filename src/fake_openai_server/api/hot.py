@@ -78,6 +78,16 @@ def _body_model(endpoint: Endpoint) -> type[BaseModel]:
     return model
 
 
+def route_path(scope: Scope) -> str:
+    """The path the routes answer: ``path`` without the ``root_path`` in front of it (uvicorn
+    ``--root-path`` puts it there), the way Starlette's router reads it."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
+        return path[len(root) :]
+    return path
+
+
 class HotRoutes:
     """The ASGI middleware that answers the ``@hot`` routes (innermost: the server's own
     middleware, API keys and body limit included, runs before it)."""
@@ -98,7 +108,7 @@ class HotRoutes:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = None
         if scope["type"] == "http" and scope["method"] == "POST":
-            route = self.routes.get(scope["path"])
+            route = self.routes.get(route_path(scope))
         if route is None:
             await self.app(scope, receive, send)
             return

@@ -25,7 +25,7 @@ from fake_openai_server.api.errors import (
     error_response,
     too_large,
 )
-from fake_openai_server.api.hot import HotRoute, HotRoutes
+from fake_openai_server.api.hot import HotRoute, HotRoutes, route_path
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.metrics import Metrics
 
@@ -63,7 +63,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 async def _reply(error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
-    response = error_response(error, dialect=dialect_for(scope["path"]))
+    response = error_response(error, dialect=dialect_for(route_path(scope)))
     await response(scope, receive, send)
 
 
@@ -101,7 +101,8 @@ class RequestLog:
         started = time.perf_counter()
         sent_id = _header(scope, b"x-request-id")
         request_id = sent_id if sent_id and _REQUEST_ID.match(sent_id) else os.urandom(16).hex()
-        route = scope["path"] if scope["path"] in self.routes else "other"
+        path = route_path(scope)
+        route = path if path in self.routes else "other"
         status = 500
 
         async def send_with_id(message: Message) -> None:
@@ -152,7 +153,7 @@ class ApiKeys:
         self.keys = [key.encode() for key in api_keys]
 
     def _authorized(self, scope: Scope) -> bool:
-        if not self.keys or scope["path"] in PUBLIC_PATHS:
+        if not self.keys or route_path(scope) in PUBLIC_PATHS:
             return True
         token = _bearer_token(_header(scope, b"authorization")).encode()
         # Compare against every key, always, so timing says nothing about which matched.
@@ -170,9 +171,12 @@ class ApiKeys:
 
 
 def _as_json(scope: Scope) -> Scope:
-    """Treat every POST body as JSON: curl -d and some clients send no JSON content type."""
-    content_type = _header(scope, b"content-type") or ""
-    if "json" in content_type:
+    """Treat every POST body as JSON: curl -d and some clients send no JSON content type,
+    or one FastAPI would not parse (``text/json``, ``application/x-ndjson``)."""
+    media_type = (_header(scope, b"content-type") or "").partition(";")[0].strip().lower()
+    if media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
         return scope
     headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
     headers.append((b"content-type", b"application/json"))
@@ -244,4 +248,4 @@ class CrashReply:
         except Exception as exc:
             if started_response:
                 raise
-            await crash_response(exc, scope["path"])(scope, receive, send)
+            await crash_response(exc, route_path(scope))(scope, receive, send)
