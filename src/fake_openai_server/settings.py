@@ -173,8 +173,8 @@ class Settings(BaseSettings):
         60.0,
         gt=0,
         description="A request must arrive in full, headers and body, within this many "
-        "seconds of its first byte (a new connection: of opening); a slower connection is "
-        "closed",
+        "seconds of its first byte (a new connection: of opening), and a reply must not sit "
+        "untaken by the client for this long; a slower connection is closed",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     log_json: bool = Field(False, description="Log one JSON object per line")

@@ -9,6 +9,8 @@ Raw sockets against a real uvicorn, served as the CLI serves it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import re
 import socket
@@ -151,3 +153,64 @@ def test_the_servers_own_wait_is_not_the_clients() -> None:
         data, _ = _read_all(sock)
     assert _statuses(data) == [200, 200]
     assert data.endswith(b"0123456789")
+
+
+# --- the other way: a client that does not take its reply ---------------------------------
+@pytest.fixture(scope="module")
+def big_replies() -> Iterator[LiveServer]:
+    """Replies of ~11 MB (512 vectors of 4,096 floats, base64): more than the kernel's
+    send buffer (4 MiB at most) and the client's receive buffer together hold."""
+    settings = Settings(service_type="embeddings", warmup=False, read_timeout_seconds=READ_TIMEOUT)
+    with serve_app(build_app(settings, fake_plugin(dimension=4096))) as live:
+        yield live
+
+
+def _ask_for_a_big_reply(server: LiveServer, window: int) -> tuple[socket.socket, int]:
+    """A connection with a receive buffer of ``window`` bytes that asked for a big reply,
+    and the reply's size."""
+    body = json.dumps({"input": ["東京"] * 512, "encoding_format": "base64"}).encode()
+    with server.client() as client:
+        size = len(client.post("/v1/embeddings", content=body).content)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)
+    sock.settimeout(10)
+    sock.connect(server.address)
+    sock.sendall(_head("/v1/embeddings", len(body)) + body)
+    return sock, size
+
+
+def _take(sock: socket.socket, pause: float = 0, slow_for: float = 0) -> int:
+    """Read until the server closes or resets, for the first ``slow_for`` seconds with
+    ``pause`` seconds between reads; the bytes read."""
+    taken, started = 0, time.monotonic()
+    with contextlib.suppress(ConnectionResetError, TimeoutError):
+        while chunk := sock.recv(65536):
+            taken += len(chunk)
+            if time.monotonic() - started < slow_for:
+                time.sleep(pause)
+    return taken
+
+
+def test_a_reply_the_client_does_not_take_is_dropped_with_its_connection(
+    big_replies: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A frozen client's reply had stayed in memory, its connection open, for good."""
+    sock, size = _ask_for_a_big_reply(big_replies, 4096)
+    with sock, caplog.at_level(logging.WARNING):
+        time.sleep(READ_TIMEOUT * 3 + 1)  # two looks at the unsent reply, a deadline apart
+        taken = _take(sock)
+    assert taken < size, "the whole reply was kept for a client that took none of it"
+    warnings = [r.getMessage() for r in caplog.records if r.name.endswith("connections")]
+    assert any("taken none of their reply" in w for w in warnings), warnings
+    with big_replies.client() as client:
+        assert client.post("/v1/embeddings", content=EMBED).status_code == 200
+
+
+def test_a_reply_taken_slowly_is_sent_whole(big_replies: LiveServer) -> None:
+    """A client that takes its reply slowly (~200 KB/s here, for three deadlines) is not
+    cut: the kernel's send queue shrinks while asyncio's buffer, refilled from it only now
+    and then, can stay as it was for longer than the deadline."""
+    sock, size = _ask_for_a_big_reply(big_replies, 4096)
+    with sock:
+        taken = _take(sock, pause=0.02, slow_for=READ_TIMEOUT * 3)
+    assert taken > size, (taken, size)  # the reply, with its head

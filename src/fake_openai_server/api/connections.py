@@ -1,5 +1,6 @@
 """What uvicorn does for each connection, made this server's: a deadline for receiving a
-request (READ_TIMEOUT_SECONDS), and the error envelope for bytes that are not HTTP.
+request and for the client to take its reply (READ_TIMEOUT_SECONDS), and the error
+envelope for bytes that are not HTTP.
 
 uvicorn closes a keep-alive connection left idle between requests (KEEP_ALIVE_SECONDS)
 and nothing else (its issue #157). A connection that opens and sends nothing, stops
@@ -13,6 +14,14 @@ answered: a client that slow would not read it. A request cut off inside its bod
 its route as a client that left (499). Time in which the server itself had stopped reading
 (a pipelined request waiting for the one before it, or a body read faster than the app
 takes it) is not the client's: a check that finds reading paused starts the clock again.
+
+The other way round, a client that stops reading its reply (a frozen process, a paused
+container) left the reply in the server's memory and the connection open for as long as
+its TCP stack acknowledged the window probes: for good. A connection whose reply has not
+moved for ``read_timeout`` seconds is now aborted: what is left of it, in asyncio's buffer
+and (on Linux) in the kernel's send queue, has not shrunk by a byte. A client that reads
+slowly, however slowly, is not cut.
+
 Checking costs a timestamp per request: one timer per connection looks at it, every
 ``read_timeout`` seconds at most.
 
@@ -24,8 +33,10 @@ before any route; the reply is now the error envelope every other 400 has.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import struct
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -34,6 +45,14 @@ from fake_openai_server.api.errors import error_body
 from fake_openai_server.errors import ErrorKind, ServiceError
 
 log = logging.getLogger(__name__)
+
+try:
+    import fcntl
+    import termios
+
+    _TIOCOUTQ: int | None = termios.TIOCOUTQ
+except (ImportError, AttributeError):  # not POSIX
+    _TIOCOUTQ = None
 
 
 NOT_HTTP = ServiceError(
@@ -50,7 +69,11 @@ def http_protocol(read_timeout: float) -> type[asyncio.Protocol]:
     return type(
         "Connection",
         (Connection,),
-        {"read_timeout": read_timeout, "slow": SlowClosures(read_timeout)},
+        {
+            "read_timeout": read_timeout,
+            "slow": SlowClosures("whose request had not arrived in full", read_timeout),
+            "stuck": SlowClosures("that had taken none of their reply", read_timeout),
+        },
     )
 
 
@@ -60,7 +83,8 @@ class SlowClosures:
 
     EVERY = 60.0
 
-    def __init__(self, read_timeout: float) -> None:
+    def __init__(self, what: str, read_timeout: float) -> None:
+        self.what = what
         self.read_timeout = read_timeout
         self.unreported = 0
         self.reported_at = -math.inf
@@ -70,9 +94,9 @@ class SlowClosures:
         if now - self.reported_at < self.EVERY:
             return
         log.warning(
-            "closed %d connection(s) whose request had not arrived in full within "
-            "READ_TIMEOUT_SECONDS=%g",
+            "closed %d connection(s) %s within READ_TIMEOUT_SECONDS=%g",
             self.unreported,
+            self.what,
             self.read_timeout,
         )
         self.unreported, self.reported_at = 0, now
@@ -80,14 +104,20 @@ class SlowClosures:
 
 class Connection(HttpToolsProtocol):
     """One connection: when the request now arriving began (None between requests, which
-    are keep-alive's), and the timer that looks at it."""
+    are keep-alive's), how much reply was unsent at the last look and since when none of
+    it has been taken, and the timer that looks at them."""
 
     read_timeout: float
     slow: SlowClosures
+    stuck: SlowClosures
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._receiving_since: float | None = self.loop.time()
+        now = self.loop.time()
+        self._receiving_since: float | None = now
+        self._unsent, self._taking_since = 0, now
+        sock = transport.get_extra_info("socket")
+        self._fd: int = sock.fileno() if sock is not None else -1
         self._deadline = self.loop.call_later(self.read_timeout, self._check_deadline)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -104,9 +134,19 @@ class Connection(HttpToolsProtocol):
         super().on_message_complete()
 
     def _check_deadline(self) -> None:
-        if self.transport.is_closing():
-            return
         now = self.loop.time()
+        unsent, before = self._unsent_bytes(), self._unsent
+        self._unsent = unsent
+        if not before or unsent < before:  # a reply just begun, or some of it taken
+            self._taking_since = now
+        elif now - self._taking_since >= self.read_timeout:
+            self.stuck.count(now)
+            self.transport.abort()  # close() would wait for the reply to be taken
+            return
+        if self.transport.is_closing():
+            if self._unsent:  # closed after its reply: looked at until that is taken
+                self._deadline = self.loop.call_at(now + self.read_timeout, self._check_deadline)
+            return
         since = self._receiving_since
         if since is not None and self.flow.read_paused:
             since = self._receiving_since = now  # the server's wait, not the client's
@@ -116,6 +156,16 @@ class Connection(HttpToolsProtocol):
             return
         due = (now if since is None else since) + self.read_timeout
         self._deadline = self.loop.call_at(due, self._check_deadline)
+
+    def _unsent_bytes(self) -> int:
+        """The reply the client has not taken yet: in asyncio's buffer, and in the kernel's
+        send queue where it says (Linux's SIOCOUTQ; elsewhere asyncio's alone)."""
+        unsent = self.transport.get_write_buffer_size()
+        if _TIOCOUTQ is not None and self._fd >= 0:
+            with contextlib.suppress(OSError):
+                queued = fcntl.ioctl(self._fd, _TIOCOUTQ, b"\0\0\0\0")
+                unsent += struct.unpack("i", queued)[0]
+        return unsent
 
     def send_400_response(self, msg: str) -> None:
         """The reply to bytes the parser refused (uvicorn has logged ``msg``): as uvicorn's,
