@@ -241,6 +241,10 @@ class Runtime:
             (ended,) = await asyncio.gather(self._lag, return_exceptions=True)
             if isinstance(ended, Exception):
                 log.error("the loop-lag task had failed", exc_info=ended)
-        await self.engine.stop()
-        await self.tokenizers.stop()
-        shutil.rmtree(self._workdir, ignore_errors=True)
+        try:
+            await self.engine.stop()
+        finally:
+            try:
+                await self.tokenizers.stop()
+            finally:
+                shutil.rmtree(self._workdir, ignore_errors=True)

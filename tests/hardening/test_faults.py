@@ -10,6 +10,7 @@ tells the truth, and that nothing waits longer than its deadline.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -24,6 +25,7 @@ import pytest
 from fake_openai_server.api.app import build_app
 from fake_openai_server.api.context import WATCH_AFTER
 from fake_openai_server.engine.core import BatchReport
+from fake_openai_server.engine.process import EngineProcess
 from fake_openai_server.service import tokenizing
 from fake_openai_server.settings import Settings
 from tests.support.fakes import fake_plugin, fake_text_vector
@@ -263,6 +265,37 @@ def test_a_tokenizer_process_that_cannot_start_at_once_is_tried_again(
             time.sleep(0.05)
         assert not refusals and whole_again()
         assert ready(server.base_url) == (200, {"status": "ready"})
+        assert_clean(asyncio.run(together(server.base_url, ["再開"]))[0][0], "再開")
+
+
+def test_an_engine_restart_that_fails_unforeseen_is_tried_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restart can fail in a way no one listed (a thread that cannot start when memory is
+    short raises RuntimeError): it is tried again, where the server had stayed
+    'restarting' (503 on /ready, 200 on /health) for good, and shutting down had stopped
+    at the failed restart, leaving the tokenizer processes running."""
+    app = build_app(Settings(service_type="embeddings", warmup=False), fake_plugin())
+    with serve_app(app) as server:
+        engine = app.state.runtime.engine
+        load = EngineProcess.load
+        refusals = [RuntimeError("can't start new thread")]
+
+        async def refused_at_first(process: EngineProcess) -> Any:
+            if refusals:
+                raise refusals.pop()
+            return await load(process)
+
+        monkeypatch.setattr(EngineProcess, "load", refused_at_first)
+        victim = engine._process.pid
+        with caplog.at_level(logging.ERROR):
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while not (engine.restarts == 1 and ready(server.base_url)[0] == 200):
+                assert time.monotonic() < deadline, ready(server.base_url)
+                time.sleep(0.05)
+        assert not refusals and engine._process.pid != victim
+        assert any("can't start new thread" in r.getMessage() for r in caplog.records)
         assert_clean(asyncio.run(together(server.base_url, ["再開"]))[0][0], "再開")
 
 

@@ -247,9 +247,10 @@ class Engine:
             task.cancel()
         if self._restarting is not None:
             self._restarting.cancel()
-        for task in [*self._tasks, *([self._restarting] if self._restarting else [])]:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        tasks = [*self._tasks, *([self._restarting] if self._restarting else [])]
+        for ended in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(ended, Exception):  # what stopping must not stop at
+                log.error("an engine task had failed", exc_info=ended)
         shutting_down = ServiceError(ErrorKind.NOT_READY, "The server is shutting down.")
         self._fail_queued(shutting_down)
         if self._process is not None:
@@ -522,8 +523,16 @@ class Engine:
             attempt += 1
             try:
                 loaded = await asyncio.wait_for(self._spawn(), left)
-            except (WorkerGone, StartFailed, TimeoutError, OSError) as exc:
-                log.error("engine restart %d failed: %s", attempt, exc or type(exc).__name__)
+            except Exception as exc:
+                # What was foreseen is said in a line; anything else (a thread that cannot
+                # start) with its traceback, and tried again all the same.
+                foreseen = isinstance(exc, (WorkerGone, StartFailed, TimeoutError, OSError))
+                log.error(
+                    "engine restart %d failed: %s",
+                    attempt,
+                    exc or type(exc).__name__,
+                    exc_info=None if foreseen else exc,
+                )
                 await asyncio.sleep(min(2.0**attempt, 10.0, max(deadline - loop.time(), 0)))
                 continue
             if [m.name for m in loaded.models] != [m.name for m in self.models]:
