@@ -148,6 +148,24 @@ def test_async_openai_concurrent_calls(embeddings_server: LiveServer) -> None:
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+def test_anythingllm_concurrent_requests_of_500_texts(fake_server: LiveServer) -> None:
+    """AnythingLLM (the openai Node SDK, base64 by its default) sends up to 500 texts a
+    request and fires its requests at once: every vector comes back exact, in order."""
+    batches = [[f"文書{r}-{i}" for i in range(500)] for r in range(4)]
+
+    async def main() -> list[Any]:
+        async with openai.AsyncOpenAI(
+            base_url=f"{fake_server.base_url}/v1", api_key="unused", max_retries=0
+        ) as client:
+            calls = (client.embeddings.create(model=EMBEDDINGS_MODEL, input=b) for b in batches)
+            return list(await asyncio.gather(*calls))
+
+    for texts, reply in zip(batches, asyncio.run(main()), strict=True):
+        assert [d.index for d in reply.data] == list(range(500))
+        got = np.asarray([d.embedding for d in reply.data], dtype=np.float32)
+        np.testing.assert_array_equal(got, [fake_text_vector(t) for t in texts])
+
+
 def test_langchain_openai_embeddings(embeddings_server: LiveServer) -> None:
     """Only where langchain-openai is installed (``uv run --with langchain-openai pytest``)."""
     langchain_openai = pytest.importorskip("langchain_openai")

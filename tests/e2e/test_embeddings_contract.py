@@ -105,6 +105,8 @@ def test_float_format_gives_lists(fake_server: LiveServer, fmt: str | None) -> N
 
 
 def test_base64_is_little_endian_float32_of_the_same_vector(embeddings_server: LiveServer) -> None:
+    """What the openai Node SDK (and AnythingLLM on it) reads: it always decodes
+    ``embedding`` as base64 of little-endian float32, and a float list becomes garbage."""
     texts = [JA, "瑠璃色はサファイアのような深い青色", "Dify"]
     floats = embed(embeddings_server, {"input": texts, "encoding_format": "float"})
     packed = embed(embeddings_server, {"input": texts, "encoding_format": "base64"})

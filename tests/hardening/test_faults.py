@@ -37,6 +37,7 @@ FAULTS = {
     "⊖": "too_few",
     "⊕": "too_many",
     "∅": "nan",
+    "〇": "zero",
     "⌛": "hang",
     "✝": "die",
 }
@@ -123,8 +124,13 @@ def test_a_failing_batch_fails_its_requests_only(faulty: LiveServer, fault: str)
     assert ready(base)[0] == 200
 
 
-def test_nan_fails_its_request_and_not_its_batch_mates(faulty: LiveServer) -> None:
-    replies = asyncio.run(together(faulty.base_url, ["無∅", "隣人"], after_busy=True))
+@pytest.mark.parametrize("text", ["無∅", "零〇"], ids=["nan", "zero"])
+def test_a_nan_or_zero_vector_fails_its_request_and_not_its_batch_mates(
+    faulty: LiveServer, text: str
+) -> None:
+    """Never a NaN or all-zero vector in a 200: Dify normalises each vector itself, and a
+    zero one becomes NaN there."""
+    replies = asyncio.run(together(faulty.base_url, [text, "隣人"], after_busy=True))
     error_of(replies[0][0], 500, "model_failure")
     assert "NaN" not in replies[0][0].text
     assert_clean(replies[1][0], "隣人")

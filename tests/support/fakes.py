@@ -8,7 +8,7 @@ the behaviour with the plugin's options (``fake_plugin(...)``):
 
 - ``delay``: seconds every forward pass takes;
 - ``triggers``: {character: fault}: a batch holding that character's token id
-  ``raise``s, runs out of memory (``oom``), returns ``nan``, ``too_few`` or
+  ``raise``s, runs out of memory (``oom``), returns ``nan`` or ``zero`` rows, ``too_few`` or
   ``too_many`` rows, ``hang``s, or ``die``s (the engine process kills itself);
 - ``tokenizer_raise``: a text holding this character makes the tokenizer raise;
 - ``tokenizer_delay``: seconds every tokenizer call takes;
@@ -246,10 +246,12 @@ class FakeModel:
             os.kill(os.getpid(), signal.SIGKILL)
         if "hang" in faults:
             time.sleep(HANG_SECONDS)
-        if "nan" in faults:
-            for row, ids in enumerate(batch):
-                if set(ids.tolist()) & {i for i, f in self.triggers.items() if f == "nan"}:
-                    rows[row] = np.nan
+        for fault, value in (("nan", np.nan), ("zero", 0.0)):
+            if fault in faults:
+                marked = {i for i, f in self.triggers.items() if f == fault}
+                for row, ids in enumerate(batch):
+                    if set(ids.tolist()) & marked:
+                        rows[row] = value
         if "too_few" in faults:
             rows = rows[:-1]
         if "too_many" in faults:
