@@ -111,6 +111,27 @@ def test_unknown_input_type_is_a_400(all_server: LiveServer) -> None:
     assert reply.json()["error"]["param"] == "input_type"
 
 
+def test_jinas_task_chooses_the_prefix_as_input_type_does(all_server: LiveServer) -> None:
+    """Jina's clients (LlamaIndex's JinaEmbedding, CAMEL) send ``task``, not input_type:
+    it had been ignored, so their queries and passages went without ruri's prefixes."""
+    with all_server.client() as client:
+
+        def vector(**fields: str) -> list[float]:
+            reply = client.post("/v1/embeddings", json={"input": TEXT, **fields})
+            assert reply.status_code == 200, reply.text
+            return list(reply.json()["data"][0]["embedding"])
+
+        for task, input_type in [("retrieval.query", "query"), ("retrieval.passage", "document")]:
+            assert vector(task=task) == vector(input_type=input_type) != vector()
+        assert vector(task="retrieval.query", input_type="document") == vector(
+            input_type="document"
+        )
+        reply = client.post("/v1/embeddings", json={"input": "x", "task": "image"})
+    assert reply.status_code == 400
+    assert reply.json()["error"]["param"] == "task"
+    assert "task must be one of" in reply.json()["error"]["message"]
+
+
 def test_ruri_v3_long_context(all_server: LiveServer, references: dict[str, Any]) -> None:
     """ruri-v3 reads up to 8192 tokens; longer input is cut there, counted truthfully."""
     tokenizer = references[RURI_V3_30M].tokenizer

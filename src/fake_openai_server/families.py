@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
-# Names clients use for input_type, mapped to ours (Cohere, Voyage, Jina, Nomic).
+# Names clients use for input_type, mapped to ours (Cohere, Voyage, Jina's ``task``, Nomic).
 INPUT_TYPE_ALIASES: dict[str, str] = {
     "query": "query",
     "search_query": "query",
@@ -20,8 +20,11 @@ INPUT_TYPE_ALIASES: dict[str, str] = {
     "search_document": "document",
     "passage": "document",
     "retrieval.passage": "document",
+    "code.query": "query",
+    "code.passage": "document",
     "classification": "classification",
     "clustering": "clustering",
+    "separation": "clustering",
     "similarity": "similarity",
     "text-matching": "similarity",
 }

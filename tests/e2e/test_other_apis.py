@@ -528,3 +528,16 @@ def test_voyageai_rerank(rerank_server: LiveServer) -> None:
         assert result.document == DOCS[result.index]
         assert result.relevance_score == pytest.approx(expected[result.index], abs=1e-5)
     assert reply.total_tokens > 0
+
+
+def test_voyage_return_documents_gives_each_document_as_the_string_it_was(
+    fake_server: LiveServer,
+) -> None:
+    """Voyage's ``data[*].document`` is the document string (its TypeScript client types it
+    so; the Python client puts its own copy back, and does not show it)."""
+    body = {"query": QUERY, "documents": DOCS, "top_k": 2, "return_documents": True}
+    with fake_server.client() as client:
+        reply = client.post("/v1/rerank", json=body)
+    assert reply.status_code == 200, reply.text
+    data = reply.json()["data"]
+    assert len(data) == 2 and all(d["document"] == DOCS[d["index"]] for d in data), data

@@ -151,6 +151,14 @@ def test_documents_as_objects_with_text(fake_server: LiveServer) -> None:
         assert r["document"]["text"] == DOCS[r["index"]]
 
 
+def test_object_documents_come_back_with_every_field_they_had(fake_server: LiveServer) -> None:
+    """Cohere v1: "all other fields will be preserved in the response", nulls too."""
+    docs = [{"text": "東京", "meta": None, "n": {"x": None}, "tags": []}, {"title": "t"}]
+    body = {"query": QUERY, "documents": docs, "rank_fields": ["text", "title"]}
+    reply = rerank(fake_server, body)
+    assert [r["document"] for r in sorted(reply["results"], key=lambda r: r["index"])] == docs
+
+
 def test_mixed_string_and_object_documents(rerank_server: LiveServer) -> None:
     plain = rerank(rerank_server, {"query": QUERY, "documents": DOCS})["results"]
     mixed_docs = [d if i % 2 else {"text": d} for i, d in enumerate(DOCS)]

@@ -15,6 +15,7 @@ from fake_openai_server.api.openapi import ERROR_RESPONSES
 from fake_openai_server.api.quantized import as_type
 from fake_openai_server.api.schemas import EmbeddingsRequest, EmbeddingsResponse
 from fake_openai_server.api.serialize import embeddings_body
+from fake_openai_server.service.embeddings import normalize_input_type
 from fake_openai_server.service.truncation import TruncateMode
 
 router = APIRouter(tags=["embeddings"])
@@ -35,12 +36,15 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
     truncate: TruncateMode | None = None
     if body.truncation is not None:
         truncate = "end" if body.truncation else "none"
+    input_type = body.input_type
+    if input_type is None:
+        input_type = normalize_input_type(body.task, param="task")
     result = await answer_in_time(
         request,
         service.embed(
             items,
             model=body.model,
-            input_type=body.input_type,
+            input_type=input_type,
             dimensions=body.output_dimensions(),
             truncate=truncate,
         ),

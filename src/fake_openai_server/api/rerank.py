@@ -25,7 +25,9 @@ router = APIRouter(tags=["rerank"])
 
 
 def echo(doc: str | DocumentObject) -> dict[str, Any]:
-    return {"text": doc} if isinstance(doc, str) else doc.model_dump(exclude_none=True)
+    """A document as Cohere and Jina send it back: an object, with every field it came with
+    (nulls included)."""
+    return {"text": doc} if isinstance(doc, str) else doc.model_dump(exclude_unset=True)
 
 
 def check_echoable(documents: Sequence[str | DocumentObject]) -> None:
@@ -73,7 +75,9 @@ async def _rerank(body: RerankRequest, request: Request, api_version: str) -> Re
     for ranked in result.ranked:
         item: dict[str, Any] = {"index": ranked.index, "relevance_score": ranked.score}
         if return_documents:
-            item["document"] = echo(body.documents[ranked.index])
+            doc = body.documents[ranked.index]
+            # Voyage's documents are strings and come back as they were sent.
+            item["document"] = doc if body.voyage and isinstance(doc, str) else echo(doc)
         results.append(item)
     payload = {
         "id": str(uuid.uuid4()),

@@ -94,6 +94,12 @@ class EmbeddingsRequest(BaseModel):
     )
     user: Any = Field(None, description="Accepted and ignored")
     # Voyage AI (its client posts to {base_url}/embeddings) and Jina AI fields.
+    task: StrictStr | None = Field(
+        None,
+        description="Jina: retrieval.query | retrieval.passage | text-matching | "
+        "classification | separation | code.query | code.passage, as input_type "
+        "(which wins when both are given)",
+    )
     output_dtype: Literal["float", "int8", "uint8", "binary", "ubinary"] | None = Field(
         None, description="Voyage: the vectors as float, int8, uint8 or packed bits"
     )

@@ -45,7 +45,8 @@ class EmbeddingResult:
     prompt_tokens: int
 
 
-def normalize_input_type(value: str | None) -> str | None:
+def normalize_input_type(value: str | None, param: str = "input_type") -> str | None:
+    """Our name for a client's input type (``param``: the field it came in)."""
     if value is None:
         return None
     try:
@@ -53,9 +54,7 @@ def normalize_input_type(value: str | None) -> str | None:
     except KeyError:
         allowed = ", ".join(sorted(INPUT_TYPE_ALIASES))
         raise ServiceError(
-            ErrorKind.INVALID_REQUEST,
-            f"input_type must be one of: {allowed}.",
-            param="input_type",
+            ErrorKind.INVALID_REQUEST, f"{param} must be one of: {allowed}.", param=param
         ) from None
 
 
