@@ -37,7 +37,7 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
     if body.truncation is not None:
         truncate = "end" if body.truncation else "none"
     input_type = body.input_type
-    if input_type is None:
+    if input_type is None and body.task is not None:  # Jina's name for it
         input_type = normalize_input_type(body.task, param="task")
     result = await answer_in_time(
         request,

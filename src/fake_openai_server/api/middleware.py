@@ -173,14 +173,20 @@ class ApiKeys:
 def _as_json(scope: Scope) -> Scope:
     """Treat every POST body as JSON: curl -d and some clients send no JSON content type,
     or one FastAPI would not parse (``text/json``, ``application/x-ndjson``)."""
-    media_type = (_header(scope, b"content-type") or "").partition(";")[0].strip().lower()
-    if media_type == "application/json" or (
-        media_type.startswith("application/") and media_type.endswith("+json")
-    ):
+    content_type = _header(scope, b"content-type") or ""
+    if content_type == "application/json" or _parsed_as_json(content_type):
         return scope
     headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
     headers.append((b"content-type", b"application/json"))
     return {**scope, "headers": headers}
+
+
+def _parsed_as_json(content_type: str) -> bool:
+    """Whether FastAPI reads a body of this type as JSON (application/json, */*+json)."""
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
 
 
 class BodyLimit:
