@@ -58,8 +58,8 @@ class LiveServer:
         """A raw TCP connection to the server, for bytes no HTTP client would send."""
         return socket.create_connection(self.address, timeout=timeout)
 
-    def metric(self, name: str, **labels: str) -> float:
-        return metric(self.base_url, name, **labels)
+    def metric(self, name: str, *, headers: dict[str, str] | None = None, **labels: str) -> float:
+        return metric(self.base_url, name, headers=headers, **labels)
 
     def log(self, lines: int | None = None) -> str:
         """The server's output: all of it, or its last ``lines`` lines ("" when none)."""
@@ -75,10 +75,15 @@ class LiveServer:
         return os.getpid() if self.process is None else self.process.pid
 
 
-def metric(base_url: str, name: str, **labels: str) -> float:
+def metric(
+    base_url: str, name: str, *, headers: dict[str, str] | None = None, **labels: str
+) -> float:
     """The sum of the samples ``name`` whose labels include ``labels`` in the server's
-    ``/metrics`` (Prometheus text); 0 when there are none."""
-    text = httpx.get(f"{base_url}/metrics", timeout=10, trust_env=False).text
+    ``/metrics`` (Prometheus text; ``headers``: an API key, where one is needed); 0 when
+    there are none."""
+    reply = httpx.get(f"{base_url}/metrics", headers=headers, timeout=10, trust_env=False)
+    reply.raise_for_status()
+    text = reply.text
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)

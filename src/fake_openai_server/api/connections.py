@@ -64,8 +64,8 @@ NOT_HTTP = ServiceError(
 
 def http_protocol(read_timeout: float) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol (httptools, what it picks itself), closing a connection whose
-    request has not arrived ``read_timeout`` seconds after it began, and answering bytes
-    that are not HTTP in the error envelope."""
+    request has not arrived ``read_timeout`` seconds after it began or whose reply has not
+    moved for as long, and answering bytes that are not HTTP in the error envelope."""
     return type(
         "Connection",
         (Connection,),
