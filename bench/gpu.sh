@@ -50,7 +50,7 @@ run() {  # tag, seconds, extra arguments
     grep -E "scenario|model alone|ready in|wrote|Error|Traceback" "$OUT/$tag.log" | tail -25
 }
 env_args=(); [ -n "${AFTER_ENV:-}" ] && read -ra env_args <<< "--server-env $AFTER_ENV"
-run "${AFTER_TAG:-after}" "${AFTER_SECONDS:-330}" "${env_args[@]}"
+run "${AFTER_TAG:-after}" "${AFTER_SECONDS:-420}" "${env_args[@]}"
 reuse=(); [ -d /tmp/hf/hub ] && reuse=(--reuse)
 [ -n "${BEFORE_SCENARIOS:-}" ] && read -ra scenarios <<< "--scenarios $BEFORE_SCENARIOS"
 case "${ONLY:-}:${BEFORE:-}" in

@@ -297,6 +297,15 @@ def render(results: dict[str, Any]) -> str:
         f"Command: `{results['command']}`  ",
         f"Date: {results['date']}, run time {results['run_s'] / 60:.1f} min",
         "",
+        *(
+            [
+                f"**Written before the {results['partial']} part ran** (kept in case a time "
+                "limit cuts the run off; a complete run writes over it).",
+                "",
+            ]
+            if results.get("partial")
+            else []
+        ),
         f"- Machine: {m['cpu']}"
         + (f", GPU {m['gpu']}" if m.get("gpu") else "")
         + f"; {m['cores']} cores, {m['torch_threads']} torch threads, {m['memory_gib']} GiB;"

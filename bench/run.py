@@ -434,6 +434,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 args.server_env,
                 args.server_src,
             )
+            if "4" in args.scenarios:  # kept if the rerank part is cut off (a time limit)
+                _write(results, args.out, device, args.tag, started, partial="rerank")
         if "4" in args.scenarios:
             results["tokenizer"]["rerank_pairs_per_s"] = tokenizer_rate(
                 _snapshot(hf_home, RERANK_MODEL),
@@ -451,15 +453,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(log_dir, ignore_errors=True)
         if temporary:
             shutil.rmtree(hf_home, ignore_errors=True)
+    _write(results, args.out, device, args.tag, started)
+    return results
+
+
+def _write(
+    results: dict[str, Any],
+    out: Path,
+    device: str,
+    tag: str | None,
+    started: float,
+    *,
+    partial: str | None = None,
+) -> None:
+    """The report so far, as Markdown and JSON; ``partial`` names the part still to run."""
     results["load_after"] = list(os.getloadavg())
     results["run_s"] = time.perf_counter() - started
+    results["partial"] = partial
     finish(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / "-".join(filter(None, [args.shape, device, args.tag]))
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / "-".join(filter(None, [results["shape"], device, tag]))
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     stem.with_suffix(".md").write_text(render(results))
     _log(f"wrote {stem}.md and {stem}.json in {results['run_s'] / 60:.1f} min")
-    return results
 
 
 if __name__ == "__main__":
