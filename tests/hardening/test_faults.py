@@ -319,6 +319,40 @@ def test_an_engine_that_cannot_come_back_ends_the_server(tmp_path: Path) -> None
     assert "could not be restarted" in server.log()
 
 
+def calibration(base_url: str) -> dict[str, Any]:
+    """The served model's entry in GET /info/quantization."""
+    models = httpx.get(f"{base_url}/info/quantization", timeout=10).json()["models"]
+    (model,) = models.values()
+    return dict(model)
+
+
+def test_the_first_int8_request_waits_for_the_calibration_within_the_request_timeout() -> None:
+    """With WARMUP=false the first int8 request starts the calibration (152 texts) and
+    waits for it: a 504 at REQUEST_TIMEOUT, as for its own embedding, where it had waited
+    the calibration's whole time. The calibration goes on for the next request."""
+    timeout = 1.0
+    settings = Settings(
+        service_type="embeddings", warmup=False, request_timeout=timeout, max_batch_size=1
+    )
+    body = {"input": "量子化", "output_dtype": "int8"}
+    # one text per forward pass, each 30 ms: the calibration takes ~4.6 s
+    with serve_app(build_app(settings, fake_plugin(delay=0.03))) as server:
+        started = time.monotonic()
+        reply = httpx.post(f"{server.base_url}/v1/embeddings", json=body, timeout=30)
+        seconds = time.monotonic() - started
+        assert "REQUEST_TIMEOUT=1" in error_of(reply, 504, "timeout")
+        assert timeout <= seconds < timeout + 1.5, seconds
+        deadline = time.monotonic() + 30
+        while (model := calibration(server.base_url))["state"] != "ready":
+            assert model["state"] == "running" and time.monotonic() < deadline, model
+            time.sleep(0.1)
+        step = model["step"]
+        reply = httpx.post(f"{server.base_url}/v1/embeddings", json=body, timeout=30)
+        assert reply.status_code == 200, reply.text
+        want = np.clip(np.rint(fake_text_vector("量子化") / np.float32(step)), -128, 127)
+        assert reply.json()["data"][0]["embedding"] == want.astype(int).tolist()
+
+
 def test_a_request_timeout_shorter_than_the_watch_delay_holds() -> None:
     """REQUEST_TIMEOUT under WATCH_AFTER (the delay before a request is watched): the
     504 still comes at REQUEST_TIMEOUT, not when the watching starts."""

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from fake_openai_server.api.context import answer_in_time
 from fake_openai_server.api.openapi import KEY_RESPONSES
 from fake_openai_server.api.serialize import json_body
 from fake_openai_server.backends.base import FloatArray
@@ -21,8 +22,16 @@ def calibrations(request: Request) -> Calibrations:
 
 
 async def as_type(request: Request, model: str, vectors: FloatArray, kind: str) -> Any:
-    """``vectors`` of ``model`` as embedding type ``kind`` (a numpy array)."""
-    scale = await calibrations(request).scale(model) if kind in CALIBRATED else None
+    """``vectors`` of ``model`` as embedding type ``kind`` (a numpy array).
+
+    int8 and uint8 need the model's calibrated scale. Until it is ready (``WARMUP=false``,
+    or a request soon after start-up) the request waits for the calibration as for its
+    own embedding: within REQUEST_TIMEOUT (504) and no longer than its client stays.
+    """
+    scale = None
+    if kind in CALIBRATED:
+        found = calibrations(request)
+        scale = found.ready(model) or await answer_in_time(request, found.scale(model))
     return quantize(vectors, kind, scale)
 
 

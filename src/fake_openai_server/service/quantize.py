@@ -171,6 +171,13 @@ class Calibrations:
                 "float, binary and ubinary embeddings still work.",
             ) from None
 
+    def ready(self, model: str) -> Scale | None:
+        """``model``'s scale if its calibration has finished well, else None."""
+        task = self._tasks.get(model)
+        if task is None or not task.done() or task.cancelled() or task.exception():
+            return None
+        return task.result()
+
     def state(self, model: str) -> str:
         task = self._tasks.get(model)
         if task is None:
