@@ -200,10 +200,10 @@ class Calibrations:
     def published(self) -> dict[str, Any]:
         models: dict[str, Any] = {}
         for name in self._embedders:
-            task = self._tasks.get(name)
             entry: dict[str, Any] = {"state": self.state(name)}
-            if entry["state"] == "ready" and task is not None:
-                entry.update(task.result().published())
+            scale = self.ready(name)
+            if scale is not None:
+                entry.update(scale.published())
             models[name] = entry
         return {
             "method": "int8 = clip(round(value / step), -128, 127); uint8 = int8 + 128; "
