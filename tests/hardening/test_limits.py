@@ -146,3 +146,34 @@ def test_metrics_cover_requests_latency_queue_batches_and_inference(server: Live
     assert value("fos_queue_wait_seconds_count", model=model) >= 2  # one per item
     assert "fos_queue_wait_seconds_bucket" in samples
     assert value("process_resident_memory_bytes") > 10 * 2**20  # what a soak run watches
+
+
+def test_truncate_false_refuses_over_long_inputs_on_every_route() -> None:
+    """TRUNCATE=false is the server's word for every route that does not say otherwise in
+    its request: an input or query + document pair over the model's maximum length is a
+    400 naming the setting (the rerank routes had cut it silently); a request that asks
+    to truncate (Voyage's truncation, TEI's truncate) is still cut."""
+    settings = Settings(service_type="all", warmup=False, truncate=False)
+    long = "長" * (MAX_LENGTH * 8)  # over the embeddings' and the reranker's (4x) maximum
+    refused: list[tuple[str, dict[str, Any]]] = [
+        ("/v1/embeddings", {"input": long}),
+        ("/v1/rerank", {"query": "q", "documents": ["a", long]}),
+        ("/v2/rerank", {"query": "q", "documents": [long]}),
+        ("/rerank", {"query": "q", "documents": [long]}),
+        ("/v1/v1/rerank", {"query": "q", "documents": [long]}),
+        ("/api/rerank", {"query": "q", "documents": [long]}),
+        ("/rerank", {"query": "q", "texts": [long]}),  # TEI
+    ]
+    cut: list[tuple[str, dict[str, Any]]] = [
+        ("/v1/embeddings", {"input": long, "truncation": True}),
+        ("/v1/rerank", {"query": "q", "documents": [long], "truncation": True}),
+        ("/rerank", {"query": "q", "texts": [long], "truncate": True}),
+    ]
+    with serve_app(build_app(settings, fake_plugin())) as live, live.client() as client:
+        for path, body in refused:
+            reply = client.post(path, json=body)
+            assert reply.status_code == 400, (path, body.keys(), reply.text)
+            assert "TRUNCATE=false" in reply.text, (path, reply.text)
+        for path, body in cut:
+            reply = client.post(path, json=body)
+            assert reply.status_code == 200, (path, body.keys(), reply.text)

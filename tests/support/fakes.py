@@ -172,8 +172,16 @@ class FakeTokenizer:
         self._take_time(len(documents))
         if self.explode and self.explode in query:
             raise RuntimeError(f"tokenizer crashed reading {SECRET}")
-        q = char_ids(query)[:MAX_LENGTH]
-        return [Encoded.of([BOS, *q, SEP, *char_ids(doc)[:MAX_LENGTH], EOS]) for doc in documents]
+        # Each side is cut to MAX_LENGTH characters (the pair says so, as the real pair
+        # tokenizers' truncation does), well within the reranker's maximum length.
+        q = char_ids(query)
+        encoded = []
+        for doc in documents:
+            d = char_ids(doc)
+            ids = [BOS, *q[:MAX_LENGTH], SEP, *d[:MAX_LENGTH], EOS]
+            full = len(q) + len(d) + 3
+            encoded.append(Encoded.of(ids, len(ids) < full, full))
+        return encoded
 
     def wrap_ids(self, ids: Sequence[int]) -> Encoded:
         full = [BOS, *ids, EOS]

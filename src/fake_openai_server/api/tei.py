@@ -105,7 +105,6 @@ async def tei_rerank(body: TeiRerankRequest, request: Request) -> Response:
             "is cut at the end of the text.",
             param="truncation_direction",
         )
-    truncate = body.truncate if body.truncate is not None else rt.settings.truncate
     result = await answer_in_time(
         request,
         service.rerank(
@@ -113,7 +112,7 @@ async def tei_rerank(body: TeiRerankRequest, request: Request) -> Response:
             body.texts,
             model=body.model,
             raw_scores=body.raw_scores,
-            truncate=None if truncate else False,
+            truncate=body.truncate,  # absent: the server's TRUNCATE
             documents_param="texts",
         ),
     )

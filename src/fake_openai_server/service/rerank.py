@@ -74,7 +74,8 @@ class RerankService:
         top_n_param: str = "top_n",
     ) -> RerankResult:
         """``truncate=False`` (TEI ``truncate``, Voyage ``truncation``) refuses pairs that
-        fill the model's whole length instead of cutting them; ``None`` cuts, as before.
+        fill the model's whole length instead of cutting them, ``True`` cuts them, and
+        ``None`` does as the server's TRUNCATE says.
         ``documents_param`` and ``top_n_param`` name the fields the documents and top_n
         came in (Voyage: top_k), for the error messages."""
         name = self.names.resolve(model)
@@ -106,10 +107,12 @@ class RerankService:
 
         tokens = RequestTokens(limits.max_request_tokens)
         flow = Flow()  # the request's place in the queue, across its chunks
+        refuse = not (limits.truncate if truncate is None else truncate)
+        why = " (TRUNCATE=false)" if truncate is None else ", and the request asked not to truncate"
 
         async def run(encoded: list[Encoded]) -> FloatArray:
-            if truncate is False:
-                _refuse_cut_pairs(encoded, self.models[name].info.max_length)
+            if refuse:
+                _refuse_cut_pairs(encoded, self.models[name].info.max_length, why)
             tokens.add(encoded)
             return await self._engine.submit(name, [item.ids for item in encoded], flow)
 
@@ -131,7 +134,7 @@ class RerankService:
         return RerankResult(ranked, tokens.total)
 
 
-def _refuse_cut_pairs(encoded: Sequence[Encoded], max_length: int) -> None:
+def _refuse_cut_pairs(encoded: Sequence[Encoded], max_length: int, why: str) -> None:
     # The pair tokenizer cuts to max_length without saying whether it cut, so a pair
     # that fills the whole length counts as cut (a pair of exactly that length is refused
     # too: one token's difference, on the safe side).
@@ -140,7 +143,6 @@ def _refuse_cut_pairs(encoded: Sequence[Encoded], max_length: int) -> None:
             raise ServiceError(
                 ErrorKind.INVALID_REQUEST,
                 f"A query and document pair reaches this model's maximum of {max_length} "
-                "tokens, and the request asked not to truncate; shorten the document or "
-                "allow truncation.",
+                f"tokens{why}; shorten the document or allow truncation.",
                 param="documents",
             )
