@@ -5,6 +5,33 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
+from types import TracebackType
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+# Control characters as escapes: a client's text (a path, say) cannot start a log line.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)}
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped, for a log line."""
+    return text.translate(_CONTROL)
+
+
+class PlainFormatter(logging.Formatter):
+    """One line per record; an exception as its type and its frames, not its message:
+    the message of an unforeseen error may quote a request's text (a tokenizer's error
+    about the string it read, a model's about the ids it got)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatException(self, ei: ExcInfo | tuple[None, None, None]) -> str:
+        kind, _, frames = ei
+        name = kind.__name__ if kind is not None else "exception"
+        stack = "".join(traceback.format_tb(frames))
+        return f"Traceback (most recent call last):\n{stack}{name} (its message is not logged)"
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,7 +52,7 @@ def configure(level: str, as_json: bool) -> None:
     if as_json:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(PlainFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

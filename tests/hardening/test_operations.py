@@ -26,7 +26,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.live import run_cli
+from tests.support.live import fake_cli, run_cli
 
 SECRET = "秘密の合言葉はコバルトブルー42号"  # must never reach the log
 REQUEST_ID = "hardening-log-check-1"
@@ -177,3 +177,27 @@ def test_json_logs_one_object_per_line(run: Run) -> None:
         entry = json.loads(line)  # fails on any non-JSON line (tracebacks, progress bars)
         assert isinstance(entry, dict)
         assert {"time", "level", "logger", "message"} <= entry.keys()
+
+
+def test_plain_logs_keep_an_errors_type_and_frames_but_not_its_message(tmp_path: Path) -> None:
+    """LOG_JSON=false (the default format): an unforeseen error in the server process (a
+    tokenizer that raises, TOKENIZER_WORKERS=0) and one in the model process (a batch that
+    raises) are logged with their type and traceback, never their message, which can
+    quote a request's text (the fakes' messages name a secret path instead). A path with
+    a newline cannot start a forged log line."""
+    settings = {"service_type": "embeddings", "warmup": False, "log_level": "debug"}
+    options = {"tokenizer_raise": "爆", "triggers": {"壊": "raise"}}
+    with fake_cli(settings, options, tmp_path) as server, server.client() as client:
+        assert client.post("/v1/embeddings", json={"input": "爆発"}).status_code == 500
+        assert client.post("/v1/embeddings", json={"input": "壊れる"}).status_code == 500
+        assert client.get("/x%0A2026-01-01 00:00:00,000 ERROR forged: line").status_code == 404
+        deadline = time.monotonic() + 10
+        while "forged: line 404" not in server.log():  # the last request's log line
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
+        log = server.log()
+    assert "secret-model" not in log, log  # the messages' own words (the source lines show)
+    assert log.count("RuntimeError (its message is not logged)") == 2, log
+    assert "Traceback (most recent call last):" in log
+    assert not any(line.startswith("2026-01-01") for line in log.splitlines()), log
+    assert "/x\\x0a2026-01-01" in log

@@ -27,6 +27,7 @@ from fake_openai_server.api.errors import (
 )
 from fake_openai_server.api.hot import HotRoute, HotRoutes, route_path
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
+from fake_openai_server.logs import printable
 from fake_openai_server.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ class RequestLog:
             log.debug(
                 "%s %s %d %.1fms request_id=%s",
                 scope["method"],
-                excerpt(scope["path"], 100),
+                printable(excerpt(scope["path"], 100)),
                 status,
                 seconds * 1000,
                 request_id,
