@@ -13,6 +13,8 @@ import asyncio
 import http.client
 import json
 import math
+import subprocess
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -458,3 +460,76 @@ def test_jina_style_client(fake_server: LiveServer) -> None:
         failed = session.post("/v1/rerank", json={"query": "", "documents": DOCS})
     assert failed.status_code == 400
     assert "query" in failed.json()["detail"]
+
+
+# --- clients that offer HTTP/2 on plain http (Upgrade: h2c) ------------------------------
+
+# What Java's HttpClient (and Spring's RestClient over it) sends on plain http, and Ktor.
+H2C_OFFER = (
+    b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    b"HTTP2-Settings: AAEAAEAAAAIAAAABAAMAAABkAAQBAAAAAAUAAEAA\r\n"
+)
+
+
+def _h2c_request(body: bytes, chunked: bool) -> tuple[bytes, bytes]:
+    """The head and body of a POST /v1/embeddings that offers h2c."""
+    length = b"Content-Length: %d\r\n" % len(body)
+    framing = b"Transfer-Encoding: chunked\r\n" if chunked else length
+    head = (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        + H2C_OFFER
+        + framing
+        + b"\r\n"
+    )
+    return head, (b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if chunked else body)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("split", [False, True], ids=["one-write", "head-then-body"])
+def test_a_request_offering_h2c_is_served_as_http_1_1(
+    fake_server: LiveServer, chunked: bool, split: bool
+) -> None:
+    """HTTP lets a server decline an upgrade offer and answer in HTTP/1.1. httptools had
+    dropped the body of such a request (a 400 "must be a JSON object"), or, sent after
+    the head as Java's and Ktor's clients do, read it as a request of its own (uvicorn's
+    issue #2722). The connection then serves a plain request as usual."""
+    texts = ["東京", "京都"]
+    head, body = _h2c_request(json.dumps({"input": texts}).encode(), chunked)
+    with fake_server.connect() as sock:
+        if split:
+            sock.sendall(head)
+            time.sleep(0.2)
+            sock.sendall(body)
+        else:
+            sock.sendall(head + body)
+        reply = http.client.HTTPResponse(sock)
+        reply.begin()
+        data = json.loads(reply.read())
+        assert reply.status == 200, data
+        for item, text in zip(data["data"], texts, strict=True):
+            np.testing.assert_allclose(item["embedding"], fake_text_vector(text), rtol=1e-6)
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: test\r\n\r\n")  # keep-alive, plain
+        again = http.client.HTTPResponse(sock)
+        again.begin()
+        assert again.status == 200 and json.loads(again.read())["data"]
+
+
+def test_curl_http2_on_plain_http_gets_its_reply(fake_server: LiveServer) -> None:
+    """``curl --http2`` offers h2c on plain http, as Java clients do."""
+    done = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--http2",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            json.dumps({"input": "大阪"}),
+            f"{fake_server.base_url}/v1/embeddings",
+        ],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    reply = json.loads(done.stdout)
+    np.testing.assert_allclose(reply["data"][0]["embedding"], fake_text_vector("大阪"), rtol=1e-6)

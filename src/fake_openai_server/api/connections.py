@@ -28,6 +28,15 @@ Checking costs a timestamp per request: one timer per connection looks at it, ev
 Bytes uvicorn's parser refuses (an unknown method, a bad header, a Content-Length that
 contradicts itself) were answered ``400 Invalid HTTP request received.`` in plain text,
 before any route; the reply is now the error envelope every other 400 has.
+
+A request that offers to switch to another protocol (``Connection: Upgrade`` with
+``Upgrade: h2c``: Java's HttpClient and Spring's RestClient, JetBrains' Ktor and
+``curl --http2`` send it on plain http) lost its body: httptools stops at the end of
+the headers and treats what follows as the new protocol's, and uvicorn, declining the
+switch, served the request with an empty body (a 400 "must be a JSON object"), or read
+a body sent later as a request of its own (uvicorn's issue #2722). HTTP lets a server
+ignore the offer and answer in HTTP/1.1; here the rest of the request is read as
+HTTP/1.1, without the offer, into the request already begun.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import logging
 import math
 import struct
 
+import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -119,6 +129,7 @@ class Connection(HttpToolsProtocol):
         sock = transport.get_extra_info("socket")
         self._fd: int = sock.fileno() if sock is not None else -1
         self._deadline = self.loop.call_later(self.read_timeout, self._check_deadline)
+        self._reread = False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._deadline.cancel()
@@ -132,6 +143,49 @@ class Connection(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._receiving_since = None
         super().on_message_complete()
+
+    def data_received(self, data: bytes) -> None:
+        """As uvicorn's, but a declined upgrade is served as the HTTP/1.1 it also is."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+        except httptools.HttpParserUpgrade as upgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._decline_upgrade(data[upgrade.args[0] :])
+
+    def _decline_upgrade(self, rest: bytes) -> None:
+        """Read the request again without its upgrade offer: its head, rebuilt, then
+        ``rest`` (its body, and whatever follows) through a fresh parser, into the request
+        cycle its head has begun. That cycle took the message as complete and bodiless;
+        its body now comes as the parser reads it."""
+        offer = {b"upgrade", b"http2-settings"}
+        head = [self.scope["method"].encode("ascii"), b" ", self.url, b" HTTP/1.1\r\n"]
+        for name, value in self.headers:
+            if name in offer:
+                continue
+            if name == b"connection":
+                tokens = [t.strip() for t in value.split(b",")]
+                value = b", ".join(t for t in tokens if t.lower() not in offer)
+                if not value:
+                    continue
+            head += [name, b": ", value, b"\r\n"]
+        head.append(b"\r\n")
+        self.cycle.more_body = True
+        self._reread = True  # its head begins no second cycle
+        self.parser = httptools.HttpRequestParser(self)
+        self.data_received(b"".join(head) + rest)
+
+    def on_headers_complete(self) -> None:
+        if self._reread:
+            self._reread = False
+            return
+        super().on_headers_complete()
 
     def _check_deadline(self) -> None:
         now = self.loop.time()
