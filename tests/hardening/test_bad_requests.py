@@ -6,6 +6,7 @@ and the server keeps serving: a normal request right after it succeeds.
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import logging
@@ -148,8 +149,15 @@ CATALOGUE = [
     # not JSON, not UTF-8, not Unicode
     Bad("truncated-json", b'{"input": ["a", "b"', says="JSON"),
     Bad("trailing-garbage", b'{"input": "a"} xyz', says="JSON"),
-    Bad("invalid-utf8", b'{"input": "\xff\xfe\xfa"}'),
-    Bad("overlong-utf8", b'{"input": "\xc0\xaf"}'),
+    Bad("invalid-utf8", b'{"input": "\xff\xfe\xfa"}', says="UTF-8"),
+    Bad("overlong-utf8", b'{"input": "\xc0\xaf"}', says="UTF-8"),
+    Bad("shift-jis", '{"input": "社内文書"}'.encode("cp932"), says="not UTF-8"),
+    Bad(
+        "gzip",
+        gzip.compress(b'{"input": "a"}'),
+        headers={"Content-Encoding": "gzip"},
+        says="Content-Encoding: gzip",
+    ),
     Bad("lone-surrogate", b'{"input": "a\\ud800b"}', says="surrogate"),
     Bad("lone-surrogate-model", b'{"input": "a", "model": "\\udfff"}', says="surrogate"),
     Bad(

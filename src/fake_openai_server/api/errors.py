@@ -58,7 +58,8 @@ HTTP_KINDS = {
 CLIENT_CLOSED = 499  # nginx's code for "client closed request"; nobody reads it
 
 # FastAPI's reply to a body that its JSON parser refused for more than its syntax (nested
-# over ~1,000 levels, an integer of over 4,300 digits), and what this server says instead.
+# over ~1,000 levels, an integer of over 4,300 digits; bytes that are not UTF-8, or
+# compressed), and what this server says instead.
 FASTAPI_BODY_ERROR = "There was an error parsing the body"
 UNREADABLE_BODY = (
     "The request body could not be read as JSON: it is nested too deeply or holds a number "
@@ -193,6 +194,22 @@ def validation_message(errors: list[dict[str, Any]], route: str = "") -> tuple[s
     return f"Invalid '{path}': {first.get('msg', 'invalid value')}.", field
 
 
+def _unreadable(request: Request, cause: BaseException | None) -> str:
+    """Why a body FastAPI's JSON parser refused could not be read, as far as is known."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        return (
+            f"The request body is compressed (Content-Encoding: {excerpt(encoding, 20)}), "
+            "which this server does not read; send it uncompressed."
+        )
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            "The request body is not UTF-8: send the JSON encoded as UTF-8 (Shift_JIS, "
+            "EUC-JP and other encodings are not read)."
+        )
+    return UNREADABLE_BODY
+
+
 def crash_response(exc: Exception, path: str) -> Response:
     """The 500 for an exception nothing else answered; never echoes it (it may carry
     paths, internals or user text)."""
@@ -233,7 +250,7 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.detail == FASTAPI_BODY_ERROR:
             if isinstance(exc.__cause__, ClientDisconnect):  # gone mid-body, as on fast routes
                 return Response(status_code=CLIENT_CLOSED)
-            kind, message = ErrorKind.INVALID_REQUEST, UNREADABLE_BODY
+            kind, message = ErrorKind.INVALID_REQUEST, _unreadable(request, exc.__cause__)
         elif exc.status_code < 500:
             kind, message = kind or ErrorKind.INVALID_REQUEST, excerpt(str(exc.detail), 200)
         else:
