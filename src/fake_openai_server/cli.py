@@ -141,6 +141,9 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
         # sent on a connection just as the server closed it failed with a reset.
         "timeout_keep_alive": math.ceil(settings.keep_alive_seconds),
         "http": http_protocol(settings.read_timeout_seconds),
+        # No route speaks WebSocket: a handshake is answered as any other request (a JSON
+        # 404 or 405), not with uvicorn's empty 403 and two log lines quoting its URL.
+        "ws": "none",
         "server_header": False,
     }
     return uvicorn.Config(app, **{**options, **overrides})

@@ -397,3 +397,62 @@ def test_body_at_the_limit_is_parsed(client: httpx.Client) -> None:
     padding = LIMIT - len(b'{"input": ""}')
     reply = client.post("/v1/embeddings", content=b'{"input": "' + b"a" * padding + b'"}')
     assert_envelope(reply, 400)
+
+
+def test_bytes_that_are_not_http_are_logged_once_then_counted(
+    server: LiveServer, client: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A scanner speaking TLS to the plain port opens connection after connection: uvicorn
+    logged a WARNING for each. Now the first is logged, then a count at most once a
+    minute."""
+    with caplog.at_level(logging.INFO):
+        for _ in range(5):
+            assert_envelope(_raw(server, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")[:2], 400)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "Invalid HTTP request received." not in lines
+    assert len([line for line in lines if "not HTTP/1.1" in line]) <= 1, lines
+    assert_still_serving(client)
+
+
+@pytest.mark.parametrize("pieces", [1, 40], ids=["one-write", "trickled"])
+def test_a_request_head_over_64_kib_is_431(
+    server: LiveServer, client: httpx.Client, pieces: int
+) -> None:
+    """uvicorn reads a request's headers without bound (an audit sent 1 GiB in 4 s, all of
+    it held in memory). Over HEAD_LIMIT the reply is 431 in the envelope; just under, the
+    request is served."""
+    body = b'{"input": "a"}'
+
+    def request(header_bytes: int) -> bytes:
+        return (
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            + b"X-Padding: "
+            + b"p" * header_bytes
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+
+    served = _raw(server, request(60 * 1024) + body)
+    assert served[0] == 200, served
+    head = request(80 * 1024)
+    size = -(-len(head) // pieces)
+    status, reply, _ = _raw(server, b"", [head[i : i + size] for i in range(0, len(head), size)])
+    error = assert_envelope((status, reply), 431)
+    assert "64 KiB" in str(error["message"])
+    assert_still_serving(client)
+
+
+def test_a_websocket_handshake_is_answered_as_http(
+    server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No route speaks WebSocket: a handshake gets the reply its path and method get (here
+    the JSON 404), not uvicorn's empty 403 and two log lines quoting its URL."""
+    handshake = (
+        b"GET /chat?token=SECRET-MARKER HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    with caplog.at_level(logging.INFO):
+        status, body, _ = _raw(server, handshake)
+    error = assert_envelope((status, body), 404)
+    assert "No route GET /chat" in str(error["message"])
+    assert "SECRET-MARKER" not in caplog.text

@@ -27,7 +27,10 @@ Checking costs a timestamp per request: one timer per connection looks at it, ev
 
 Bytes uvicorn's parser refuses (an unknown method, a bad header, a Content-Length that
 contradicts itself) were answered ``400 Invalid HTTP request received.`` in plain text,
-before any route; the reply is now the error envelope every other 400 has.
+before any route, with a WARNING line each (a scanner speaking TLS to the plain port wrote
+one per connection); the reply is now the error envelope every other 400 has, and the log
+gives the first at once and then a count at most once a minute. A request whose line and
+headers pass HEAD_LIMIT is answered 431 the same way (uvicorn had no bound).
 
 A request that offers to switch to another protocol (``Connection: Upgrade`` with
 ``Upgrade: h2c``: Java's HttpClient and Spring's RestClient, JetBrains' Ktor and
@@ -72,30 +75,48 @@ NOT_HTTP = ServiceError(
 )
 
 
+# The most a request's line and headers may take. uvicorn sets no bound: one connection
+# could make the server hold as much as it sent within READ_TIMEOUT_SECONDS (an audit
+# sent 1 GiB of headers in 4 s). nginx allows 32 KiB by default, h11 16 KiB.
+HEAD_LIMIT = 64 * 1024
+
+HEAD_TOO_LARGE = ServiceError(
+    ErrorKind.INVALID_REQUEST,
+    f"The request's line and headers are over {HEAD_LIMIT // 1024} KiB.",
+)
+
+
 def http_protocol(read_timeout: float) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol (httptools, what it picks itself), closing a connection whose
     request has not arrived ``read_timeout`` seconds after it began or whose reply has not
-    moved for as long, and answering bytes that are not HTTP in the error envelope."""
+    moved for as long, and answering bytes that are not HTTP, or a head over HEAD_LIMIT,
+    in the error envelope."""
+    within = f"within READ_TIMEOUT_SECONDS={read_timeout:g}"
     return type(
         "Connection",
         (Connection,),
         {
             "read_timeout": read_timeout,
-            "slow": SlowClosures("whose request had not arrived in full", read_timeout),
-            "stuck": SlowClosures("that had taken none of their reply", read_timeout),
+            "slow": Closures(f"whose request had not arrived in full {within}"),
+            "stuck": Closures(f"that had taken none of their reply {within}"),
+            "garbled": Closures("whose bytes were not HTTP/1.1 (answered 400)"),
+            "bloated": Closures(
+                f"whose request's line and headers were over {HEAD_LIMIT // 1024} KiB "
+                "(answered 431)"
+            ),
         },
     )
 
 
-class SlowClosures:
-    """Logs the connections closed for being slow: the first at once, then at most one line
-    a minute with the count since the last (a Slowloris scan opens thousands)."""
+class Closures:
+    """Logs the connections closed for one reason: the first at once, then at most one line
+    a minute with the count since the last (a Slowloris scan, or a scanner speaking TLS to
+    the plain port, opens thousands)."""
 
     EVERY = 60.0
 
-    def __init__(self, what: str, read_timeout: float) -> None:
+    def __init__(self, what: str) -> None:
         self.what = what
-        self.read_timeout = read_timeout
         self.unreported = 0
         self.reported_at = -math.inf
 
@@ -103,12 +124,7 @@ class SlowClosures:
         self.unreported += 1
         if now - self.reported_at < self.EVERY:
             return
-        log.warning(
-            "closed %d connection(s) %s within READ_TIMEOUT_SECONDS=%g",
-            self.unreported,
-            self.what,
-            self.read_timeout,
-        )
+        log.warning("closed %d connection(s) %s", self.unreported, self.what)
         self.unreported, self.reported_at = 0, now
 
 
@@ -118,8 +134,10 @@ class Connection(HttpToolsProtocol):
     it has been taken, and the timer that looks at them."""
 
     read_timeout: float
-    slow: SlowClosures
-    stuck: SlowClosures
+    slow: Closures
+    stuck: Closures
+    garbled: Closures
+    bloated: Closures
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -130,6 +148,9 @@ class Connection(HttpToolsProtocol):
         self._fd: int = sock.fileno() if sock is not None else -1
         self._deadline = self.loop.call_later(self.read_timeout, self._check_deadline)
         self._reread = False
+        self._head: int | None = 0  # bytes of the request head so far; None once it is in
+        self._feeding = 0  # bytes in the data being parsed
+        self._head_too_large = False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._deadline.cancel()
@@ -138,6 +159,7 @@ class Connection(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         if self._receiving_since is None:
             self._receiving_since = self.loop.time()
+        self._head = 0
         super().on_message_begin()
 
     def on_message_complete(self) -> None:
@@ -145,19 +167,31 @@ class Connection(HttpToolsProtocol):
         super().on_message_complete()
 
     def data_received(self, data: bytes) -> None:
-        """As uvicorn's, but a declined upgrade is served as the HTTP/1.1 it also is."""
+        """As uvicorn's, with the envelope and a count for bytes that are not HTTP, a bound
+        on the head, and an upgrade offer declined by serving the HTTP/1.1 it also is (no
+        route speaks another protocol: the CLI runs uvicorn with ``ws="none"``)."""
         self._unset_keepalive_if_required()
+        self._feeding = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            msg = "Invalid HTTP request received."
-            self.logger.warning(msg)
-            self.send_400_response(msg)
+            if self._head_too_large:  # raised by on_headers_complete
+                self._refuse_head()
+                return
+            self.garbled.count(self.loop.time())  # uvicorn logged each one
+            self._refuse(400, "Bad Request", NOT_HTTP)
+            return
         except httptools.HttpParserUpgrade as upgrade:
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
-            else:
-                self._decline_upgrade(data[upgrade.args[0] :])
+            self._decline_upgrade(data[upgrade.args[0] :])
+            return
+        if self._head is not None:  # the head is still coming: all of ``data`` was head
+            self._head += len(data)
+            if self._head > HEAD_LIMIT:
+                self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        self.bloated.count(self.loop.time())
+        self._refuse(431, "Request Header Fields Too Large", HEAD_TOO_LARGE)
 
     def _decline_upgrade(self, rest: bytes) -> None:
         """Read the request again without its upgrade offer: its head, rebuilt, then
@@ -182,6 +216,14 @@ class Connection(HttpToolsProtocol):
         self.data_received(b"".join(head) + rest)
 
     def on_headers_complete(self) -> None:
+        head, self._head = self._head, None
+        # A head that came whole in the bytes being read is measured here (rarely: only
+        # when those bytes could hold one over the limit).
+        if head is not None and head + self._feeding > HEAD_LIMIT:
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            if size > HEAD_LIMIT:
+                self._head_too_large = True
+                raise ValueError("request head over HEAD_LIMIT")  # stops the parser
         if self._reread:
             self._reread = False
             return
@@ -221,11 +263,11 @@ class Connection(HttpToolsProtocol):
                 unsent += struct.unpack("i", queued)[0]
         return unsent
 
-    def send_400_response(self, msg: str) -> None:
-        """The reply to bytes the parser refused (uvicorn has logged ``msg``): as uvicorn's,
-        with the error envelope for a body."""
-        body = orjson.dumps(error_body(NOT_HTTP))
-        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+    def _refuse(self, status: int, reason: str, error: ServiceError) -> None:
+        """The reply to a request refused before it reached the app (bytes the parser
+        refused, a head over HEAD_LIMIT): the error envelope, and the connection closed."""
+        body = orjson.dumps(error_body(error))
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("ascii"))]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
         head += [
