@@ -13,10 +13,13 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def test_every_setting_is_documented_with_env_and_flag() -> None:
-    for name in Settings.model_fields:
+    """Each setting's row names its variable and its flag; a switch, both of its flags
+    (``--truncate false`` is not how argparse turns one off)."""
+    for name, field in Settings.model_fields.items():
         env, flag = name.upper(), "--" + name.replace("_", "-")
-        row = re.search(rf"^\| `{env}` \| `{flag}` \|.+\|$", README, re.MULTILINE)
-        assert row, f"README has no settings row for {env} / {flag}"
+        flags = f"`{flag}` / `--no-{flag[2:]}`" if field.annotation is bool else f"`{flag}`"
+        row = re.search(rf"^\| `{env}` \| {flags} \|.+\|$", README, re.MULTILINE)
+        assert row, f"README has no settings row for {env} / {flags}"
 
 
 def test_ci_runs_the_readme_test_command() -> None:

@@ -3,8 +3,10 @@
 ``create_embeddings_app``, ``create_rerank_app`` and ``create_all_in_one_app`` each
 build the app of their service (settings from the environment when none are given), so
 each works as ``uvicorn --factory fake_openai_server:create_embeddings_app``;
-``create_app`` builds the one ``SERVICE_TYPE`` names (the entry point uses it). The
-models load in the app's lifespan.
+``create_app`` builds the one ``SERVICE_TYPE`` names. The entry point (``cli.py``) builds
+its app with ``build_app`` and serves it itself (logging, connection limits, the garbage
+collector's settling, SIGTERM), which uvicorn's ``--factory`` does not. The models load in
+the app's lifespan.
 """
 
 from __future__ import annotations
