@@ -193,6 +193,8 @@ class Settings(BaseSettings):
                 raise SettingsError(f"MODEL_ALIASES entry {pair!r} must look like alias=model")
         if self.device == "mps" and self.dtype in ("bfloat16", "int8"):
             raise SettingsError(f"DTYPE={self.dtype} is not supported with DEVICE=mps")
+        if self.device == "cuda" and self.dtype == "int8":
+            raise SettingsError("DTYPE=int8 runs on CPU only: with DEVICE=cuda use DTYPE=auto")
         if self.device == "cpu" and self.dtype == "float16":
             raise SettingsError(
                 "DTYPE=float16 needs DEVICE=cuda; on CPU use DTYPE=bfloat16 or float32"

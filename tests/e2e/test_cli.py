@@ -204,6 +204,7 @@ def test_unknown_service_type_is_refused(env: dict[str, str], args: list[str]) -
             ("MAX_BATCH_TOKENS", "MAX_QUEUE_TOKENS"),
         ),
         ({"DEVICE": "cpu", "DTYPE": "float16"}, ("DEVICE", "DTYPE")),
+        ({"DEVICE": "cuda", "DTYPE": "int8"}, ("DEVICE", "DTYPE")),
         ({"PORT": "70000"}, ("PORT",)),
         ({"DTYPE": "fp8"}, ("DTYPE", "float32")),
     ],

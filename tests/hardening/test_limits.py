@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
@@ -103,6 +104,17 @@ def test_cli_refuses_a_batch_budget_below_the_models_max_length(hf_home: Path) -
     assert "MAX_BATCH_TOKENS=256" in last
     assert "512" in last and "cl-nagoya/ruri-large" in last  # the model and its length
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="DEVICE=auto finds a GPU here")
+def test_cli_refuses_float16_when_no_gpu_is_found() -> None:
+    """DEVICE=auto (the default) on a host without a GPU resolves to the CPU, where
+    DTYPE=float16 is not served: a clear refusal at start-up, not a slow half-precision
+    CPU server."""
+    done = _run_cli({"SERVICE_TYPE": "embeddings", "DTYPE": "float16"}, timeout=180)
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "DTYPE=float16 needs a GPU, and none was found" in last, last
 
 
 # --- metrics --------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from fake_openai_server.backends.base import (
     Pending,
     Task,
 )
+from fake_openai_server.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,16 @@ def resolve_precision(device: str, dtype: str) -> Precision:
             device = "mps"
         else:
             device = "cpu"
+    if dtype == "float16" and device == "cpu":  # DEVICE=auto found no GPU
+        raise SettingsError(
+            "DTYPE=float16 needs a GPU, and none was found; on CPU use DTYPE=auto, bfloat16 "
+            "or float32"
+        )
+    if dtype == "int8" and device != "cpu":
+        raise SettingsError(
+            f"DTYPE=int8 runs on CPU only, and the device is {device}; on a GPU use "
+            "DTYPE=auto (float16), or set DEVICE=cpu"
+        )
     if dtype != "auto":
         return Precision(device, dtype, f"DTYPE={dtype}")
     if device.startswith("cuda"):
