@@ -456,3 +456,12 @@ def test_a_websocket_handshake_is_answered_as_http(
     error = assert_envelope((status, body), 404)
     assert "No route GET /chat" in str(error["message"])
     assert "SECRET-MARKER" not in caplog.text
+
+
+def test_a_trailing_slash_gets_a_404_that_says_so(client: httpx.Client) -> None:
+    """Starlette answered a path with a trailing slash with an empty 307 to a URL built
+    from the client's Host header (``http://`` even behind a TLS proxy)."""
+    reply = client.post("/v1/embeddings/", json={"input": "a"}, headers={"Host": "evil.example"})
+    error = assert_envelope(reply, 404)
+    assert "Leave out the trailing slash: /v1/embeddings" in str(error["message"])
+    assert "location" not in reply.headers

@@ -119,6 +119,10 @@ def build_app(
         summary="OpenAI-compatible embeddings and Cohere/Jina-compatible rerank for Japanese",
         lifespan=lifespan,
         telemetry=None if telemetry else NO_TELEMETRY,
+        # A path with a trailing slash gets the JSON 404 that says so, not Starlette's
+        # empty 307 to a URL built from the client's Host header (http:// even behind a
+        # TLS proxy, where a client following it sends its texts in clear).
+        redirect_slashes=False,
     )
     app.state.runtime = runtime
     app.state.calibrations = calibrations

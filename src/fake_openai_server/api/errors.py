@@ -245,6 +245,8 @@ def install_error_handlers(app: FastAPI) -> None:
         kind = HTTP_KINDS.get(exc.status_code)
         if kind is ErrorKind.NOT_FOUND:
             message = f"No route {request.method} {path}."
+            if len(path) > 1 and path.endswith("/"):
+                message += f" Leave out the trailing slash: {path.rstrip('/')}"
         elif kind is ErrorKind.METHOD_NOT_ALLOWED:
             message = f"Method {request.method} is not allowed on {path}."
         elif exc.detail == FASTAPI_BODY_ERROR:
