@@ -364,3 +364,12 @@ def test_a_request_timeout_shorter_than_the_watch_delay_holds() -> None:
         seconds = time.monotonic() - started
     assert "REQUEST_TIMEOUT=0.1" in error_of(reply, 504, "timeout")
     assert timeout <= seconds < WATCH_AFTER - 0.1, seconds
+
+
+def test_a_tei_timeout_is_overloaded_in_teis_envelope() -> None:
+    """TEI's envelope names the kind of failure; a timeout is not a 'Validation' error."""
+    settings = Settings(service_type="embeddings", warmup=False, request_timeout=0.1)
+    with serve_app(build_app(settings, fake_plugin(delay=1.0))) as server:
+        reply = httpx.post(f"{server.base_url}/embed", json={"inputs": "遅"}, timeout=10)
+    assert reply.status_code == 504, reply.text
+    assert reply.json()["error_type"] == "Overloaded", reply.text

@@ -100,6 +100,7 @@ Dialect = Literal["openai", "tei", "ollama", "cohere"]
 TEI_ERROR_TYPES: dict[ErrorKind, str] = {
     ErrorKind.UNAUTHORIZED: "Unauthorized",
     ErrorKind.OVERLOADED: "Overloaded",
+    ErrorKind.TIMEOUT: "Overloaded",  # TEI has no timeout; a 504 here is a queue too long
     ErrorKind.NOT_READY: "Unhealthy",
     ErrorKind.MODEL_FAILURE: "Backend",
     ErrorKind.INTERNAL: "Backend",
