@@ -124,15 +124,15 @@ class RequestLog:
             in_progress.dec()
             self._count(route, status)
             latency.observe(seconds)
-            # The access log: never a body, header or key.
-            log.debug(
-                "%s %s %d %.1fms request_id=%s",
-                scope["method"],
-                printable(excerpt(scope["path"], 100)),
-                status,
-                seconds * 1000,
-                request_id,
-            )
+            if log.isEnabledFor(logging.DEBUG):  # the access log: never a body, header or key
+                log.debug(
+                    "%s %s %d %.1fms request_id=%s",
+                    scope["method"],
+                    printable(excerpt(scope["path"], 100)),
+                    status,
+                    seconds * 1000,
+                    request_id,
+                )
 
 
 def _bearer_token(authorization: str | None) -> str:
