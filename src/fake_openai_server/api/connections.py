@@ -80,6 +80,9 @@ NOT_HTTP = ServiceError(
 # sent 1 GiB of headers in 4 s). nginx allows 32 KiB by default, h11 16 KiB.
 HEAD_LIMIT = 64 * 1024
 
+# How long a refused connection's further bytes are read and dropped before it is closed.
+LINGER = 2.0
+
 HEAD_TOO_LARGE = ServiceError(
     ErrorKind.INVALID_REQUEST,
     f"The request's line and headers are over {HEAD_LIMIT // 1024} KiB.",
@@ -151,6 +154,7 @@ class Connection(HttpToolsProtocol):
         self._head: int | None = 0  # bytes of the request head so far; None once it is in
         self._feeding = 0  # bytes in the data being parsed
         self._head_too_large = False
+        self._discarding = False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._deadline.cancel()
@@ -170,6 +174,8 @@ class Connection(HttpToolsProtocol):
         """As uvicorn's, with the envelope and a count for bytes that are not HTTP, a bound
         on the head, and an upgrade offer declined by serving the HTTP/1.1 it also is (no
         route speaks another protocol: the CLI runs uvicorn with ``ws="none"``)."""
+        if self._discarding:  # refused: read only to be dropped (``_refuse``)
+            return
         self._unset_keepalive_if_required()
         self._feeding = len(data)
         try:
@@ -277,4 +283,13 @@ class Connection(HttpToolsProtocol):
             body,
         ]
         self.transport.write(b"".join(head))
-        self.transport.close()
+        # A lingering close: the reply, then our end of the stream, then what the client
+        # still sends read and dropped for LINGER seconds. Closing at once while its bytes
+        # keep coming makes the kernel answer them with a reset, which can take the reply
+        # with it (a client sending a long head or body lost its 431 or 413 that way).
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self._discarding = True
+        self.loop.call_later(LINGER, self.transport.close)
