@@ -80,6 +80,12 @@ def check_texts(texts: Sequence[str], param: str, max_chars: int, indexed: bool 
             )
 
 
+def no_truncation_reason(asked: object) -> str:
+    """The end of a refusal of an over-long input: why it was not cut. ``asked``: the
+    request's own truncation choice, or None when the server's TRUNCATE=false decided."""
+    return " (TRUNCATE=false)" if asked is None else ", and the request asked not to truncate"
+
+
 def chunk_sizes(count: int, parallel: int = 1, first: int = TOKENIZE_CHUNK) -> list[int]:
     """How ``count`` items are cut for ``parallel`` tokenizers: one chunk up to
     TOKENIZE_CHUNK; beyond, rounds of ``parallel`` chunks of ``first`` items, doubling

@@ -18,6 +18,7 @@ from fake_openai_server.service.common import (
     ModelNames,
     RequestTokens,
     check_texts,
+    no_truncation_reason,
     pipeline,
 )
 from fake_openai_server.service.tokenizing import TokenizerPool
@@ -128,7 +129,7 @@ class EmbeddingsService:
         tokens = RequestTokens(limits.max_request_tokens)
         flow = Flow()  # the request's place in the queue, across its chunks
         mode = truncate or ("end" if limits.truncate else "none")
-        why = " (TRUNCATE=false)" if truncate is None else ", and the request asked not to truncate"
+        why = no_truncation_reason(truncate)
 
         async def run(encoded: list[Encoded]) -> FloatArray:
             for item in encoded:

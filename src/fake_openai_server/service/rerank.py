@@ -21,6 +21,7 @@ from fake_openai_server.service.common import (
     ModelNames,
     RequestTokens,
     check_texts,
+    no_truncation_reason,
     pipeline,
 )
 from fake_openai_server.service.tokenizing import TokenizerPool
@@ -108,7 +109,7 @@ class RerankService:
         tokens = RequestTokens(limits.max_request_tokens)
         flow = Flow()  # the request's place in the queue, across its chunks
         refuse = not (limits.truncate if truncate is None else truncate)
-        why = " (TRUNCATE=false)" if truncate is None else ", and the request asked not to truncate"
+        why = no_truncation_reason(truncate)
 
         async def run(encoded: list[Encoded]) -> FloatArray:
             if refuse:
