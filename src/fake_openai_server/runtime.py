@@ -101,7 +101,11 @@ class Runtime:
             self.state, self.failure, self.misconfigured = "failed", str(exc), True
             log.error("invalid setting: %s", self.failure)
             return
-        except (StartFailed, WorkerGone) as exc:
+        except StartFailed as exc:
+            self.state, self.failure, self.misconfigured = "failed", str(exc), exc.setting
+            log.error("%s: %s", "invalid setting" if exc.setting else "model loading failed", exc)
+            return
+        except WorkerGone as exc:
             self.state, self.failure = "failed", str(exc)
             log.error("model loading failed: %s", self.failure)
             return

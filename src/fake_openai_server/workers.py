@@ -38,7 +38,12 @@ class WorkerGone(Exception):
 
 
 class StartFailed(Exception):
-    """The worker process could not start (the message says why)."""
+    """The worker process could not start (the message says why); ``setting``: because of
+    a setting (exit status 2, as for the settings the server checks itself)."""
+
+    def __init__(self, message: str, setting: bool = False) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 class CallFailed(Exception):
@@ -137,7 +142,10 @@ class WorkerProcess:
             ) from None
         if kind == wire.Kind.FAILED:
             await self._reap()
-            raise StartFailed(str(json.loads(body).get("error", "unknown error")))
+            failure = json.loads(body)
+            raise StartFailed(
+                str(failure.get("error", "unknown error")), bool(failure.get("setting"))
+            )
         self._reader_task = asyncio.get_running_loop().create_task(
             self._read(reader), name=f"read-{self.module}"
         )

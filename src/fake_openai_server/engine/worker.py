@@ -35,7 +35,7 @@ import numpy as np
 
 from fake_openai_server import logs, wire
 from fake_openai_server.backends.base import IdArray, Model, Pending
-from fake_openai_server.settings import Settings
+from fake_openai_server.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +210,10 @@ def start(sock: socket.socket) -> list[Model]:
             model.export_tokenizer(str(folder))
             model.info = replace(model.info, tokenizer_dir=str(folder))
     except Exception as exc:
-        log.error("model loading failed: %s: %s", type(exc).__name__, exc)
-        sock.sendall(wire.json_frame(wire.Kind.FAILED, {"error": f"{type(exc).__name__}: {exc}"}))
+        setting = isinstance(exc, SettingsError)  # a setting the loaded model contradicts
+        error = str(exc) if setting else f"{type(exc).__name__}: {exc}"
+        log.error("model loading failed: %s", error)
+        sock.sendall(wire.json_frame(wire.Kind.FAILED, {"error": error, "setting": setting}))
         raise SystemExit(1) from None
     ready = {
         "models": [model.info.as_dict() for model in models],
