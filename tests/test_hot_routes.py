@@ -125,6 +125,7 @@ def _twin_app() -> FastAPI:
         max_body_bytes=1000,
         routes=["/hot", "/cold"],
         hot=hot_routes([router]),
+        endpoints=router.routes,
     )
     return app
 

@@ -68,6 +68,78 @@ def test_health_and_ready(fake_server: LiveServer) -> None:
     assert [(head.status_code, head.content) for head in heads] == [(200, b""), (200, b"")]
 
 
+def _raw_reply(server: LiveServer, request: bytes) -> tuple[str, dict[str, str], bytes]:
+    """The status line, headers and body of the one reply to ``request`` (the server
+    closes: HTTP/1.0)."""
+    with server.connect() as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (x.partition(":") for x in lines)}
+    return status, headers, body
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/models", "/models", "/info", "/info/quantization", "/api/tags", "/api/version"]
+)
+def test_every_get_route_answers_head(fake_server: LiveServer, path: str) -> None:
+    """Uptime monitors, ``wget --spider`` and HAProxy's ``option httpchk HEAD`` probe with
+    HEAD; FastAPI's GET routes had answered 405."""
+    with fake_server.client() as client:
+        get = client.get(path)
+        head = client.head(path)
+    assert get.status_code == 200
+    assert head.status_code == 200, head.text
+    assert head.content == b""
+    assert head.headers["content-length"] == str(len(get.content))
+    assert head.headers["content-type"] == get.headers["content-type"]
+
+
+def test_options_lists_a_paths_methods(fake_server: LiveServer) -> None:
+    """HAProxy's plain ``option httpchk`` sends ``OPTIONS / HTTP/1.0`` and wants a 2xx."""
+    status, headers, body = _raw_reply(fake_server, b"OPTIONS / HTTP/1.0\r\n\r\n")
+    assert status.split()[1] == "204", status
+    assert headers["allow"] == "GET, HEAD, OPTIONS, POST"  # Ollama's GET /, TEI's POST /
+    assert body == b""
+    with fake_server.client() as client:
+        health = client.options("/health")
+        embeddings = client.options("/v1/embeddings")
+        nowhere = client.options("/v1/nowhere")
+    assert (health.status_code, health.headers["allow"]) == (204, "GET, HEAD, OPTIONS")
+    assert (embeddings.status_code, embeddings.headers["allow"]) == (204, "OPTIONS, POST")
+    assert_error(nowhere, 404, code="not_found")
+
+
+def test_ollamas_root_says_it_is_running(fake_server: LiveServer) -> None:
+    """Ollama's CLI and browser extensions probe its root (HEAD or GET)."""
+    with fake_server.client() as client:
+        get = client.get("/")
+        head = client.head("/")
+    assert (get.status_code, get.text) == (200, "Ollama is running")
+    assert get.headers["content-type"].startswith("text/plain")
+    assert (head.status_code, head.content) == (200, b"")
+
+
+def test_repeated_slashes_count_as_one(fake_server: LiveServer) -> None:
+    """A base URL pasted with a trailing slash, joined by a client that adds
+    ``/v1/embeddings``, asks for ``//v1/embeddings`` (nginx merges the slashes too)."""
+    with fake_server.client() as client:
+        replies = [
+            client.post(fake_server.base_url + path, json={"input": ["a", "b"]})
+            for path in ("//v1/embeddings", "/v1//embeddings", "///embeddings")
+        ]
+        twice = client.post("/v1/v1/embeddings", json={"input": "a"})
+        direct = client.post("/v1/embeddings", json={"input": ["a", "b"]})
+    for reply in replies:
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["data"] == direct.json()["data"]
+    error = assert_error(twice, 404, code="not_found")
+    assert "/v1 twice" in str(error["message"])
+
+
 def test_info_publishes_models_and_limits(embeddings_server: LiveServer) -> None:
     with embeddings_server.client() as client:
         info = client.get("/info").json()

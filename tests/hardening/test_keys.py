@@ -159,6 +159,22 @@ def test_every_route_needs_a_right_key(keyed: LiveServer, method: str, path: str
             assert reply.status_code == 200, (authorization, reply.text[:300])
 
 
+def test_head_needs_the_key_as_get_does_and_options_needs_none(keyed: LiveServer) -> None:
+    """HEAD is GET without the body, key and all. OPTIONS says only which methods a path
+    has: HAProxy's plain ``option httpchk`` and browsers' CORS preflights send no key."""
+    for method, path in ROUTES:
+        options = _call(keyed, "OPTIONS", path, None)
+        assert options.status_code == 204, (path, options.text)
+        assert method in options.headers["allow"].split(", "), (path, options.headers)
+        if method != "GET":
+            continue
+        head = _call(keyed, "HEAD", path, None)
+        assert head.status_code == (200 if path in PUBLIC else 401), path
+        assert _call(keyed, "HEAD", path, f"Bearer {FILE_KEYS[0]}").status_code == 200, path
+    # Nothing about unknown paths is told without a key.
+    assert _call(keyed, "OPTIONS", "/v1/secret-admin", None).status_code == 401
+
+
 def test_unknown_routes_need_a_key_too(keyed: LiveServer) -> None:
     """Without a key nothing about the routes is told: 401, not 404."""
     assert _call(keyed, "GET", "/v1/secret-admin", None).status_code == 401

@@ -149,6 +149,7 @@ def build_app(
         # OpenTelemetry on, every request takes that way (the shortcut would leave them
         # unnamed).
         hot={} if telemetry else hot_routes(routers),
+        endpoints=[*app.routes, *(route for router in routers for route in router.routes)],
     )
     return app
 

@@ -248,6 +248,8 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"No route {request.method} {path}."
             if len(path) > 1 and path.endswith("/"):
                 message += f" Leave out the trailing slash: {path.rstrip('/')}"
+            elif path.startswith("/v1/v1/"):
+                message += " The base URL has /v1 twice: end it in /v1 once."
         elif kind is ErrorKind.METHOD_NOT_ALLOWED:
             message = f"Method {request.method} is not allowed on {path}."
         elif exc.detail == FASTAPI_BODY_ERROR:

@@ -1,8 +1,9 @@
 """What every request goes through before its route, one ASGI middleware per job:
 
-``RequestLog`` (request id, metrics, access log) → ``ApiKeys`` → ``BodyLimit`` →
-``CrashReply`` → ``HotRoutes`` (``api/hot.py``: the busiest routes, without FastAPI's
-per-request machinery) → FastAPI's routing. ``install`` adds them in that order.
+``RequestLog`` (request id, metrics, access log) → ``HttpRules`` (HEAD, OPTIONS, repeated
+slashes) → ``ApiKeys`` → ``BodyLimit`` → ``CrashReply`` → ``HotRoutes`` (``api/hot.py``:
+the busiest routes, without FastAPI's per-request machinery) → FastAPI's routing.
+``install`` adds them in that order.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fake_openai_server.api.errors import (
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = frozenset({"/health", "/ready"})  # answered without an API key
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_SLASHES = re.compile(r"//+")
+_RAW_SLASHES = re.compile(rb"//+")
 
 
 def install(
@@ -47,12 +52,16 @@ def install(
     max_body_bytes: int,
     routes: Iterable[str],
     hot: Mapping[str, HotRoute],
+    endpoints: Iterable[BaseRoute],
 ) -> None:
+    """``routes``: every route's path (the metrics' labels); ``endpoints``: the routes
+    themselves (the methods OPTIONS lists)."""
     # Starlette wraps the app in the middleware added last first: innermost first here.
     app.add_middleware(HotRoutes, routes=hot, handlers=app.exception_handlers)
     app.add_middleware(CrashReply)
     app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
     app.add_middleware(ApiKeys, api_keys=api_keys)
+    app.add_middleware(HttpRules, endpoints=endpoints)
     app.add_middleware(RequestLog, metrics=metrics, routes=routes)
 
 
@@ -133,6 +142,64 @@ class RequestLog:
                     seconds * 1000,
                     request_id,
                 )
+
+
+class HttpRules:
+    """What HTTP means and FastAPI's routes leave out, before the API key is asked for.
+
+    - HEAD is answered as GET, without the body (uvicorn drops it): uptime monitors,
+      ``wget --spider`` and HAProxy's ``option httpchk HEAD ...`` probe that way, and
+      FastAPI's GET routes would say 405.
+    - OPTIONS on a path that has routes gets 204 and their methods in ``Allow``, without
+      a key: HAProxy's plain ``option httpchk`` sends ``OPTIONS /``, and browsers send
+      their CORS preflight without credentials. (No CORS headers: cross-origin browser
+      pages are not served.) A path without routes goes on to its 404.
+    - Repeated slashes count as one, as nginx reads them: a base URL pasted with a
+      trailing slash, joined by a client that adds ``/v1/embeddings``, asks for
+      ``//v1/embeddings``.
+    """
+
+    def __init__(self, app: ASGIApp, *, endpoints: Iterable[BaseRoute]) -> None:
+        self.app = app
+        self.endpoints = [route for route in endpoints if getattr(route, "methods", None)]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if "//" in scope["path"]:
+            scope = _merge_slashes(scope)
+        method = scope["method"]
+        if method == "HEAD":
+            # A copy: uvicorn reads its own scope's HEAD to leave the body out.
+            scope = {**scope, "method": "GET"}
+        elif method == "OPTIONS":
+            allowed = self._allowed(scope)
+            if allowed:
+                allow = ", ".join(sorted(allowed))
+                await Response(status_code=204, headers={"allow": allow})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> set[str]:
+        """The methods of the routes at ``scope``'s path (HEAD with GET, and OPTIONS)."""
+        allowed: set[str] = set()
+        for route in self.endpoints:
+            if route.matches(scope)[0] is not Match.NONE:
+                allowed |= getattr(route, "methods", set())
+        if "GET" in allowed:
+            allowed.add("HEAD")
+        if allowed:
+            allowed.add("OPTIONS")
+        return allowed
+
+
+def _merge_slashes(scope: Scope) -> Scope:
+    merged = _SLASHES.sub("/", scope["path"])
+    raw = scope.get("raw_path")
+    if isinstance(raw, bytes):
+        return {**scope, "path": merged, "raw_path": _RAW_SLASHES.sub(b"/", raw)}
+    return {**scope, "path": merged}
 
 
 def _bearer_token(authorization: str | None) -> str:

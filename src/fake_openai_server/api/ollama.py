@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from fake_openai_server.api.compat import error_responses
 from fake_openai_server.api.compat_schemas import (
@@ -207,6 +207,12 @@ async def tags(request: Request) -> Response:
         for name, info, embeds in _served(rt)
     ]
     return _json({"models": models})
+
+
+@router.get("/", response_class=PlainTextResponse, summary="Ollama's liveness text")
+async def ollama_is_running() -> PlainTextResponse:
+    """What Ollama answers at its root (its CLI and some extensions probe it, HEAD or GET)."""
+    return PlainTextResponse("Ollama is running")
 
 
 @router.get(

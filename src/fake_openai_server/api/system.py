@@ -26,14 +26,11 @@ def package_version() -> str:
         return "0+unknown"
 
 
-# HEAD as well as GET: some load balancers and uptime monitors probe with HEAD.
-@router.head("/health", include_in_schema=False)
 @router.get("/health", response_model=Health, tags=["probes"], summary="The process is alive")
 async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.head("/ready", include_in_schema=False)
 @router.get(
     "/ready",
     response_model=Readiness,
