@@ -168,8 +168,39 @@ def test_all_mode_with_real_sdk_clients(all_server: LiveServer) -> None:
     assert sorted(r.index for r in ranked.results) == [0, 1]
 
 
-def test_default_input_type_and_prefix_overrides(hf_home: Path) -> None:
-    """DEFAULT_INPUT_TYPE applies when a request has none; QUERY/DOCUMENT_PREFIX override."""
+def test_default_input_type_and_prefix_overrides_over_http(
+    hf_home: Path, references: dict[str, Any]
+) -> None:
+    """DEFAULT_INPUT_TYPE gives a request without input_type its prefix (what the README
+    tells Dify users who leave Dify's prefix fields empty), without doubling one Dify
+    typed; QUERY_PREFIX replaces the family's query prefix."""
+    from fake_openai_server.api.app import build_app
+    from fake_openai_server.settings import Settings
+
+    settings = Settings(
+        service_type="embeddings",
+        embeddings_model=RURI_LARGE,
+        dtype="float32",
+        default_input_type="document",
+        query_prefix="問い: ",
+    )
+    reference = references[RURI_LARGE]
+    with serve_app(build_app(settings)) as server:
+        for text, input_type, expected in [
+            (TEXT, None, "文章: " + TEXT),  # the server's default
+            ("文章: " + TEXT, None, "文章: " + TEXT),  # Dify's own prefix, kept once
+            (TEXT, "query", "問い: " + TEXT),  # the overridden query prefix
+            ("問い: " + TEXT, "query", "問い: " + TEXT),
+        ]:
+            vector, tokens = embed(server, RURI_LARGE, text, input_type)
+            np.testing.assert_allclose(
+                vector, reference.encode([expected])[0], atol=2e-5, err_msg=f"{input_type} {text}"
+            )
+            assert tokens == len(reference.tokenizer(expected)["input_ids"]), (input_type, text)
+
+
+def test_prefix_overrides_in_the_families() -> None:
+    """QUERY/DOCUMENT_PREFIX replace a family's prefixes; other models get none."""
     from fake_openai_server.families import with_overrides
 
     family = family_for("cl-nagoya/ruri-large")
