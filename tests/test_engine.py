@@ -11,8 +11,10 @@ import contextlib
 import json
 import os
 import random
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -447,6 +449,36 @@ async def test_a_dying_engine_leaves_nothing_counted_in_its_queue(engine_factory
         await asyncio.sleep(0.05)
     assert (await engine.submit(MODEL, [ids(9)]))[0, 0] == 9  # back, and counting right
     assert engine.queued_tokens(MODEL) == 0
+
+
+@pytest.mark.anyio
+async def test_a_dead_engine_is_noticed_while_asyncios_thread_pool_is_busy(
+    engine_factory: Any,
+) -> None:
+    """Slow work in asyncio's shared thread pool (TEI's /tokenize of long texts) held up
+    noticing a dead engine: reaping it waited for a free thread of that pool, and its
+    requests were answered, and /ready turned, only then (20 s in an audit)."""
+    die = char_ids("✝")[0]
+    engine, _ = await engine_factory(delay=0.2, triggers={"✝": "die"})
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(1))
+    release = threading.Event()
+    busy = loop.run_in_executor(None, release.wait, 30)  # the pool's one thread, taken
+    try:
+        started = time.monotonic()
+        with pytest.raises(ServiceError) as failed:
+            await asyncio.wait_for(engine.submit(MODEL, [ids(die)]), 20)
+        assert failed.value.kind is ErrorKind.MODEL_FAILURE
+        assert time.monotonic() - started < 5
+        for _ in range(400):  # back within 20 s, the pool still taken
+            if engine.state == "ready":
+                break
+            await asyncio.sleep(0.05)
+        assert (await engine.submit(MODEL, [ids(9)]))[0, 0] == 9
+        assert not busy.done()
+    finally:
+        release.set()
+        await busy
 
 
 def test_many_dify_users_share_batches_over_http() -> None:

@@ -23,12 +23,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, cast
 
 from fake_openai_server import wire
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 STOP_TIMEOUT = 10.0  # after STOP, seconds before a worker is killed
 
@@ -63,6 +66,36 @@ def describe_exit(code: int | None) -> str:
         with contextlib.suppress(ValueError):
             return f"killed by {signal.Signals(-code).name}"
     return f"exit status {code}"
+
+
+def _own_thread(function: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+    """``function(*args, **kwargs)`` on a thread of its own, not asyncio's shared pool.
+
+    Starting, reaping and stopping workers must not queue behind slow work in that pool
+    (TEI's /tokenize, token ids): a crashed engine would go unnoticed, and its requests
+    unanswered, until the pool had a thread free.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(outcome: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(cast(T, outcome))
+
+    def run() -> None:
+        try:
+            outcome, error = function(*args, **kwargs), None
+        except BaseException as exc:  # handed to the awaiting task
+            outcome, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            loop.call_soon_threadsafe(settle, outcome, error)
+
+    threading.Thread(target=run, name=f"worker-{function.__name__}", daemon=True).start()
+    return future
 
 
 def _child_env() -> dict[str, str]:
@@ -109,7 +142,7 @@ class WorkerProcess:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # fork + exec off the event loop: a large process takes a while to fork.
         spawning = asyncio.ensure_future(
-            asyncio.to_thread(
+            _own_thread(
                 subprocess.Popen,
                 [sys.executable, "-m", self.module, str(child.fileno())],
                 pass_fds=(child.fileno(),),
@@ -126,7 +159,7 @@ class WorkerProcess:
             with contextlib.suppress(Exception):
                 orphan = await spawning
                 orphan.kill()
-                await asyncio.to_thread(orphan.wait)
+                await _own_thread(orphan.wait)
             parent.close()
             raise
         finally:
@@ -234,7 +267,7 @@ class WorkerProcess:
             self._writer.close()
         if self._process is None:
             return None
-        code = await asyncio.to_thread(self._process.wait)
+        code = await _own_thread(self._process.wait)
         self.exit_code = code
         return code
 
@@ -254,11 +287,11 @@ class WorkerProcess:
             with contextlib.suppress(OSError, RuntimeError):
                 self._writer.write(wire.frame(wire.Kind.STOP))
         try:
-            await asyncio.wait_for(asyncio.to_thread(self._process.wait), STOP_TIMEOUT)
+            await asyncio.wait_for(_own_thread(self._process.wait), STOP_TIMEOUT)
         except TimeoutError:
             log.warning("%s did not stop in %.0fs; killing it", self.module, STOP_TIMEOUT)
             self._process.kill()
-            await asyncio.to_thread(self._process.wait)
+            await _own_thread(self._process.wait)
         if self._reader_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader_task
