@@ -140,16 +140,17 @@ class WorkerProcess:
     async def start(self) -> dict[str, Any]:
         """Start the process; return its READY answer once it is ready."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        # fork + exec off the event loop: a large process takes a while to fork.
-        spawning = asyncio.ensure_future(
-            _own_thread(
-                subprocess.Popen,
+
+        def spawn() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
                 [sys.executable, "-m", self.module, str(child.fileno())],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
                 env={**self.environment, **_child_env()},
             )
-        )
+
+        # fork + exec off the event loop: a large process takes a while to fork.
+        spawning = _own_thread(spawn)
         try:
             self._process = await asyncio.shield(spawning)
         except asyncio.CancelledError:
