@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
 import signal
+import socket
 import sys
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from types import FrameType
 from typing import Any
 
@@ -50,7 +52,27 @@ class Server(uvicorn.Server):
     (up to SHUTDOWN_GRACE_SECONDS), then raises the signal again so that the process
     dies of it (exit status 143): orchestrators count that as a failure. Here the
     signal is not raised again; a SIGINT (Ctrl-C) still is.
+
+    Shortly before SHUTDOWN_GRACE_SECONDS are up, ``on_grace_over`` answers the requests
+    still waiting (503, "shutting down"): uvicorn cancels what is left at the end, and a
+    cancelled request gets its bare text 500 and a traceback in the log.
     """
+
+    on_grace_over: Callable[[], None] | None = None
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        grace = self.config.timeout_graceful_shutdown
+        timer = None
+        if grace is not None and self.on_grace_over is not None:
+            # 1 s before the end (a tenth of a short grace): time enough to reply.
+            timer = asyncio.get_running_loop().call_later(
+                max(grace - 1.0, grace * 0.9), self.on_grace_over
+            )
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -103,6 +125,7 @@ def serve(settings: Settings, plugin: Plugin | None = None) -> None:
     app = build_app(settings, runtime=runtime, on_failure=stop_on_failure)
     config = uvicorn_config(app, settings)
     server = Server(config)
+    server.on_grace_over = runtime.refuse_waiting
     log.info(
         "starting %s service on %s:%d",
         settings.service_type,

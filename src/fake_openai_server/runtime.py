@@ -237,6 +237,10 @@ class Runtime:
     def stats(self) -> dict[str, dict[str, float]]:
         return self.engine.stats()
 
+    def refuse_waiting(self) -> None:
+        """The drain's time is nearly up: see ``Engine.refuse_waiting``."""
+        self.engine.refuse_waiting()
+
     async def stop(self) -> None:
         self.state = "stopping"
         if self._lag is not None:

@@ -201,3 +201,43 @@ def test_plain_logs_keep_an_errors_type_and_frames_but_not_its_message(tmp_path:
     assert "Traceback (most recent call last):" in log
     assert not any(line.startswith("2026-01-01") for line in log.splitlines()), log
     assert "/x\\x0a2026-01-01" in log
+
+
+def test_requests_the_grace_cannot_wait_for_get_a_503_before_it_ends(tmp_path: Path) -> None:
+    """A pass longer than SHUTDOWN_GRACE_SECONDS: uvicorn cancels what is left when the
+    grace is up, and a cancelled request got a bare text 500 and a traceback in the log.
+    Now the requests still waiting are answered 503 "shutting down" (the envelope) just
+    before, and the engine, whose batch nobody waits for any more, is not waited for."""
+    settings = {"service_type": "embeddings", "warmup": False, "shutdown_grace_seconds": 2}
+    with fake_cli(settings, {"delay": 20}, tmp_path) as server:
+        process = server.process
+        assert process is not None
+        with ThreadPoolExecutor(3) as pool:
+            futures = [
+                pool.submit(
+                    httpx.post,
+                    f"{server.base_url}/v1/embeddings",
+                    json={"input": f"{i}"},
+                    timeout=60,
+                )
+                for i in range(3)
+            ]
+            deadline = time.monotonic() + 30
+            while _in_progress(server.base_url, "/v1/embeddings") < 3:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            replies = [future.result() for future in futures]
+        answered = time.monotonic() - signalled
+        exit_code = process.wait(timeout=60)
+        stopped = time.monotonic() - signalled
+        log = server.log()
+    for reply in replies:
+        assert reply.status_code == 503, reply.text
+        assert reply.json()["error"]["message"] == "The server is shutting down.", reply.text
+        assert "retry-after" in reply.headers
+    assert 1.0 < answered < 2.5, answered  # within the grace, near its end
+    assert stopped < 8, stopped  # not the 20 s pass, nor the 10 s STOP_TIMEOUT
+    assert exit_code == 0
+    assert "Exception in ASGI application" not in log, log

@@ -238,6 +238,19 @@ class Engine:
         log.info("engine process %d ready", loaded.pid)
         return loaded
 
+    def refuse_waiting(self) -> None:
+        """The drain's time is nearly up: answer every request still waiting, and every
+        one that comes to the engine from now on, with 503 "shutting down" while their
+        clients still wait for a reply (what uvicorn cancels at the end gets a bare 500).
+        The engine process goes on until ``stop``."""
+        if self.state == "stopping":
+            return
+        self.state = "stopping"
+        shutting_down = ServiceError(ErrorKind.NOT_READY, self._not_ready_message())
+        self._fail_queued(shutting_down)
+        for flight in self._in_flight:
+            self._fail_batch(flight.batch, shutting_down)
+
     async def stop(self) -> None:
         """Answer every request still waiting (503) and end the engine process, never blocking."""
         if self.state in ("loading", "restarting") and self._process is not None:
@@ -254,6 +267,9 @@ class Engine:
         shutting_down = ServiceError(ErrorKind.NOT_READY, "The server is shutting down.")
         self._fail_queued(shutting_down)
         if self._process is not None:
+            waited = (item.job for flight in self._in_flight for item in flight.batch)
+            if self._in_flight and all(job.gone for job in waited):
+                self._process.kill()  # nobody waits for what it runs: no need to let it finish
             await self._process.stop()
         for flight in list(self._in_flight):
             self._fail_batch(flight.batch, shutting_down)
