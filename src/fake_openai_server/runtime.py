@@ -177,7 +177,12 @@ class Runtime:
             self.rerank = RerankService(
                 rerankers, engine, self.tokenizers, limits=self.limits, aliases=s.aliases()
             )
-        self.tokens = Tokens(self.embeddings, self.rerank, max_inputs=self.limits.max_inputs)
+        self.tokens = Tokens(
+            self.embeddings,
+            self.rerank,
+            max_inputs=self.limits.max_inputs,
+            max_tokens=self.limits.max_request_tokens,
+        )
         self.models = {info.name: info for info in models}
 
     def _fatal(self, reason: str) -> None:

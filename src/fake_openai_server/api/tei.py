@@ -11,6 +11,7 @@ RAGFlow and Haystack. Errors are TEI's ``{"error", "error_type"}``.
 
 from __future__ import annotations
 
+import asyncio
 from enum import Enum
 from typing import Annotated, Any
 
@@ -155,8 +156,8 @@ async def root(request: Request, payload: Annotated[Any, Body()] = None) -> Resp
 )
 async def tokenize(body: TeiTokenizeRequest, request: Request) -> Response:
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-    result = (
-        await runtime(request)
+    tokenizing = (
+        runtime(request)
         .require_tokens()
         .tokenize(
             texts,
@@ -165,7 +166,12 @@ async def tokenize(body: TeiTokenizeRequest, request: Request) -> Response:
             add_special_tokens=body.add_special_tokens,
         )
     )
-    return _json([[token.__dict__ for token in row] for row in result])
+    result = await answer_in_time(request, tokenizing)
+    # Up to MAX_REQUEST_TOKENS objects: built and serialized off the event loop.
+    content = await asyncio.to_thread(
+        lambda: json_body([[token.__dict__ for token in row] for row in result])
+    )
+    return Response(content, media_type="application/json")
 
 
 @router.post(
@@ -176,8 +182,8 @@ async def tokenize(body: TeiTokenizeRequest, request: Request) -> Response:
 )
 async def decode(body: TeiDecodeRequest, request: Request) -> Response:
     rows = [body.ids] if body.ids and isinstance(body.ids[0], int) else body.ids
-    texts = (
-        await runtime(request)
+    decoding = (
+        runtime(request)
         .require_tokens()
         .decode(
             rows,  # type: ignore[arg-type]
@@ -185,7 +191,7 @@ async def decode(body: TeiDecodeRequest, request: Request) -> Response:
             skip_special_tokens=body.skip_special_tokens,
         )
     )
-    return _json(texts)
+    return _json(await answer_in_time(request, decoding))
 
 
 def tei_info(rt: Runtime) -> dict[str, Any]:
