@@ -241,6 +241,25 @@ def test_a_killed_tokenizer_process_costs_only_what_it_held() -> None:
         assert ready(base) == (200, {"status": "ready"})
 
 
+def test_texts_a_timed_out_request_left_in_a_tokenizer_process_still_count() -> None:
+    """A request that gave up (504) left its texts in a tokenizer process, which went on
+    tokenizing them; its texts had stopped counting at once, so the next requests went to
+    that busy process, behind them, and timed out too, while the other one sat idle."""
+    settings = Settings(
+        service_type="embeddings", warmup=False, tokenizer_workers=2, request_timeout=2
+    )
+    with serve_app(build_app(settings, fake_plugin(tokenizer_ms_per_text=100))) as server:
+        base = server.base_url
+        bulk = [f"大量{i}" for i in range(64)]  # one chunk: 6.4 s in one process
+        reply = httpx.post(f"{base}/v1/embeddings", json={"input": bulk}, timeout=30)
+        assert "REQUEST_TIMEOUT=2" in error_of(reply, 504, "timeout")
+        for i in range(4):  # the bulk chunk has seconds to go in its process
+            started = time.monotonic()
+            reply = httpx.post(f"{base}/v1/embeddings", json={"input": f"後{i}"}, timeout=30)
+            assert_clean(reply, f"後{i}")
+            assert time.monotonic() - started < 1.5, i
+
+
 def test_a_tokenizer_process_that_cannot_start_at_once_is_tried_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

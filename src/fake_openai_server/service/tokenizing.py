@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, ClassVar
 
 from fake_openai_server import wire
@@ -68,6 +69,12 @@ class TokenizerProcess(WorkerProcess):
             for ids, length, cut in zip(rows, original, truncated, strict=True)
         ]
         return call_id, encoded
+
+
+def _answered(worker: TokenizerProcess, texts: int, answer: asyncio.Future[Any]) -> None:
+    worker.texts -= texts
+    if not answer.cancelled():
+        answer.exception()  # seen, also when its request had gone: no "never retrieved"
 
 
 class TokenizerPool:
@@ -205,10 +212,13 @@ class TokenizerPool:
         # of it is smallest.
         worker = min(live, key=lambda w: w.texts)
         worker.texts += len(texts)
+        answer = worker.call(lambda call_id: wire.pack_texts(call_id, target, operation, texts))
+        # The texts count against the process until it answers, even when their request
+        # gives up first (shield): it tokenizes them all the same, and a short request
+        # sent there would wait behind them.
+        answer.add_done_callback(partial(_answered, worker, len(texts)))
         try:
-            result: list[Encoded] = await worker.call(
-                lambda call_id: wire.pack_texts(call_id, target, operation, texts)
-            )
+            result: list[Encoded] = await asyncio.shield(answer)
         except WorkerGone:
             raise ServiceError(
                 ErrorKind.NOT_READY,
@@ -217,8 +227,6 @@ class TokenizerPool:
         except CallFailed as exc:
             # The tokenizer raised: a server error, without the exception's text.
             raise RuntimeError(f"the tokenizer raised {exc.error_type}") from None
-        finally:
-            worker.texts -= len(texts)
         return result
 
     async def stop(self) -> None:
