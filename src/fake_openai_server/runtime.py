@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -73,11 +71,9 @@ class Runtime:
         self.tokens: Tokens | None = None  # TEI's /tokenize and /decode
         self.models: dict[str, ModelInfo] = {}
         self.tokenizer_kinds: dict[str, str] = {}
-        self._workdir = tempfile.mkdtemp(prefix="fos-engine-")
         self.engine = Engine(
             settings,
             self.plugin,
-            self._workdir,
             observers=self.metrics.batch_observer,
             on_fatal=self._fatal,
         )
@@ -257,7 +253,4 @@ class Runtime:
         try:
             await self.engine.stop()
         finally:
-            try:
-                await self.tokenizers.stop()
-            finally:
-                shutil.rmtree(self._workdir, ignore_errors=True)
+            await self.tokenizers.stop()

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,6 +259,21 @@ def test_texts_a_timed_out_request_left_in_a_tokenizer_process_still_count() -> 
             reply = httpx.post(f"{base}/v1/embeddings", json={"input": f"後{i}"}, timeout=30)
             assert_clean(reply, f"後{i}")
             assert time.monotonic() - started < 1.5, i
+
+
+def test_the_engines_working_directory_lives_as_long_as_the_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building the app (``uvicorn --factory`` before its lifespan, a script that only
+    reads the OpenAPI document, tests) made a fos-engine-* directory that only a served
+    app's shutdown removed: /tmp collected them by the hundred."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    app = build_app(Settings(service_type="embeddings", warmup=False), fake_plugin())
+    app.openapi()
+    assert not list(tmp_path.glob("fos-engine-*"))
+    with serve_app(app):
+        assert len(list(tmp_path.glob("fos-engine-*"))) == 1
+    assert not list(tmp_path.glob("fos-engine-*"))
 
 
 def test_a_tokenizer_process_that_cannot_start_at_once_is_tried_again(

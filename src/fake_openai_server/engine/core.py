@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -168,13 +170,16 @@ class Engine:
         self,
         settings: Settings,
         plugin: Plugin,
-        workdir: str,
+        workdir: str | None = None,
         observers: Callable[[str], BatchObserver] | None = None,
         on_fatal: Callable[[str], None] | None = None,
     ) -> None:
+        """``workdir``: where the engine process leaves the tokenizer files; without one,
+        a temporary directory made by ``start`` and removed by ``stop``."""
         self.settings = settings
         self._plugin = plugin
         self._workdir = workdir
+        self._own_workdir = False
         self.observers = observers
         self.on_fatal = on_fatal
         self.state: State = "loading"
@@ -196,6 +201,8 @@ class Engine:
     async def start(self) -> list[ModelInfo]:
         """Start the engine process; raises ``StartFailed`` / ``WorkerGone`` if it cannot."""
         started = time.perf_counter()
+        if self._workdir is None:
+            self._workdir, self._own_workdir = tempfile.mkdtemp(prefix="fos-engine-"), True
         loaded = await self._spawn()
         self._start_seconds = time.perf_counter() - started
         self.models, self.costs = loaded.models, loaded.costs
@@ -230,6 +237,7 @@ class Engine:
         return self.models
 
     async def _spawn(self) -> Loaded:
+        assert self._workdir is not None  # start() has made one
         process = EngineProcess(self.settings, self._plugin, self._workdir)
         self._process = process  # before it has started, so that stop() can end it
         loaded = await process.load()
@@ -266,14 +274,18 @@ class Engine:
                 log.error("an engine task had failed", exc_info=ended)
         shutting_down = ServiceError(ErrorKind.NOT_READY, "The server is shutting down.")
         self._fail_queued(shutting_down)
-        if self._process is not None:
-            waited = (item.job for flight in self._in_flight for item in flight.batch)
-            if self._in_flight and all(job.gone for job in waited):
-                self._process.kill()  # nobody waits for what it runs: no need to let it finish
-            await self._process.stop()
-        for flight in list(self._in_flight):
-            self._fail_batch(flight.batch, shutting_down)
-        self._in_flight.clear()
+        try:
+            if self._process is not None:
+                waited = (item.job for flight in self._in_flight for item in flight.batch)
+                if self._in_flight and all(job.gone for job in waited):
+                    self._process.kill()  # nobody waits for what it runs: no need to finish
+                await self._process.stop()
+        finally:
+            for flight in list(self._in_flight):
+                self._fail_batch(flight.batch, shutting_down)
+            self._in_flight.clear()
+            if self._own_workdir and self._workdir is not None:
+                shutil.rmtree(self._workdir, ignore_errors=True)
 
     # --- requests ------------------------------------------------------------------------
     def lane(self, model: str) -> _Lane:
