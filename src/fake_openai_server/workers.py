@@ -190,7 +190,7 @@ class WorkerProcess:
         """Send the frame ``pack(call_id)``; the future gets the worker's answer.
 
         The frames of one turn of the event loop go out in one write (one system call
-        for the calls of many requests that arrived together).
+        for the calls of many requests that arrived together), or sooner by ``flush``.
         """
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if not self.alive or self._writer is None:
@@ -200,10 +200,11 @@ class WorkerProcess:
         self._calls[call_id] = future
         self._outbox.append((call_id, pack(call_id)))
         if len(self._outbox) == 1:
-            future.get_loop().call_soon(self._flush)
+            future.get_loop().call_soon(self.flush)
         return future
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write the calls made so far now, not at the end of this turn (``call``)."""
         sent, self._outbox = self._outbox, []
         if not sent:
             return  # stop() sent them already
@@ -283,7 +284,7 @@ class WorkerProcess:
             return
         self.on_exit = None
         if self._outbox:
-            self._flush()  # what it was sent goes before STOP
+            self.flush()  # what it was sent goes before STOP
         if self.alive and self._writer is not None:
             with contextlib.suppress(OSError, RuntimeError):
                 self._writer.write(wire.frame(wire.Kind.STOP))

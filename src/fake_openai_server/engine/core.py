@@ -196,6 +196,7 @@ class Engine:
         self._next_lane = 0
         self._start_seconds = 0.0
         self._restarting: asyncio.Task[None] | None = None
+        self._on_gpu = False  # a model runs on CUDA (known once started)
 
     # --- lifecycle ---------------------------------------------------------------------
     async def start(self) -> list[ModelInfo]:
@@ -206,6 +207,7 @@ class Engine:
         loaded = await self._spawn()
         self._start_seconds = time.perf_counter() - started
         self.models, self.costs = loaded.models, loaded.costs
+        self._on_gpu = any(info.device.startswith("cuda") for info in self.models)
         s = self.settings
         for index, (info, cost) in enumerate(zip(loaded.models, loaded.costs, strict=True)):
             limits = BatchLimits(
@@ -357,9 +359,19 @@ class Engine:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            sent = False
             while len(self._in_flight) < PIPELINE_DEPTH and self._ready_process():
                 if not self._dispatch_next():
                     break
+                sent = True
+            if sent and self._on_gpu and self._process is not None:
+                # Out at once: when a batch has just finished, the requests it answered
+                # are next in the event loop's turn, and a write left to the end of the
+                # turn waited for all of them while the GPU ran down its last batch. Not
+                # on a CPU, where the engine process wakes to compete for the cores that
+                # those requests need (bench/results/ab-null-emulated-gpu-flush.md,
+                # ab-null-cpu-flush.md).
+                self._process.flush()
 
     def _ready_process(self) -> EngineProcess | None:
         process = self._process
