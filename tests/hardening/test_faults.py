@@ -388,6 +388,30 @@ def test_the_first_int8_request_waits_for_the_calibration_within_the_request_tim
         assert reply.json()["data"][0]["embedding"] == want.astype(int).tolist()
 
 
+def test_the_first_int8_request_waits_for_its_embedding_and_the_calibration_together() -> None:
+    """Its embedding and then the calibration each had a REQUEST_TIMEOUT of their own: an
+    embedding that took most of one was followed by a second wait (5.9 s against
+    REQUEST_TIMEOUT=3 in an audit). Now one REQUEST_TIMEOUT holds for both."""
+    timeout = 2.0
+    settings = Settings(
+        service_type="embeddings", warmup=False, request_timeout=timeout, max_batch_size=1
+    )
+    texts = [f"量子化{i}" for i in range(6)]  # 1.5 s of forward passes on their own
+    with serve_app(build_app(settings, fake_plugin(delay=0.25))) as server:
+        for path, body in [
+            ("/v1/embeddings", {"input": texts, "output_dtype": "int8"}),
+            (
+                "/v2/embed",
+                {"texts": texts, "input_type": "search_document", "embedding_types": ["uint8"]},
+            ),
+        ]:
+            started = time.monotonic()
+            reply = httpx.post(f"{server.base_url}{path}", json=body, timeout=30)
+            seconds = time.monotonic() - started
+            assert reply.status_code == 504, reply.text
+            assert timeout <= seconds < timeout + 0.8, (path, seconds)
+
+
 def test_a_request_timeout_shorter_than_the_watch_delay_holds() -> None:
     """REQUEST_TIMEOUT under WATCH_AFTER (the delay before a request is watched): the
     504 still comes at REQUEST_TIMEOUT, not when the watching starts."""

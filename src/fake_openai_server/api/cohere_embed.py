@@ -27,9 +27,9 @@ from fake_openai_server.api.compat_schemas import (
     CohereEmbedResponse,
     CohereError,
 )
-from fake_openai_server.api.context import answer_in_time, runtime
+from fake_openai_server.api.context import runtime
 from fake_openai_server.api.hot import hot
-from fake_openai_server.api.quantized import as_type
+from fake_openai_server.api.quantized import as_type, embed_for
 from fake_openai_server.api.serialize import json_body
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.service.truncation import TruncateMode
@@ -80,8 +80,10 @@ async def _embed(body: CohereEmbedRequest, request: Request, api_version: str) -
             f"max_tokens below this model's maximum ({max_length}) is not supported; leave it out.",
             "max_tokens",
         )
-    result = await answer_in_time(
+    result, scale = await embed_for(
         request,
+        name,
+        body.embedding_types or [],
         service.embed(
             texts,
             model=name,
@@ -102,7 +104,7 @@ async def _embed(body: CohereEmbedRequest, request: Request, api_version: str) -
                 little = vectors.astype("<f4", copy=False)
                 embeddings[kind] = [base64.b64encode(row.tobytes()).decode() for row in little]
             else:
-                embeddings[kind] = list(await as_type(request, name, vectors, kind))
+                embeddings[kind] = list(as_type(vectors, kind, scale))
     payload = {
         "id": str(uuid.uuid4()),
         "response_type": response_type,

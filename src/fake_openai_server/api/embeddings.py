@@ -9,10 +9,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from fake_openai_server.api.context import answer_in_time, runtime
+from fake_openai_server.api.context import runtime
 from fake_openai_server.api.hot import hot
 from fake_openai_server.api.openapi import ERROR_RESPONSES
-from fake_openai_server.api.quantized import as_type
+from fake_openai_server.api.quantized import as_type, embed_for
 from fake_openai_server.api.schemas import EmbeddingsRequest, EmbeddingsResponse
 from fake_openai_server.api.serialize import embeddings_body
 from fake_openai_server.service.embeddings import normalize_input_type
@@ -39,8 +39,10 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
     input_type = body.input_type
     if input_type is None and body.task is not None:  # Jina's name for it
         input_type = normalize_input_type(body.task, param="task")
-    result = await answer_in_time(
+    result, scale = await embed_for(
         request,
+        service.names.resolve(body.model),
+        [kind],
         service.embed(
             items,
             model=body.model,
@@ -49,9 +51,7 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
             truncate=truncate,
         ),
     )
-    vectors = result.vectors
-    if kind != "float":
-        vectors = await as_type(request, service.names.resolve(body.model), vectors, kind)
+    vectors = result.vectors if kind == "float" else as_type(result.vectors, kind, scale)
     model = body.model or service.names.default
     content = embeddings_body(vectors, encoding_format, model, result.prompt_tokens)
     return Response(content, media_type="application/json")
