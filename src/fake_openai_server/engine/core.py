@@ -253,10 +253,11 @@ class Engine:
         one that comes to the engine from now on, with 503 "shutting down" while their
         clients still wait for a reply (what uvicorn cancels at the end gets a bare 500).
         The engine process goes on until ``stop``."""
-        if self.state == "stopping":
-            return
-        self.state = "stopping"
-        shutting_down = ServiceError(ErrorKind.NOT_READY, self._not_ready_message())
+        # Loading or restarting: new work is refused already, and stop() must still see
+        # that state to kill a loading process at once.
+        if self.state == "ready":
+            self.state = "stopping"
+        shutting_down = ServiceError(ErrorKind.NOT_READY, "The server is shutting down.")
         self._fail_queued(shutting_down)
         for flight in self._in_flight:
             self._fail_batch(flight.batch, shutting_down)
