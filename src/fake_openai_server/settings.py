@@ -134,7 +134,8 @@ class Settings(BaseSettings):
         60.0,
         gt=0,
         description="A forward pass running longer than this (or ten times its expected time, "
-        "if longer) is taken for a hung device: the engine process is restarted",
+        "if longer) is taken for a hung device: the engine process is restarted; a tokenizer "
+        "process that has not answered a call for this long is replaced",
     )
     cpu_threads: int | None = Field(None, ge=1, description="torch threads on CPU (default: all)")
     warmup: bool = Field(True, description="Run warm-up batches before reporting ready")

@@ -276,6 +276,41 @@ def test_the_engines_working_directory_lives_as_long_as_the_engine(
     assert not list(tmp_path.glob("fos-engine-*"))
 
 
+def test_a_hung_tokenizer_process_is_ended_and_replaced() -> None:
+    """A tokenizer process that stops answering (SIGSTOP here; a deadlock in the field)
+    held the requests sent to it until REQUEST_TIMEOUT, and stayed for good. Now it is
+    ended after STALL_TIMEOUT: its requests get a 503 to retry, and a new one takes its
+    place."""
+    settings = Settings(
+        service_type="embeddings",
+        warmup=False,
+        tokenizer_workers=2,
+        stall_timeout=1.0,
+        request_timeout=60,
+    )
+    app = build_app(settings, fake_plugin())
+    with serve_app(app) as server:
+        pool = app.state.runtime.tokenizers
+        victim = pool.workers[0].pid
+        os.kill(victim, signal.SIGSTOP)
+        texts = [f"停止{i}" for i in range(8)]  # spread over both processes
+        replies = asyncio.run(together(server.base_url, texts))
+        failed = 0
+        for (reply, seconds), text in zip(replies, texts, strict=True):
+            assert seconds < 10, seconds
+            if reply.status_code == 503:
+                failed += 1
+                assert "tokenizer process" in error_of(reply, 503, "model_not_ready")
+            else:
+                assert_clean(reply, text)
+        assert failed > 0  # the stopped process held some
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(pool.workers) < 2:
+            time.sleep(0.05)
+        assert len(pool.workers) == 2 and victim not in [w.pid for w in pool.workers]
+        assert_clean(asyncio.run(together(server.base_url, ["再開"]))[0][0], "再開")
+
+
 def test_a_tokenizer_process_that_cannot_start_at_once_is_tried_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

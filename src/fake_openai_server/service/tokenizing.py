@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -38,6 +39,7 @@ THREADS = 2  # tokenizer threads in this process, when there are no tokenizer pr
 INLINE_TEXTS = 8
 INLINE_CHARS = 1_000
 MAX_AUTO_WORKERS = 8
+WATCH_INTERVAL = 1.0  # seconds between the watchdog's looks at the tokenizer processes
 RESPAWN_DELAY = 0.5  # seconds before a tokenizer process that died is replaced
 RESPAWN_MAX_DELAY = 30.0  # the longest wait between tries, when a new one cannot start
 
@@ -62,6 +64,10 @@ class TokenizerProcess(WorkerProcess):
     environment: ClassVar[dict[str, str]] = {"TOKENIZERS_PARALLELISM": "false"}
     texts = 0  # texts sent to it and not yet answered
 
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.waiting: dict[asyncio.Future[Any], float] = {}  # calls not yet answered: sent at
+
     def decode(self, kind: int, body: bytes) -> tuple[int, Any]:
         call_id, rows, original, truncated = wire.unpack_tokens(body)
         encoded = [
@@ -73,6 +79,7 @@ class TokenizerProcess(WorkerProcess):
 
 def _answered(worker: TokenizerProcess, texts: int, answer: asyncio.Future[Any]) -> None:
     worker.texts -= texts
+    worker.waiting.pop(answer, None)
     if not answer.cancelled():
         answer.exception()  # seen, also when its request had gone: no "never retrieved"
 
@@ -91,6 +98,7 @@ class TokenizerPool:
         self._on_gpu = False
         self.restarts = 0
         self._respawning: set[asyncio.Task[None]] = set()
+        self._watchdog: asyncio.Task[None] | None = None
 
     async def start(self, models: list[ModelInfo], tokenizers: dict[str, Tokenizer]) -> None:
         self._tokenizers = [tokenizers[info.name] for info in models]
@@ -117,6 +125,10 @@ class TokenizerPool:
                 len(failures),
                 wanted,
                 type(failures[0]).__name__,
+            )
+        if self.workers:
+            self._watchdog = asyncio.get_running_loop().create_task(
+                self._watch(), name="tokenizer-watchdog"
             )
         log.info(
             "tokenizing in %s",
@@ -167,6 +179,24 @@ class TokenizerPool:
             log.info("tokenizer processes whole again (%d)", len(self.workers))
             return
 
+    async def _watch(self) -> None:
+        """End a tokenizer process that has held a call for STALL_TIMEOUT (hung: stopped,
+        deadlocked); its calls fail (503, retry) and a new process takes its place. A
+        chunk of TOKENIZE_CHUNK texts takes well under a second."""
+        limit = self._settings.stall_timeout
+        while True:
+            await asyncio.sleep(min(WATCH_INTERVAL, limit / 2))
+            now = time.monotonic()
+            for worker in list(self.workers):
+                if worker.alive and worker.waiting and now - min(worker.waiting.values()) > limit:
+                    log.error(
+                        "tokenizer process %s has not answered for %.0fs (STALL_TIMEOUT); "
+                        "ending it",
+                        worker.pid,
+                        now - min(worker.waiting.values()),
+                    )
+                    worker.kill()
+
     def health(self) -> str | None:
         """Why the pool is not whole, for /ready (which still says 200: requests are served)."""
         missing = self.wanted - len(self.workers)
@@ -213,6 +243,7 @@ class TokenizerPool:
         worker = min(live, key=lambda w: w.texts)
         worker.texts += len(texts)
         answer = worker.call(lambda call_id: wire.pack_texts(call_id, target, operation, texts))
+        worker.waiting[answer] = time.monotonic()
         # The texts count against the process until it answers, even when their request
         # gives up first (shield): it tokenizes them all the same, and a short request
         # sent there would wait behind them.
@@ -231,6 +262,8 @@ class TokenizerPool:
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for task in list(self._respawning):
             task.cancel()
         await asyncio.gather(*(worker.stop() for worker in self.workers), return_exceptions=True)
