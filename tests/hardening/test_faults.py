@@ -311,6 +311,24 @@ def test_a_hung_tokenizer_process_is_ended_and_replaced() -> None:
         assert_clean(asyncio.run(together(server.base_url, ["再開"]))[0][0], "再開")
 
 
+def test_a_busy_tokenizer_process_is_not_taken_for_a_hung_one() -> None:
+    """Under a long backlog the oldest call waiting can be older than STALL_TIMEOUT while
+    the process answers call after call: what counts is the time without an answer."""
+    worker = tokenizing.TokenizerProcess({})
+    loop = asyncio.new_event_loop()
+    try:
+        now = time.monotonic()
+        worker.waiting = {loop.create_future(): now - 100, loop.create_future(): now - 1}
+        worker.answered = now - 0.5  # it answered half a second ago
+        assert worker.stalled_for(now) == pytest.approx(0.5)
+        worker.answered = now - 200  # nothing since long before the calls came
+        assert worker.stalled_for(now) == pytest.approx(100)
+        worker.waiting = {}
+        assert worker.stalled_for(now) == 0
+    finally:
+        loop.close()
+
+
 def test_a_tokenizer_process_that_cannot_start_at_once_is_tried_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

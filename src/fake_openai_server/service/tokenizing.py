@@ -67,6 +67,13 @@ class TokenizerProcess(WorkerProcess):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         self.waiting: dict[asyncio.Future[Any], float] = {}  # calls not yet answered: sent at
+        self.answered = 0.0  # when it last answered a call
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds it has had calls waiting and answered none (0: none waiting)."""
+        if not self.waiting:
+            return 0.0
+        return now - max(self.answered, min(self.waiting.values()))
 
     def decode(self, kind: int, body: bytes) -> tuple[int, Any]:
         call_id, rows, original, truncated = wire.unpack_tokens(body)
@@ -80,6 +87,7 @@ class TokenizerProcess(WorkerProcess):
 def _answered(worker: TokenizerProcess, texts: int, answer: asyncio.Future[Any]) -> None:
     worker.texts -= texts
     worker.waiting.pop(answer, None)
+    worker.answered = time.monotonic()
     if not answer.cancelled():
         answer.exception()  # seen, also when its request had gone: no "never retrieved"
 
@@ -180,20 +188,22 @@ class TokenizerPool:
             return
 
     async def _watch(self) -> None:
-        """End a tokenizer process that has held a call for STALL_TIMEOUT (hung: stopped,
-        deadlocked); its calls fail (503, retry) and a new process takes its place. A
-        chunk of TOKENIZE_CHUNK texts takes well under a second."""
+        """End a tokenizer process that has had calls waiting and answered none for
+        STALL_TIMEOUT (hung: stopped, deadlocked); its calls fail (503, retry) and a new
+        process takes its place. A chunk of TOKENIZE_CHUNK texts takes well under a
+        second, and a busy process answers one after another however long its queue."""
         limit = self._settings.stall_timeout
         while True:
             await asyncio.sleep(min(WATCH_INTERVAL, limit / 2))
             now = time.monotonic()
             for worker in list(self.workers):
-                if worker.alive and worker.waiting and now - min(worker.waiting.values()) > limit:
+                stalled = worker.stalled_for(now)
+                if worker.alive and stalled > limit:
                     log.error(
-                        "tokenizer process %s has not answered for %.0fs (STALL_TIMEOUT); "
+                        "tokenizer process %s has answered nothing for %.0fs (STALL_TIMEOUT); "
                         "ending it",
                         worker.pid,
-                        now - min(worker.waiting.values()),
+                        stalled,
                     )
                     worker.kill()
 
