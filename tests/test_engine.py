@@ -481,6 +481,26 @@ async def test_a_dead_engine_is_noticed_while_asyncios_thread_pool_is_busy(
         await busy
 
 
+@pytest.mark.anyio
+async def test_a_worker_given_up_while_it_starts_is_ended_at_once(tmp_path: Path) -> None:
+    """A start cancelled while the process loads (shutdown during start-up, a restart
+    past its time) left the process running until the server's own process exited."""
+    engine = Engine(Settings(warmup=False), fake_plugin(load_seconds=60), str(tmp_path))
+    starting = asyncio.ensure_future(engine.start())
+    for _ in range(400):  # until its process has been forked
+        if engine._process is not None and engine._process.pid is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert engine._process is not None and engine._process.pid is not None
+    pid = engine._process.pid
+    await asyncio.sleep(0.5)
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    with pytest.raises(ProcessLookupError):  # ended and reaped
+        os.kill(pid, 0)
+
+
 def test_many_dify_users_share_batches_over_http() -> None:
     """32 concurrent one-text requests (Dify's shape): shared batches, own vectors."""
     settings = Settings(warmup=False)

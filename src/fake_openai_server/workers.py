@@ -174,6 +174,14 @@ class WorkerProcess:
             raise WorkerGone(
                 f"{self.module} ended while starting ({describe_exit(code)})"
             ) from None
+        except asyncio.CancelledError:
+            # Given up while it loads (shutdown during start-up, a restart past its
+            # time): end it now, not when this process exits (which an app hosted in a
+            # process that goes on never does).
+            self.kill()
+            with contextlib.suppress(Exception):
+                await self._reap()
+            raise
         if kind == wire.Kind.FAILED:
             await self._reap()
             failure = json.loads(body)
