@@ -54,6 +54,7 @@ def test_every_route_is_documented(server: LiveServer) -> None:
     served = httpx.get(f"{server.base_url}/openapi.json", headers=AUTH).json()
     assert served == APP.openapi()
     assert set(OPERATIONS) == {
+        "GET /",
         "GET /health",
         "GET /ready",
         "GET /v1/models",

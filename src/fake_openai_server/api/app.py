@@ -157,7 +157,8 @@ def build_app(
 def routers_for(settings: Settings) -> list[APIRouter]:
     """The routes of every API family, for what ``settings`` serves.
 
-    No two routers share a path. FastAPI tries the routers in this order on every request
+    No two routers share a path and method (the root is TEI's POST and Ollama's GET,
+    each router always included). FastAPI tries the routers in this order on every request
     (walking each one's routes), so the busiest come first: the OpenAI and rerank routes.
     """
     busiest: list[APIRouter] = []

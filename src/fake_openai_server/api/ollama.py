@@ -54,6 +54,7 @@ embed_router = APIRouter(tags=TAGS)
 rerank_router = APIRouter(tags=TAGS)
 
 ERRORS = error_responses(OllamaError)
+TEI_ERROR_SCHEMA = {"$ref": "#/components/schemas/TeiError"}
 KEY_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": OllamaError, "description": KEY_RESPONSES[401]["description"]}
 }
@@ -209,7 +210,19 @@ async def tags(request: Request) -> Response:
     return _json({"models": models})
 
 
-@router.get("/", response_class=PlainTextResponse, summary="Ollama's liveness text")
+@router.get(
+    "/",
+    response_class=PlainTextResponse,
+    # The root's errors are TEI's, whose POST / shares the path (api/errors.py): JSON,
+    # where the route's own reply is text.
+    responses={
+        401: {
+            "description": KEY_RESPONSES[401]["description"],
+            "content": {"application/json": {"schema": TEI_ERROR_SCHEMA}},
+        }
+    },
+    summary="Ollama's liveness text",
+)
 async def ollama_is_running() -> PlainTextResponse:
     """What Ollama answers at its root (its CLI and some extensions probe it, HEAD or GET)."""
     return PlainTextResponse("Ollama is running")
