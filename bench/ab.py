@@ -81,6 +81,7 @@ COLUMNS = (
     ("p99_ms", "p99 ms", "{:.1f}"),
     ("mean_batch_size", "mean batch", "{:.1f}"),
     ("model_busy_fraction", "model busy", "{:.0%}"),
+    ("starved_fraction", "engine empty", "{:.0%}"),
     ("gpu_busy", "GPU busy", "{:.0%}"),
     ("graph_fraction", "on CUDA graphs", "{:.0%}"),
     ("api_cpu_cores", "API CPU", "{:.2f}"),
@@ -241,6 +242,9 @@ def _pooled(
         **_latencies(times),
         "mean_batch_size": items / batches if batches else None,
         "model_busy_fraction": statistics.fmean(d["model_busy_fraction"] or 0 for d in deltas),
+        "starved_fraction": None
+        if any(d["starved_fraction"] is None for d in deltas)
+        else statistics.fmean(d["starved_fraction"] for d in deltas),
         "graph_fraction": None
         if any(g is None for g, _ in graphs) or not batches
         else sum(g * n for g, n in graphs) / batches,

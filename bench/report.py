@@ -202,6 +202,15 @@ def diagnostics(results: dict[str, Any]) -> list[str]:
                     f"{label}: the model was idle {idle:.0%} of the wall time (HTTP, tokenization, "
                     "batch forming or JSON in series with it, or too few requests waiting)."
                 )
+            starved, drained = s.get("starved_fraction"), s.get("drained_fraction")
+            if key != "0" and idle > 0.1 and starved is not None and drained is not None:
+                lines.append(
+                    f"{label}: no batch of the model was in the engine process {starved:.0%} "
+                    f"of the wall time (nothing queued), and {drained:.0%} of the batches took "
+                    "the last queued texts: where these are small, the model waited with work "
+                    "queued (hand-offs to the engine process); where large, for requests still "
+                    "on their way (clients, HTTP, tokenization)."
+                )
             if s.get("padding_efficiency") and s["padding_efficiency"] < 0.85:
                 lines.append(
                     f"{label}: padding took {1 - s['padding_efficiency']:.0%} of the tokens "

@@ -268,8 +268,8 @@ _ENGINE_KEYS = ("batches", "items", "tokens", "padded_tokens", "busy_seconds")
 def _engine_delta(
     before: dict[str, Any] | None, after: dict[str, Any] | None, wall: float
 ) -> dict[str, Any]:
-    """Forward passes, mean batch, padding, model-busy share and CUDA-graph share from
-    /info's engine stats.
+    """Forward passes, mean batch, padding, model-busy share, CUDA-graph share and how
+    long the engine had none of the model's batches from /info's engine stats.
 
     All None when the server does not publish them (``engine`` missing in /info).
     """
@@ -283,6 +283,8 @@ def _engine_delta(
                 "padding_efficiency",
                 "model_busy_fraction",
                 "graph_fraction",
+                "starved_fraction",
+                "drained_fraction",
             )
         )
     d = {k: after[k] - before[k] for k in _ENGINE_KEYS}
@@ -298,7 +300,20 @@ def _engine_delta(
         "graph_fraction": (after["graph_batches"] - before.get("graph_batches", 0)) / batches
         if batches and "graph_batches" in after
         else None,
+        # No batch of the model in the engine process: nothing was queued (a tree that
+        # does not count it: None).
+        "starved_fraction": _counted(before, after, "starved_seconds") / wall
+        if wall and "starved_seconds" in after
+        else None,
+        # Batches that took the last queued item: the queue ran dry behind them.
+        "drained_fraction": _counted(before, after, "drained_batches") / batches
+        if batches and "drained_batches" in after
+        else None,
     }
+
+
+def _counted(before: dict[str, Any], after: dict[str, Any], key: str) -> float:
+    return float(after[key] - before.get(key, 0))
 
 
 async def _engine(client: httpx.AsyncClient, model: str) -> dict[str, Any] | None:

@@ -668,6 +668,25 @@ async def test_reports_how_long_each_item_waited_for_the_model(engine_factory: A
 
 
 @pytest.mark.anyio
+async def test_reports_how_long_the_model_had_nothing_in_the_engine(engine_factory: Any) -> None:
+    """What tells a starved device from a busy one (bench.run reads it): the time with
+    none of the model's batches in the engine process, counted up to the moment asked,
+    and the batches that emptied the queue."""
+    engine, _ = await engine_factory(delay=0.2, max_batch_size=1)
+    await asyncio.sleep(0.1)
+    before = engine.stats()[MODEL]
+    assert before["starved_seconds"] >= 0.1  # idle since start-up, counted while idle
+    await engine.submit(MODEL, [ids(1), ids(2), ids(3)])  # 3 passes of 0.2 s, 2 at a time
+    await asyncio.sleep(0.1)
+    after = engine.stats()[MODEL]
+    starved = after["starved_seconds"] - before["starved_seconds"]
+    assert 0.1 <= starved < 0.2  # the 0.1 s after the passes, not the ~0.6 s they ran
+    assert after["batches"] - before["batches"] == 3
+    # Taking the first two left items queued; the third took the last.
+    assert after["drained_batches"] - before["drained_batches"] == 1
+
+
+@pytest.mark.anyio
 async def test_stopping_never_blocks_the_loop_and_answers_every_request(
     engine_factory: Any,
 ) -> None:

@@ -91,6 +91,11 @@ class EngineStats:
     busy_seconds: float = 0.0
     failed_batches: int = 0
     graph_batches: int = 0  # that replayed a CUDA graph
+    # Time with none of the model's batches in the engine process: the scheduler sends
+    # one as soon as anything is queued, so the device had nothing of this model to run
+    # (requests were still on their way: clients, HTTP, tokenization).
+    starved_seconds: float = 0.0
+    drained_batches: int = 0  # that took the last of the model's queued items
 
     @property
     def mean_batch_size(self) -> float:
@@ -106,6 +111,8 @@ class EngineStats:
             "mean_batch_size": round(self.mean_batch_size, 2),
             "failed_batches": self.failed_batches,
             "graph_batches": self.graph_batches,
+            "starved_seconds": round(self.starved_seconds, 3),
+            "drained_batches": self.drained_batches,
         }
 
 
@@ -146,6 +153,10 @@ class _Lane:
     stats: EngineStats = field(default_factory=EngineStats)
     consecutive_failures: int = 0
     observer: BatchObserver | None = None
+    starved_since: float | None = None  # None while a batch of it is in the engine process
+
+    def starved_for(self, now: float) -> float:
+        return now - self.starved_since if self.starved_since is not None else 0.0
 
 
 @dataclass(eq=False)
@@ -221,7 +232,9 @@ class Engine:
             # A request's first batch's worth of tokens is due on arrival; the rest at the
             # pace of the model at 1/PACE of its measured speed (engine/queue.py).
             queue = BucketQueue(s.max_batch_tokens, PACE * cost.token_seconds)
-            self._lanes[info.name] = _Lane(index, info, limits, queue, observer=observer)
+            self._lanes[info.name] = _Lane(
+                index, info, limits, queue, observer=observer, starved_since=time.perf_counter()
+            )
             log.info(
                 "%s: a forward pass costs %.1f ms + %.1f µs per token: batches may carry "
                 "%d padding tokens",
@@ -302,7 +315,14 @@ class Engine:
         return sum(len(lane.queue) for lane in self._lanes.values())
 
     def stats(self) -> dict[str, dict[str, float]]:
-        return {name: lane.stats.as_dict() for name, lane in self._lanes.items()}
+        now = time.perf_counter()
+        stats = {}
+        for name, lane in self._lanes.items():
+            stats[name] = lane.stats.as_dict()
+            stats[name]["starved_seconds"] = round(
+                lane.stats.starved_seconds + lane.starved_for(now), 3
+            )
+        return stats
 
     @property
     def in_flight(self) -> int:
@@ -400,6 +420,9 @@ class Engine:
         for item in batch:
             item.job.queued_items -= 1
             item.job.queued_tokens -= item.cost
+        lane.stats.starved_seconds += lane.starved_for(now)
+        lane.starved_since = None
+        lane.stats.drained_batches += not lane.queue
         cost = self.costs[lane.index]
         rows, length = lane.info.padding.shape(len(batch), batch[0].cost)  # longest first
         flight = _Flight(
@@ -428,10 +451,14 @@ class Engine:
         was_head = bool(self._in_flight) and self._in_flight[0] is flight
         with contextlib.suppress(ValueError):
             self._in_flight.remove(flight)
+        now = time.perf_counter()
         if was_head:
-            self._head_since = time.perf_counter()
+            self._head_since = now
+        lane = flight.lane
+        if not any(other.lane is lane for other in self._in_flight):
+            lane.starved_since = now
         self._wake.set()
-        lane, batch = flight.lane, flight.batch
+        batch = flight.batch
         try:
             ran = done.result()
             out = ran.rows
