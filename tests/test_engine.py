@@ -212,6 +212,19 @@ def test_a_short_request_waits_for_one_batch_of_a_bulk_request_not_all_of_it(
     assert batch_of(queue, FIVE, single[0]) == (2 if paced else 20)
 
 
+@pytest.mark.parametrize("least_cost", [200, 0], ids=["share-of-a-batch", "tokens-only"])
+def test_a_bulk_request_of_short_texts_is_paced_by_batches_too(least_cost: int) -> None:
+    """Short texts fill a batch on items (five here) long before its tokens: each counts
+    at least its share of a batch (1000 tokens / 5 items), so a one-text request waits
+    for about one batch of them. Counted by tokens alone (10 each), the bulk request's
+    first 100 items were all due on arrival, 20 batches ahead of it."""
+    queue = BucketQueue(quantum=1000, seconds_per_token=0.001, least_cost=least_cost)
+    queue.push(items(*[10] * 100), Flow(), now=0.0)  # shared: items 0-5 due at 0, 6 at 0.2
+    single = items(10)
+    queue.push(single, Flow(), now=0.05)
+    assert batch_of(queue, FIVE, single[0]) == (1 if least_cost else 20)
+
+
 def test_a_bulk_request_is_never_starved_by_short_ones_arriving_after_it() -> None:
     """Its items are due at fixed times, so each goes before every short request that
     arrives after it is due, however many keep arriving and keep the model busy."""
@@ -620,14 +633,23 @@ def test_a_large_request_reaches_the_model_after_its_first_small_chunks(
         assert len(passes[0]) >= 64
 
 
-def test_a_one_text_request_is_answered_while_a_bulk_request_runs() -> None:
+@pytest.mark.parametrize(
+    ("text", "token_ms"),
+    [("大量の文書の{}番目。" + "あ" * 90, 0.01), ("項目{}", 0.1)],
+    ids=["texts-of-100-tokens", "texts-of-8-tokens"],
+)
+def test_a_one_text_request_is_answered_while_a_bulk_request_runs(
+    text: str, token_ms: float
+) -> None:
     """Dify's one-text query arriving while a client's bulk request of 2,000 texts runs
-    (on an emulated GPU: 2 ms a pass plus 10 µs a token, paced at twice that): it waits
-    for about a batch, not for the whole bulk request (seen to fail with first come,
-    first served: it was answered after the bulk request)."""
+    (on an emulated GPU: 2 ms a pass plus ``token_ms`` a token, paced at twice that): it
+    waits for about a batch, not for the whole bulk request (seen to fail with first
+    come, first served: it was answered after the bulk request). Short texts fill a
+    batch on items (64) long before its tokens: counted by their tokens alone, 2,000 of
+    8 tokens were all within the first batch's worth (seen to fail)."""
     settings = Settings(max_inputs=2048)
-    app = build_app(settings, fake_plugin(gpu=[2.0, 0.01], max_length=128))
-    bulk = [f"大量の文書の{i}番目。" + "あ" * 90 for i in range(2000)]  # ~100 tokens each
+    app = build_app(settings, fake_plugin(gpu=[2.0, token_ms], max_length=128))
+    bulk = [text.format(i) for i in range(2000)]
 
     async def scenario(base_url: str) -> tuple[float, float, float]:
         async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:

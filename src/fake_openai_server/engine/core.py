@@ -230,8 +230,13 @@ class Engine:
             )
             observer = self.observers(info.name) if self.observers else None
             # A request's first batch's worth of tokens is due on arrival; the rest at the
-            # pace of the model at 1/PACE of its measured speed (engine/queue.py).
-            queue = BucketQueue(s.max_batch_tokens, PACE * cost.token_seconds)
+            # pace of the model at 1/PACE of its measured speed (engine/queue.py). An item
+            # counts at least its share of a full batch.
+            queue = BucketQueue(
+                s.max_batch_tokens,
+                PACE * cost.token_seconds,
+                least_cost=s.max_batch_tokens // s.max_batch_size,
+            )
             self._lanes[info.name] = _Lane(
                 index, info, limits, queue, observer=observer, starved_since=time.perf_counter()
             )

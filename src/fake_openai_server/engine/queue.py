@@ -7,7 +7,10 @@ arrives, except a large request's beyond its first ``quantum`` tokens (one batch
 worth): those are due as if the request had the model at ``1/PACE`` of its speed, so a
 request of a few texts that arrives while a bulk request of thousands is queued waits
 for about one batch of it, not for all of it, and the bulk request still keeps about
-that share of the model while others keep it busy.
+that share of the model while others keep it busy. Here an item counts at least
+``least_cost`` tokens, its share of a full batch: a batch of short texts fills up on
+items long before it reaches ``quantum`` tokens (64 texts of 16 tokens are a full
+batch; counted by their tokens, a quantum of 16,384 was 16 such batches).
 
 Items sit in buckets of lengths within ``BUCKET_RATIO`` of each other, each a heap by
 due time, so forming a batch looks at the buckets around the first item due and costs
@@ -86,7 +89,7 @@ class Flow:
     """One request's place in its model's queue, across the chunks it is queued in."""
 
     start: float = -1.0  # when its first item arrived (-1: none yet)
-    tokens: int = 0  # its tokens queued so far
+    tokens: int = 0  # its tokens queued so far (each item's at least the least cost)
 
 
 # A heap entry: (due, arrival number, item); the arrival number breaks ties in order.
@@ -94,11 +97,15 @@ Entry = tuple[float, int, Item]
 
 
 class BucketQueue:
-    def __init__(self, quantum: int = 0, seconds_per_token: float = 0.0) -> None:
+    def __init__(
+        self, quantum: int = 0, seconds_per_token: float = 0.0, least_cost: int = 0
+    ) -> None:
         """``quantum``: the tokens of a request due on arrival; ``seconds_per_token``:
-        the pace of the rest (0: every item is due on arrival, first come first served)."""
+        the pace of the rest (0: every item is due on arrival, first come first served);
+        ``least_cost``: the tokens an item counts for, at least, in both."""
         self.quantum = quantum
         self.seconds_per_token = seconds_per_token
+        self.least_cost = least_cost
         self._buckets: dict[int, list[Entry]] = {}
         self._due: list[Entry] = []  # every item not yet reached at the top, by due time
         self._arrivals = itertools.count()
@@ -120,7 +127,7 @@ class BucketQueue:
             beyond = flow.tokens - self.quantum
             if beyond > 0:
                 item.due = max(now, flow.start + beyond * self.seconds_per_token)
-            flow.tokens += item.cost
+            flow.tokens += max(item.cost, self.least_cost)
             entry = (item.due, next(self._arrivals), item)
             heapq.heappush(self._buckets.setdefault(bucket_of(item.cost), []), entry)
             heapq.heappush(self._due, entry)
