@@ -82,6 +82,7 @@ COLUMNS = (
     ("mean_batch_size", "mean batch", "{:.1f}"),
     ("model_busy_fraction", "model busy", "{:.0%}"),
     ("starved_fraction", "engine empty", "{:.0%}"),
+    ("queue_wait_ms", "queue wait ms", "{:.1f}"),
     ("gpu_busy", "GPU busy", "{:.0%}"),
     ("graph_fraction", "on CUDA graphs", "{:.0%}"),
     ("api_cpu_cores", "API CPU", "{:.2f}"),
@@ -245,6 +246,9 @@ def _pooled(
         "starved_fraction": None
         if any(d["starved_fraction"] is None for d in deltas)
         else statistics.fmean(d["starved_fraction"] for d in deltas),
+        "queue_wait_ms": None
+        if any(d["queue_wait_ms"] is None for d in deltas)
+        else statistics.fmean(d["queue_wait_ms"] for d in deltas),
         "graph_fraction": None
         if any(g is None for g, _ in graphs) or not batches
         else sum(g * n for g, n in graphs) / batches,

@@ -211,6 +211,12 @@ def diagnostics(results: dict[str, Any]) -> list[str]:
                     "queued (hand-offs to the engine process); where large, for requests still "
                     "on their way (clients, HTTP, tokenization)."
                 )
+            if key != "0" and s.get("queue_wait_ms") is not None and "p50_ms" in s:
+                lines.append(
+                    f"{label}: a text waited {s['queue_wait_ms']:.1f} ms in the queue on "
+                    f"average (p50 latency {s['p50_ms']:.1f} ms; forward pass "
+                    f"{s.get('forward_ms_mean') or 0:.1f} ms)."
+                )
             if s.get("padding_efficiency") and s["padding_efficiency"] < 0.85:
                 lines.append(
                     f"{label}: padding took {1 - s['padding_efficiency']:.0%} of the tokens "

@@ -285,6 +285,7 @@ def _engine_delta(
                 "graph_fraction",
                 "starved_fraction",
                 "drained_fraction",
+                "queue_wait_ms",
             )
         )
     d = {k: after[k] - before[k] for k in _ENGINE_KEYS}
@@ -308,6 +309,10 @@ def _engine_delta(
         # Batches that took the last queued item: the queue ran dry behind them.
         "drained_fraction": _counted(before, after, "drained_batches") / batches
         if batches and "drained_batches" in after
+        else None,
+        # An item's mean wait in the queue, from arrival to its batch's dispatch.
+        "queue_wait_ms": 1000 * _counted(before, after, "queued_seconds") / d["items"]
+        if d["items"] and "queued_seconds" in after
         else None,
     }
 

@@ -687,6 +687,9 @@ async def test_reports_how_long_each_item_waited_for_the_model(engine_factory: A
     assert [len(w) for w in waits] == [1, 1, 1]  # one per item, batches of one
     assert waits[0][0] < 0.05 and waits[1][0] < 0.05  # sent to the engine at once
     assert 0.1 < waits[2][0] < 0.4  # waited until the first pass was over
+    # /info's sum of them (bench.run's mean queue wait)
+    total = sum(sum(wait) for wait in waits)
+    assert engine.stats()[MODEL]["queued_seconds"] == pytest.approx(total, abs=1e-3)
 
 
 @pytest.mark.anyio

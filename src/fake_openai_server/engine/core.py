@@ -96,6 +96,7 @@ class EngineStats:
     # (requests were still on their way: clients, HTTP, tokenization).
     starved_seconds: float = 0.0
     drained_batches: int = 0  # that took the last of the model's queued items
+    queued_seconds: float = 0.0  # the items' waits in the queue, summed
 
     @property
     def mean_batch_size(self) -> float:
@@ -113,6 +114,7 @@ class EngineStats:
             "graph_batches": self.graph_batches,
             "starved_seconds": round(self.starved_seconds, 3),
             "drained_batches": self.drained_batches,
+            "queued_seconds": round(self.queued_seconds, 3),
         }
 
 
@@ -528,6 +530,7 @@ class Engine:
         stats.tokens += report.tokens
         stats.padded_tokens += report.padded_tokens
         stats.busy_seconds += ran.seconds
+        stats.queued_seconds += sum(flight.queue_seconds)
         self._observe(flight.lane, report)
 
     def _observe(self, lane: _Lane, report: BatchReport) -> None:
