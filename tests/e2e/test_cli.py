@@ -105,7 +105,7 @@ def background(
         )
         factory = stack.enter_context(
             uvicorn_factory(
-                {**cli_env, "SERVICE_TYPE": "all", "WARMUP": "false"},
+                {**cli_env, "SERVICE_TYPE": "all", "WARMUP": "false", "TOKENIZER_WORKERS": "1"},
                 logs / "uvicorn.log",
                 wait=False,
             )
@@ -181,6 +181,35 @@ def assert_refused(done: subprocess.CompletedProcess[str], *names: str) -> str:
         assert name in lines[0], lines[0]
     assert "Traceback" not in done.stderr
     return lines[0]
+
+
+def _process_tree(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *(p for child in children for p in _process_tree(int(child)))]
+
+
+def test_torch_is_loaded_only_in_the_engine_process(background: dict[str, Any]) -> None:
+    """The HTTP process and the tokenizer processes open the tokenizers the engine saved
+    without torch (transformers' AutoTokenizer imports it: ~500 MiB and seconds in each
+    of them; seen to fail so). Read from each process's memory map, after a request of
+    each kind has opened every tokenizer and vocabulary."""
+    server: LiveServer = background["factory"]
+    wait_ready(server.base_url, process=server.process)
+    with server.client() as client:
+        assert client.post("/v1/embeddings", json={"input": ["東京"]}).status_code == 200
+        assert (
+            client.post("/v1/rerank", json={"query": "首都", "documents": ["東京"]}).status_code
+            == 200
+        )
+        assert client.post("/tokenize", json={"inputs": "東京タワー"}).status_code == 200
+    assert server.process is not None
+    torch_in = {}
+    for pid in _process_tree(server.process.pid):
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        torch_in[command] = "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    assert len(torch_in) == 3, torch_in  # the server, its tokenizer process, the engine
+    assert {"engine.worker" in command for command, torch in torch_in.items() if torch} == {True}
+    assert sum(torch_in.values()) == 1, torch_in
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,11 @@ with ``truncation=True``. No torch here: this runs where requests arrive.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from fake_openai_server.backends.base import Encoded, ModelInfo
@@ -23,6 +25,27 @@ log = logging.getLogger(__name__)
 # process on inputs of a few hundred thousand characters.
 CHARS_PER_TOKEN_CAP = 16
 MAX_TOKENIZER_CHARS = 50_000
+
+
+def load_saved(folder: str) -> Any:
+    """The tokenizer the engine process saved in ``folder``, opened by its own class.
+
+    ``AutoTokenizer`` finds the same class, but it imports transformers' configuration
+    code and with it torch (transformers 5: seconds, and ~500 MiB in the server process
+    and in each tokenizer process, for nothing). ``save_pretrained`` names the class in
+    ``tokenizer_config.json``; where it names none that transformers has, AutoTokenizer
+    it is.
+    """
+    import transformers
+
+    try:
+        config = json.loads((Path(folder) / "tokenizer_config.json").read_text())
+        found = getattr(transformers, str(config["tokenizer_class"]))
+    except Exception:  # no such file or key, or a class transformers does not have
+        found = None
+    if not (isinstance(found, type) and hasattr(found, "from_pretrained")):
+        found = transformers.AutoTokenizer
+    return found.from_pretrained(folder)
 
 
 def cut_text(text: str, max_length: int) -> str:
@@ -67,7 +90,7 @@ class _PerThread:
 
 
 class HFTokenizer:
-    """A model's own tokenizer (``AutoTokenizer`` over the folder the engine saved).
+    """A model's own tokenizer (``load_saved`` of the folder the engine saved).
 
     Where ``fast_tokenizers`` knows the tokenizer, its encoder gives the same ids with
     the work in C and Rust, off the GIL; otherwise the tokenizer itself runs (and the log
@@ -90,9 +113,7 @@ class HFTokenizer:
 
     @classmethod
     def open(cls, info: ModelInfo) -> HFTokenizer:
-        from transformers import AutoTokenizer
-
-        return cls(AutoTokenizer.from_pretrained(info.tokenizer_dir), info.max_length)
+        return cls(load_saved(info.tokenizer_dir), info.max_length)
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
         cut = [cut_text(text, self.max_length) for text in texts]

@@ -93,9 +93,9 @@ def vocabulary_of(tokenizer: object, info: ModelInfo) -> Vocabulary | None:
     """The vocabulary of a served model; None when neither source is there."""
     hf_tokenizer = getattr(tokenizer, "hf_tokenizer", None)
     if hf_tokenizer is None and info.tokenizer_dir:
-        from transformers import AutoTokenizer
+        from fake_openai_server.backends.tokenizer import load_saved
 
-        hf_tokenizer = AutoTokenizer.from_pretrained(info.tokenizer_dir)
+        hf_tokenizer = load_saved(info.tokenizer_dir)
     if hf_tokenizer is None or not hasattr(hf_tokenizer, "convert_ids_to_tokens"):
         return None
     return Vocabulary(hf_tokenizer)
