@@ -16,7 +16,8 @@ Items sit in buckets of lengths within ``BUCKET_RATIO`` of each other, each a he
 due time, so forming a batch looks at the buckets around the first item due and costs
 O(batch x log(queue) + buckets looked at), however long the queue. Items of a request
 that has gone (cancelled, timed out) are left where they are and skipped when reached;
-the queue is compacted once they outnumber the live ones.
+the queue is compacted once the entries of items no longer waiting outnumber the live
+ones (a bucket a batch never visits again would keep its entries for good).
 """
 
 from __future__ import annotations
@@ -111,10 +112,15 @@ class BucketQueue:
         self._arrivals = itertools.count()
         self.tokens = 0  # live tokens waiting
         self.items = 0  # live items waiting
-        self._dead = 0  # items of gone requests still in the heaps
+        self._entries = 0  # in the buckets: the live items' and those not yet skipped
 
     def __len__(self) -> int:
         return self.items
+
+    @property
+    def held(self) -> int:
+        """Entries in the heaps: two per live item, and those not yet dropped."""
+        return self._entries + len(self._due)
 
     def push(self, items: list[Item], flow: Flow | None = None, now: float = 0.0) -> None:
         """Queue ``items``, arrived at ``now``: the next of ``flow``'s (their request's)
@@ -133,17 +139,17 @@ class BucketQueue:
             heapq.heappush(self._due, entry)
             self.tokens += item.cost
         self.items += len(items)
+        self._entries += len(items)
 
     def forget(self, items: int, tokens: int) -> None:
         """A request has gone: ``items`` of its items, ``tokens`` tokens, will be skipped."""
         self.items -= items
         self.tokens -= tokens
-        self._dead += items
-        if self._dead > max(1024, self.items):
-            self._compact()
+        self._compact_if_stale()
 
     def take(self, limits: BatchLimits) -> list[Item]:
         """The next batch: the item due first and those closest to it in length."""
+        self._compact_if_stale()
         first = self._first()
         if first is None:
             return []
@@ -162,7 +168,7 @@ class BucketQueue:
                     item = bucket[0][2]
                     if not item.live:
                         heapq.heappop(bucket)
-                        self._skip(item)
+                        self._entries -= 1
                         continue
                     widest = max(longest, item.cost)
                     if batch and not limits.fits(len(batch) + 1, widest, real + item.cost):
@@ -171,6 +177,7 @@ class BucketQueue:
                             sides[side] = False
                         break
                     heapq.heappop(bucket)
+                    self._entries -= 1
                     item.taken = True
                     batch.append(item)
                     longest, real = widest, real + item.cost
@@ -186,7 +193,7 @@ class BucketQueue:
         left = [entry[2] for entry in sorted(self._due) if not entry[2].taken]
         self._buckets.clear()
         self._due.clear()
-        self.tokens = self.items = self._dead = 0
+        self.tokens = self.items = self._entries = 0
         return left
 
     # --- internals ----------------------------------------------------------------
@@ -194,18 +201,15 @@ class BucketQueue:
         """The live item due first (items taken or gone are dropped from the top)."""
         due = self._due
         while due and not due[0][2].live:
-            item = heapq.heappop(due)[2]
-            if not item.taken:
-                # Gone, and reached here first: the bucket no longer needs to skip it.
-                item.taken = True
-                self._dead -= 1
+            heapq.heappop(due)
         return due[0][2] if due else None
 
-    def _skip(self, item: Item) -> None:
-        """A gone item reached the top of its bucket: count it out once."""
-        if not item.taken:
-            item.taken = True
-            self._dead -= 1
+    def _compact_if_stale(self) -> None:
+        """Compact once the heaps hold more entries of items no longer waiting (taken,
+        or their request gone) than live ones: whether or not a batch ever reaches them."""
+        stale = max(self._entries, len(self._due)) - self.items
+        if stale > max(1024, self.items):
+            self._compact()
 
     def _taken(self, batch: list[Item], real: int) -> list[Item]:
         self.items -= len(batch)
@@ -224,4 +228,4 @@ class BucketQueue:
                 del self._buckets[key]
         self._due = [entry for entry in self._due if entry[2].live]
         heapq.heapify(self._due)
-        self._dead = 0
+        self._entries = sum(map(len, self._buckets.values()))
