@@ -475,6 +475,10 @@ async def test_a_dying_engine_leaves_nothing_counted_in_its_queue(engine_factory
     assert engine.queued_items >= 2  # waiting behind the pass that will die
     results = await asyncio.wait_for(asyncio.gather(running, *queued, return_exceptions=True), 10)
     assert all(isinstance(error, ServiceError) for error in results), results
+    # The pass that was running failed (500); the batch sent behind it never ran, like
+    # those still queued (503, retry: it had been told 500 too, seen failing).
+    kinds = [error.kind for error in results if isinstance(error, ServiceError)]
+    assert kinds == [ErrorKind.MODEL_FAILURE] + [ErrorKind.NOT_READY] * 3, kinds
     queue = engine.lane(MODEL).queue
     assert (queue.items, queue.tokens, len(queue), engine.queued_tokens(MODEL)) == (0, 0, 0, 0)
     for _ in range(600):  # back within 30 s

@@ -210,6 +210,7 @@ class Engine:
         self._start_seconds = 0.0
         self._restarting: asyncio.Task[None] | None = None
         self._on_gpu = False  # a model runs on CUDA (known once started)
+        self._running_at_exit: _Flight | None = None  # the batch running when it died
 
     # --- lifecycle ---------------------------------------------------------------------
     async def start(self) -> list[ModelInfo]:
@@ -483,8 +484,10 @@ class Engine:
             # behind it never ran.
             if self.state == "stopping":
                 error = ServiceError(ErrorKind.NOT_READY, "The server is shutting down.")
+            elif flight is self._running_at_exit:
+                error = model_failure()
             else:
-                error = model_failure() if was_head else not_ready_restarting()
+                error = not_ready_restarting()
             self._failed(flight, error)
             return
         lane.consecutive_failures = 0
@@ -584,6 +587,8 @@ class Engine:
             return
         reason = describe_exit(process.exit_code)
         log.error("the engine process ended unexpectedly (%s); starting a new one", reason)
+        # Its batches fail next (their answers were set first): only this one ran.
+        self._running_at_exit = self._in_flight[0] if self._in_flight else None
         self.state = "restarting"
         self.detail = self.detail or f"the engine process ended ({reason}); restarting it"
         self.restarts += 1
