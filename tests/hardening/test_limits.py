@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from fake_openai_server.api.app import build_app
 from fake_openai_server.settings import Settings
+from tests.support.contract import EMBEDDINGS_MODEL
 from tests.support.fakes import DIM, MAX_LENGTH, fake_plugin
 from tests.support.live import LiveServer, free_port, serve_app
 
@@ -182,6 +183,13 @@ def test_truncate_false_refuses_over_long_inputs_on_every_route() -> None:
         ("/v1/v1/rerank", {"query": "q", "documents": [long]}),
         ("/api/rerank", {"query": "q", "documents": [long]}),
         ("/rerank", {"query": "q", "texts": [long]}),  # TEI
+        # The embedding routes of the other APIs, which had said "the request asked not
+        # to truncate" of a request that said nothing (seen failing)
+        ("/embed", {"inputs": long}),  # TEI
+        ("/", {"inputs": long}),  # TEI
+        ("/api/embed", {"model": EMBEDDINGS_MODEL, "input": long}),  # Ollama
+        ("/api/embeddings", {"model": EMBEDDINGS_MODEL, "prompt": long}),
+        ("/v2/embed", {"texts": [long], "input_type": "search_document"}),  # Cohere
     ]
     cut: list[tuple[str, dict[str, Any]]] = [
         ("/v1/embeddings", {"input": long, "truncation": True}),

@@ -58,7 +58,8 @@ class TeiRerankRequest(BaseModel):
     query: Text
     texts: Texts
     truncate: StrictBool | None = Field(
-        None, description="false: refuse pairs over the model's length (default: cut)"
+        None,
+        description="false: refuse pairs over the model's length (default: the server's TRUNCATE)",
     )
     truncation_direction: TruncationDirection = Field(
         "right", description="Only right: the document's end is cut"
@@ -115,7 +116,9 @@ class OllamaEmbedRequest(BaseModel):
     input: StrictStr | list[StrictStr] = Field(
         "", description="A string or a list of strings; empty: only checks the model (Ollama)"
     )
-    truncate: StrictBool | None = Field(None, description="Cut over-long inputs (default true)")
+    truncate: StrictBool | None = Field(
+        None, description="Cut over-long inputs (default: the server's TRUNCATE)"
+    )
     dimensions: OptionalInt = None
     options: Any = Field(None, description="Accepted and ignored")
     keep_alive: Any = Field(None, description="Accepted and ignored")
@@ -260,7 +263,11 @@ class CohereEmbedRequest(BaseModel):
     ) = Field(None, description="Selects the ruri prefix")
     embedding_types: Annotated[list[CohereEmbeddingType], Field(min_length=1)] | None = None
     truncate: Literal["NONE", "START", "END"] | None = Field(
-        None, description="END (default): cut the end; START: cut the start; NONE: refuse"
+        None,
+        description=(
+            "END: cut the end; START: cut the start; NONE: refuse "
+            "(default: the server's TRUNCATE, as END)"
+        ),
     )
     output_dimension: OptionalInt = Field(None, description="v2: keep the first N dimensions")
     # Cohere v2: only values at or above the model's maximum are accepted (undocumented

@@ -69,8 +69,9 @@ def model_name(requested: str | None) -> str | None:
     return requested.removesuffix(":latest") if requested else None
 
 
-def _truncate(truncate: bool | None, server_truncates: bool) -> TruncateMode:
-    return "end" if (server_truncates if truncate is None else truncate) else "none"
+def _truncate(truncate: bool | None) -> TruncateMode | None:
+    """Ollama's ``truncate``; None (absent) leaves it to the server's TRUNCATE."""
+    return None if truncate is None else "end" if truncate else "none"
 
 
 @embed_router.post(
@@ -98,7 +99,7 @@ async def embed(body: OllamaEmbedRequest, request: Request) -> Response:
                 texts,
                 model=name,
                 dimensions=body.dimensions,
-                truncate=_truncate(body.truncate, rt.settings.truncate),
+                truncate=_truncate(body.truncate),
                 normalize=True,
             ),
         )

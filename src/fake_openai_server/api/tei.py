@@ -49,11 +49,16 @@ def _json(payload: Any) -> Response:
     return Response(json_body(payload), media_type="application/json")
 
 
-def truncation(truncate: bool | None, direction: str, server_truncates: bool) -> TruncateMode:
+def truncation(
+    truncate: bool | None, direction: str, server_truncates: bool
+) -> TruncateMode | None:
     """TEI's ``truncate`` (absent: the server's TRUNCATE, TEI's ``--auto-truncate``)
-    and ``truncation_direction`` as the service's mode."""
-    if not (server_truncates if truncate is None else truncate):
+    and ``truncation_direction`` as the service's mode; None where the server's
+    TRUNCATE=false decides (its refusals then name the setting)."""
+    if truncate is False:
         return "none"
+    if truncate is None and not server_truncates:
+        return None
     return "start" if direction.lower() == "left" else "end"
 
 
