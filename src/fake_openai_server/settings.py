@@ -1,8 +1,9 @@
 """The one settings object: every field is an environment variable and a CLI flag.
 
-Settings are read once, in ``cli.main`` (or in ``app.create_app`` for
-``uvicorn --factory``), and passed down explicitly. Nothing else in the
-package reads the environment.
+Settings are read once, in ``cli.main`` (or in the ``create_*_app`` factories for
+``uvicorn --factory``), and passed down explicitly. The engine process rebuilds them
+from the values the server sends it; besides, only OpenTelemetry's own ``OTEL_*``
+variables are looked at (``api/app.py``).
 """
 
 from __future__ import annotations

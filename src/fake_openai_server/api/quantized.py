@@ -32,9 +32,10 @@ async def embed_for(
     """The request's ``embedding`` of ``model``, and the scale its embedding types
     (``kinds``) need: int8 and uint8 need the model's calibrated scale.
 
-    Until it is ready (``WARMUP=false``, or a request soon after start-up) the request
-    waits for the calibration beside its own embedding, both within one REQUEST_TIMEOUT
-    (504) and no longer than its client stays (it had waited a REQUEST_TIMEOUT for each).
+    Until it is ready (on a CPU, with ``WARMUP=false``, or a request soon after start-up)
+    the request waits for the calibration beside its own embedding, both within one
+    REQUEST_TIMEOUT (504) and no longer than its client stays (it had waited a
+    REQUEST_TIMEOUT for each).
     """
     if not CALIBRATED.intersection(kinds):
         return await answer_in_time(request, embedding), None

@@ -305,5 +305,5 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: Literal["loading", "ready", "failed", "failing", "stopping"]
+    status: Literal["loading", "ready", "restarting", "failed", "failing", "stopping"]
     detail: str | None = None

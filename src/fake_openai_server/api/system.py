@@ -36,7 +36,9 @@ async def health() -> dict[str, str]:
     response_model=Readiness,
     tags=["probes"],
     summary="200 once the model is loaded and warmed and while its batches run; 503 otherwise",
-    responses={503: {"model": Readiness, "description": "Loading, failed, failing or stopping"}},
+    responses={
+        503: {"model": Readiness, "description": "Loading, restarting, failed, failing or stopping"}
+    },
 )
 async def ready(request: Request) -> Response:
     status, detail = runtime(request).readiness()

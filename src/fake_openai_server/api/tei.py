@@ -225,5 +225,6 @@ def tei_info(rt: Runtime) -> dict[str, Any]:
         "max_batch_requests": s.max_batch_size,
         "max_client_batch_size": s.max_inputs,
         "auto_truncate": s.truncate,
-        "tokenization_workers": s.tokenizer_workers,
+        # Tokenizing at once: the tokenizer processes, or the threads where there are none
+        "tokenization_workers": rt.tokenizers.parallel(),
     }

@@ -9,7 +9,10 @@ A served model has two halves that live in different processes:
 
 A *backend plugin* is a module with two functions, ``load_models(settings, options)``
 (called in the engine process) and ``open_tokenizer(info, options)`` (called where
-texts are tokenized). ``backends.loader`` is the real one, over sentence-transformers;
+texts are tokenized), and optionally ``prepare_tokenizers()`` (imports run while the
+engine loads); a model may also have ``warm_shapes`` and ``capture`` (the shapes it pads
+to on a GPU, and their CUDA graphs: ``engine/worker.calibrate``).
+``backends.loader`` is the real one, over sentence-transformers;
 the tests have deterministic fakes with the same shape. Nothing above this layer
 imports torch.
 """

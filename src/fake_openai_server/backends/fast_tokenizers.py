@@ -18,8 +18,8 @@ the same ids with the heavy work in C and Rust, outside the GIL:
 Ids are identical to ``tokenizer(texts)["input_ids"]`` and, for pairs, to
 ``tokenizer([query] * n, documents, truncation="longest_first", max_length=m)["input_ids"]``;
 ``tests/test_fast_tokenizers.py`` checks that over some 25,000 texts. An encoder is safe to
-share between threads (one MeCab tagger per thread) and pickles, so a worker process can
-receive one or build its own from a tokenizer loaded with ``from_pretrained``.
+share between threads (one MeCab tagger per thread); each tokenizer process builds its
+own from the tokenizer the engine saved.
 
 Measured on the 2-core development machine (AMD EPYC, avx512), 300-character Japanese texts
 (``standins.japanese_text``), ``TOKENIZERS_PARALLELISM=false``, batches of 64 texts (32 pairs),

@@ -399,7 +399,8 @@ class Engine:
                 # turn waited for all of them while the GPU ran down its last batch. Not
                 # on a CPU, where the engine process wakes to compete for the cores that
                 # those requests need (bench/results/ab-null-emulated-gpu-flush.md,
-                # ab-null-cpu-flush.md).
+                # ab-null-cpu-flush-ungated.md, -gated.md). On the H200 it was neutral
+                # (ab-full-cuda-s27-flush.md).
                 self._process.flush()
 
     def _ready_process(self) -> EngineProcess | None:

@@ -37,7 +37,8 @@ class EngineProcess(WorkerProcess):
     def __init__(self, settings: Settings, plugin: Plugin, workdir: str) -> None:
         super().__init__(
             {
-                # The keys stay in the server: the engine has no use for them.
+                # The engine has no use for the keys (it inherits the server's
+                # environment all the same).
                 "settings": settings.model_dump(mode="json", exclude={"api_keys", "api_keys_file"}),
                 "plugin": plugin.module,
                 "options": plugin.options or {},

@@ -9,8 +9,8 @@
 
 The step is calibrated on the served model itself: it embeds a fixed Japanese corpus
 (``calibration_corpus.py``) as queries and as documents, and ``step`` is the largest
-absolute value seen, divided by 127. It is computed once per model (at start-up when
-WARMUP is on, else on the first int8/uint8 request) and published at
+absolute value seen, divided by 127. It is computed once per model (at start-up on a
+GPU with WARMUP on, else on the first int8/uint8 request) and published at
 ``GET /info/quantization``; ``value ≈ int8 * step`` maps a stored vector back.
 
 Why one step for all dimensions rather than a range per dimension (sentence-
