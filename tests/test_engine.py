@@ -600,6 +600,40 @@ async def test_a_large_request_tokenizes_as_many_chunks_at_once_as_there_are_tok
     assert most == (2 if parallel else len(chunk_sizes(1000, 2, 8)))
 
 
+def test_requests_that_left_are_not_tokenized_ahead_of_the_next_ones() -> None:
+    """300 clients send 32 texts each and leave a second later (a timeout storm), with
+    two tokenizer processes at 1 ms a text: their texts wait in the server, not in the
+    processes, and go with their requests; a request sent then is answered at once (it
+    waited 3.7 s behind the 9,600 texts of requests that had gone, seen failing)."""
+    settings = Settings(warmup=False, tokenizer_workers=2)
+    app = build_app(settings, fake_plugin(tokenizer_ms_per_text=1.0))
+
+    async def storm(host: str, port: int) -> None:
+        async def client(number: int) -> None:
+            _, writer = await asyncio.open_connection(host, port)
+            body = json.dumps({"input": [f"客{number}-{k}" for k in range(32)]}).encode()
+            head = (
+                "POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                f"\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+            await writer.drain()
+            await asyncio.sleep(1.0)
+            writer.close()
+
+        await asyncio.gather(*(client(number) for number in range(300)))
+
+    with serve_app(app) as server, server.client() as http:
+        assert http.post("/v1/embeddings", json={"input": "前"}).status_code == 200
+        host, port = server.base_url.removeprefix("http://").split(":")
+        asyncio.run(storm(host, int(port)))
+        started = time.perf_counter()
+        reply = http.post("/v1/embeddings", json={"input": ["直後"] * 10})
+        waited = time.perf_counter() - started
+        assert reply.status_code == 200
+    assert waited < 1.0, waited
+
+
 def test_a_one_text_request_is_tokenized_while_a_bulk_request_is() -> None:
     """A query arriving while 2 tokenizer processes work through a bulk request of 2,000
     texts (2 ms a text: 2 s in all) waits for one chunk at most, not for every chunk
