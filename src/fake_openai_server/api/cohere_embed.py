@@ -30,7 +30,7 @@ from fake_openai_server.api.compat_schemas import (
 from fake_openai_server.api.context import runtime
 from fake_openai_server.api.hot import hot
 from fake_openai_server.api.quantized import as_type, embed_for
-from fake_openai_server.api.serialize import json_body
+from fake_openai_server.api.serialize import json_response
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.service.truncation import TruncateMode
 
@@ -115,7 +115,7 @@ async def _embed(body: CohereEmbedRequest, request: Request, api_version: str) -
             "billed_units": {"input_tokens": result.prompt_tokens},
         },
     }
-    return Response(json_body(payload), media_type="application/json")
+    return json_response(payload)
 
 
 @router.post(

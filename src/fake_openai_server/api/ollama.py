@@ -38,7 +38,7 @@ from fake_openai_server.api.compat_schemas import (
 from fake_openai_server.api.context import answer_in_time, runtime
 from fake_openai_server.api.hot import hot
 from fake_openai_server.api.openapi import KEY_RESPONSES
-from fake_openai_server.api.serialize import json_body
+from fake_openai_server.api.serialize import json_response
 from fake_openai_server.backends.base import ModelInfo
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.families import family_for
@@ -58,10 +58,6 @@ TEI_ERROR_SCHEMA = {"$ref": "#/components/schemas/TeiError"}
 KEY_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": OllamaError, "description": KEY_RESPONSES[401]["description"]}
 }
-
-
-def _json(payload: Any) -> Response:
-    return Response(json_body(payload), media_type="application/json")
 
 
 def model_name(requested: str | None) -> str | None:
@@ -104,7 +100,7 @@ async def embed(body: OllamaEmbedRequest, request: Request) -> Response:
             ),
         )
         vectors, tokens = list(result.vectors), result.prompt_tokens
-    return _json(
+    return json_response(
         {
             "model": body.model or name,
             "embeddings": vectors,
@@ -127,9 +123,9 @@ async def embeddings(body: OllamaEmbeddingsRequest, request: Request) -> Respons
     service = rt.require_embeddings()
     name = service.names.resolve(model_name(body.model))
     if body.prompt == "":
-        return _json({"embedding": []})
+        return json_response({"embedding": []})
     result = await answer_in_time(request, service.embed([body.prompt], model=name, param="prompt"))
-    return _json({"embedding": result.vectors[0]})
+    return json_response({"embedding": result.vectors[0]})
 
 
 @rerank_router.post(
@@ -146,7 +142,7 @@ async def rerank(body: OllamaRerankRequest, request: Request) -> Response:
         request,
         service.rerank(body.query, body.documents, model=model_name(body.model), top_n=body.top_n),
     )
-    return _json(
+    return json_response(
         {
             "model": body.model or service.names.default,
             "results": [{"index": r.index, "relevance_score": r.score} for r in result.ranked],
@@ -208,7 +204,7 @@ async def tags(request: Request) -> Response:
         }
         for name, info, embeds in _served(rt)
     ]
-    return _json({"models": models})
+    return json_response({"models": models})
 
 
 @router.get(
@@ -236,7 +232,7 @@ async def ollama_is_running() -> PlainTextResponse:
     summary="The Ollama API version these routes follow",
 )
 async def version() -> Response:
-    return _json({"version": OLLAMA_VERSION})
+    return json_response({"version": OLLAMA_VERSION})
 
 
 @router.post(
@@ -256,7 +252,7 @@ async def show(body: OllamaShowRequest, request: Request) -> Response:
     }
     if info.dimension is not None:
         model_info[f"{architecture}.embedding_length"] = info.dimension
-    return _json(
+    return json_response(
         {
             "modelfile": f"# served by fake-openai-server\nFROM {name}\n",
             "parameters": f"num_ctx {info.max_length}",

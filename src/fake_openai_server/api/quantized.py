@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from fake_openai_server.api.context import answer_in_time
 from fake_openai_server.api.openapi import KEY_RESPONSES
-from fake_openai_server.api.serialize import json_body
+from fake_openai_server.api.serialize import json_response
 from fake_openai_server.backends.base import FloatArray
 from fake_openai_server.service.embeddings import EmbeddingResult
 from fake_openai_server.service.quantize import CALIBRATED, Calibrations, Scale, quantize
@@ -72,4 +72,4 @@ def as_type(vectors: FloatArray, kind: str, scale: Scale | None) -> Any:
     summary="The calibrated scale behind int8 and uint8 embeddings",
 )
 async def quantization_scale(request: Request) -> Response:
-    return Response(json_body(calibrations(request).published()), media_type="application/json")
+    return json_response(calibrations(request).published())

@@ -18,7 +18,7 @@ from fake_openai_server.api.context import answer_in_time, runtime
 from fake_openai_server.api.hot import hot
 from fake_openai_server.api.openapi import ERROR_RESPONSES
 from fake_openai_server.api.schemas import DocumentObject, RerankRequest, RerankResponse
-from fake_openai_server.api.serialize import json_body
+from fake_openai_server.api.serialize import json_response
 from fake_openai_server.errors import ErrorKind, ServiceError
 
 router = APIRouter(tags=["rerank"])
@@ -93,7 +93,7 @@ async def _rerank(body: RerankRequest, request: Request, api_version: str) -> Re
     if body.voyage:
         # The voyageai client reads data[*].index / relevance_score and usage.total_tokens.
         payload.update({"object": "list", "data": results})
-    return Response(json_body(payload), media_type="application/json")
+    return json_response(payload)
 
 
 @router.post(

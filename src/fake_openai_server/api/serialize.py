@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import orjson
+from starlette.responses import Response
 
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
@@ -39,3 +40,7 @@ def embeddings_body(
 
 def json_body(payload: Any) -> bytes:
     return orjson.dumps(payload, option=_OPTIONS)
+
+
+def json_response(payload: Any) -> Response:
+    return Response(json_body(payload), media_type="application/json")

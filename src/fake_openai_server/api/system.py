@@ -12,7 +12,7 @@ from starlette.responses import PlainTextResponse, Response
 from fake_openai_server.api.context import runtime
 from fake_openai_server.api.openapi import KEY_RESPONSES
 from fake_openai_server.api.schemas import Health, ModelList, Readiness
-from fake_openai_server.api.serialize import json_body
+from fake_openai_server.api.serialize import json_body, json_response
 from fake_openai_server.api.tei import tei_info
 from fake_openai_server.metrics import CONTENT_TYPE
 
@@ -71,7 +71,7 @@ async def list_models(request: Request) -> Response:
         {"id": name, "object": "model", "created": created, "owned_by": "fake-openai-server"}
         for name in names
     ]
-    return Response(json_body({"object": "list", "data": data}), media_type="application/json")
+    return json_response({"object": "list", "data": data})
 
 
 @router.get(
@@ -108,7 +108,7 @@ async def info(request: Request) -> Response:
     }
     if s.serves_embeddings:
         body["quantization"] = request.app.state.calibrations.summary()
-    return Response(json_body(body), media_type="application/json")
+    return json_response(body)
 
 
 @router.get(

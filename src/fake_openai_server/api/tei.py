@@ -31,7 +31,7 @@ from fake_openai_server.api.compat_schemas import (
 from fake_openai_server.api.context import answer_in_time, runtime
 from fake_openai_server.api.hot import hot
 from fake_openai_server.api.schemas import RerankRequest
-from fake_openai_server.api.serialize import json_body
+from fake_openai_server.api.serialize import json_body, json_response
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.families import INPUT_TYPE_ALIASES, family_for
 from fake_openai_server.runtime import Runtime
@@ -43,10 +43,6 @@ embed_router = APIRouter(tags=TAGS)  # where embeddings are served
 rerank_router = APIRouter(tags=TAGS)  # where a reranker is served
 
 ERRORS = error_responses(TeiError)
-
-
-def _json(payload: Any) -> Response:
-    return Response(json_body(payload), media_type="application/json")
 
 
 def truncation(
@@ -98,7 +94,7 @@ async def embed(body: TeiEmbedRequest, request: Request) -> Response:
             param="inputs",
         ),
     )
-    return _json(list(result.vectors))
+    return json_response(list(result.vectors))
 
 
 async def tei_rerank(body: TeiRerankRequest, request: Request) -> Response:
@@ -128,7 +124,7 @@ async def tei_rerank(body: TeiRerankRequest, request: Request) -> Response:
         if body.return_text:
             rank["text"] = body.texts[ranked.index]
         ranks.append(rank)
-    return _json(ranks)
+    return json_response(ranks)
 
 
 def _is_tei_rerank(payload: Any) -> bool:
@@ -196,7 +192,7 @@ async def decode(body: TeiDecodeRequest, request: Request) -> Response:
             skip_special_tokens=body.skip_special_tokens,
         )
     )
-    return _json(await answer_in_time(request, decoding))
+    return json_response(await answer_in_time(request, decoding))
 
 
 def tei_info(rt: Runtime) -> dict[str, Any]:

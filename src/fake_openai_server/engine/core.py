@@ -278,7 +278,7 @@ class Engine:
         # that state to kill a loading process at once.
         if self.state == "ready":
             self.state = "stopping"
-        shutting_down = ServiceError(ErrorKind.NOT_READY, "The server is shutting down.")
+        shutting_down = server_stopping()
         self._fail_queued(shutting_down)
         for flight in self._in_flight:
             self._fail_batch(flight.batch, shutting_down)
@@ -296,7 +296,7 @@ class Engine:
         for ended in await asyncio.gather(*tasks, return_exceptions=True):
             if isinstance(ended, Exception):  # what stopping must not stop at
                 log.error("an engine task had failed", exc_info=ended)
-        shutting_down = ServiceError(ErrorKind.NOT_READY, "The server is shutting down.")
+        shutting_down = server_stopping()
         self._fail_queued(shutting_down)
         try:
             if self._process is not None:
@@ -380,7 +380,7 @@ class Engine:
         if self.state == "restarting":
             return "The model is restarting after a failure; retry shortly."
         if self.state == "stopping":
-            return "The server is shutting down."
+            return STOPPING
         return "The model is not running."
 
     # --- scheduling ----------------------------------------------------------------------
@@ -484,7 +484,7 @@ class Engine:
             # is over (503). Otherwise it died: the batch that was running failed, those
             # behind it never ran.
             if self.state == "stopping":
-                error = ServiceError(ErrorKind.NOT_READY, "The server is shutting down.")
+                error = server_stopping()
             elif flight is self._running_at_exit:
                 error = model_failure()
             else:
@@ -653,6 +653,13 @@ def model_failure(error: CallFailed | None = None) -> ServiceError:
     else:
         message = "The model process failed on a batch holding this request; retry it."
     return ServiceError(ErrorKind.MODEL_FAILURE, message)
+
+
+STOPPING = "The server is shutting down."
+
+
+def server_stopping() -> ServiceError:
+    return ServiceError(ErrorKind.NOT_READY, STOPPING)
 
 
 def not_ready_restarting() -> ServiceError:

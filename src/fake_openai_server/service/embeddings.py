@@ -138,7 +138,7 @@ class EmbeddingsService:
                         ErrorKind.INVALID_REQUEST,
                         f"An input has {item.original_length} tokens, over this model's maximum "
                         f"of {entry.info.max_length}{why}.",
-                        param="input",
+                        param=param,
                     )
             tokens.add(encoded)
             return await self._engine.submit(name, [item.ids for item in encoded], flow)

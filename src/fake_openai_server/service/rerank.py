@@ -113,7 +113,7 @@ class RerankService:
 
         async def run(encoded: list[Encoded]) -> FloatArray:
             if refuse:
-                _refuse_cut_pairs(encoded, self.models[name].info.max_length, why)
+                _refuse_cut_pairs(encoded, self.models[name].info.max_length, why, documents_param)
             tokens.add(encoded)
             return await self._engine.submit(name, [item.ids for item in encoded], flow)
 
@@ -135,7 +135,7 @@ class RerankService:
         return RerankResult(ranked, tokens.total)
 
 
-def _refuse_cut_pairs(encoded: Sequence[Encoded], max_length: int, why: str) -> None:
+def _refuse_cut_pairs(encoded: Sequence[Encoded], max_length: int, why: str, param: str) -> None:
     # The pair tokenizer cuts to max_length without saying whether it cut, so a pair
     # that fills the whole length counts as cut (a pair of exactly that length is refused
     # too: one token's difference, on the safe side).
@@ -145,5 +145,5 @@ def _refuse_cut_pairs(encoded: Sequence[Encoded], max_length: int, why: str) -> 
                 ErrorKind.INVALID_REQUEST,
                 f"A query and document pair reaches this model's maximum of {max_length} "
                 f"tokens{why}; shorten the document or allow truncation.",
-                param="documents",
+                param=param,
             )
