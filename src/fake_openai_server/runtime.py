@@ -55,12 +55,11 @@ class Runtime:
         self,
         settings: Settings,
         plugin: Plugin | None = None,
-        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.limits = settings.limits()
         self.plugin = plugin or Plugin()
-        self.metrics = metrics or Metrics()
+        self.metrics = Metrics()
         self.state: State = "loading"
         self.failure: str | None = None
         self.misconfigured = False  # the failure is a setting that contradicts a model

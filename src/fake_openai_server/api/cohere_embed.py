@@ -14,7 +14,6 @@ list per requested type. Errors are Cohere's ``{"id", "message"}``.
 
 from __future__ import annotations
 
-import base64
 import uuid
 from typing import Any
 
@@ -30,7 +29,7 @@ from fake_openai_server.api.compat_schemas import (
 from fake_openai_server.api.context import runtime
 from fake_openai_server.api.hot import hot
 from fake_openai_server.api.quantized import as_type, embed_for
-from fake_openai_server.api.serialize import json_response
+from fake_openai_server.api.serialize import base64_rows, json_response
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.service.truncation import TruncateMode
 
@@ -101,8 +100,7 @@ async def _embed(body: CohereEmbedRequest, request: Request, api_version: str) -
         response_type, embeddings = "embeddings_by_type", {}
         for kind in dict.fromkeys(body.embedding_types or ["float"]):
             if kind == "base64":
-                little = vectors.astype("<f4", copy=False)
-                embeddings[kind] = [base64.b64encode(row.tobytes()).decode() for row in little]
+                embeddings[kind] = base64_rows(vectors)
             else:
                 embeddings[kind] = list(as_type(vectors, kind, scale))
     payload = {

@@ -20,8 +20,7 @@ def embeddings_body(
     # JSON, as their own bytes in base64 (what Voyage's client decodes).
     quantized = vectors.dtype.itemsize == 1
     if encoding_format == "base64":
-        little = vectors if quantized else vectors.astype("<f4", copy=False)
-        encoded: list[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
+        encoded: list[Any] = base64_rows(vectors)
     else:
         encoded = list(np.ascontiguousarray(vectors, dtype=None if quantized else np.float32))
     return orjson.dumps(
@@ -36,6 +35,12 @@ def embeddings_body(
         },
         option=_OPTIONS,
     )
+
+
+def base64_rows(vectors: npt.NDArray[Any]) -> list[str]:
+    """Each row's bytes in base64: float32 little-endian, or a quantized type's own."""
+    little = vectors if vectors.dtype.itemsize == 1 else vectors.astype("<f4", copy=False)
+    return [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
 
 
 def json_body(payload: Any) -> bytes:

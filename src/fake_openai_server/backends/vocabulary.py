@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from fake_openai_server.backends.base import ModelInfo
+from fake_openai_server.backends.tokenizer import MAX_TOKENIZER_CHARS, load_saved
 
 # MeCab (fugashi) crashes the process on inputs of a few hundred thousand characters;
 # the embedding path cuts texts before they reach it, and /tokenize refuses longer ones.
-MAX_TOKENIZE_CHARS = 50_000
+MAX_TOKENIZE_CHARS = MAX_TOKENIZER_CHARS
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,6 @@ def vocabulary_of(tokenizer: object, info: ModelInfo) -> Vocabulary | None:
     """The vocabulary of a served model; None when neither source is there."""
     hf_tokenizer = getattr(tokenizer, "hf_tokenizer", None)
     if hf_tokenizer is None and info.tokenizer_dir:
-        from fake_openai_server.backends.tokenizer import load_saved
-
         hf_tokenizer = load_saved(info.tokenizer_dir)
     if hf_tokenizer is None or not hasattr(hf_tokenizer, "convert_ids_to_tokens"):
         return None

@@ -94,9 +94,6 @@ class EmbeddingsService:
                 param="dimensions",
             )
 
-    def resolve(self, requested: str | None) -> EmbeddingModel:
-        return self.models[self.names.resolve(requested)]
-
     async def embed(
         self,
         inputs: Sequence[str] | Sequence[Sequence[int]],
@@ -143,7 +140,7 @@ class EmbeddingsService:
             tokens.add(encoded)
             return await self._engine.submit(name, [item.ids for item in encoded], flow)
 
-        if inputs and not isinstance(inputs[0], str):
+        if not isinstance(inputs[0], str):
             rows = cast(Sequence[Sequence[int]], inputs)
             preparer = self._token_id_preparer(entry)
 
