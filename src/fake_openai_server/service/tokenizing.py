@@ -257,7 +257,7 @@ class TokenizerPool:
     async def _run(self, model: str, operation: int, texts: list[str]) -> list[Encoded]:
         target = self._index[model]
         tokenizer = self._tokenizers[target]
-        worker = await self._process_for(len(texts))
+        worker = await self._process_for(len(texts)) if self.workers else None
         if worker is None:  # no tokenizer processes: here
             if len(texts) <= INLINE_TEXTS and sum(map(len, texts)) <= INLINE_CHARS:
                 return tokenize(tokenizer, operation, texts)
