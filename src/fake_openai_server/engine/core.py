@@ -487,6 +487,7 @@ class Engine:
                 error = server_stopping()
             elif flight is self._running_at_exit:
                 error = model_failure()
+                self._running_at_exit = None  # nothing of it kept
             else:
                 error = not_ready_restarting()
             self._failed(flight, error)

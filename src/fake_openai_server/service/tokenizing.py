@@ -94,13 +94,6 @@ class TokenizerProcess(WorkerProcess):
 Held = tuple[int, "asyncio.Future[TokenizerProcess | None]"]
 
 
-def _answered(worker: TokenizerProcess, answer: asyncio.Future[Any]) -> None:
-    worker.waiting.pop(answer, None)
-    worker.answered = time.monotonic()
-    if not answer.cancelled():
-        answer.exception()  # seen, also when its request had gone: no "never retrieved"
-
-
 class TokenizerPool:
     def __init__(self, settings: Settings, plugin: Plugin) -> None:
         self._settings = settings
@@ -272,8 +265,7 @@ class TokenizerPool:
         # The texts count against the process until it answers, even when their request
         # gives up first (shield): it tokenizes them all the same, and a short request
         # sent there would wait behind them.
-        answer.add_done_callback(partial(_answered, worker))
-        answer.add_done_callback(lambda _: self._release(worker, len(texts)))
+        answer.add_done_callback(partial(self._answered, worker, len(texts)))
         try:
             result: list[Encoded] = await asyncio.shield(answer)
         except WorkerGone:
@@ -324,6 +316,13 @@ class TokenizerPool:
             return None
         worker.texts += count
         return worker
+
+    def _answered(self, worker: TokenizerProcess, count: int, answer: asyncio.Future[Any]) -> None:
+        worker.waiting.pop(answer, None)
+        worker.answered = time.monotonic()
+        if not answer.cancelled():
+            answer.exception()  # seen, also when its request had gone: no "never retrieved"
+        self._release(worker, count)
 
     def _release(self, worker: TokenizerProcess, count: int) -> None:
         worker.texts -= count
