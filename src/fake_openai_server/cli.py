@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import signal
 import socket
 import sys
@@ -19,7 +20,7 @@ from pydantic import ValidationError
 
 from fake_openai_server import logs, memory
 from fake_openai_server.backends.base import Plugin
-from fake_openai_server.settings import Settings, SettingsError
+from fake_openai_server.settings import Settings, SettingsError, near_misses
 
 log = logging.getLogger("fake_openai_server")
 
@@ -99,11 +100,17 @@ class Server(uvicorn.Server):
 def main(argv: list[str] | None = None) -> None:
     settings = load_settings(argv)
     try:
-        settings.all_api_keys()
+        keys = settings.all_api_keys()
     except SettingsError as error:
         print(f"fake-openai-server: invalid setting: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     logs.configure(settings.log_level, settings.log_json)
+    for variable, setting in near_misses(os.environ):
+        log.warning("%s is not a setting and is ignored: did you mean %s?", variable, setting)
+    if keys:
+        log.info("API keys: %d; every route but /health and /ready needs one", len(keys))
+    else:
+        log.info("API keys: none; every route is open to whoever reaches the port")
     serve(settings)
 
 

@@ -198,21 +198,22 @@ class Runtime:
                 overload.observe(self.engine.queued_items + self.engine.in_flight)
 
     def require_embeddings(self) -> EmbeddingsService:
-        self._require_ready()
+        self.require_ready()
         assert self.embeddings is not None
         return self.embeddings
 
     def require_rerank(self) -> RerankService:
-        self._require_ready()
+        self.require_ready()
         assert self.rerank is not None
         return self.rerank
 
     def require_tokens(self) -> Tokens:
-        self._require_ready()
+        self.require_ready()
         assert self.tokens is not None
         return self.tokens
 
-    def _require_ready(self) -> None:
+    def require_ready(self) -> None:
+        """Raise the 503 a request gets while the models are not serving."""
         if self.state != "ready":
             raise ServiceError(
                 ErrorKind.NOT_READY,

@@ -8,6 +8,8 @@ variables are looked at (``api/app.py``).
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -250,18 +252,39 @@ class Settings(BaseSettings):
         return {alias.strip(): model.strip() for alias, model in pairs}
 
     def all_api_keys(self) -> list[str]:
-        """API_KEYS plus the lines of API_KEYS_FILE (blank lines and # comments skipped)."""
+        """API_KEYS plus the lines of API_KEYS_FILE (blank lines and # comments skipped;
+        a byte-order mark, as Windows editors write one, is not part of the first key)."""
         keys = list(self.api_keys)
         if self.api_keys_file is not None:
             try:
-                text = self.api_keys_file.read_text(encoding="utf-8")
-            except OSError as exc:
+                text = self.api_keys_file.read_text(encoding="utf-8-sig")
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
                 raise SettingsError(
-                    f"API_KEYS_FILE={self.api_keys_file} cannot be read: {exc.strerror}"
+                    f"API_KEYS_FILE={self.api_keys_file} cannot be read: {why}"
                 ) from None
-            keys += [
-                line.strip()
-                for line in text.splitlines()
-                if line.strip() and not line.startswith("#")
-            ]
+            lines = (line.strip() for line in text.splitlines())
+            keys += [line for line in lines if line and not line.startswith("#")]
+        for number, key in enumerate(keys, 1):
+            # A header carries ASCII: a key with other characters could never be sent.
+            if not (key.isascii() and key.isprintable()):
+                raise SettingsError(
+                    f"API key {number} of {len(keys)} (API_KEYS, then API_KEYS_FILE's lines) "
+                    "has characters other than printable ASCII: no client could send it"
+                )
         return keys
+
+
+def near_misses(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(variable, the setting it nearly spells) for each variable of ``environ`` that is
+    no setting but looks like one (API_KEY for API_KEYS): it is ignored, and a misspelt
+    API_KEYS would leave every route open."""
+    names = [name.upper() for name in Settings.model_fields]
+    found = []
+    for variable in environ:
+        if variable.upper() in names:
+            continue
+        close = difflib.get_close_matches(variable.upper(), names, n=1, cutoff=0.85)
+        if close:
+            found.append((variable, close[0]))
+    return found

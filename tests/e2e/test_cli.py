@@ -113,7 +113,9 @@ def background(
         missing_port = free_port()
         missing_log = (logs / "missing.log").open("w")
         stack.callback(missing_log.close)
+        # API_KEY: a misspelt API_KEYS, which the start-up log names.
         env = {**cli_env, "EMBEDDINGS_MODEL": MISSING_MODEL, "HOST": "127.0.0.1"}
+        env["API_KEY"] = "sk-misspelt"
         missing = subprocess.Popen(
             [sys.executable, "-m", "fake_openai_server"],
             env=clean_env(**env, PORT=str(missing_port)),
@@ -253,6 +255,9 @@ def test_missing_model_exits_with_a_clear_message(background: dict[str, Any]) ->
     last = stderr.strip().splitlines()[-1]
     assert MISSING_MODEL in last, last
     assert "could not load" in last, last
+    assert "API_KEY is not a setting and is ignored: did you mean API_KEYS?" in stderr
+    assert "API keys: none; every route is open" in stderr
+    assert "sk-misspelt" not in stderr
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
 

@@ -94,7 +94,12 @@ def test_every_get_route_answers_head(fake_server: LiveServer, path: str) -> Non
     assert get.status_code == 200
     assert head.status_code == 200, head.text
     assert head.content == b""
-    assert head.headers["content-length"] == str(len(get.content))
+    if path == "/info":
+        # Its counters (uptime, engine seconds) move between the two calls: their
+        # digits, not the shape of the reply.
+        assert abs(int(head.headers["content-length"]) - len(get.content)) < 64
+    else:
+        assert head.headers["content-length"] == str(len(get.content))
     assert head.headers["content-type"] == get.headers["content-type"]
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,8 @@ from typing import Any, cast
 import pytest
 
 from fake_openai_server.api.app import build_app, routers_for
-from fake_openai_server.settings import Settings
+from fake_openai_server.api.connections import LINGER
+from fake_openai_server.settings import Settings, near_misses
 from tests.support.fakes import fake_plugin
 from tests.support.live import LiveServer, serve_app
 
@@ -181,6 +184,58 @@ def test_unknown_routes_need_a_key_too(keyed: LiveServer) -> None:
     assert _call(keyed, "GET", "/v1/secret-admin", f"Bearer {ENV_KEYS[1]}").status_code == 404
 
 
+def test_a_refused_body_is_not_read_on(keyed: LiveServer) -> None:
+    """A request without a key is answered 401 from its headers; the body it goes on
+    sending is not read to its end. uvicorn had kept the connection and read on to drop
+    it (7 GB of a chunked body in 8 s from a client without a key, a core busy). Now the
+    server ends its side after the reply and closes within LINGER seconds."""
+    piece = b" " * 65536
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    with keyed.connect() as sock:
+        sock.sendall(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        reply, ended, closed_after = b"", False, None
+        started = time.monotonic()
+        while time.monotonic() - started < LINGER + 8:
+            try:
+                sock.sendall(chunk)
+            except OSError:  # reset or broken pipe: the server has closed
+                closed_after = time.monotonic() - started
+                break
+            while not ended and select.select([sock], [], [], 0)[0]:
+                data = sock.recv(65536)
+                reply += data
+                ended = not data
+    assert reply.startswith(b"HTTP/1.1 401 "), reply[:200]
+    assert b"API key" in reply
+    assert ended, "the server kept reading the body it had refused"
+    assert closed_after is not None and closed_after < LINGER + 4, closed_after
+
+
+def test_a_refused_request_whose_body_is_in_keeps_its_connection(keyed: LiveServer) -> None:
+    """A 401 for a request sent whole leaves the connection open for the next one."""
+    connection = http.client.HTTPConnection(*keyed.address, timeout=30)
+    sockets = []
+    try:
+        for authorization in ("Bearer wrong", f"Bearer {ENV_KEYS[0]}"):
+            connection.request(
+                "POST",
+                "/v1/embeddings",
+                json.dumps(EMBED).encode(),
+                {"Authorization": authorization, "Content-Type": "application/json"},
+            )
+            reply = connection.getresponse()
+            reply.read()
+            assert reply.status == (401 if authorization == "Bearer wrong" else 200)
+            assert reply.getheader("connection") != "close"
+            sockets.append(connection.sock)
+    finally:
+        connection.close()
+    assert sockets[0] is sockets[1] is not None  # one connection served both
+
+
 @pytest.fixture(scope="module")
 def open_server() -> Iterator[LiveServer]:
     with serve_app(build_app(Settings(service_type="all", warmup=False), fake_plugin())) as server:
@@ -209,3 +264,49 @@ def test_an_unreadable_keys_file_is_refused_at_start_up(tmp_path: Path) -> None:
     )
     assert done.returncode == 2, done.stderr
     assert "API_KEYS_FILE" in done.stderr and str(missing) in done.stderr
+
+
+def test_the_keys_file_is_read_as_editors_write_it(tmp_path: Path) -> None:
+    """A byte-order mark (Windows Notepad, PowerShell's UTF8) is not part of the first
+    key, and an indented comment is a comment: it had been a key that let its own text in."""
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_bytes(
+        "sk-first\r\n  # old: sk-retired\r\n\r\n sk-second \r\n".encode("utf-8-sig")
+    )
+    settings = Settings(api_keys_file=keys_file)
+    assert settings.all_api_keys() == ["sk-first", "sk-second"]
+
+
+@pytest.mark.parametrize(
+    ("env", "file"), [({"API_KEYS": "sk-ok,ключ"}, ""), ({}, "sk-ok\nsk-tab\there\n")]
+)
+def test_a_key_no_client_could_send_is_refused_at_start_up(
+    tmp_path: Path, env: dict[str, str], file: str
+) -> None:
+    """HTTP headers carry ASCII: a key with other characters had been accepted and had
+    locked every client out with 401."""
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text(file, encoding="utf-8")
+    more = {"API_KEYS_FILE": str(keys_file)} if file else {}
+    done = subprocess.run(
+        [sys.executable, "-m", "fake_openai_server"],
+        env={**os.environ, **env, **more},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "printable ASCII" in done.stderr and "API key 2 of 2" in done.stderr, done.stderr
+    assert "ключ" not in done.stderr and "sk-ok" not in done.stderr  # keys are not echoed
+
+
+def test_near_misses_of_settings_are_named() -> None:
+    """A misspelt API_KEYS is ignored like any unknown variable, and left every route open
+    without a word; the CLI now warns of variables that nearly spell a setting."""
+    environ = {"API_KEY": "x", "EMBEDDING_MODEL": "x", "API_KEYS_FILE": "x", "HOSTNAME": "x"}
+    environ |= {"PATH": "x", "HF_HOME": "x", "NVIDIA_VISIBLE_DEVICES": "x", "api_keys": "x"}
+    assert near_misses(environ) == [
+        ("API_KEY", "API_KEYS"),
+        ("EMBEDDING_MODEL", "EMBEDDINGS_MODEL"),
+    ]

@@ -40,7 +40,7 @@ from fake_openai_server.api.hot import hot
 from fake_openai_server.api.openapi import KEY_RESPONSES
 from fake_openai_server.api.serialize import json_response
 from fake_openai_server.backends.base import ModelInfo
-from fake_openai_server.errors import ErrorKind, ServiceError
+from fake_openai_server.errors import ServiceError
 from fake_openai_server.families import family_for
 from fake_openai_server.runtime import Runtime
 from fake_openai_server.service.truncation import TruncateMode
@@ -150,11 +150,6 @@ async def rerank(body: OllamaRerankRequest, request: Request) -> Response:
     )
 
 
-def _require_ready(rt: Runtime) -> None:
-    if rt.state != "ready":
-        raise ServiceError(ErrorKind.NOT_READY, "The models are not ready yet; retry shortly.")
-
-
 def _served(rt: Runtime) -> list[tuple[str, ModelInfo, bool]]:
     """(name, info, is an embedding model) for each served model."""
     found = []
@@ -192,7 +187,7 @@ def _modified_at(request: Request) -> str:
 @router.get("/api/tags", response_model=OllamaTags, responses=KEY_ERRORS, summary="Models (Ollama)")
 async def tags(request: Request) -> Response:
     rt = runtime(request)
-    _require_ready(rt)
+    rt.require_ready()
     models = [
         {
             "name": f"{name}:latest",
@@ -240,7 +235,7 @@ async def version() -> Response:
 )
 async def show(body: OllamaShowRequest, request: Request) -> Response:
     rt = runtime(request)
-    _require_ready(rt)
+    rt.require_ready()
     served = {name: (info, embeds) for name, info, embeds in _served(rt)}
     name = _resolve_any(rt, model_name(body.model or body.name))
     info, embeds = served[name]

@@ -80,6 +80,17 @@ def check_texts(texts: Sequence[str], param: str, max_chars: int, indexed: bool 
             )
 
 
+def check_token_ids(row: Sequence[int], size: int, param: str) -> None:
+    """Refuse a token id outside a vocabulary of ``size`` ids."""
+    bad = next((token for token in row if not 0 <= token < size), None)
+    if bad is not None:
+        raise ServiceError(
+            ErrorKind.INVALID_REQUEST,
+            f"Token id {excerpt(str(bad), 20)} is outside this model's vocabulary (0..{size - 1}).",
+            param=param,
+        )
+
+
 def no_truncation_reason(asked: object) -> str:
     """The end of a refusal of an over-long input: why it was not cut. ``asked``: the
     request's own truncation choice, or None when the server's TRUNCATE=false decided."""

@@ -18,6 +18,7 @@ from fake_openai_server.service.common import (
     ModelNames,
     RequestTokens,
     check_texts,
+    check_token_ids,
     no_truncation_reason,
     pipeline,
 )
@@ -193,14 +194,7 @@ class _TokenIdPreparer:
                 raise ServiceError(
                     ErrorKind.INVALID_REQUEST, "A token id list is empty.", param="input"
                 )
-            bad = next((t for t in row if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise ServiceError(
-                    ErrorKind.INVALID_REQUEST,
-                    f"Token id {excerpt(str(bad), 20)} is outside this model's vocabulary "
-                    f"(0..{vocab - 1}).",
-                    param="input",
-                )
+            check_token_ids(row, vocab, "input")
         return [self.model.tokenizer.wrap_ids(row) for row in rows]
 
 

@@ -12,8 +12,9 @@ from fake_openai_server.backends.vocabulary import (
     Vocabulary,
     vocabulary_of,
 )
-from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
+from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.families import PLAIN, Family, apply_prefix
+from fake_openai_server.service.common import check_token_ids
 from fake_openai_server.service.embeddings import EmbeddingsService, normalize_input_type
 from fake_openai_server.service.rerank import RerankService
 
@@ -111,14 +112,7 @@ class Tokens:
         _check_count(len(rows), self._max_inputs, "ids")
         _check_tokens(sum(len(row) for row in rows), self._max_tokens, "ids")
         for row in rows:
-            bad = next((i for i in row if not 0 <= i < vocabulary.size), None)
-            if bad is not None:
-                raise ServiceError(
-                    ErrorKind.INVALID_REQUEST,
-                    f"Token id {excerpt(str(bad), 20)} is outside this model's vocabulary "
-                    f"(0..{vocabulary.size - 1}).",
-                    param="ids",
-                )
+            check_token_ids(row, vocabulary.size, "ids")
         return await asyncio.to_thread(
             lambda: [vocabulary.decode(row, skip_special_tokens) for row in rows]
         )
