@@ -115,9 +115,11 @@ RUN --mount=type=cache,target=/root/.cache/uv,sharing=locked \
 FROM python-base AS runtime
 ARG APP_UID=1000
 ARG APP_GID=1000
+# --non-unique: the host's ids may already be taken in the image (uid 0 when building
+# as root, gid 20 on macOS or 100 for `users`), and groupadd/useradd refused them.
 RUN set -eux; \
-    groupadd --gid "${APP_GID}" app; \
-    useradd --uid "${APP_UID}" --gid app --create-home --home-dir /home/app \
+    groupadd --non-unique --gid "${APP_GID}" app; \
+    useradd --non-unique --uid "${APP_UID}" --gid app --create-home --home-dir /home/app \
         --shell /usr/sbin/nologin app; \
     mkdir -p /data/hf; \
     chown -R app:app /data
@@ -162,7 +164,7 @@ EXPOSE 8081 8082 8080
 # set, else the default port of $SERVICE_TYPE. The first start may download the
 # model, hence the long start period.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=10m --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; s = os.environ.get('SERVICE_TYPE', 'embeddings'); p = os.environ.get('PORT') or {'embeddings': '8081', 'reranker': '8082'}.get(s, '8080'); urllib.request.urlopen('http://127.0.0.1:%s/ready' % p, timeout=8)"]
+    CMD ["python", "-c", "import os, urllib.request; s = os.environ.get('SERVICE_TYPE', 'embeddings'); p = os.environ.get('PORT') or {'embeddings': '8081', 'reranker': '8082'}.get(s, '8080'); urllib.request.build_opener(urllib.request.ProxyHandler({})).open('http://127.0.0.1:%s/ready' % p, timeout=8)"]
 
 # The same command as `uv run fake-openai-server`; every setting comes from the
 # environment (SERVICE_TYPE, HOST, PORT, EMBEDDINGS_MODEL, RERANKER_MODEL, DEVICE,

@@ -17,12 +17,15 @@ from typing import Any
 import pytest
 
 from fake_openai_server.settings import DEFAULT_PORTS, Settings
+from fake_openai_server.workers import STOP_TIMEOUT
 from tests.container import composefiles
 from tests.container.composefiles import COMPOSE, COMPOSE_LEGACY, ROOT
 
 FILES = [COMPOSE, COMPOSE_LEGACY]
 SETTING_NAMES = {name.upper() for name in Settings.model_fields}
 # Variables that are not server settings but that the image honours.
+# What a SIGTERM may take: SHUTDOWN_GRACE_SECONDS, then two worker stops.
+STOP_BUDGET = Settings.model_fields["shutdown_grace_seconds"].default + 2 * STOP_TIMEOUT
 OTHER_ENV = {"HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN", "HF_ENDPOINT", "CUDA_VISIBLE_DEVICES"}
 
 
@@ -131,6 +134,10 @@ def test_services_build_the_one_dockerfile(path: Path) -> None:
         assert ("./volumes", volume) in service.volumes, service.name
         assert service.raw["healthcheck"]["test"] == healthcheck, service.name
         assert service.raw["restart"] == "unless-stopped"
+        # The drain, then the engine's and the tokenizers' stop (each killed after
+        # STOP_TIMEOUT): Docker must not kill the server first.
+        grace = float(service.raw["stop_grace_period"].removesuffix("s"))
+        assert grace > STOP_BUDGET, f"{service.name}: Docker would kill it mid-stop"
         assert service.raw.get("init") is True, "tini as PID 1 forwards SIGTERM"
         devices = service.raw["deploy"]["resources"]["reservations"]["devices"]
         assert any(

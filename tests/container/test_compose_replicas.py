@@ -18,6 +18,7 @@ import jsonschema
 import pytest
 
 from fake_openai_server.settings import DEFAULT_PORTS, Settings
+from fake_openai_server.workers import STOP_TIMEOUT
 from tests.container import composefiles
 from tests.container.composefiles import (
     COMPOSE,
@@ -139,7 +140,7 @@ def test_replicas_are_the_image_as_compose_yaml_runs_it_without_ports() -> None:
         for key in ("image", "build", "init", "restart", "volumes", "healthcheck"):
             assert service.raw[key] == reference[key], f"{name}: {key}"
         grace = float(service.raw["stop_grace_period"].removesuffix("s"))
-        assert grace > SHUTDOWN_GRACE, f"{name}: Docker would kill it mid-drain"
+        assert grace > SHUTDOWN_GRACE + 2 * STOP_TIMEOUT, f"{name}: Docker would kill it mid-stop"
         for variable in service.environment:
             assert variable in SETTING_NAMES | OTHER_ENV, f"{name}: unknown {variable}"
         Settings(**{k.lower(): v for k, v in service.environment.items()})

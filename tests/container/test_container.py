@@ -169,8 +169,12 @@ def test_compose_service_answers_over_http(
             check_rerank(base, settings.reranker_model)
 
         # The image's HEALTHCHECK, run as Docker would (inside the container's
-        # network, with its environment): healthy now ...
-        health = support.exec_in(built_image.id, env, healthcheck_command(built_image.healthcheck))
+        # network, with its environment): healthy now, behind a corporate proxy too
+        # (HTTP_PROXY, set for the models' download, had taken urllib's request to
+        # 127.0.0.1 to the proxy: unhealthy for good) ...
+        proxied = {**env, "HTTP_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+        check = healthcheck_command(built_image.healthcheck)
+        health = support.exec_in(built_image.id, proxied, check)
         assert health.returncode == 0, health.stdout + health.stderr
         assert server.alive(), server.log()
 

@@ -22,6 +22,7 @@ import yaml  # type: ignore[import-untyped,unused-ignore]
 from prometheus_client.parser import text_string_to_metric_families
 
 from fake_openai_server.settings import DEFAULT_PORTS, Settings
+from fake_openai_server.workers import STOP_TIMEOUT
 from tests.container import composefiles
 from tests.support.fake_app import fake_app_process
 
@@ -315,8 +316,10 @@ def test_grace_period_covers_the_pre_stop_wait_and_the_drain(
         assert command[0] == "sleep", "the pre-stop hook waits for the endpoints to update"
         pre_stop = float(command[1])
         assert pre_stop >= 5
-        # Kubernetes counts the pre-stop hook inside the grace period.
-        assert pod["terminationGracePeriodSeconds"] > pre_stop + drain, deployment
+        # Kubernetes counts the pre-stop hook inside the grace period; after the drain
+        # the engine and tokenizer processes stop (each killed after STOP_TIMEOUT).
+        stop = pre_stop + drain + 2 * STOP_TIMEOUT
+        assert pod["terminationGracePeriodSeconds"] > stop, deployment
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -116,13 +116,19 @@ def test_cli_refuses_a_batch_budget_below_the_models_max_length(hf_home: Path) -
 def test_cli_refuses_float16_when_no_gpu_is_found() -> None:
     """DEVICE=auto (the default) on a host without a GPU resolves to the CPU, where
     DTYPE=float16 is not served: a clear refusal at start-up, not a slow half-precision
-    CPU server."""
-    done = _run_cli({"SERVICE_TYPE": "embeddings", "DTYPE": "float16"}, timeout=180)
+    CPU server.
+
+    With a GPU reserved (a container's NVIDIA_VISIBLE_DEVICES) that torch cannot use (a
+    driver older than its CUDA needs), the log says so: DTYPE=auto had served on the CPU,
+    many times slower, without a word."""
+    env = {"SERVICE_TYPE": "embeddings", "DTYPE": "float16", "NVIDIA_VISIBLE_DEVICES": "all"}
+    done = _run_cli(env, timeout=180)
     # Found only once the engine resolves the device, yet a setting: exit 2 like the rest.
     assert done.returncode == 2, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("fake-openai-server: invalid setting: DTYPE=float16 needs a GPU"), last
     assert "Traceback" not in done.stderr
+    assert "a GPU is present (NVIDIA_VISIBLE_DEVICES=all) but torch" in done.stderr, done.stderr
 
 
 # --- metrics --------------------------------------------------------------------------

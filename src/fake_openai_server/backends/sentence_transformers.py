@@ -9,6 +9,7 @@ saved for the server process (``export_tokenizer``).
 from __future__ import annotations
 
 import logging
+import os
 import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -54,6 +55,17 @@ def cpu_has_native_bfloat16() -> bool:
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
+def visible_gpu() -> str | None:
+    """What says this process was given an NVIDIA GPU (a container's GPU reservation, a
+    device node), whether or not torch can use it."""
+    visible = os.environ.get("NVIDIA_VISIBLE_DEVICES", "").strip().lower()
+    if visible and visible not in ("void", "none"):
+        return f"NVIDIA_VISIBLE_DEVICES={visible}"
+    if Path("/dev/nvidia0").exists():
+        return "/dev/nvidia0"
+    return None
+
+
 def resolve_precision(device: str, dtype: str) -> Precision:
     if device == "auto":
         if torch.cuda.is_available():
@@ -62,6 +74,17 @@ def resolve_precision(device: str, dtype: str) -> Precision:
             device = "mps"
         else:
             device = "cpu"
+            if gpu := visible_gpu():
+                # A GPU host whose driver is older than this torch's CUDA needs (R580 for
+                # CUDA 13) served on the CPU, many times slower, and said so nowhere.
+                log.warning(
+                    "a GPU is present (%s) but torch %s cannot use it (CUDA %s; is the "
+                    "NVIDIA driver older than it needs?): running on the CPU. Set "
+                    "DEVICE=cuda to refuse to start without it",
+                    gpu,
+                    torch.__version__,
+                    torch.version.cuda,
+                )
     if dtype == "float16" and device == "cpu":  # DEVICE=auto found no GPU
         raise SettingsError(
             "DTYPE=float16 needs a GPU, and none was found; on CPU use DTYPE=auto, bfloat16 "
