@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Iterator
 from importlib.metadata import version
 from typing import Any
 
@@ -32,10 +33,20 @@ import voyageai.error
 from huggingface_hub import AsyncInferenceClient, InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 
+from fake_openai_server.api.app import build_app
+from fake_openai_server.settings import Settings
 from tests.e2e.test_clients import DOCS, QUERY, TEXTS, Recorder, float_vectors, scores_alone
 from tests.support.contract import EMBEDDINGS_MODEL, RERANKER_MODEL, STANDIN_DIM
-from tests.support.fakes import BOS, EOS, MAX_LENGTH, char_ids, fake_text_vector, fake_vector
-from tests.support.live import LiveServer
+from tests.support.fakes import (
+    BOS,
+    EOS,
+    MAX_LENGTH,
+    char_ids,
+    fake_plugin,
+    fake_text_vector,
+    fake_vector,
+)
+from tests.support.live import LiveServer, serve_app
 from tests.support.standins import japanese_text
 
 
@@ -310,6 +321,55 @@ def test_ollama_client_legacy_embeddings_are_the_models_own(embeddings_server: L
     np.testing.assert_allclose(
         reply.embedding, float_vectors(embeddings_server, TEXTS[1:2])[0], atol=1e-5
     )
+
+
+@pytest.fixture(scope="module")
+def normalizing_server() -> Iterator[LiveServer]:
+    """The fake backends with NORMALIZE=true."""
+    settings = Settings(service_type="all", warmup=False, normalize=True)
+    with serve_app(build_app(settings, fake_plugin())) as server:
+        yield server
+
+
+def test_ollama_legacy_embeddings_stay_the_models_own_under_normalize(
+    normalizing_server: LiveServer,
+) -> None:
+    """Ollama's /api/embeddings gives the model's vector as it is; with NORMALIZE=true it
+    had been normalised (the OpenAI route is, as NORMALIZE asks)."""
+    client = ollama.Client(host=normalizing_server.base_url)
+    reply = client.embeddings(model="ruri-large", prompt=TEXTS[1])
+    own = fake_text_vector(TEXTS[1])
+    np.testing.assert_allclose(reply.embedding, own, rtol=1e-6)
+    assert abs(np.linalg.norm(own) - 1) > 0.1  # the fake vector is not unit length
+    assert_unit_rows(_openai_vectors(normalizing_server, {"input": TEXTS[1]}))
+
+
+def _openai_vectors(server: LiveServer, body: dict[str, Any]) -> np.ndarray:
+    with server.client() as client:
+        reply = client.post("/v1/embeddings", json=body)
+    assert reply.status_code == 200, reply.text
+    return np.asarray([d["embedding"] for d in reply.json()["data"]], dtype=np.float32)
+
+
+def assert_unit_rows(vectors: np.ndarray) -> None:
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+
+
+def test_jina_normalized_is_honoured_both_ways(
+    fake_server: LiveServer, normalizing_server: LiveServer
+) -> None:
+    """Jina's ``normalized`` (LangChain JS's JinaEmbeddings sends it) had been dropped: a
+    client asking for unit vectors got the model's own under the default NORMALIZE=false."""
+    own = np.asarray([fake_text_vector(text) for text in TEXTS], dtype=np.float32)
+    asked = {"input": TEXTS, "model": "ruri-large"}
+    unit_ones = _openai_vectors(fake_server, {**asked, "normalized": True})
+    np.testing.assert_allclose(unit_ones, unit(own), rtol=1e-5)
+    raw = _openai_vectors(normalizing_server, {**asked, "normalized": False})
+    np.testing.assert_allclose(raw, own, rtol=1e-5)
+    assert_unit_rows(_openai_vectors(normalizing_server, asked))  # unsaid: NORMALIZE
+    with fake_server.client() as client:
+        refused = client.post("/v1/embeddings", json={**asked, "normalized": "yes"})
+    assert refused.status_code == 400, refused.text
 
 
 def test_ollama_client_list_show_and_errors(fake_server: LiveServer) -> None:

@@ -81,6 +81,18 @@ def test_scores_and_order_match_independent_expectation(fake_server: LiveServer,
         )
 
 
+def test_documents_past_the_sigmoids_saturation_still_rank_by_logit(
+    fake_server: LiveServer,
+) -> None:
+    """A sigmoid is 1.0 in float32 from a logit of 17 on: such documents had come back in
+    document order. The fake logit is the count of shared characters, less 2."""
+    query = "".join(chr(0x4E00 + i) for i in range(40))  # 40 distinct kanji
+    documents = [query[:n] for n in (22, 35, 28, 3)]  # logits 20, 33, 26, 1
+    reply = rerank(fake_server, {"query": query, "documents": documents})
+    assert [r["index"] for r in reply["results"]] == [1, 2, 0, 3]
+    assert [r["relevance_score"] for r in reply["results"]][:3] == [1.0, 1.0, 1.0]
+
+
 def test_same_scores_on_every_path(rerank_server: LiveServer) -> None:
     replies = [rerank(rerank_server, {"query": QUERY, "documents": DOCS}, p) for p in PATHS]
     by_index = [{r["index"]: r["relevance_score"] for r in reply["results"]} for reply in replies]

@@ -1,7 +1,8 @@
 """POST /v1/embeddings (and /embeddings): the OpenAI embeddings API.
 
 The same route serves Voyage AI's client (it posts to ``{base_url}/embeddings`` with
-``output_dtype``, ``output_dimension``, ``truncation``) and Jina's (``embedding_type``).
+``output_dtype``, ``output_dimension``, ``truncation``) and Jina's (``embedding_type``,
+``task``, ``normalized``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
             input_type=input_type,
             dimensions=body.output_dimensions(),
             truncate=truncate,
+            normalize=body.normalized,
         ),
     )
     vectors = result.vectors if kind == "float" else as_type(result.vectors, kind, scale)

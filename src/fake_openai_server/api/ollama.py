@@ -124,7 +124,9 @@ async def embeddings(body: OllamaEmbeddingsRequest, request: Request) -> Respons
     name = service.names.resolve(model_name(body.model))
     if body.prompt == "":
         return json_response({"embedding": []})
-    result = await answer_in_time(request, service.embed([body.prompt], model=name, param="prompt"))
+    # The model's own vector, as Ollama's /api/embeddings gives it, whatever NORMALIZE says.
+    embedding = service.embed([body.prompt], model=name, normalize=False, param="prompt")
+    result = await answer_in_time(request, embedding)
     return json_response({"embedding": result.vectors[0]})
 
 

@@ -114,6 +114,9 @@ class EmbeddingsRequest(BaseModel):
     truncation: StrictBool | None = Field(
         None, description="Voyage: false answers 400 for an over-long input instead of cutting it"
     )
+    normalized: StrictBool | None = Field(
+        None, description="Jina: L2-normalise the vectors, or not (default: the server's NORMALIZE)"
+    )
 
     _valid_unicode = model_validator(mode="before")(reject_lone_surrogates)
 

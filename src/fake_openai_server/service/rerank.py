@@ -127,8 +127,12 @@ class RerankService:
                 ErrorKind.MODEL_FAILURE,
                 "The model produced a non-finite score; retry, or run with DTYPE=float32.",
             )
-        # Stable sort: equal scores keep document order.
-        order = np.argsort(-scores, kind="stable")
+        # By score, then by logit: a sigmoid is 1.0 in float32 from a logit of 17 on, and
+        # such documents had come back in document order, however far apart their logits
+        # (the logit also ranks where an activation is flat elsewhere). Equal in both: in
+        # document order (lexsort is stable; its last key sorts first).
+        logits = rows[:, RERANK_COLUMNS.index("logit")]
+        order = np.lexsort((-logits, -scores))
         if top_n:
             order = order[:top_n]
         ranked = [Ranked(int(i), float(scores[i])) for i in order]
