@@ -72,7 +72,7 @@ def build_app(
     """
     runtime = runtime or Runtime(settings, plugin)
     metrics = runtime.metrics
-    calibrations = Calibrations()
+    calibrations = Calibrations(normalize=settings.normalize)
 
     def stop_serving() -> None:
         if on_failure is not None:

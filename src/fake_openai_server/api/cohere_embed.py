@@ -79,7 +79,7 @@ async def _embed(body: CohereEmbedRequest, request: Request, api_version: str) -
             f"max_tokens below this model's maximum ({max_length}) is not supported; leave it out.",
             "max_tokens",
         )
-    result, scale = await embed_for(
+    result, calibration = await embed_for(
         request,
         name,
         body.embedding_types or [],
@@ -102,7 +102,7 @@ async def _embed(body: CohereEmbedRequest, request: Request, api_version: str) -
             if kind == "base64":
                 embeddings[kind] = base64_rows(vectors)
             else:
-                embeddings[kind] = list(as_type(vectors, kind, scale))
+                embeddings[kind] = list(as_type(result, kind, calibration))
     payload = {
         "id": str(uuid.uuid4()),
         "response_type": response_type,

@@ -40,7 +40,7 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
     input_type = body.input_type
     if input_type is None and body.task is not None:  # Jina's name for it
         input_type = normalize_input_type(body.task, param="task")
-    result, scale = await embed_for(
+    result, calibration = await embed_for(
         request,
         service.names.resolve(body.model),
         [kind],
@@ -53,7 +53,7 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
             normalize=body.normalized,
         ),
     )
-    vectors = result.vectors if kind == "float" else as_type(result.vectors, kind, scale)
+    vectors = result.vectors if kind == "float" else as_type(result, kind, calibration)
     model = body.model or service.names.default
     content = embeddings_body(vectors, encoding_format, model, result.prompt_tokens)
     return Response(content, media_type="application/json")

@@ -45,6 +45,7 @@ class EmbeddingModel:
 class EmbeddingResult:
     vectors: FloatArray
     prompt_tokens: int
+    normalized: bool = False  # made unit length (NORMALIZE, or the request's choice)
 
 
 def normalize_input_type(value: str | None, param: str = "input_type") -> str | None:
@@ -166,13 +167,13 @@ class EmbeddingsService:
 
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
-        if self.normalize if normalize is None else normalize:
+        normalized = self.normalize if normalize is None else normalize
+        if normalized:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors = vectors / np.maximum(norms, np.float32(1e-12))
         _check_vectors(vectors)
         return EmbeddingResult(
-            np.ascontiguousarray(vectors, dtype=np.float32),
-            tokens.total,
+            np.ascontiguousarray(vectors, dtype=np.float32), tokens.total, normalized
         )
 
     def _token_id_preparer(self, entry: EmbeddingModel) -> _TokenIdPreparer:
