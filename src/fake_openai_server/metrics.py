@@ -18,7 +18,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from fake_openai_server.engine.core import BatchReport
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Up to REQUEST_TIMEOUT's default (300 s): a 504, or the first int8 request's wait for
+# the calibration on a CPU (a minute or two), had all fallen in +Inf beyond 60 s.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -26,7 +28,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        # process_resident_memory_bytes, CPU seconds, open file descriptors (Linux).
+        # process_resident_memory_bytes, CPU seconds, open file descriptors (Linux), of
+        # this (the API) process; the engine process's: track_engine_process.
         ProcessCollector(registry=r)
         # python_gc_collections_total by generation: passes of the garbage collector.
         GCCollector(registry=r)
@@ -79,10 +82,11 @@ class Metrics:
             "fos_queue_tokens", "Tokens waiting for the model", ["model"], registry=r
         )
         # What an autoscaler reads (docs/scaling.ja.md): how long work waits for a
-        # busy model. One observation per item, from submit() to its forward pass.
+        # busy model. One observation per item, from submit() until its batch is sent to
+        # the engine process (which holds at most one more behind the running one).
         self.queue_wait = Histogram(
             "fos_queue_wait_seconds",
-            "Time an item waited in the queue before its forward pass",
+            "Time an item waited in the queue, until its batch was sent to the engine process",
             ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
@@ -105,9 +109,27 @@ class Metrics:
             registry=r,
         )
 
+        self.ready = Gauge(
+            "fos_ready",
+            "1 while the server serves (/ready answers 200), else 0 (loading, restarting, "
+            "failing, failed, stopping)",
+            registry=r,
+        )
+
     def track_restarts(self, engine: Callable[[], int], tokenizers: Callable[[], int]) -> None:
         self.engine_restarts.set_function(engine)
         self.tokenizer_restarts.set_function(tokenizers)
+
+    def track_ready(self, ready: Callable[[], bool]) -> None:
+        self.ready.set_function(lambda: float(ready()))
+
+    def track_engine_process(self, pid: Callable[[], int | None]) -> None:
+        """fos_engine_process_resident_memory_bytes, CPU seconds and the rest, of the
+        engine process (the model's memory: the process_* series are the API process's),
+        whichever process that is after a restart; none while there is none."""
+        ProcessCollector(
+            namespace="fos_engine", pid=lambda: pid() or "none", registry=self.registry
+        )
 
     def observe_loop_lag(self, seconds: float) -> None:
         self.loop_lag.observe(seconds)

@@ -78,6 +78,8 @@ class Runtime:
         )
         self.tokenizers = TokenizerPool(settings, self.plugin)
         self.metrics.track_restarts(lambda: self.engine.restarts, lambda: self.tokenizers.restarts)
+        self.metrics.track_ready(lambda: self.readiness()[0] == "ready")
+        self.metrics.track_engine_process(lambda: self.engine.pid)
         self._lag: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

@@ -91,8 +91,9 @@ def test_every_route_quantizes_with_the_published_scale(embeddings_server: LiveS
 def test_cut_and_normalised_vectors_get_their_own_scale(embeddings_server: LiveServer) -> None:
     """A vector cut to d of D dimensions and normalised again has values about sqrt(D/d)
     times larger than the full-length ones the scale had been calibrated on: int8 clipped
-    them (2% of the values, in nearly every vector, at 256 of 1,024 dimensions). Each cut and normalisation
-    now has the corpus's own scale, published at /info/quantization?dimensions=&normalized=."""
+    them (2% of the values, in nearly every vector, at 256 of 1,024 dimensions). Each cut
+    and normalisation now has the corpus's own scale, published at
+    /info/quantization?dimensions=&normalized=."""
     published(embeddings_server)  # calibrated
     cut = STANDIN_DIM // 4
     corpus = list(CALIBRATION_CORPUS)

@@ -150,14 +150,18 @@ def test_a_hung_pass_answers_504_by_the_deadline_and_the_engine_is_replaced(
         assert seconds < DEADLINE + 2, seconds
     # The stalled engine process is killed and a new one started; /ready says so meanwhile.
     states = set()
+    unready = []  # fos_ready while /ready said restarting (0, unless it just came back)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         status, body = ready(base)
         states.add(body["status"])
+        if body["status"] == "restarting":
+            unready.append(faulty.metric("fos_ready"))
         if status == 200 and "restarting" in states:
             break
         time.sleep(0.05)
     assert "restarting" in states, states
+    assert 0.0 in unready, unready
     assert_clean(asyncio.run(together(base, ["復活"]))[0][0], "復活")
     assert "fos_engine_restarts 1.0" in httpx.get(f"{base}/metrics", timeout=10).text
 
@@ -373,7 +377,9 @@ def test_an_engine_restart_that_fails_unforeseen_is_tried_again(
     with serve_app(app) as server:
         engine = app.state.runtime.engine
         load = EngineProcess.load
-        refusals = [RuntimeError("can't start new thread")]
+        # Popped from the end: a start that timed out (its message is empty: the log
+        # line had ended in nothing), then one that could not start a thread.
+        refusals: list[Exception] = [RuntimeError("can't start new thread"), TimeoutError()]
 
         async def refused_at_first(process: EngineProcess) -> Any:
             if refusals:
@@ -389,7 +395,9 @@ def test_an_engine_restart_that_fails_unforeseen_is_tried_again(
                 assert time.monotonic() < deadline, ready(server.base_url)
                 time.sleep(0.05)
         assert not refusals and engine._process.pid != victim
-        assert any("can't start new thread" in r.getMessage() for r in caplog.records)
+        messages = [r.getMessage() for r in caplog.records]
+        assert "engine restart 1 failed: TimeoutError" in messages, messages
+        assert any("can't start new thread" in message for message in messages)
         assert_clean(asyncio.run(together(server.base_url, ["再開"]))[0][0], "再開")
 
 

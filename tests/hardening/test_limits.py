@@ -172,6 +172,13 @@ def test_metrics_cover_requests_latency_queue_batches_and_inference(server: Live
     assert value("fos_queue_wait_seconds_count", model=model) >= 2  # one per item
     assert "fos_queue_wait_seconds_bucket" in samples
     assert value("process_resident_memory_bytes") > 10 * 2**20  # what a soak run watches
+    # The engine process's own (the model's memory), beside the API process's.
+    assert value("fos_engine_process_resident_memory_bytes") > 10 * 2**20
+    started = value("fos_engine_process_start_time_seconds")
+    assert started >= value("process_start_time_seconds") > 0  # another process, later
+    assert value("fos_ready") == 1
+    # Up to REQUEST_TIMEOUT's default: a 504 after 300 s is not only in +Inf.
+    assert value("fos_request_seconds_bucket", route="/v1/embeddings", le="300.0") >= 2
 
 
 def test_truncate_false_refuses_over_long_inputs_on_every_route() -> None:

@@ -315,6 +315,11 @@ class Engine:
     def lane(self, model: str) -> _Lane:
         return self._lanes[model]
 
+    @property
+    def pid(self) -> int | None:
+        """The engine process's, while there is one."""
+        return self._process.pid if self._process is not None else None
+
     def queued_tokens(self, model: str) -> int:
         return self._lanes[model].queue.tokens
 
@@ -613,7 +618,7 @@ class Engine:
                 log.error(
                     "engine restart %d failed: %s",
                     attempt,
-                    exc or type(exc).__name__,
+                    str(exc) or type(exc).__name__,  # a timeout's message is empty
                     exc_info=None if foreseen else exc,
                 )
                 await asyncio.sleep(min(2.0**attempt, 10.0, max(deadline - loop.time(), 0)))
