@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from fake_openai_server.api.app import build_app
+from fake_openai_server.api.connections import LINGER
 from fake_openai_server.api.errors import MESSAGE_LIMIT
 from fake_openai_server.settings import Settings
 from tests.support.fakes import fake_plugin, fake_text_vector
@@ -335,6 +336,29 @@ def test_chunked_body_over_the_limit_is_cut_off_with_413(server: LiveServer) -> 
     status, body, sent = _raw(server, head, [chunk] * total + [b"0\r\n\r\n"])
     assert_envelope((status, body), 413)
     assert sent < total * len(chunk), "the server read the whole body before answering"
+
+
+def test_a_slow_client_sending_a_body_over_the_limit_reads_its_413(server: LiveServer) -> None:
+    """The 413 goes out from the headers; the body still coming is read and dropped while
+    it keeps coming, so that a client on a slow link, which reads only once it has sent
+    everything, finds its 413 rather than a reset (closing after a fixed 2 s had reset
+    a body that took longer to send)."""
+    size = LIMIT + 1024 * 1024
+    pieces = 8
+    with server.connect(timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % size
+        )
+        started = time.monotonic()
+        for _ in range(pieces):  # over about 2.5 x LINGER, never LINGER without a byte
+            sock.sendall(b" " * (size // pieces))
+            time.sleep(LINGER * 0.3)
+        sock.sendall(b" " * (size - pieces * (size // pieces)))
+        assert time.monotonic() - started > 2 * LINGER
+        reply = http.client.HTTPResponse(sock)
+        reply.begin()
+        assert_envelope((reply.status, reply.read()), 413)
 
 
 def test_body_over_the_limit_sent_whole_is_413(client: httpx.Client) -> None:

@@ -80,8 +80,17 @@ NOT_HTTP = ServiceError(
 # sent 1 GiB of headers in 4 s). nginx allows 32 KiB by default, h11 16 KiB.
 HEAD_LIMIT = 64 * 1024
 
-# How long a refused connection's further bytes are read and dropped before it is closed.
+# A connection answered before its request was in (a 401 or 413 from the headers, bytes
+# that are not HTTP) has the rest of what its client sends read and dropped, so that the
+# client, still sending, reads its reply (closing on bytes still coming makes the kernel
+# answer them with a reset, which can take the reply with it). It is closed once the
+# client has sent nothing for LINGER seconds, or after LINGER_MOST seconds, or once
+# LINGER_BYTES more have come: a slow link finishes a 20 MB body and reads its 413, and
+# a client without a key cannot keep the server reading (uvicorn read on to the end of
+# the body, however long: 7 GB of a chunked one in 8 s).
 LINGER = 2.0
+LINGER_MOST = 30.0
+LINGER_BYTES = 64 * 1024 * 1024
 
 HEAD_TOO_LARGE = ServiceError(
     ErrorKind.INVALID_REQUEST,
@@ -154,7 +163,8 @@ class Connection(HttpToolsProtocol):
         self._head: int | None = 0  # bytes of the request head so far; None once it is in
         self._feeding = 0  # bytes in the data being parsed
         self._head_too_large = False
-        self._discarding = False
+        self._discarding = False  # answered: what comes is dropped (``_linger``)
+        self._heard, self._lingered, self._linger_until = False, 0, 0.0
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._deadline.cancel()
@@ -174,7 +184,11 @@ class Connection(HttpToolsProtocol):
         """As uvicorn's, with the envelope and a count for bytes that are not HTTP, a bound
         on the head, and an upgrade offer declined by serving the HTTP/1.1 it also is (no
         route speaks another protocol: the CLI runs uvicorn with ``ws="none"``)."""
-        if self._discarding:  # refused: read only to be dropped (``_refuse``)
+        if self._discarding:  # answered: read only to be dropped (``_linger``)
+            self._heard = True
+            self._lingered += len(data)
+            if self._lingered > LINGER_BYTES:
+                self.transport.close()
             return
         self._unset_keepalive_if_required()
         self._feeding = len(data)
@@ -287,23 +301,30 @@ class Connection(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         """As uvicorn's, except after a reply sent before its request's body was in (a
-        401 or a 413 answered from the headers): uvicorn kept the connection and read the
-        rest of the body to drop it, however long, for as long as the client sent it (200
-        MB in 0.1 s, 7 GB chunked in 8 s, a core's work for a client without a key). The
-        connection is closed instead, lingering."""
+        401, a 413 from Content-Length): the connection is closed, lingering, where
+        uvicorn kept it and read the rest of the body to drop it, however long."""
         unread = self.cycle.response_complete and self.cycle.more_body
         super().on_response_complete()
         if unread and not self.transport.is_closing():
             self._linger()
 
     def _linger(self) -> None:
-        """A lingering close: after the reply, our end of the stream, then what the client
-        still sends read and dropped for LINGER seconds. Closing at once while its bytes
-        keep coming makes the kernel answer them with a reset, which can take the reply
-        with it (a client sending a long head or body lost its 431 or 413 that way)."""
+        """A lingering close (see LINGER): our end of the stream after the reply, then
+        what the client still sends read and dropped, within the bounds above."""
         if not self.transport.can_write_eof():
             self.transport.close()
             return
         self.transport.write_eof()
         self._discarding = True
-        self.loop.call_later(LINGER, self.transport.close)
+        self._heard, self._lingered = False, 0
+        self._linger_until = self.loop.time() + LINGER_MOST
+        self.loop.call_later(LINGER, self._linger_on)
+
+    def _linger_on(self) -> None:
+        if self.transport.is_closing():
+            return
+        if not self._heard or self.loop.time() >= self._linger_until:
+            self.transport.close()
+            return
+        self._heard = False
+        self.loop.call_later(LINGER, self._linger_on)
