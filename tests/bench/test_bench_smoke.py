@@ -98,13 +98,18 @@ def test_calls_per_request_counts_the_api_process(hf_home: Path, tmp_path: Path)
     results = calls.main([*args, "--out", str(tmp_path), "--tag", "t"])
 
     # A one-text request runs a few hundred Python calls through uvicorn, the server's
-    # middleware and its own layers (~480 measured over thousands of requests since the
-    # hot routes); the start-up's tens of thousands cancel out, up to some noise that a
-    # difference over a hundred requests still carries (40 requests once gave 156).
-    assert 50 < results["calls_per_request"] < 10_000
+    # middleware and its own layers (~375 measured over thousands of requests). The
+    # start-up's tens of thousands cancel out only roughly: the background's calls (the
+    # readiness polls, the loop-lag timer) grow with how long each start-up took, and on
+    # a loaded machine the net total over a hundred requests once came out at -26. The
+    # functions each request runs are counted per function, and hold.
+    assert results["calls_per_request"] < 10_000
+    packages = results["by_package"]
     assert {"fastapi", "starlette", "fake_openai_server/api", "fake_openai_server/service"} <= set(
-        results["by_package"]
+        packages
     )
+    assert packages["fake_openai_server/api"] >= 10, packages  # ~46 a request
+    assert packages["fake_openai_server/service"] >= 5, packages  # ~27
     report = (tmp_path / "calls-t.md").read_text()
     assert f"{results['calls_per_request']:,.0f} Python function calls per request" in report
 

@@ -127,7 +127,11 @@ def test_cut_and_normalised_vectors_get_their_own_scale(embeddings_server: LiveS
     levels = np.asarray([d["embedding"] for d in reply.json()["data"]])
     want = np.rint(units["query"] / np.float32(entry["step"])).astype(int)
     assert 100 < np.abs(want).max() <= 127  # the corpus's own vectors: the whole range
-    assert levels.tolist() == want.tolist()
+    # Up to a level on a few values: the float vectors of one request and another differ
+    # in their last bits as batching groups the texts, and a value at a rounding boundary
+    # flips (the full-length step would be off by far more).
+    off = np.abs(levels - want)
+    assert off.max() <= 1 and (off > 0).mean() < 0.01, (off.max(), (off > 0).mean())
 
 
 def test_base64_of_quantized_vectors_is_their_own_bytes(embeddings_server: LiveServer) -> None:

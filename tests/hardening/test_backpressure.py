@@ -304,7 +304,9 @@ def test_probes_stay_fast_while_100000_items_wait_and_memory_is_bounded() -> Non
     # loose bounds for a busy 2-core machine (an idle one stays under 20 ms: bench/).
     total = lag[float("inf")]
     assert total >= 4, lag
-    assert lag[0.1] >= 0.9 * total and lag[1.0] == total, lag
+    # At 0.25 s, not 0.1: a few dozen samples, and each flood burst puts a few over
+    # 0.1 s on a loaded machine (0.93 of them at 0.1 s was seen with another suite running).
+    assert lag[0.25] >= 0.9 * total and lag[1.0] == total, lag
     probes.sort()
     p99 = probes[int(len(probes) * 0.99) - 1]
     assert p99 < 0.5, (p99, probes[-5:], len(probes))  # includes this client's own delays

@@ -339,10 +339,10 @@ def test_chunked_body_over_the_limit_is_cut_off_with_413(server: LiveServer) -> 
 
 
 def test_a_slow_client_sending_a_body_over_the_limit_reads_its_413(server: LiveServer) -> None:
-    """The 413 goes out from the headers; the body still coming is read and dropped while
-    it keeps coming, so that a client on a slow link, which reads only once it has sent
-    everything, finds its 413 rather than a reset (closing after a fixed 2 s had reset
-    a body that took longer to send)."""
+    """The 413 goes out from the headers; the body still coming is read and dropped, so
+    that a client on a slow link, which reads only once it has sent everything, finds
+    its 413 rather than a reset (closing after a fixed 2 s had reset a body that took
+    longer to send)."""
     size = LIMIT + 1024 * 1024
     pieces = 8
     with server.connect(timeout=30) as sock:

@@ -187,8 +187,8 @@ def test_unknown_routes_need_a_key_too(keyed: LiveServer) -> None:
 def test_a_refused_body_is_not_read_on(keyed: LiveServer) -> None:
     """A request without a key is answered 401 from its headers; the body it goes on
     sending is not read to its end. uvicorn had kept the connection and read on to drop
-    it (7 GB of a chunked body in 8 s from a client without a key, a core busy). Now the
-    server ends its side after the reply and closes within LINGER seconds."""
+    it (7 GB of a chunked body in 8 s from a client without a key, a core busy). Now it
+    drops at most DISCARD_BYTES of it, then ends its side and closes, lingering."""
     piece = b" " * 65536
     chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
     with keyed.connect() as sock:

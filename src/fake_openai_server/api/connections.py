@@ -80,14 +80,17 @@ NOT_HTTP = ServiceError(
 # sent 1 GiB of headers in 4 s). nginx allows 32 KiB by default, h11 16 KiB.
 HEAD_LIMIT = 64 * 1024
 
-# A connection answered before its request was in (a 401 or 413 from the headers, bytes
-# that are not HTTP) has the rest of what its client sends read and dropped, so that the
-# client, still sending, reads its reply (closing on bytes still coming makes the kernel
-# answer them with a reset, which can take the reply with it). It is closed once the
-# client has sent nothing for LINGER seconds, or after LINGER_MOST seconds, or once
-# LINGER_BYTES more have come: a slow link finishes a 20 MB body and reads its 413, and
-# a client without a key cannot keep the server reading (uvicorn read on to the end of
-# the body, however long: 7 GB of a chunked one in 8 s).
+# A request answered before its body was in (a 401 or a 413 from the headers, a 405) has
+# the rest of its body read and dropped, as uvicorn does, keeping the connection for the
+# next request; but only its first DISCARD_BYTES (twice MAX_REQUEST_BYTES's default, so
+# that a client that sent a body just over the limit keeps its connection): uvicorn read
+# on to the end of the body, however long (7 GB of a chunked one in 8 s from a client
+# without a key, a core busy). Beyond, and for bytes that are not HTTP, the connection
+# is closed, lingering: what the client still sends is read and dropped, so that the
+# client, still sending, reads its reply (closing on bytes still coming makes the
+# kernel answer them with a reset, which can take the reply with it), until it has
+# sent nothing for LINGER seconds, or for LINGER_MOST seconds, or LINGER_BYTES more.
+DISCARD_BYTES = 16 * 1024 * 1024
 LINGER = 2.0
 LINGER_MOST = 30.0
 LINGER_BYTES = 64 * 1024 * 1024
@@ -165,6 +168,7 @@ class Connection(HttpToolsProtocol):
         self._head_too_large = False
         self._discarding = False  # answered: what comes is dropped (``_linger``)
         self._heard, self._lingered, self._linger_until = False, 0, 0.0
+        self._dropped = 0  # bytes of an answered request's body dropped so far
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._deadline.cancel()
@@ -174,6 +178,7 @@ class Connection(HttpToolsProtocol):
         if self._receiving_since is None:
             self._receiving_since = self.loop.time()
         self._head = 0
+        self._dropped = 0
         super().on_message_begin()
 
     def on_message_complete(self) -> None:
@@ -190,6 +195,13 @@ class Connection(HttpToolsProtocol):
             if self._lingered > LINGER_BYTES:
                 self.transport.close()
             return
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete and cycle.more_body:
+            # The body of a request already answered: uvicorn drops it (see DISCARD_BYTES).
+            self._dropped += len(data)
+            if self._dropped > DISCARD_BYTES:
+                self._linger()
+                return
         self._unset_keepalive_if_required()
         self._feeding = len(data)
         try:
@@ -299,18 +311,11 @@ class Connection(HttpToolsProtocol):
         self.transport.write(b"".join(head))
         self._linger()
 
-    def on_response_complete(self) -> None:
-        """As uvicorn's, except after a reply sent before its request's body was in (a
-        401, a 413 from Content-Length): the connection is closed, lingering, where
-        uvicorn kept it and read the rest of the body to drop it, however long."""
-        unread = self.cycle.response_complete and self.cycle.more_body
-        super().on_response_complete()
-        if unread and not self.transport.is_closing():
-            self._linger()
-
     def _linger(self) -> None:
         """A lingering close (see LINGER): our end of the stream after the reply, then
         what the client still sends read and dropped, within the bounds above."""
+        if self._discarding or self.transport.is_closing():
+            return
         if not self.transport.can_write_eof():
             self.transport.close()
             return
