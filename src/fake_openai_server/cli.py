@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
         log.info("API keys: %d; every route but /health and /ready needs one", len(keys))
     else:
         log.info("API keys: none; every route is open to whoever reaches the port")
+    if origins := settings.cors_allow_origins:
+        named = "any origin" if "*" in origins else ", ".join(origins)
+        log.info("CORS: browser pages from %s may call the API", named)
     serve(settings)
 
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -164,6 +165,11 @@ class Settings(BaseSettings):
         default_factory=list, description="Accepted API keys, comma-separated (empty: no auth)"
     )
     api_keys_file: Path | None = Field(None, description="File with one API key per line")
+    cors_allow_origins: CsvList = Field(
+        default_factory=list,
+        description="Origins of the browser pages that may call the API (CORS), "
+        "comma-separated, e.g. https://app.example.com; * for any (empty: no CORS headers)",
+    )
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM, time given to in-flight requests"
     )
@@ -183,10 +189,25 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     log_json: bool = Field(False, description="Log one JSON object per line")
 
-    @field_validator("embeddings_model", "model_aliases", "api_keys", mode="before")
+    @field_validator(
+        "embeddings_model", "model_aliases", "api_keys", "cors_allow_origins", mode="before"
+    )
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        """Origins as browsers send them (scheme and host in lower case): a path or a
+        trailing slash would never match a browser's Origin header, so it is refused."""
+        for origin in origins:
+            if origin != "*" and not _is_origin(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin: write scheme://host[:port] without a "
+                    "path (e.g. https://app.example.com), or *"
+                )
+        return [origin.lower() for origin in origins]
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -273,6 +294,20 @@ class Settings(BaseSettings):
                     "has characters other than printable ASCII: no client could send it"
                 )
         return keys
+
+
+def _is_origin(value: str) -> bool:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and not (parts.path or parts.query or parts.fragment or parts.username)
+        and "@" not in parts.netloc
+    )
 
 
 def near_misses(environ: Mapping[str, str]) -> list[tuple[str, str]]:

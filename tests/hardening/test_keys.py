@@ -306,7 +306,9 @@ def test_near_misses_of_settings_are_named() -> None:
     without a word; the CLI now warns of variables that nearly spell a setting."""
     environ = {"API_KEY": "x", "EMBEDDING_MODEL": "x", "API_KEYS_FILE": "x", "HOSTNAME": "x"}
     environ |= {"PATH": "x", "HF_HOME": "x", "NVIDIA_VISIBLE_DEVICES": "x", "api_keys": "x"}
+    environ |= {"CORS_ALLOW_ORIGIN": "x"}  # TEI's flag is --cors-allow-origin
     assert near_misses(environ) == [
         ("API_KEY", "API_KEYS"),
         ("EMBEDDING_MODEL", "EMBEDDINGS_MODEL"),
+        ("CORS_ALLOW_ORIGIN", "CORS_ALLOW_ORIGINS"),
     ]

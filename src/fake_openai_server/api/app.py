@@ -150,6 +150,7 @@ def build_app(
         # unnamed).
         hot={} if telemetry else hot_routes(routers),
         endpoints=[*app.routes, *(route for router in routers for route in router.routes)],
+        cors_origins=settings.cors_allow_origins,
     )
     return app
 

@@ -1,9 +1,10 @@
 """What every request goes through before its route, one ASGI middleware per job:
 
-``RequestLog`` (request id, metrics, access log) → ``HttpRules`` (HEAD, OPTIONS, repeated
-slashes) → ``ApiKeys`` → ``BodyLimit`` → ``CrashReply`` → ``HotRoutes`` (``api/hot.py``:
-the busiest routes, without FastAPI's per-request machinery) → FastAPI's routing.
-``install`` adds them in that order.
+``RequestLog`` (request id, metrics, access log) → Starlette's ``CORSMiddleware``, where
+CORS_ALLOW_ORIGINS names origins → ``HttpRules`` (HEAD, OPTIONS, repeated slashes) →
+``ApiKeys`` → ``BodyLimit`` → ``CrashReply`` → ``HotRoutes`` (``api/hot.py``: the busiest
+routes, without FastAPI's per-request machinery) → FastAPI's routing. ``install`` adds
+them in that order.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -53,15 +55,28 @@ def install(
     routes: Iterable[str],
     hot: Mapping[str, HotRoute],
     endpoints: Iterable[BaseRoute],
+    cors_origins: Sequence[str] = (),
 ) -> None:
     """``routes``: every route's path (the metrics' labels); ``endpoints``: the routes
-    themselves (the methods OPTIONS lists)."""
+    themselves (the methods OPTIONS lists); ``cors_origins``: CORS_ALLOW_ORIGINS."""
     # Starlette wraps the app in the middleware added last first: innermost first here.
     app.add_middleware(HotRoutes, routes=hot, handlers=app.exception_handlers)
     app.add_middleware(CrashReply)
     app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
     app.add_middleware(ApiKeys, api_keys=api_keys)
     app.add_middleware(HttpRules, endpoints=endpoints)
+    if cors_origins:
+        # Outside the key check: a browser's preflight carries no key. Every reply,
+        # errors included, gets the headers, so that the page can read the error.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors_origins,
+            allow_methods=("GET", "HEAD", "POST", "OPTIONS"),
+            allow_headers=("*",),  # Authorization, Content-Type, X-Request-Id, the SDKs' own
+            expose_headers=("X-Request-Id", "Retry-After"),
+            # Chrome asks before a public page may reach a server on a private address.
+            allow_private_network=True,
+        )
     app.add_middleware(RequestLog, metrics=metrics, routes=routes)
 
 
@@ -152,8 +167,9 @@ class HttpRules:
       FastAPI's GET routes would say 405.
     - OPTIONS on a path that has routes gets 204 and their methods in ``Allow``, without
       a key: HAProxy's plain ``option httpchk`` sends ``OPTIONS /``, and browsers send
-      their CORS preflight without credentials. (No CORS headers: cross-origin browser
-      pages are not served.) A path without routes goes on to its 404.
+      their CORS preflight without credentials (answered before this, with the CORS
+      headers, for the origins CORS_ALLOW_ORIGINS names; for others, this 204 without
+      them is a refusal). A path without routes goes on to its 404.
     - Repeated slashes count as one, as nginx reads them: a base URL pasted with a
       trailing slash, joined by a client that adds ``/v1/embeddings``, asks for
       ``//v1/embeddings``.
