@@ -20,10 +20,11 @@ must be dropped). Only the APIs the server serves (from /info) are used.
 
 It prints a progress line every --report-every seconds and a summary at the end:
 requests by kind and status, unexpected errors (5xx, transport errors, wrong
-4xx), latency p50/p99, and the server's resident memory
-(process_resident_memory_bytes on /metrics, Linux) at the start, after warm-up
-and at the end. It exits 1 when a request failed unexpectedly or the memory grew
-by more than --max-rss-growth-mb after warm-up, else 0.
+4xx), latency p50/p99, and the resident memory of the server's API process and of
+its engine process, where the model lives (process_resident_memory_bytes and
+fos_engine_process_resident_memory_bytes on /metrics, Linux) at the start, after
+warm-up and at the end. It exits 1 when a request failed unexpectedly or either
+process's memory grew by more than --max-rss-growth-mb after warm-up, else 0.
 
 Loopback only: a URL whose host is not 127.0.0.1, ::1 or localhost is refused.
 """
@@ -142,13 +143,29 @@ class Tally:
         return f"p50 {cuts[49] * 1000:.0f}ms p99 {cuts[98] * 1000:.0f}ms"
 
 
-async def rss(client: httpx.AsyncClient) -> float | None:
-    """The server's resident memory in MiB, from its /metrics (None when not exposed)."""
+# The processes whose memory the soak watches, by their series on /metrics.
+PROCESSES = {
+    "API": "process_resident_memory_bytes",
+    "engine": "fos_engine_process_resident_memory_bytes",
+}
+
+
+async def rss(client: httpx.AsyncClient) -> dict[str, float]:
+    """Resident memory in MiB of each of PROCESSES that /metrics shows."""
     reply = await client.get("/metrics")
+    found = {}
     for line in reply.text.splitlines():
-        if line.startswith("process_resident_memory_bytes "):
-            return round(float(line.split()[1]) / 2**20, 1)
-    return None
+        name, _, value = line.partition(" ")
+        for process, series in PROCESSES.items():
+            if name == series:
+                found[process] = round(float(value) / 2**20, 1)
+    return found
+
+
+def show(memory: dict[str, float] | None) -> str:
+    if not memory:
+        return "-"
+    return ", ".join(f"{process} {mib}" for process, mib in memory.items())
 
 
 async def worker(
@@ -196,7 +213,7 @@ async def soak(args: argparse.Namespace) -> int:
         start_rss = await rss(client)
         deadline = tally.started + args.seconds
         warm_at = tally.started + args.seconds * WARMUP_SHARE
-        warm_rss: float | None = None
+        warm_rss: dict[str, float] | None = None
         rng = random.Random(args.seed)
         workers = [
             asyncio.create_task(
@@ -213,7 +230,7 @@ async def soak(args: argparse.Namespace) -> int:
         ]
         print(
             f"soak: {args.url} ({info['service_type']}), {args.seconds:.0f}s, "
-            f"{args.concurrency} clients, RSS {start_rss} MiB",
+            f"{args.concurrency} clients, RSS MiB: {show(start_rss)}",
             flush=True,
         )
         next_report = tally.started + args.report_every
@@ -227,7 +244,7 @@ async def soak(args: argparse.Namespace) -> int:
                 print(
                     f"  {now - tally.started:6.0f}s  {tally.sent} requests, "
                     f"{sum(tally.unexpected.values())} unexpected, {tally.percentiles()}, "
-                    f"RSS {await rss(client)} MiB",
+                    f"RSS MiB: {show(await rss(client))}",
                     flush=True,
                 )
         for task in workers:
@@ -240,14 +257,18 @@ async def soak(args: argparse.Namespace) -> int:
     print(f"  latency of 200s: {tally.percentiles()}")
     for what, count in tally.unexpected.most_common():
         print(f"  UNEXPECTED {count} x {what}")
-    growth = None
-    if warm_rss is not None and end_rss is not None:
-        growth = round(end_rss - warm_rss, 1)
+    growth = {}
+    for process in PROCESSES:
+        if warm_rss and process in warm_rss and process in end_rss:
+            growth[process] = round(end_rss[process] - warm_rss[process], 1)
     print(
-        f"  RSS MiB: start {start_rss}, after warm-up {warm_rss}, end {end_rss}, "
-        f"growth after warm-up {growth}"
+        f"  RSS MiB: start {show(start_rss)}; after warm-up {show(warm_rss)}; "
+        f"end {show(end_rss)}; growth after warm-up {show(growth)}"
     )
-    failed = bool(tally.unexpected) or (growth is not None and growth > args.max_rss_growth_mb)
+    grew = [process for process, mib in growth.items() if mib > args.max_rss_growth_mb]
+    for process in grew:
+        print(f"  GREW the {process} process: {growth[process]} MiB after warm-up")
+    failed = bool(tally.unexpected) or bool(grew)
     print("verdict:", "FAIL" if failed else "ok")
     return 1 if failed else 0
 

@@ -39,7 +39,13 @@ def test_soak_script_runs_and_reports() -> None:
     assert "UNEXPECTED" not in out
     for kind, status in (("embeddings", 200), ("rerank", 200), ("embeddings", 400)):
         assert re.search(rf"^  {kind} +{status} +[1-9]", out, re.MULTILINE), out
-    assert "RSS MiB: start" in out and "None" not in out.split("RSS MiB:")[1]
+    # The memory of both processes, the API's and the engine's (where the model is).
+    summary = out.split("  RSS MiB: start ")[1].splitlines()[0]
+    assert re.fullmatch(
+        r"API [\d.]+, engine [\d.]+; after warm-up API [\d.]+, engine [\d.]+; "
+        r"end API [\d.]+, engine [\d.]+; growth after warm-up API -?[\d.]+, engine -?[\d.]+",
+        summary,
+    ), summary
 
 
 def test_soak_script_refuses_anything_but_loopback() -> None:
