@@ -20,11 +20,11 @@ must be dropped). Only the APIs the server serves (from /info) are used.
 
 It prints a progress line every --report-every seconds and a summary at the end:
 requests by kind and status, unexpected errors (5xx, transport errors, wrong
-4xx), latency p50/p99, and the resident memory of the server's API process and of
-its engine process, where the model lives (process_resident_memory_bytes and
-fos_engine_process_resident_memory_bytes on /metrics, Linux) at the start, after
-warm-up and at the end. It exits 1 when a request failed unexpectedly or either
-process's memory grew by more than --max-rss-growth-mb after warm-up, else 0.
+4xx), latency p50/p99, and the resident memory of the server's API process, of its
+engine process, where the model lives, and of its tokenizer processes, summed
+(PROCESSES: their series on /metrics, Linux) at the start, after warm-up and at the
+end. It exits 1 when a request failed unexpectedly or any of them grew by more than
+--max-rss-growth-mb after warm-up, else 0.
 
 Loopback only: a URL whose host is not 127.0.0.1, ::1 or localhost is refused.
 """
@@ -147,19 +147,19 @@ class Tally:
 PROCESSES = {
     "API": "process_resident_memory_bytes",
     "engine": "fos_engine_process_resident_memory_bytes",
+    "tokenizers": "fos_tokenizer_processes_resident_memory_bytes",  # 0 without them
 }
 
 
 async def rss(client: httpx.AsyncClient) -> dict[str, float]:
     """Resident memory in MiB of each of PROCESSES that /metrics shows."""
     reply = await client.get("/metrics")
-    found = {}
-    for line in reply.text.splitlines():
-        name, _, value = line.partition(" ")
-        for process, series in PROCESSES.items():
-            if name == series:
-                found[process] = round(float(value) / 2**20, 1)
-    return found
+    values = dict(line.split(" ", 1) for line in reply.text.splitlines() if " " in line)
+    return {
+        process: round(float(values[series]) / 2**20, 1)
+        for process, series in PROCESSES.items()
+        if series in values
+    }
 
 
 def show(memory: dict[str, float] | None) -> str:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -109,6 +110,12 @@ class Metrics:
             registry=r,
         )
 
+        self.tokenizer_memory = Gauge(
+            "fos_tokenizer_processes_resident_memory_bytes",
+            "Resident memory of the tokenizer processes, summed (0 without them)",
+            registry=r,
+        )
+
         self.ready = Gauge(
             "fos_ready",
             "1 while the server serves (/ready answers 200), else 0 (loading, restarting, "
@@ -130,6 +137,11 @@ class Metrics:
         ProcessCollector(
             namespace="fos_engine", pid=lambda: pid() or "none", registry=self.registry
         )
+
+    def track_tokenizer_processes(self, pids: Callable[[], Iterable[int]]) -> None:
+        """fos_tokenizer_processes_resident_memory_bytes, of the live ones at each scrape:
+        with the engine process's and the API process's, the server's whole memory."""
+        self.tokenizer_memory.set_function(lambda: float(sum(map(_resident_bytes, pids()))))
 
     def observe_loop_lag(self, seconds: float) -> None:
         self.loop_lag.observe(seconds)
@@ -165,3 +177,12 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _resident_bytes(pid: int) -> int:
+    """A process's resident memory (Linux; 0 elsewhere, or when it has just ended)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0

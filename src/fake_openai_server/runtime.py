@@ -80,6 +80,9 @@ class Runtime:
         self.metrics.track_restarts(lambda: self.engine.restarts, lambda: self.tokenizers.restarts)
         self.metrics.track_ready(lambda: self.readiness()[0] == "ready")
         self.metrics.track_engine_process(lambda: self.engine.pid)
+        self.metrics.track_tokenizer_processes(
+            lambda: [w.pid for w in self.tokenizers.workers if w.alive and w.pid is not None]
+        )
         self._lag: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

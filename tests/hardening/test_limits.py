@@ -181,6 +181,27 @@ def test_metrics_cover_requests_latency_queue_batches_and_inference(server: Live
     assert value("fos_request_seconds_bucket", route="/v1/embeddings", le="300.0") >= 2
 
 
+def _vm_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_metrics_give_the_tokenizer_processes_memory() -> None:
+    """The third kind of process (MeCab's dictionary and the tokenizers live there): a
+    leak in one had shown in no series."""
+    settings = Settings(service_type="embeddings", warmup=False, tokenizer_workers=2)
+    app = build_app(settings, fake_plugin())
+    with serve_app(app) as server:
+        pids = [worker.pid for worker in app.state.runtime.tokenizers.workers]
+        assert len(pids) == 2
+        shown = server.metric("fos_tokenizer_processes_resident_memory_bytes")
+        expected = sum(_vm_rss(pid) for pid in pids)
+        assert shown > 2 * 10 * 2**20
+        assert abs(shown - expected) < 0.1 * expected, (shown, expected)
+
+
 def test_truncate_false_refuses_over_long_inputs_on_every_route() -> None:
     """TRUNCATE=false is the server's word for every route that does not say otherwise in
     its request: an input or query + document pair over the model's maximum length is a
