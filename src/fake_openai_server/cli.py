@@ -108,7 +108,15 @@ def main(argv: list[str] | None = None) -> None:
     for variable, setting in near_misses(os.environ):
         log.warning("%s is not a setting and is ignored: did you mean %s?", variable, setting)
     if keys:
-        log.info("API keys: %d; every route but /health and /ready needs one", len(keys))
+        log.info("API keys: %d; every route but /health, /ready and OPTIONS needs one", len(keys))
+    elif settings.api_keys_file is not None:
+        # Allowed (Kubernetes' base ships the file empty), but a file not filled yet looks
+        # just like one meant empty.
+        log.warning(
+            "API keys: none in API_KEYS_FILE=%s (blank lines and comments only); every "
+            "route is open to whoever reaches the port",
+            settings.api_keys_file,
+        )
     else:
         log.info("API keys: none; every route is open to whoever reaches the port")
     if origins := settings.cors_allow_origins:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import select
 import subprocess
 import sys
@@ -16,11 +17,12 @@ from typing import Any, cast
 
 import pytest
 
+from fake_openai_server.api import connections
 from fake_openai_server.api.app import build_app, routers_for
-from fake_openai_server.api.connections import LINGER
+from fake_openai_server.api.connections import DISCARD_BYTES, LINGER
 from fake_openai_server.settings import Settings, near_misses
 from tests.support.fakes import fake_plugin
-from tests.support.live import LiveServer, serve_app
+from tests.support.live import LiveServer, free_port, serve_app
 
 PUBLIC = {"/health", "/ready"}
 ENV_KEYS = ("sk-env-one", "sk-env-two")
@@ -236,6 +238,79 @@ def test_a_refused_request_whose_body_is_in_keeps_its_connection(keyed: LiveServ
     assert sockets[0] is sockets[1] is not None  # one connection served both
 
 
+def _keyless_head(length: int) -> bytes:
+    return (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % length
+    )
+
+
+def _read_reply(sock: Any) -> int:
+    reply = http.client.HTTPResponse(sock)
+    reply.begin()
+    reply.read()
+    return reply.status
+
+
+def test_a_connection_drops_at_most_so_much_of_refused_bodies(keyed: LiveServer) -> None:
+    """DISCARD_BYTES bounds a connection, not a request: body after refused body, each
+    under the bound, had kept one connection reading (an audit: 900 MiB in 1.7 s)."""
+    size = DISCARD_BYTES // 3 + 1  # the third body takes the connection over the bound
+    with keyed.connect(timeout=30) as sock:
+        for _ in range(3):
+            sock.sendall(_keyless_head(size))
+            assert _read_reply(sock) == 401  # from the headers, before the body
+            sock.sendall(b" " * size)
+        sock.sendall(_keyless_head(2))  # dropped: the server has ended its side
+        sock.settimeout(LINGER + 5)
+        assert sock.recv(65536) == b"", "still open after three bodies"
+
+
+def test_a_refused_body_just_under_the_bound_keeps_the_connection(keyed: LiveServer) -> None:
+    """The next request's bytes are not the last one's body: they had been counted as
+    such (uvicorn leaves ``more_body`` set once the reply is out), and a request after a
+    body just under DISCARD_BYTES was lost with the connection, without a reply."""
+    size = DISCARD_BYTES - 10
+    body = json.dumps(EMBED).encode()
+    with keyed.connect(timeout=30) as sock:
+        sock.sendall(_keyless_head(size))
+        assert _read_reply(sock) == 401
+        sock.sendall(b" " * size)
+        time.sleep(0.5)  # the body read and dropped: the next request comes on its own
+        sock.sendall(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+            % (ENV_KEYS[0].encode(), len(body), body)
+        )
+        assert _read_reply(sock) == 200
+
+
+def test_a_lingering_close_waits_while_bytes_come_and_no_longer_than_its_bound(
+    keyed: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past DISCARD_BYTES the server ends its side and reads on while the client keeps
+    sending, so that a client on a slow link reads its 401 rather than a reset; but not
+    for ever: LINGER_MOST (here 3 s, LINGER 1 s) after it began, the connection closes
+    however the client trickles."""
+    monkeypatch.setattr(connections, "LINGER", 1.0)
+    monkeypatch.setattr(connections, "LINGER_MOST", 3.0)
+    size = DISCARD_BYTES + 64 * 1024 * 1024
+    with keyed.connect(timeout=30) as sock:
+        sock.sendall(_keyless_head(size))
+        assert _read_reply(sock) == 401
+        sock.sendall(b" " * (DISCARD_BYTES + 1024 * 1024))  # the lingering begins
+        began, closed_after = time.monotonic(), None
+        while time.monotonic() - began < 10:
+            time.sleep(0.4)  # never LINGER without a byte
+            try:
+                sock.sendall(b" " * 1024)
+            except OSError:  # reset or broken pipe: closed
+                closed_after = time.monotonic() - began
+                break
+    assert closed_after is not None, "the trickle kept the connection open"
+    assert 2.4 < closed_after < 5, closed_after  # after LINGER_MOST, not after LINGER
+
+
 @pytest.fixture(scope="module")
 def open_server() -> Iterator[LiveServer]:
     with serve_app(build_app(Settings(service_type="all", warmup=False), fake_plugin())) as server:
@@ -275,6 +350,33 @@ def test_the_keys_file_is_read_as_editors_write_it(tmp_path: Path) -> None:
     )
     settings = Settings(api_keys_file=keys_file)
     assert settings.all_api_keys() == ["sk-first", "sk-second"]
+
+
+def test_a_keys_file_without_keys_is_a_warning(tmp_path: Path) -> None:
+    """A keys file of comments only leaves every route open (Kubernetes' base ships it
+    so); a file not filled yet looks the same, and had been said only at INFO. (No model
+    to load here: the start-up log, up to the warning, is all this reads.)"""
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text("# keys are added by the deploy job\n\n", encoding="utf-8")
+    env = {"API_KEYS_FILE": str(keys_file), "LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1"}
+    env |= {"HF_HOME": str(tmp_path / "hf"), "PORT": str(free_port()), "HOST": "127.0.0.1"}
+    warning = re.compile(r"WARNING .*API keys: none in API_KEYS_FILE=.*every route is open")
+    seen = []
+    with subprocess.Popen(
+        [sys.executable, "-m", "fake_openai_server"],
+        env={**os.environ, **env},
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        try:
+            assert process.stderr is not None
+            for line in process.stderr:  # the start-up log, up to the warning
+                seen.append(line)
+                if warning.search(line) or "ready" in line:
+                    break
+        finally:
+            process.kill()
+    assert warning.search(seen[-1] if seen else ""), "".join(seen)[-2000:]
 
 
 @pytest.mark.parametrize(
