@@ -167,9 +167,10 @@ class HttpRules:
       FastAPI's GET routes would say 405.
     - OPTIONS on a path that has routes gets 204 and their methods in ``Allow``, without
       a key: HAProxy's plain ``option httpchk`` sends ``OPTIONS /``, and browsers send
-      their CORS preflight without credentials (answered before this, with the CORS
-      headers, for the origins CORS_ALLOW_ORIGINS names; for others, this 204 without
-      them is a refusal). A path without routes goes on to its 404.
+      their CORS preflight without credentials (where CORS_ALLOW_ORIGINS is set, the
+      CORS middleware answers preflights before this; without it, this 204 carries no
+      CORS headers, which a browser takes as a no). A path without routes goes on to
+      its 404.
     - Repeated slashes count as one, as nginx reads them: a base URL pasted with a
       trailing slash, joined by a client that adds ``/v1/embeddings``, asks for
       ``//v1/embeddings``.
