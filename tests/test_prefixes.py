@@ -210,3 +210,8 @@ def test_prefix_overrides_in_the_families() -> None:
     assert apply_prefix(custom, "passage: 本文", "query") == "passage: 本文"
     assert apply_prefix(family_for("some/other-model"), "本文", "query") == "本文"
     assert family_for("cl-nagoya/ruri-v3-reranker-310m").name == "plain"
+    # QUERY_PREFIX=" " is no query prefix; the other input types keep theirs (a prefix
+    # of blanks had matched every text, and no text got a prefix).
+    blank = with_overrides(family, " ", None)
+    assert apply_prefix(blank, "本文", "query") == "本文"
+    assert apply_prefix(blank, "本文", "document") == "文章: 本文"

@@ -119,6 +119,13 @@ def main(argv: list[str] | None = None) -> None:
         )
     else:
         log.info("API keys: none; every route is open to whoever reaches the port")
+    for alias, model in settings.aliases_for_nothing().items():
+        log.warning(
+            "MODEL_ALIASES: %s=%s names no model served here (%s); the alias is ignored",
+            alias,
+            model,
+            ", ".join(settings.served_models()),
+        )
     if origins := settings.cors_allow_origins:
         named = "any origin" if "*" in origins else ", ".join(origins)
         log.info("CORS: browser pages from %s may call the API", named)

@@ -76,12 +76,14 @@ def family_for(model_name: str) -> Family:
 
 
 def with_overrides(family: Family, query_prefix: str | None, document_prefix: str | None) -> Family:
-    """The family with QUERY_PREFIX / DOCUMENT_PREFIX settings applied."""
+    """The family with QUERY_PREFIX / DOCUMENT_PREFIX settings applied (one of blanks
+    only is no prefix: kept as it was, it had matched every text as already prefixed,
+    and every input type lost its prefix)."""
     prefixes = dict(family.prefixes)
     if query_prefix is not None:
-        prefixes["query"] = query_prefix
+        prefixes["query"] = query_prefix if query_prefix.strip() else ""
     if document_prefix is not None:
-        prefixes["document"] = document_prefix
+        prefixes["document"] = document_prefix if document_prefix.strip() else ""
     return Family(family.name, family.pattern, prefixes)
 
 

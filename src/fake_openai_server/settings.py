@@ -196,6 +196,13 @@ class Settings(BaseSettings):
     def _comma_separated(cls, value: object) -> object:
         return _split_csv(value)
 
+    @field_validator("reranker_model")
+    @classmethod
+    def _stripped(cls, value: str) -> str:
+        """Without the blanks around it (a ``.env`` file saved on Windows ends the line
+        with a carriage return, which had become part of the model's id)."""
+        return value.strip()
+
     @field_validator("cors_allow_origins")
     @classmethod
     def _origins(cls, origins: list[str]) -> list[str]:
@@ -213,6 +220,8 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.service_type in ("embeddings", "all") and not self.embeddings_model:
             raise SettingsError("EMBEDDINGS_MODEL is empty: name at least one embedding model")
+        if self.service_type in ("reranker", "all") and not self.reranker_model:
+            raise SettingsError("RERANKER_MODEL is empty: name the reranker model")
         for pair in self.model_aliases:
             if "=" not in pair:
                 raise SettingsError(f"MODEL_ALIASES entry {pair!r} must look like alias=model")
@@ -271,6 +280,18 @@ class Settings(BaseSettings):
         """alias → model, from MODEL_ALIASES."""
         pairs = (pair.split("=", 1) for pair in self.model_aliases)
         return {alias.strip(): model.strip() for alias, model in pairs}
+
+    def served_models(self) -> list[str]:
+        """The ids of the models this server serves."""
+        embeddings = self.embeddings_model if self.serves_embeddings else []
+        return [*embeddings, *([self.reranker_model] if self.serves_rerank else [])]
+
+    def aliases_for_nothing(self) -> dict[str, str]:
+        """MODEL_ALIASES' aliases whose model is none this server serves, by its id or
+        its last path part (they are ignored: a client sending one gets 404)."""
+        names = set(self.served_models())
+        names |= {model.rstrip("/").rsplit("/", 1)[-1] for model in names}
+        return {alias: model for alias, model in self.aliases().items() if model not in names}
 
     def all_api_keys(self) -> list[str]:
         """API_KEYS plus the lines of API_KEYS_FILE (blank lines and # comments skipped;

@@ -83,6 +83,16 @@ def test_contradictory_limits_are_refused_naming_both() -> None:
     assert "MAX_REQUEST_TOKENS=30000" in message
 
 
+def test_the_reranker_model_setting_is_checked() -> None:
+    """An empty RERANKER_MODEL had failed 40 s into loading with an AttributeError; a
+    carriage return from a .env file saved on Windows had become part of the id."""
+    with pytest.raises(ValidationError, match="RERANKER_MODEL is empty"):
+        Settings(service_type="reranker", reranker_model="  ")
+    windows = Settings(reranker_model="cl-nagoya/ruri-v3-reranker-310m\r")
+    assert windows.reranker_model == "cl-nagoya/ruri-v3-reranker-310m"
+    assert Settings(service_type="embeddings", reranker_model="").service_type == "embeddings"
+
+
 def _run_cli(env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
     full = {**os.environ, "HOST": "127.0.0.1", "PORT": str(free_port()), **env}
     return subprocess.run(

@@ -37,10 +37,12 @@ class ModelNames:
         for model_id in self.model_ids:
             self._names[model_id] = model_id
             self._names.setdefault(basename(model_id), model_id)
-        for alias, target in aliases.items():
-            if target in self.model_ids:
-                self._names[alias] = target
-        self.aliases = {a: t for a, t in aliases.items() if t in self.model_ids}
+        # An alias may name its model as clients may (``ruri-large``); one naming a model
+        # of another service (SERVICE_TYPE=all shares the setting) is that one's.
+        self.aliases = {
+            alias: self._names[target] for alias, target in aliases.items() if target in self._names
+        }
+        self._names.update(self.aliases)
 
     @property
     def default(self) -> str:
