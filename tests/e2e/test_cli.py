@@ -123,10 +123,26 @@ def background(
             stderr=missing_log,
         )
         stack.callback(lambda: missing.poll() is None and missing.kill())
+        # Each model where the other belongs: both loaded, then refused (exit 2).
+        swapped = {}
+        for service, setting, model in (
+            ("embeddings", "EMBEDDINGS_MODEL", RERANKER_MODEL),
+            ("reranker", "RERANKER_MODEL", EMBEDDINGS_MODEL),
+        ):
+            swapped_env = {**cli_env, "SERVICE_TYPE": service, setting: model, "WARMUP": "false"}
+            swapped[service] = subprocess.Popen(
+                [sys.executable, "-m", "fake_openai_server"],
+                env=clean_env(**swapped_env, HOST="127.0.0.1", PORT=str(free_port())),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            stack.callback(swapped[service].kill)
         yield {
             "reranker": reranker,
             "factory": factory,
             "missing": (missing, missing_port, logs / "missing.log"),
+            "swapped": swapped,
         }
 
 
@@ -260,6 +276,25 @@ def test_missing_model_exits_with_a_clear_message(background: dict[str, Any]) ->
     assert "sk-misspelt" not in stderr
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+@pytest.mark.parametrize(
+    ("service", "words"),
+    [
+        ("embeddings", ["EMBEDDINGS_MODEL=", "is a reranker", "ForSequenceClassification"]),
+        ("reranker", ["RERANKER_MODEL=", "is not a reranker", "no classification head"]),
+    ],
+)
+def test_a_model_of_the_other_kind_is_refused(
+    background: dict[str, Any], service: str, words: list[str]
+) -> None:
+    """A reranker named as the embedding model, or the other way round, had started and
+    served: vectors of the reranker's body, or scores of a randomly initialised head."""
+    process = background["swapped"][service]
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 2, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert all(word in last for word in words), last
 
 
 def test_help_lists_every_setting() -> None:

@@ -315,6 +315,15 @@ def _max_length(model_max: int | None, requested: int | None) -> int:
     return min(model_max, requested) if requested else model_max
 
 
+# What a reranker's config.json names: a model with a classification head on top.
+_HEAD = "ForSequenceClassification"
+
+
+def _architectures(config: Any) -> list[str]:
+    """The architectures a model's config.json names (none: it names none)."""
+    return [str(arch) for arch in getattr(config, "architectures", None) or ()]
+
+
 class _LoadedModel:
     """What both models share: the model in its precision, its length, the runner."""
 
@@ -386,6 +395,13 @@ class SentenceTransformerModel(_LoadedModel):
         from sentence_transformers import SentenceTransformer
 
         model = SentenceTransformer(name, **_load_common(precision))
+        config = getattr(getattr(model[0], "auto_model", None), "config", None)
+        heads = [arch for arch in _architectures(config) if arch.endswith(_HEAD)]
+        if heads:
+            raise SettingsError(
+                f"EMBEDDINGS_MODEL={name} is a reranker (its config.json names {heads[0]}), "
+                "not an embedding model: serve it as RERANKER_MODEL (SERVICE_TYPE=reranker)"
+            )
         super().__init__(name, model, precision, max_seq_length, graphs)
         dimension = model.get_embedding_dimension()
         self.info = self._info(dimension=int(dimension) if dimension is not None else None)
@@ -406,6 +422,14 @@ class CrossEncoderModel(_LoadedModel):
         from sentence_transformers import CrossEncoder
 
         model = CrossEncoder(name, **_load_common(precision))
+        found = _architectures(model.model.config)
+        if found and not any(arch.endswith(_HEAD) for arch in found):
+            # transformers gives it a head of random weights: scores that mean nothing.
+            raise SettingsError(
+                f"RERANKER_MODEL={name} is not a reranker: its config.json names "
+                f"{', '.join(found)}, which has no classification head. Name a cross-encoder "
+                "(e.g. cl-nagoya/ruri-v3-reranker-310m), or serve this model as EMBEDDINGS_MODEL"
+            )
         super().__init__(name, model, precision, max_seq_length, graphs)
         self._activation: Callable[[torch.Tensor], torch.Tensor] = (
             model.activation_fn or torch.nn.Identity()
