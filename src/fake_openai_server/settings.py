@@ -196,6 +196,12 @@ class Settings(BaseSettings):
     def _comma_separated(cls, value: object) -> object:
         return _split_csv(value)
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: object) -> object:
+        """LOG_LEVEL=DEBUG as Python and uvicorn write it."""
+        return value.lower() if isinstance(value, str) else value
+
     @field_validator("reranker_model")
     @classmethod
     def _stripped(cls, value: str) -> str:

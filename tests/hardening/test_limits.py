@@ -93,6 +93,11 @@ def test_the_reranker_model_setting_is_checked() -> None:
     assert Settings(service_type="embeddings", reranker_model="").service_type == "embeddings"
 
 
+def test_log_level_in_capitals_is_accepted() -> None:
+    """LOG_LEVEL=DEBUG, as Python's logging and uvicorn write it, had been refused."""
+    assert Settings(log_level="DEBUG").log_level == "debug"
+
+
 def _run_cli(env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
     full = {**os.environ, "HOST": "127.0.0.1", "PORT": str(free_port()), **env}
     return subprocess.run(
