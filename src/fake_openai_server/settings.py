@@ -209,6 +209,21 @@ class Settings(BaseSettings):
         with a carriage return, which had become part of the model's id)."""
         return value.strip()
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        """An address alone: a URL or a port in it had failed after start-up as a bare
+        "Name or service not known", naming no setting."""
+        host = value.strip()
+        if "/" in host:
+            raise ValueError(
+                f"{value!r} is not an address: write it without a scheme or a path "
+                "(0.0.0.0 for every interface, 127.0.0.1 for this machine only)"
+            )
+        if host.count(":") == 1:  # IPv6 has more; name:port
+            raise ValueError(f"{value!r} has a port in it: set the port as PORT")
+        return host
+
     @field_validator("cors_allow_origins")
     @classmethod
     def _origins(cls, origins: list[str]) -> list[str]:

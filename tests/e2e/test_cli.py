@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -138,11 +139,58 @@ def background(
                 text=True,
             )
             stack.callback(swapped[service].kill)
+        # DEVICE=cuda where torch sees no GPU: refused before the model loads.
+        no_gpu_env = {**cli_env, "DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": ""}
+        no_gpu = subprocess.Popen(
+            [sys.executable, "-m", "fake_openai_server"],
+            env=clean_env(**no_gpu_env, HOST="127.0.0.1", PORT=str(free_port())),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        stack.callback(no_gpu.kill)
+        # HF_HUB_OFFLINE unset and the Hub out of reach: a port that takes connections and
+        # never answers (a firewall that drops packets), and one that refuses them.
+        silent = stack.enter_context(socket.create_server(("127.0.0.1", 0), backlog=64))
+        online = clean_env(**cli_env, HF_HUB_ETAG_TIMEOUT="2", WARMUP="false", HOST="127.0.0.1")
+        del online["HF_HUB_OFFLINE"]
+        silent_port = free_port()
+        cached = stack.enter_context(
+            run_server_process(
+                [sys.executable, "-m", "fake_openai_server"],
+                silent_port,
+                logs / "hub-silent.log",
+                {
+                    **online,
+                    "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}",
+                    "PORT": str(silent_port),
+                    # Above the model's 512: cut there, with a warning.
+                    "MAX_SEQ_LENGTH": "1024",
+                },
+                wait=False,
+            )
+        )
+        refused = subprocess.Popen(
+            [sys.executable, "-m", "fake_openai_server"],
+            env={
+                **online,
+                "EMBEDDINGS_MODEL": MISSING_MODEL,
+                "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+                "PORT": str(free_port()),
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        stack.callback(refused.kill)
         yield {
             "reranker": reranker,
             "factory": factory,
             "missing": (missing, missing_port, logs / "missing.log"),
             "swapped": swapped,
+            "no_gpu": no_gpu,
+            "hub_silent": cached,
+            "hub_refused": refused,
         }
 
 
@@ -253,6 +301,9 @@ def test_unknown_service_type_is_refused(env: dict[str, str], args: list[str]) -
         ({"DEVICE": "cpu", "DTYPE": "float16"}, ("DEVICE", "DTYPE")),
         ({"DEVICE": "cuda", "DTYPE": "int8"}, ("DEVICE", "DTYPE")),
         ({"PORT": "70000"}, ("PORT",)),
+        # It had failed after start-up as "Name or service not known", naming no setting.
+        ({"HOST": "http://0.0.0.0"}, ("HOST", "without a scheme")),
+        ({"HOST": "0.0.0.0:8081"}, ("HOST", "PORT")),
         ({"DTYPE": "fp8"}, ("DTYPE", "float32")),
     ],
 )
@@ -269,8 +320,12 @@ def test_missing_model_exits_with_a_clear_message(background: dict[str, Any]) ->
     stderr = log_path.read_text()
     assert code == 1, stderr[-2000:]
     last = stderr.strip().splitlines()[-1]
-    assert MISSING_MODEL in last, last
-    assert "could not load" in last, last
+    assert f"could not load EMBEDDINGS_MODEL={MISSING_MODEL}: {MISSING_MODEL} is" in last, last
+    # Where the cache is, why nothing is downloaded, and how to get the model there.
+    for words in ("not in the model cache", "HF_HUB_OFFLINE=1", "fake_openai_server.preload"):
+        assert words in last, last
+    # Said by the server's log and by the command's last line: not a third time.
+    assert stderr.count("not in the model cache") == 2, stderr[-3000:]
     assert "API_KEY is not a setting and is ignored: did you mean API_KEYS?" in stderr
     assert "API keys: none; every route is open" in stderr
     assert "sk-misspelt" not in stderr
@@ -295,6 +350,69 @@ def test_a_model_of_the_other_kind_is_refused(
     assert process.returncode == 2, stderr[-2000:]
     last = stderr.strip().splitlines()[-1]
     assert all(word in last for word in words), last
+
+
+def test_device_cuda_without_a_gpu_is_refused_before_loading(background: dict[str, Any]) -> None:
+    """It had loaded the model first, then failed in torch's words with exit 1."""
+    process = background["no_gpu"]
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 2, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert "invalid setting: DEVICE=cuda, but torch" in last, last
+    assert "no GPU" in last and "DEVICE=auto" in last, last
+    assert "loading embeddings model" not in stderr
+
+
+def test_a_cached_model_loads_at_once_when_the_hub_does_not_answer(
+    background: dict[str, Any],
+) -> None:
+    """HF_HUB_OFFLINE unset (compose's default) on a closed network: huggingface_hub had
+    asked about each file six times, and the start-up took minutes."""
+    server: LiveServer = background["hub_silent"]
+    wait_ready(server.base_url, timeout=240, process=server.process, log_path=server.log_path)
+    log = server.log(200)
+    assert "WARNING fake_openai_server.backends.hub: the Hugging Face Hub (http://127.0.0.1:" in log
+    assert f"cannot be reached (timed out): loading {EMBEDDINGS_MODEL} from the cache" in log
+    assert "Retrying" not in log, log
+    with server.client() as client:
+        reply = client.post("/v1/embeddings", json={"input": "東京"})
+        assert reply.status_code == 200, reply.text
+
+
+def test_max_seq_length_above_the_models_own_is_cut_with_a_warning(
+    background: dict[str, Any],
+) -> None:
+    server: LiveServer = background["hub_silent"]
+    wait_ready(server.base_url, timeout=240, process=server.process, log_path=server.log_path)
+    assert f"MAX_SEQ_LENGTH=1024 is more than {EMBEDDINGS_MODEL} reads" in server.log(200)
+    with server.client() as client:
+        assert client.get("/info").json()["models"][EMBEDDINGS_MODEL]["max_length"] == 512
+
+
+def test_a_missing_model_fails_at_once_when_the_hub_cannot_be_reached(
+    background: dict[str, Any],
+) -> None:
+    process = background["hub_refused"]
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 1, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    for words in (
+        f"could not load EMBEDDINGS_MODEL={MISSING_MODEL}: {MISSING_MODEL} is not in the",
+        "the Hugging Face Hub (http://127.0.0.1:",
+        "cannot be reached to download it",
+        "HTTPS_PROXY",
+    ):
+        assert words in last, last
+    assert "Retrying" not in stderr, stderr[-3000:]
+
+
+def test_no_progress_bar_reaches_a_log(background: dict[str, Any]) -> None:
+    """transformers' bar (carriage returns and escapes) had reached ``docker logs``."""
+    server: LiveServer = background["reranker"]
+    wait_ready(server.base_url, timeout=240, process=server.process, log_path=server.log_path)
+    log = server.log()
+    assert "loading reranker model" in log
+    assert "Loading weights" not in log and "\r" not in log
 
 
 def test_help_lists_every_setting() -> None:

@@ -36,6 +36,11 @@ Task = Literal["embeddings", "rerank"]
 RERANK_COLUMNS = ("logit", "score")
 
 
+class LoadError(Exception):
+    """A model that cannot be loaded, for a reason its message says in full (the server
+    reports the message alone, without the exception's type)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Encoded:
     """One tokenized item: the ids the model will see and whether they were cut."""

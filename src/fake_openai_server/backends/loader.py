@@ -7,9 +7,11 @@ classes; ``open_tokenizer`` runs where texts are tokenized and needs no model.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from fake_openai_server import logs
+from fake_openai_server.backends import hub
 from fake_openai_server.backends.base import Model, ModelInfo, Tokenizer
 from fake_openai_server.settings import Settings
 
@@ -18,12 +20,13 @@ log = logging.getLogger(__name__)
 
 def route_library_logs(settings: Settings) -> None:
     """transformers and huggingface_hub log through handlers of their own: route them
-    through the server's (so LOG_JSON=true gives only JSON lines), and with LOG_JSON
-    turn their progress bars off."""
+    through the server's (so LOG_JSON=true gives only JSON lines). transformers' progress
+    bar (loading the weights, in a split second) is off with LOG_JSON and where no terminal
+    shows it: in ``docker logs`` or a file it is a line of carriage returns and escapes."""
     import transformers.utils.logging as transformers_logging
 
     logs.adopt_library_loggers()
-    if settings.log_json:
+    if settings.log_json or not sys.stderr.isatty():
         transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
@@ -41,6 +44,9 @@ def load_models(settings: Settings, options: dict[str, Any]) -> list[Model]:
     precision = resolve_precision(settings.device, settings.dtype)
     models: list[Model] = []
     names = settings.embeddings_model if settings.serves_embeddings else []
+    cache_only = hub.cache_only(
+        [*names, settings.reranker_model] if settings.serves_rerank else names
+    )
     for name in names:
         log.info(
             "loading embeddings model %s on %s as %s (%s)",
@@ -50,7 +56,9 @@ def load_models(settings: Settings, options: dict[str, Any]) -> list[Model]:
             precision.reason,
         )
         models.append(
-            SentenceTransformerModel(name, precision, settings.max_seq_length, settings.cuda_graphs)
+            SentenceTransformerModel(
+                name, precision, settings.max_seq_length, settings.cuda_graphs, cache_only
+            )
         )
     if settings.serves_rerank:
         name = settings.reranker_model
@@ -62,7 +70,9 @@ def load_models(settings: Settings, options: dict[str, Any]) -> list[Model]:
             precision.reason,
         )
         models.append(
-            CrossEncoderModel(name, precision, settings.max_seq_length, settings.cuda_graphs)
+            CrossEncoderModel(
+                name, precision, settings.max_seq_length, settings.cuda_graphs, cache_only
+            )
         )
     return models
 

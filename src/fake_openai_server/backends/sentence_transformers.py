@@ -85,6 +85,21 @@ def resolve_precision(device: str, dtype: str) -> Precision:
                     torch.__version__,
                     torch.version.cuda,
                 )
+    elif device == "cuda" and not torch.cuda.is_available():
+        # Said before the model loads (it had failed after, in torch's words, exit 1).
+        found = visible_gpu()
+        raise SettingsError(
+            f"DEVICE=cuda, but torch {torch.__version__} (CUDA {torch.version.cuda}) can use "
+            + (
+                f"no GPU: one is present ({found}); is the NVIDIA driver older than it needs?"
+                if found
+                else "no GPU: none was given to this process (docker: --gpus all; compose: "
+                "the service's deploy.resources.reservations.devices)"
+            )
+            + ". DEVICE=auto runs on the CPU instead"
+        )
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise SettingsError("DEVICE=mps, but this machine has no Apple GPU that torch can use")
     if dtype == "float16" and device == "cpu":  # DEVICE=auto found no GPU
         raise SettingsError(
             "DTYPE=float16 needs a GPU, and none was found; on CPU use DTYPE=auto, bfloat16 "
@@ -303,8 +318,8 @@ class _TorchRunner:
         return Done(result)
 
 
-def _load_common(precision: Precision) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"device": precision.device}
+def _load_common(precision: Precision, cache_only: bool) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"device": precision.device, "local_files_only": cache_only}
     if precision.dtype in ("bfloat16", "float16"):
         kwargs["model_kwargs"] = {"dtype": precision.torch_dtype}
     return kwargs
@@ -340,6 +355,13 @@ class _LoadedModel:
         self.model = model
         self.precision = precision
         self.max_length = _max_length(model.max_seq_length, max_seq_length)
+        if max_seq_length is not None and max_seq_length > self.max_length:
+            log.warning(
+                "MAX_SEQ_LENGTH=%d is more than %s reads: its texts are cut at %d tokens",
+                max_seq_length,
+                name,
+                self.max_length,
+            )
         model.max_seq_length = self.max_length
         tokenizer = model.tokenizer
         self.vocab_size = len(tokenizer)
@@ -390,11 +412,16 @@ class SentenceTransformerModel(_LoadedModel):
     task: Task = "embeddings"
 
     def __init__(
-        self, name: str, precision: Precision, max_seq_length: int | None, graphs: bool = False
+        self,
+        name: str,
+        precision: Precision,
+        max_seq_length: int | None,
+        graphs: bool = False,
+        cache_only: bool = False,
     ) -> None:
         from sentence_transformers import SentenceTransformer
 
-        model = SentenceTransformer(name, **_load_common(precision))
+        model = SentenceTransformer(name, **_load_common(precision, cache_only))
         config = getattr(getattr(model[0], "auto_model", None), "config", None)
         heads = [arch for arch in _architectures(config) if arch.endswith(_HEAD)]
         if heads:
@@ -417,11 +444,16 @@ class CrossEncoderModel(_LoadedModel):
     task: Task = "rerank"
 
     def __init__(
-        self, name: str, precision: Precision, max_seq_length: int | None, graphs: bool = False
+        self,
+        name: str,
+        precision: Precision,
+        max_seq_length: int | None,
+        graphs: bool = False,
+        cache_only: bool = False,
     ) -> None:
         from sentence_transformers import CrossEncoder
 
-        model = CrossEncoder(name, **_load_common(precision))
+        model = CrossEncoder(name, **_load_common(precision, cache_only))
         found = _architectures(model.model.config)
         if found and not any(arch.endswith(_HEAD) for arch in found):
             # transformers gives it a head of random weights: scores that mean nothing.

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from fake_openai_server import logs, wire
-from fake_openai_server.backends.base import IdArray, Model, Pending
+from fake_openai_server.backends.base import IdArray, LoadError, Model, Pending
 from fake_openai_server.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -211,8 +211,9 @@ def start(sock: socket.socket) -> list[Model]:
             model.info = replace(model.info, tokenizer_dir=str(folder))
     except Exception as exc:
         setting = isinstance(exc, SettingsError)  # a setting the loaded model contradicts
-        error = str(exc) if setting else f"{type(exc).__name__}: {exc}"
-        log.error("model loading failed: %s", error)
+        plain = setting or isinstance(exc, LoadError)
+        error = str(exc) if plain else f"{type(exc).__name__}: {exc}"
+        # The server logs it (and the command's last line says it again): not here too.
         sock.sendall(wire.json_frame(wire.Kind.FAILED, {"error": error, "setting": setting}))
         raise SystemExit(1) from None
     ready = {

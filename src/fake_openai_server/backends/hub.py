@@ -1,0 +1,109 @@
+"""Where a model's files come from: the Hugging Face cache, and the Hub when it answers.
+
+Loading a model by name, huggingface_hub asks the Hub about each of its files and tries
+every question six times (about 23 s). With the Hub out of reach and ``HF_HUB_OFFLINE``
+unset (no DNS or a firewall on a closed network, compose's default) a model already in
+the cache took six minutes to load, between 65 warnings. So the Hub is asked once first,
+for as long as huggingface_hub itself waits for an answer (``HF_HUB_ETAG_TIMEOUT``,
+10 s): no answer, and the models load from the cache alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+
+from fake_openai_server.backends.base import LoadError
+
+log = logging.getLogger(__name__)
+
+# Where a model missing from a closed network's cache comes from (README: オフライン).
+_HOW_TO_FETCH = (
+    "download it where the Hub can be reached (python -m fake_openai_server.preload, with "
+    "the same settings) and copy that HF_HOME here"
+)
+
+
+def cache_only(names: Sequence[str]) -> bool:
+    """Whether to load ``names`` from the cache alone, never asking the Hub.
+
+    Yes with ``HF_HUB_OFFLINE``, and when the Hub does not answer. Raises ``LoadError``
+    if a model that is not in the cache cannot be downloaded either.
+    """
+    from huggingface_hub import constants
+
+    hub_names, missing = _in_cache(names)
+    if not hub_names:
+        return False  # local folders only: nothing to ask
+    if constants.HF_HUB_OFFLINE:
+        if missing:
+            raise LoadError(
+                f"{missing[0]} is not in the model cache ({constants.HF_HUB_CACHE}), and "
+                f"HF_HUB_OFFLINE=1 forbids downloading it: {_HOW_TO_FETCH}, or unset "
+                "HF_HUB_OFFLINE"
+            )
+        return True
+    silence = unreachable(constants.ENDPOINT, constants.HF_HUB_ETAG_TIMEOUT)
+    if silence is None:
+        return False
+    if missing:
+        raise LoadError(
+            f"{missing[0]} is not in the model cache ({constants.HF_HUB_CACHE}), and the "
+            f"Hugging Face Hub ({constants.ENDPOINT}) cannot be reached to download it "
+            f"({silence}): check the network and HTTPS_PROXY, or {_HOW_TO_FETCH}"
+        )
+    log.warning(
+        "the Hugging Face Hub (%s) cannot be reached (%s): loading %s from the cache "
+        "(%s) without looking for a newer version. Set HF_HUB_OFFLINE=1 to skip this check",
+        constants.ENDPOINT,
+        silence,
+        ", ".join(hub_names),
+        constants.HF_HUB_CACHE,
+    )
+    return True
+
+
+def unreachable(endpoint: str, timeout: float) -> str | None:
+    """Why ``endpoint`` gave no answer within ``timeout`` seconds; None if it answered.
+
+    Any HTTP reply counts as an answer (a mirror may refuse a bare HEAD). The question
+    runs in a thread of its own, as a name lookup is not bounded by the HTTP timeout.
+    """
+    from huggingface_hub import get_session
+
+    outcome: list[str | None] = []
+
+    def ask() -> None:
+        try:
+            get_session().head(endpoint, timeout=timeout)
+        except Exception as exc:  # whatever failed, the Hub did not answer
+            outcome.append(str(exc) or type(exc).__name__)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=ask, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    return outcome[0] if outcome else f"no answer in {timeout:g} s"
+
+
+def _in_cache(names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The Hub names among ``names``, and those of them missing from the cache (a folder,
+    or a path that names none, is no Hub name: sentence-transformers says what is wrong)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    hub_names, missing = [], []
+    for name in names:
+        if os.path.isdir(name):
+            continue
+        try:
+            snapshot_download(name, local_files_only=True)
+        except HFValidationError:
+            continue
+        except LocalEntryNotFoundError:
+            missing.append(name)
+        hub_names.append(name)
+    return hub_names, missing
