@@ -14,14 +14,23 @@ from fake_openai_server.cli import load_settings
 
 
 def main(argv: list[str] | None = None) -> None:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     settings = load_settings(argv)
     names = list(settings.embeddings_model) if settings.serves_embeddings else []
     if settings.serves_rerank:
         names.append(settings.reranker_model)
     for name in names:
-        path = snapshot_download(name)
+        try:
+            path = snapshot_download(name)
+        except Exception as exc:  # one line that says why, not huggingface_hub's traceback
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            print(
+                f"fake-openai-server: could not download {name} from {constants.ENDPOINT} "
+                f"into {constants.HF_HUB_CACHE}: {type(exc).__name__}: {reason}",
+                file=sys.stderr,
+            )
+            raise SystemExit(1) from None
         print(f"{name}: {path}", file=sys.stderr)
 
 

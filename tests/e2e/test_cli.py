@@ -415,6 +415,25 @@ def test_no_progress_bar_reaches_a_log(background: dict[str, Any]) -> None:
     assert "Loading weights" not in log and "\r" not in log
 
 
+def test_preload_that_cannot_download_says_why_in_a_line(tmp_path: Path) -> None:
+    """It had ended in huggingface_hub's traceback."""
+    env = clean_env(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")
+    del env["HF_HUB_OFFLINE"]
+    done = subprocess.run(
+        [sys.executable, "-m", "fake_openai_server.preload"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert f"could not download {EMBEDDINGS_MODEL} from http://127.0.0.1:" in lines[0]
+    assert str(tmp_path / "hf") in lines[0] and "Connection refused" in lines[0]
+
+
 def test_help_lists_every_setting() -> None:
     done = run_entrypoint({}, ["--help"])
     assert done.returncode == 0, done.stderr
