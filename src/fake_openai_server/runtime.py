@@ -122,8 +122,9 @@ class Runtime:
         self.state = "ready"
         for info in models:
             log.info(
-                "ready: %s on %s, dtype %s (%s), max length %d, tokenizer %s, in %.1fs",
+                "ready: %s%s on %s, dtype %s (%s), max length %d, tokenizer %s, in %.1fs",
                 info.name,
+                f" (revision {info.revision})" if info.revision else "",
                 info.device,
                 info.dtype,
                 info.precision_reason,

@@ -374,6 +374,7 @@ def test_a_cached_model_loads_at_once_when_the_hub_does_not_answer(
     assert "WARNING fake_openai_server.backends.hub: the Hugging Face Hub (http://127.0.0.1:" in log
     assert f"cannot be reached (timed out): loading {EMBEDDINGS_MODEL} from the cache" in log
     assert "Retrying" not in log, log
+    assert f"ready: {EMBEDDINGS_MODEL} (revision " in log
     with server.client() as client:
         reply = client.post("/v1/embeddings", json={"input": "東京"})
         assert reply.status_code == 200, reply.text

@@ -145,13 +145,18 @@ def test_repeated_slashes_count_as_one(fake_server: LiveServer) -> None:
     assert "/v1 twice" in str(error["message"])
 
 
-def test_info_publishes_models_and_limits(embeddings_server: LiveServer) -> None:
+def test_info_publishes_models_and_limits(embeddings_server: LiveServer, hf_home: Path) -> None:
     with embeddings_server.client() as client:
         info = client.get("/info").json()
     assert info["service_type"] == "embeddings"
     assert info["state"] == "ready"
     assert isinstance(info["version"], str) and info["version"]
     model = info["models"][EMBEDDINGS_MODEL]
+    # The Hub commit its files are from, as the cache names it (TEI's model_sha too): a
+    # model updated on the Hub serves other vectors under the same name.
+    cached = hf_home / "hub" / f"models--{EMBEDDINGS_MODEL.replace('/', '--')}"
+    commit = (cached / "refs" / "main").read_text().strip()
+    assert model["revision"] == info["model_sha"] == commit
     assert model["dimension"] == 64
     assert model["max_length"] == 512
     assert model["dtype"] == "float32"

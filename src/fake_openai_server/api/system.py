@@ -93,6 +93,7 @@ async def info(request: Request) -> Response:
         "state": rt.readiness()[0],
         "models": {
             name: {
+                "revision": m.revision,
                 "max_length": m.max_length,
                 "dimension": m.dimension,
                 "device": m.device,

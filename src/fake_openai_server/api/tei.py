@@ -212,7 +212,7 @@ def tei_info(rt: Runtime) -> dict[str, Any]:
     info = rt.models.get(first) if first else None
     return {
         "model_id": first,
-        "model_sha": None,
+        "model_sha": info.revision if info else None,
         "model_dtype": info.dtype if info else None,
         "served_model_name": first,
         "model_type": model_type,

@@ -114,6 +114,7 @@ class ModelInfo:
     tokenizer_dir: str = ""  # where the engine saved the tokenizer, for open_tokenizer
     cuda_graphs: int = 0  # batch shapes whose forward pass replays a captured CUDA graph
     padding: Padding = field(default_factory=Padding)
+    revision: str | None = None  # the Hub commit its files are from (None: a local folder)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -65,6 +65,21 @@ def cache_only(names: Sequence[str]) -> bool:
     return True
 
 
+def revision(name: str) -> str | None:
+    """The Hub commit of ``name``'s files in the cache (what was just loaded); None for a
+    folder. A name serves other weights once its repository is updated and the server
+    has asked the Hub, and stored vectors then no longer compare: this says which."""
+    from huggingface_hub.errors import HFValidationError
+
+    if os.path.isdir(name):
+        return None
+    try:
+        folder = _snapshot(name)
+    except HFValidationError:
+        return None
+    return os.path.basename(folder) if folder is not None else None
+
+
 def unreachable(endpoint: str, timeout: float) -> str | None:
     """Why ``endpoint`` gave no answer within ``timeout`` seconds; None if it answered.
 
@@ -92,18 +107,28 @@ def unreachable(endpoint: str, timeout: float) -> str | None:
 def _in_cache(names: Sequence[str]) -> tuple[list[str], list[str]]:
     """The Hub names among ``names``, and those of them missing from the cache (a folder,
     or a path that names none, is no Hub name: sentence-transformers says what is wrong)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError
 
     hub_names, missing = [], []
     for name in names:
         if os.path.isdir(name):
             continue
         try:
-            snapshot_download(name, local_files_only=True)
+            folder = _snapshot(name)
         except HFValidationError:
             continue
-        except LocalEntryNotFoundError:
-            missing.append(name)
         hub_names.append(name)
+        if folder is None:
+            missing.append(name)
     return hub_names, missing
+
+
+def _snapshot(name: str) -> str | None:
+    """The cache's folder of the Hub model ``name`` at its ``main`` (None: not there)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return str(snapshot_download(name, local_files_only=True))
+    except LocalEntryNotFoundError:
+        return None

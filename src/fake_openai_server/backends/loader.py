@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 from typing import Any
 
 from fake_openai_server import logs
@@ -74,6 +75,8 @@ def load_models(settings: Settings, options: dict[str, Any]) -> list[Model]:
                 name, precision, settings.max_seq_length, settings.cuda_graphs, cache_only
             )
         )
+    for model in models:
+        model.info = replace(model.info, revision=hub.revision(model.info.name))
     return models
 
 
