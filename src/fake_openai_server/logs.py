@@ -60,7 +60,8 @@ def configure(level: str, as_json: bool) -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     # Libraries that chatter at INFO about things an operator need not see.
-    for name in ("httpx", "huggingface_hub", "sentence_transformers", "transformers"):
+    # huggingface_hub's client is httpx2, which logs every request (each file of a model).
+    for name in ("httpx", "httpx2", "huggingface_hub", "sentence_transformers", "transformers"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
 
 

@@ -28,6 +28,7 @@ from tests.support.live import (
     run_server_process,
     wait_ready,
 )
+from tests.support.local_hub import local_hub
 
 # Settings the tests' parent environment might carry; a subprocess must not inherit them.
 _SETTING_NAMES = [name.upper() for name in Settings.model_fields]
@@ -183,6 +184,24 @@ def background(
             text=True,
         )
         stack.callback(refused.kill)
+        # A first start: the model comes from the Hub (one here, serving the stand-ins).
+        hub_url, hub_requests = stack.enter_context(local_hub(Path(cli_env["HF_HOME"])))
+        empty_cache = logs / "empty-hf"
+        download_port = free_port()
+        download = stack.enter_context(
+            run_server_process(
+                [sys.executable, "-m", "fake_openai_server"],
+                download_port,
+                logs / "download.log",
+                {
+                    **online,
+                    "HF_HOME": str(empty_cache),
+                    "HF_ENDPOINT": hub_url,
+                    "PORT": str(download_port),
+                },
+                wait=False,
+            )
+        )
         yield {
             "reranker": reranker,
             "factory": factory,
@@ -191,6 +210,7 @@ def background(
             "no_gpu": no_gpu,
             "hub_silent": cached,
             "hub_refused": refused,
+            "download": (download, hub_requests, empty_cache),
         }
 
 
@@ -376,6 +396,28 @@ def test_a_cached_model_loads_at_once_when_the_hub_does_not_answer(
     assert "Retrying" not in log, log
     assert f"ready: {EMBEDDINGS_MODEL} (revision " in log
     with server.client() as client:
+        reply = client.post("/v1/embeddings", json={"input": "東京"})
+        assert reply.status_code == 200, reply.text
+
+
+def test_a_model_missing_from_the_cache_is_downloaded_at_start_up(
+    background: dict[str, Any], cli_env: dict[str, str]
+) -> None:
+    """Every new user's first start, which no test had taken: the Hub here is one on this
+    machine that serves the stand-ins."""
+    server, requests, cache = background["download"]
+    wait_ready(server.base_url, timeout=240, process=server.process, log_path=server.log_path)
+    log = server.log()
+    assert f"{EMBEDDINGS_MODEL} is not in the model cache ({cache / 'hub'}): downloading" in log
+    weights = f"GET /{EMBEDDINGS_MODEL}/resolve/"
+    assert any(r.startswith(weights) and r.endswith("/model.safetensors") for r in requests)
+    # huggingface_hub's HTTP client logs every request at INFO: not in the server's log.
+    assert "HTTP Request:" not in log
+    folder = f"models--{EMBEDDINGS_MODEL.replace('/', '--')}"
+    served = (Path(cli_env["HF_HOME"]) / "hub" / folder / "refs" / "main").read_text().strip()
+    assert (cache / "hub" / folder / "refs" / "main").read_text().strip() == served
+    with server.client() as client:
+        assert client.get("/info").json()["models"][EMBEDDINGS_MODEL]["revision"] == served
         reply = client.post("/v1/embeddings", json={"input": "東京"})
         assert reply.status_code == 200, reply.text
 

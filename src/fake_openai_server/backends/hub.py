@@ -47,6 +47,14 @@ def cache_only(names: Sequence[str]) -> bool:
         return True
     silence = unreachable(constants.ENDPOINT, constants.HF_HUB_ETAG_TIMEOUT)
     if silence is None:
+        for name in missing:
+            log.info(
+                "%s is not in the model cache (%s): downloading it from %s (minutes, the "
+                "first time)",
+                name,
+                constants.HF_HUB_CACHE,
+                constants.ENDPOINT,
+            )
         return False
     if missing:
         raise LoadError(

@@ -21,14 +21,19 @@ log = logging.getLogger(__name__)
 
 def route_library_logs(settings: Settings) -> None:
     """transformers and huggingface_hub log through handlers of their own: route them
-    through the server's (so LOG_JSON=true gives only JSON lines). transformers' progress
-    bar (loading the weights, in a split second) is off with LOG_JSON and where no terminal
-    shows it: in ``docker logs`` or a file it is a line of carriage returns and escapes."""
+    through the server's (so LOG_JSON=true gives only JSON lines). Their progress bars are
+    off with LOG_JSON; where no terminal shows them (``docker logs``, a file), transformers'
+    is off too (loading the weights, in a split second: a line of carriage returns and
+    escapes), and huggingface_hub's stays (a first download's progress, for minutes)."""
     import transformers.utils.logging as transformers_logging
+    from huggingface_hub.utils.tqdm import are_progress_bars_disabled, enable_progress_bars
 
     logs.adopt_library_loggers()
     if settings.log_json or not sys.stderr.isatty():
+        downloads = not are_progress_bars_disabled()
         transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        if downloads and not settings.log_json:
+            enable_progress_bars()  # transformers had turned them off as well
 
 
 def load_models(settings: Settings, options: dict[str, Any]) -> list[Model]:

@@ -1,0 +1,120 @@
+"""A Hugging Face Hub on this machine, serving the models of a local cache.
+
+The real Hub is out of reach here, so the path every new user takes (a model not yet in
+the cache, downloaded at start-up) is tested against this one: ``HF_ENDPOINT`` pointed at
+it, huggingface_hub downloads the stand-ins over HTTP as it would the real weights. It
+answers what huggingface_hub 2.x asks while loading a model: a repository's metadata and
+file tree, and each file's HEAD (its commit and ETag) and GET; anything else is a 404.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import json
+import re
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+_MODEL = r"(?P<repo>[^/]+/[^/]+)"
+_INFO = re.compile(rf"^/api/models/{_MODEL}(?:/revision/[^/]+)?/?$")
+_TREE = re.compile(rf"^/api/models/{_MODEL}/tree/[^/]+(?:/(?P<path>.*))?$")
+_FILE = re.compile(rf"^/{_MODEL}/resolve/[^/]+/(?P<path>.+)$")
+
+
+def _snapshots(hf_home: Path) -> dict[str, Path]:
+    """Each model in ``hf_home``'s cache, by repository id: its snapshot at ``main``."""
+    found = {}
+    for folder in (hf_home / "hub").glob("models--*"):
+        commit = (folder / "refs" / "main").read_text().strip()
+        found[folder.name.removeprefix("models--").replace("--", "/")] = (
+            folder / "snapshots" / commit
+        )
+    return found
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    models: ClassVar[dict[str, Path]]  # set on each server's own subclass
+    requests: ClassVar[list[str]]
+
+    def log_message(self, format: str, *args: object) -> None:
+        self.requests.append(f"{self.command} {self.path}")
+
+    def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
+    def _answer(self, body: bool) -> None:
+        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        if (match := _INFO.match(path)) and (snapshot := self.models.get(match["repo"])):
+            files = [{"rfilename": p.relative_to(snapshot).as_posix()} for p in _files(snapshot)]
+            info = {"id": match["repo"], "sha": snapshot.name, "siblings": files, "tags": []}
+            return self._send(200, json.dumps(info).encode(), body, json_body=True)
+        if (match := _TREE.match(path)) and (snapshot := self.models.get(match["repo"])):
+            folder = snapshot / (match["path"] or "")
+            if not folder.is_dir():
+                return self._send(404, b"{}", body, json_body=True, error="EntryNotFound")
+            entries = [
+                {
+                    "type": "directory" if entry.is_dir() else "file",
+                    "path": entry.relative_to(snapshot).as_posix(),
+                    "oid": "0" * 40,
+                    "size": entry.stat().st_size if entry.is_file() else 0,
+                }
+                for entry in sorted(folder.iterdir())
+            ]
+            return self._send(200, json.dumps(entries).encode(), body, json_body=True)
+        if (match := _FILE.match(path)) and (snapshot := self.models.get(match["repo"])):
+            file = (snapshot / match["path"]).resolve()
+            if not file.is_file() or snapshot.resolve() not in file.parents:
+                return self._send(404, b"", body, error="EntryNotFound", commit=snapshot.name)
+            data = file.read_bytes()
+            etag = f'"{hashlib.sha256(data).hexdigest()}"'
+            return self._send(200, data, body, commit=snapshot.name, etag=etag)
+        return self._send(404, b"{}", body, json_body=True, error="RepoNotFound")
+
+    def _send(
+        self,
+        status: int,
+        data: bytes,
+        body: bool,
+        json_body: bool = False,
+        error: str | None = None,
+        commit: str | None = None,
+        etag: str | None = None,
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json" if json_body else "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (("X-Error-Code", error), ("X-Repo-Commit", commit), ("ETag", etag)):
+            if value is not None:
+                self.send_header(name, value)
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+
+def _files(snapshot: Path) -> list[Path]:
+    return sorted(p for p in snapshot.rglob("*") if p.is_file())
+
+
+@contextlib.contextmanager
+def local_hub(hf_home: Path) -> Iterator[tuple[str, list[str]]]:
+    """A Hub serving ``hf_home``'s models: its URL (for ``HF_ENDPOINT``) and the list of
+    the requests it answers, as they come."""
+    handler = type("Handler", (_Handler,), {"models": _snapshots(hf_home), "requests": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, name="local-hub", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler.requests
+    finally:
+        server.shutdown()
+        server.server_close()
