@@ -458,6 +458,29 @@ def test_no_progress_bar_reaches_a_log(background: dict[str, Any]) -> None:
     assert "Loading weights" not in log and "\r" not in log
 
 
+def test_preload_downloads_the_configured_models(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """The documented offline preparation: every model of SERVICE_TYPE=all, from a Hub
+    (one here, serving the stand-ins) into an empty cache."""
+    cache = tmp_path / "hf"
+    with local_hub(Path(cli_env["HF_HOME"])) as (url, _):
+        env = clean_env(HF_HOME=str(cache), HF_ENDPOINT=url, SERVICE_TYPE="all")
+        del env["HF_HUB_OFFLINE"]
+        done = subprocess.run(
+            [sys.executable, "-m", "fake_openai_server.preload"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr
+    for name in (EMBEDDINGS_MODEL, RERANKER_MODEL):
+        folder = cache / "hub" / f"models--{name.replace('/', '--')}"
+        commit = (folder / "refs" / "main").read_text().strip()
+        assert f"{name}: {folder / 'snapshots' / commit}" in done.stderr
+        assert (folder / "snapshots" / commit / "config.json").is_file()
+
+
 def test_preload_that_cannot_download_says_why_in_a_line(tmp_path: Path) -> None:
     """It had ended in huggingface_hub's traceback."""
     env = clean_env(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")
