@@ -23,7 +23,9 @@ ALLOWED = {
     "engine": {"backends.base"},
     "backends": set(),
     "cli": {"api", "runtime", "backends.base"},
-    "preload": {"cli"},  # an entry point too: it reads the settings as the CLI does
+    # An entry point too: it reads the settings as the CLI does, and asks the Hub as the
+    # engine does before it loads.
+    "preload": {"cli", "backends.hub"},
     "metrics": {"engine.core"},  # the batch report it observes
 }
 TORCH_MODULES = {"backends/sentence_transformers.py"}

@@ -20,7 +20,12 @@ from pydantic import ValidationError
 
 from fake_openai_server import logs, memory
 from fake_openai_server.backends.base import Plugin
-from fake_openai_server.settings import Settings, SettingsError, near_misses
+from fake_openai_server.settings import (
+    Settings,
+    SettingsError,
+    hub_variable_errors,
+    near_misses,
+)
 
 log = logging.getLogger("fake_openai_server")
 
@@ -39,11 +44,17 @@ def settings_error_lines(error: ValidationError) -> list[str]:
 
 def load_settings(argv: list[str] | None) -> Settings:
     try:
-        return Settings(_cli_parse_args=argv if argv is not None else sys.argv[1:])
+        settings = Settings(_cli_parse_args=argv if argv is not None else sys.argv[1:])
     except ValidationError as error:
-        for line in settings_error_lines(error):
-            print(f"fake-openai-server: invalid setting: {line}", file=sys.stderr)
-        raise SystemExit(2) from None
+        lines = settings_error_lines(error)
+    else:
+        lines = []
+    lines += hub_variable_errors(os.environ)
+    for line in lines:
+        print(f"fake-openai-server: invalid setting: {line}", file=sys.stderr)
+    if lines:
+        raise SystemExit(2)
+    return settings
 
 
 class Server(uvicorn.Server):

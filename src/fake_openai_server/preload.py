@@ -9,28 +9,43 @@ one-shot preload.
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 from fake_openai_server.cli import load_settings
+
+
+def fail(name: str, reason: str) -> NoReturn:
+    from huggingface_hub import constants
+
+    print(
+        f"fake-openai-server: could not download {name} from {constants.ENDPOINT} into "
+        f"{constants.HF_HUB_CACHE}: {reason}",
+        file=sys.stderr,
+    )
+    raise SystemExit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
     from huggingface_hub import constants, snapshot_download
 
+    from fake_openai_server.backends.hub import bound_api_calls, unreachable
+
     settings = load_settings(argv)
     names = list(settings.embeddings_model) if settings.serves_embeddings else []
     if settings.serves_rerank:
         names.append(settings.reranker_model)
+    if not constants.HF_HUB_OFFLINE:
+        # Asked once, with a time limit: huggingface_hub's first call has none.
+        silence = unreachable(constants.ENDPOINT, constants.HF_HUB_ETAG_TIMEOUT)
+        if silence is not None:
+            fail(names[0], f"the Hub cannot be reached ({silence})")
+        bound_api_calls()
     for name in names:
         try:
             path = snapshot_download(name)
         except Exception as exc:  # one line that says why, not huggingface_hub's traceback
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            print(
-                f"fake-openai-server: could not download {name} from {constants.ENDPOINT} "
-                f"into {constants.HF_HUB_CACHE}: {type(exc).__name__}: {reason}",
-                file=sys.stderr,
-            )
-            raise SystemExit(1) from None
+            fail(name, f"{type(exc).__name__}: {reason}")
         print(f"{name}: {path}", file=sys.stderr)
 
 

@@ -116,6 +116,9 @@ class Runtime:
         finally:
             if not preparing.done():
                 preparing.cancel()
+            elif not preparing.cancelled():
+                # Seen: had the engine failed first, asyncio would print its traceback too.
+                preparing.exception()
         self._build(models, tokenizers)
         if self.on_ready is not None:
             self.on_ready()  # before /ready says so: no request waits for it

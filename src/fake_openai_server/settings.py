@@ -213,14 +213,20 @@ class Settings(BaseSettings):
     @classmethod
     def _host(cls, value: str) -> str:
         """An address alone: a URL or a port in it had failed after start-up as a bare
-        "Name or service not known", naming no setting."""
+        "Name or service not known", naming no setting. An IPv6 address may come in
+        brackets, as in a URL ([::1]); uvicorn takes it without."""
         host = value.strip()
         if "/" in host:
             raise ValueError(
                 f"{value!r} is not an address: write it without a scheme or a path "
                 "(0.0.0.0 for every interface, 127.0.0.1 for this machine only)"
             )
-        if host.count(":") == 1:  # IPv6 has more; name:port
+        if host.startswith("["):
+            host, _, after = host[1:].partition("]")
+            has_port = bool(after)
+        else:
+            has_port = host.count(":") == 1  # an IPv6 address has more
+        if has_port:
             raise ValueError(f"{value!r} has a port in it: set the port as PORT")
         return host
 
@@ -365,3 +371,17 @@ def near_misses(environ: Mapping[str, str]) -> list[tuple[str, str]]:
         if close:
             found.append((variable, close[0]))
     return found
+
+
+# Hugging Face's own variables that the README names, which huggingface_hub reads with
+# int() when imported: a bad one had failed the start-up with tracebacks of two processes.
+HUB_SECONDS = ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT")
+
+
+def hub_variable_errors(environ: Mapping[str, str]) -> list[str]:
+    """One line per Hugging Face variable of ``environ`` that huggingface_hub cannot read."""
+    return [
+        f"{name}={environ[name]!r}: a whole number of seconds"
+        for name in HUB_SECONDS
+        if name in environ and not environ[name].strip().isdigit()
+    ]

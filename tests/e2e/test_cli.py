@@ -28,7 +28,7 @@ from tests.support.live import (
     run_server_process,
     wait_ready,
 )
-from tests.support.local_hub import local_hub
+from tests.support.local_hub import failing_hub, local_hub
 
 # Settings the tests' parent environment might carry; a subprocess must not inherit them.
 _SETTING_NAMES = [name.upper() for name in Settings.model_fields]
@@ -171,19 +171,20 @@ def background(
                 wait=False,
             )
         )
-        refused = subprocess.Popen(
+        # A mirror that answers 502 to everything: huggingface_hub retries those too.
+        failing = subprocess.Popen(
             [sys.executable, "-m", "fake_openai_server"],
             env={
                 **online,
                 "EMBEDDINGS_MODEL": MISSING_MODEL,
-                "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+                "HF_ENDPOINT": stack.enter_context(failing_hub()),
                 "PORT": str(free_port()),
             },
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
         )
-        stack.callback(refused.kill)
+        stack.callback(failing.kill)
         # A first start: the model comes from the Hub (one here, serving the stand-ins).
         hub_url, hub_requests = stack.enter_context(local_hub(Path(cli_env["HF_HOME"])))
         empty_cache = logs / "empty-hf"
@@ -209,7 +210,7 @@ def background(
             "swapped": swapped,
             "no_gpu": no_gpu,
             "hub_silent": cached,
-            "hub_refused": refused,
+            "hub_failing": failing,
             "download": (download, hub_requests, empty_cache),
         }
 
@@ -324,6 +325,9 @@ def test_unknown_service_type_is_refused(env: dict[str, str], args: list[str]) -
         # It had failed after start-up as "Name or service not known", naming no setting.
         ({"HOST": "http://0.0.0.0"}, ("HOST", "without a scheme")),
         ({"HOST": "0.0.0.0:8081"}, ("HOST", "PORT")),
+        ({"HOST": "[::1]:8081"}, ("HOST", "PORT")),
+        # huggingface_hub reads it with int() on import: it had failed with tracebacks.
+        ({"HF_HUB_ETAG_TIMEOUT": "abc"}, ("HF_HUB_ETAG_TIMEOUT", "whole number of seconds")),
         ({"DTYPE": "fp8"}, ("DTYPE", "float32")),
     ],
 )
@@ -435,14 +439,16 @@ def test_max_seq_length_above_the_models_own_is_cut_with_a_warning(
 def test_a_missing_model_fails_at_once_when_the_hub_cannot_be_reached(
     background: dict[str, Any],
 ) -> None:
-    process = background["hub_refused"]
+    """Here the Hub is a mirror that answers 502: it had counted as an answer, and
+    huggingface_hub had retried each file's question."""
+    process = background["hub_failing"]
     _, stderr = process.communicate(timeout=180)
     assert process.returncode == 1, stderr[-2000:]
     last = stderr.strip().splitlines()[-1]
     for words in (
         f"could not load EMBEDDINGS_MODEL={MISSING_MODEL}: {MISSING_MODEL} is not in the",
         "the Hugging Face Hub (http://127.0.0.1:",
-        "cannot be reached to download it",
+        "cannot be reached to download (HTTP 502)",
         "HTTPS_PROXY",
     ):
         assert words in last, last

@@ -5,7 +5,9 @@ every question six times (about 23 s). With the Hub out of reach and ``HF_HUB_OF
 unset (no DNS or a firewall on a closed network, compose's default) a model already in
 the cache took six minutes to load, between 65 warnings. So the Hub is asked once first,
 for as long as huggingface_hub itself waits for an answer (``HF_HUB_ETAG_TIMEOUT``,
-10 s): no answer, and the models load from the cache alone.
+10 s): no answer (or a proxy's or mirror's error), and the models load from the cache
+alone. When it answers, its API calls (which huggingface_hub sends without a time
+limit) get one: a Hub that stalls stops the start-up with an error, not forever.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from collections.abc import Sequence
 from fake_openai_server.backends.base import LoadError
 
 log = logging.getLogger(__name__)
+
+# The longest wait for one API answer from a Hub that answered the first question.
+API_TIMEOUT = 60.0
 
 # Where a model missing from a closed network's cache comes from (README: オフライン).
 _HOW_TO_FETCH = (
@@ -40,13 +45,14 @@ def cache_only(names: Sequence[str]) -> bool:
     if constants.HF_HUB_OFFLINE:
         if missing:
             raise LoadError(
-                f"{missing[0]} is not in the model cache ({constants.HF_HUB_CACHE}), and "
-                f"HF_HUB_OFFLINE=1 forbids downloading it: {_HOW_TO_FETCH}, or unset "
+                f"{_not_cached(missing)} the model cache ({constants.HF_HUB_CACHE}), and "
+                f"HF_HUB_OFFLINE=1 forbids downloading: {_HOW_TO_FETCH}, or unset "
                 "HF_HUB_OFFLINE"
             )
         return True
     silence = unreachable(constants.ENDPOINT, constants.HF_HUB_ETAG_TIMEOUT)
     if silence is None:
+        bound_api_calls()
         for name in missing:
             log.info(
                 "%s is not in the model cache (%s): downloading it from %s (minutes, the "
@@ -58,8 +64,8 @@ def cache_only(names: Sequence[str]) -> bool:
         return False
     if missing:
         raise LoadError(
-            f"{missing[0]} is not in the model cache ({constants.HF_HUB_CACHE}), and the "
-            f"Hugging Face Hub ({constants.ENDPOINT}) cannot be reached to download it "
+            f"{_not_cached(missing)} the model cache ({constants.HF_HUB_CACHE}), and the "
+            f"Hugging Face Hub ({constants.ENDPOINT}) cannot be reached to download "
             f"({silence}): check the network and HTTPS_PROXY, or {_HOW_TO_FETCH}"
         )
     log.warning(
@@ -91,8 +97,10 @@ def revision(name: str) -> str | None:
 def unreachable(endpoint: str, timeout: float) -> str | None:
     """Why ``endpoint`` gave no answer within ``timeout`` seconds; None if it answered.
 
-    Any HTTP reply counts as an answer (a mirror may refuse a bare HEAD). The question
-    runs in a thread of its own, as a name lookup is not bounded by the HTTP timeout.
+    A reply counts as an answer (a mirror may refuse a bare HEAD with a 4xx), unless it
+    is a server error or a proxy's 407: huggingface_hub retries those just as long.
+    The question runs in a thread of its own, as a name lookup is not bounded by the
+    HTTP timeout.
     """
     from huggingface_hub import get_session
 
@@ -100,16 +108,29 @@ def unreachable(endpoint: str, timeout: float) -> str | None:
 
     def ask() -> None:
         try:
-            get_session().head(endpoint, timeout=timeout)
+            status = get_session().head(endpoint, timeout=timeout).status_code
         except Exception as exc:  # whatever failed, the Hub did not answer
             outcome.append(str(exc) or type(exc).__name__)
         else:
-            outcome.append(None)
+            outcome.append(f"HTTP {status}" if status >= 500 or status == 407 else None)
 
     thread = threading.Thread(target=ask, name="hub-probe", daemon=True)
     thread.start()
     thread.join(timeout + 1.0)
     return outcome[0] if outcome else f"no answer in {timeout:g} s"
+
+
+def bound_api_calls() -> None:
+    """Give huggingface_hub's API calls (a model's metadata and file list, which it sends
+    without a time limit) ``API_TIMEOUT``: its session's default, which its file
+    downloads override with their own."""
+    from huggingface_hub import get_session
+
+    get_session().timeout = API_TIMEOUT
+
+
+def _not_cached(names: Sequence[str]) -> str:
+    return f"{names[0]} is not in" if len(names) == 1 else f"{', '.join(names)} are not in"
 
 
 def _in_cache(names: Sequence[str]) -> tuple[list[str], list[str]]:

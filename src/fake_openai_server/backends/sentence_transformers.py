@@ -55,6 +55,18 @@ def cpu_has_native_bfloat16() -> bool:
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
+def _why_no_gpu() -> str:
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and hidden.strip() in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={hidden!r} hides every GPU from it"
+    if found := visible_gpu():
+        return f"one is present ({found}), so the NVIDIA driver may be older than it needs"
+    return (
+        "none was given to this process (docker: --gpus all; compose: the service's "
+        "deploy.resources.reservations.devices)"
+    )
+
+
 def visible_gpu() -> str | None:
     """What says this process was given an NVIDIA GPU (a container's GPU reservation, a
     device node), whether or not torch can use it."""
@@ -87,16 +99,9 @@ def resolve_precision(device: str, dtype: str) -> Precision:
                 )
     elif device == "cuda" and not torch.cuda.is_available():
         # Said before the model loads (it had failed after, in torch's words, exit 1).
-        found = visible_gpu()
         raise SettingsError(
             f"DEVICE=cuda, but torch {torch.__version__} (CUDA {torch.version.cuda}) can use "
-            + (
-                f"no GPU: one is present ({found}); is the NVIDIA driver older than it needs?"
-                if found
-                else "no GPU: none was given to this process (docker: --gpus all; compose: "
-                "the service's deploy.resources.reservations.devices)"
-            )
-            + ". DEVICE=auto runs on the CPU instead"
+            f"no GPU: {_why_no_gpu()}. DEVICE=auto runs on the CPU instead"
         )
     elif device == "mps" and not torch.backends.mps.is_available():
         raise SettingsError("DEVICE=mps, but this machine has no Apple GPU that torch can use")
@@ -357,7 +362,7 @@ class _LoadedModel:
         self.max_length = _max_length(model.max_seq_length, max_seq_length)
         if max_seq_length is not None and max_seq_length > self.max_length:
             log.warning(
-                "MAX_SEQ_LENGTH=%d is more than %s reads: its texts are cut at %d tokens",
+                "MAX_SEQ_LENGTH=%d is more than %s reads: it reads at most %d tokens",
                 max_seq_length,
                 name,
                 self.max_length,
