@@ -28,18 +28,17 @@ def fail(name: str, reason: str) -> NoReturn:
 def main(argv: list[str] | None = None) -> None:
     from huggingface_hub import constants, snapshot_download
 
-    from fake_openai_server.backends.hub import bound_api_calls, unreachable
+    from fake_openai_server.backends.hub import model_url, unreachable
 
     settings = load_settings(argv)
     names = list(settings.embeddings_model) if settings.serves_embeddings else []
     if settings.serves_rerank:
         names.append(settings.reranker_model)
     if not constants.HF_HUB_OFFLINE:
-        # Asked once, with a time limit: huggingface_hub's first call has none.
-        silence = unreachable(constants.ENDPOINT, constants.HF_HUB_ETAG_TIMEOUT)
+        # Asked once, with a time limit: huggingface_hub's first question has none.
+        silence = unreachable(model_url(names[0]), constants.HF_HUB_ETAG_TIMEOUT)
         if silence is not None:
             fail(names[0], f"the Hub cannot be reached ({silence})")
-        bound_api_calls()
     for name in names:
         try:
             path = snapshot_download(name)

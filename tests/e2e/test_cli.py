@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from tests.support.live import (
     run_server_process,
     wait_ready,
 )
-from tests.support.local_hub import failing_hub, local_hub
+from tests.support.local_hub import broken_hub, local_hub
 
 # Settings the tests' parent environment might carry; a subprocess must not inherit them.
 _SETTING_NAMES = [name.upper() for name in Settings.model_fields]
@@ -150,9 +149,10 @@ def background(
             text=True,
         )
         stack.callback(no_gpu.kill)
-        # HF_HUB_OFFLINE unset and the Hub out of reach: a port that takes connections and
-        # never answers (a firewall that drops packets), and one that refuses them.
-        silent = stack.enter_context(socket.create_server(("127.0.0.1", 0), backlog=64))
+        # HF_HUB_OFFLINE unset and the Hub out of reach: one that answers at its root and
+        # nowhere else (as a firewall that drops packets, but for the root), and one that
+        # answers 502.
+        silent = stack.enter_context(broken_hub(stall=True))
         online = clean_env(**cli_env, HF_HUB_ETAG_TIMEOUT="2", WARMUP="false", HOST="127.0.0.1")
         del online["HF_HUB_OFFLINE"]
         silent_port = free_port()
@@ -163,7 +163,7 @@ def background(
                 logs / "hub-silent.log",
                 {
                     **online,
-                    "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}",
+                    "HF_ENDPOINT": silent,
                     "PORT": str(silent_port),
                     # Above the model's 512: cut there, with a warning.
                     "MAX_SEQ_LENGTH": "1024",
@@ -177,7 +177,7 @@ def background(
             env={
                 **online,
                 "EMBEDDINGS_MODEL": MISSING_MODEL,
-                "HF_ENDPOINT": stack.enter_context(failing_hub()),
+                "HF_ENDPOINT": stack.enter_context(broken_hub()),
                 "PORT": str(free_port()),
             },
             stdout=subprocess.DEVNULL,
@@ -391,7 +391,8 @@ def test_a_cached_model_loads_at_once_when_the_hub_does_not_answer(
     background: dict[str, Any],
 ) -> None:
     """HF_HUB_OFFLINE unset (compose's default) on a closed network: huggingface_hub had
-    asked about each file six times, and the start-up took minutes."""
+    asked about each file six times, and the start-up took minutes. (This Hub answers at
+    its root: a question there had counted as an answer, and the start-up had hung.)"""
     server: LiveServer = background["hub_silent"]
     wait_ready(server.base_url, timeout=240, process=server.process, log_path=server.log_path)
     log = server.log(200)
@@ -487,23 +488,34 @@ def test_preload_downloads_the_configured_models(tmp_path: Path, cli_env: dict[s
         assert (folder / "snapshots" / commit / "config.json").is_file()
 
 
-def test_preload_that_cannot_download_says_why_in_a_line(tmp_path: Path) -> None:
-    """It had ended in huggingface_hub's traceback."""
-    env = clean_env(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")
-    del env["HF_HUB_OFFLINE"]
-    done = subprocess.run(
-        [sys.executable, "-m", "fake_openai_server.preload"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+@pytest.mark.parametrize(
+    ("hub", "why"), [("closed", "Connection refused"), ("stalled", "timed out")]
+)
+def test_preload_that_cannot_download_says_why_in_a_line(
+    tmp_path: Path, hub: str, why: str
+) -> None:
+    """It had ended in huggingface_hub's traceback, or (a Hub that stalls) never."""
+    with contextlib.ExitStack() as stack:
+        url = (
+            stack.enter_context(broken_hub(stall=True))
+            if hub == "stalled"
+            else f"http://127.0.0.1:{free_port()}"  # nothing listens there
+        )
+        env = clean_env(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=url, HF_HUB_ETAG_TIMEOUT="2")
+        del env["HF_HUB_OFFLINE"]
+        done = subprocess.run(
+            [sys.executable, "-m", "fake_openai_server.preload"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert f"could not download {EMBEDDINGS_MODEL} from http://127.0.0.1:" in lines[0]
-    assert str(tmp_path / "hf") in lines[0] and "Connection refused" in lines[0]
+    assert str(tmp_path / "hf") in lines[0] and why in lines[0]
 
 
 def test_help_lists_every_setting() -> None:

@@ -120,14 +120,21 @@ def local_hub(hf_home: Path) -> Iterator[tuple[str, list[str]]]:
         server.server_close()
 
 
-class _Failing(http.server.BaseHTTPRequestHandler):
+class _Broken(http.server.BaseHTTPRequestHandler):
+    """Answers 502 everywhere (a mirror down behind its load balancer), or (``stall``)
+    answers at its root and never elsewhere (a Hub that takes connections and stalls)."""
+
     protocol_version = "HTTP/1.1"
+    stall: ClassVar[threading.Event | None] = None
 
     def log_message(self, format: str, *args: object) -> None:
         pass
 
     def do_GET(self) -> None:
-        self.send_response(502)  # a mirror down behind its load balancer
+        if self.stall is not None and self.path != "/":
+            self.stall.wait()
+            return
+        self.send_response(200 if self.stall is not None else 502)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -135,13 +142,16 @@ class _Failing(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def failing_hub() -> Iterator[str]:
-    """A Hub whose every answer is a 502: its URL."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
-    thread = threading.Thread(target=server.serve_forever, name="failing-hub", daemon=True)
+def broken_hub(stall: bool = False) -> Iterator[str]:
+    """A Hub that answers 502 to everything, or (``stall``) nothing but its root: its URL."""
+    released = threading.Event()
+    handler = type("Handler", (_Broken,), {"stall": released if stall else None})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, name="broken-hub", daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
+        released.set()
         server.shutdown()
         server.server_close()

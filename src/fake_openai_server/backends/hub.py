@@ -5,9 +5,8 @@ every question six times (about 23 s). With the Hub out of reach and ``HF_HUB_OF
 unset (no DNS or a firewall on a closed network, compose's default) a model already in
 the cache took six minutes to load, between 65 warnings. So the Hub is asked once first,
 for as long as huggingface_hub itself waits for an answer (``HF_HUB_ETAG_TIMEOUT``,
-10 s): no answer (or a proxy's or mirror's error), and the models load from the cache
-alone. When it answers, its API calls (which huggingface_hub sends without a time
-limit) get one: a Hub that stalls stops the start-up with an error, not forever.
+10 s), about the first model, as loading does: no answer (or a proxy's or mirror's
+error), and the models load from the cache alone.
 """
 
 from __future__ import annotations
@@ -20,9 +19,6 @@ from collections.abc import Sequence
 from fake_openai_server.backends.base import LoadError
 
 log = logging.getLogger(__name__)
-
-# The longest wait for one API answer from a Hub that answered the first question.
-API_TIMEOUT = 60.0
 
 # Where a model missing from a closed network's cache comes from (README: オフライン).
 _HOW_TO_FETCH = (
@@ -50,9 +46,8 @@ def cache_only(names: Sequence[str]) -> bool:
                 "HF_HUB_OFFLINE"
             )
         return True
-    silence = unreachable(constants.ENDPOINT, constants.HF_HUB_ETAG_TIMEOUT)
+    silence = unreachable(model_url(hub_names[0]), constants.HF_HUB_ETAG_TIMEOUT)
     if silence is None:
-        bound_api_calls()
         for name in missing:
             log.info(
                 "%s is not in the model cache (%s): downloading it from %s (minutes, the "
@@ -94,8 +89,16 @@ def revision(name: str) -> str | None:
     return os.path.basename(folder) if folder is not None else None
 
 
-def unreachable(endpoint: str, timeout: float) -> str | None:
-    """Why ``endpoint`` gave no answer within ``timeout`` seconds; None if it answered.
+def model_url(name: str) -> str:
+    """The Hub's page about model ``name``: what loading it asks first (a Hub may answer
+    at its root and never here, and huggingface_hub waits for this one without limit)."""
+    from huggingface_hub import constants
+
+    return f"{constants.ENDPOINT}/api/models/{name}"
+
+
+def unreachable(url: str, timeout: float) -> str | None:
+    """Why ``url`` gave no answer within ``timeout`` seconds; None if it answered.
 
     A reply counts as an answer (a mirror may refuse a bare HEAD with a 4xx), unless it
     is a server error or a proxy's 407: huggingface_hub retries those just as long.
@@ -108,7 +111,7 @@ def unreachable(endpoint: str, timeout: float) -> str | None:
 
     def ask() -> None:
         try:
-            status = get_session().head(endpoint, timeout=timeout).status_code
+            status = get_session().head(url, timeout=timeout).status_code
         except Exception as exc:  # whatever failed, the Hub did not answer
             outcome.append(str(exc) or type(exc).__name__)
         else:
@@ -118,15 +121,6 @@ def unreachable(endpoint: str, timeout: float) -> str | None:
     thread.start()
     thread.join(timeout + 1.0)
     return outcome[0] if outcome else f"no answer in {timeout:g} s"
-
-
-def bound_api_calls() -> None:
-    """Give huggingface_hub's API calls (a model's metadata and file list, which it sends
-    without a time limit) ``API_TIMEOUT``: its session's default, which its file
-    downloads override with their own."""
-    from huggingface_hub import get_session
-
-    get_session().timeout = API_TIMEOUT
 
 
 def _not_cached(names: Sequence[str]) -> str:
