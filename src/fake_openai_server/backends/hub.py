@@ -100,8 +100,9 @@ def model_url(name: str) -> str:
 def unreachable(url: str, timeout: float) -> str | None:
     """Why ``url`` gave no answer within ``timeout`` seconds; None if it answered.
 
-    A reply counts as an answer (a mirror may refuse a bare HEAD with a 4xx), unless it
-    is a server error or a proxy's 407: huggingface_hub retries those just as long.
+    A reply counts as an answer (a 404 from a mirror without the model, a 401 for a
+    gated one), unless it is a server error or a proxy's 407: huggingface_hub retries
+    those just as long.
     The question runs in a thread of its own, as a name lookup is not bounded by the
     HTTP timeout.
     """
@@ -111,7 +112,8 @@ def unreachable(url: str, timeout: float) -> str | None:
 
     def ask() -> None:
         try:
-            status = get_session().head(url, timeout=timeout).status_code
+            # GET, as huggingface_hub asks: an API need not answer a HEAD.
+            status = get_session().get(url, timeout=timeout).status_code
         except Exception as exc:  # whatever failed, the Hub did not answer
             outcome.append(str(exc) or type(exc).__name__)
         else:
