@@ -465,6 +465,17 @@ def test_no_progress_bar_reaches_a_log(background: dict[str, Any]) -> None:
     assert "Loading weights" not in log and "\r" not in log
 
 
+def run_preload(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fake_openai_server.preload"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def test_preload_downloads_the_configured_models(tmp_path: Path, cli_env: dict[str, str]) -> None:
     """The documented offline preparation: every model of SERVICE_TYPE=all, from a Hub
     (one here, serving the stand-ins) into an empty cache."""
@@ -472,14 +483,7 @@ def test_preload_downloads_the_configured_models(tmp_path: Path, cli_env: dict[s
     with local_hub(Path(cli_env["HF_HOME"])) as (url, _):
         env = clean_env(HF_HOME=str(cache), HF_ENDPOINT=url, SERVICE_TYPE="all")
         del env["HF_HUB_OFFLINE"]
-        done = subprocess.run(
-            [sys.executable, "-m", "fake_openai_server.preload"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        done = run_preload(env)
     assert done.returncode == 0, done.stderr
     for name in (EMBEDDINGS_MODEL, RERANKER_MODEL):
         folder = cache / "hub" / f"models--{name.replace('/', '--')}"
@@ -503,14 +507,7 @@ def test_preload_that_cannot_download_says_why_in_a_line(
         )
         env = clean_env(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=url, HF_HUB_ETAG_TIMEOUT="2")
         del env["HF_HUB_OFFLINE"]
-        done = subprocess.run(
-            [sys.executable, "-m", "fake_openai_server.preload"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        done = run_preload(env)
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
