@@ -117,7 +117,7 @@ class Runtime:
             if not preparing.done():
                 preparing.cancel()
             elif not preparing.cancelled():
-                # Seen: had the engine failed first, asyncio would print its traceback too.
+                # Retrieved, or asyncio prints its traceback when the engine failed first.
                 preparing.exception()
         self._build(models, tokenizers)
         if self.on_ready is not None:
