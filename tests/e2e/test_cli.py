@@ -124,6 +124,29 @@ def background(
             stderr=missing_log,
         )
         stack.callback(lambda: missing.poll() is None and missing.kill())
+        command = [sys.executable, "-m", "fake_openai_server"]
+
+        def exiting(env: dict[str, str]) -> subprocess.Popen[str]:
+            """A CLI that is to stop with an error: its stderr kept for the test."""
+            process = subprocess.Popen(
+                command,
+                env={**env, "PORT": str(free_port())},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            stack.callback(process.kill)
+            return process
+
+        def serving(name: str, env: dict[str, str]) -> LiveServer:
+            """A CLI that is to serve, its output in ``name``.log."""
+            port = free_port()
+            return stack.enter_context(
+                run_server_process(
+                    command, port, logs / f"{name}.log", {**env, "PORT": str(port)}, wait=False
+                )
+            )
+
         # Each model where the other belongs: both loaded, then refused (exit 2).
         swapped = {}
         for service, setting, model in (
@@ -131,77 +154,32 @@ def background(
             ("reranker", "RERANKER_MODEL", EMBEDDINGS_MODEL),
         ):
             swapped_env = {**cli_env, "SERVICE_TYPE": service, setting: model, "WARMUP": "false"}
-            swapped[service] = subprocess.Popen(
-                [sys.executable, "-m", "fake_openai_server"],
-                env=clean_env(**swapped_env, HOST="127.0.0.1", PORT=str(free_port())),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            stack.callback(swapped[service].kill)
+            swapped[service] = exiting(clean_env(**swapped_env, HOST="127.0.0.1"))
         # DEVICE=cuda where torch sees no GPU: refused before the model loads.
         no_gpu_env = {**cli_env, "DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": ""}
-        no_gpu = subprocess.Popen(
-            [sys.executable, "-m", "fake_openai_server"],
-            env=clean_env(**no_gpu_env, HOST="127.0.0.1", PORT=str(free_port())),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        stack.callback(no_gpu.kill)
+        no_gpu = exiting(clean_env(**no_gpu_env, HOST="127.0.0.1"))
         # HF_HUB_OFFLINE unset and the Hub out of reach: one that answers at its root and
         # nowhere else (as a firewall that drops packets, but for the root), and one that
         # answers 502.
-        silent = stack.enter_context(broken_hub(stall=True))
         online = clean_env(**cli_env, HF_HUB_ETAG_TIMEOUT="2", WARMUP="false", HOST="127.0.0.1")
         del online["HF_HUB_OFFLINE"]
-        silent_port = free_port()
-        cached = stack.enter_context(
-            run_server_process(
-                [sys.executable, "-m", "fake_openai_server"],
-                silent_port,
-                logs / "hub-silent.log",
-                {
-                    **online,
-                    "HF_ENDPOINT": silent,
-                    "PORT": str(silent_port),
-                    # Above the model's 512: cut there, with a warning.
-                    "MAX_SEQ_LENGTH": "1024",
-                },
-                wait=False,
-            )
+        cached = serving(
+            "hub-silent",
+            {
+                **online,
+                "HF_ENDPOINT": stack.enter_context(broken_hub(stall=True)),
+                # Above the model's 512: cut there, with a warning.
+                "MAX_SEQ_LENGTH": "1024",
+            },
         )
         # A mirror that answers 502 to everything: huggingface_hub retries those too.
-        failing = subprocess.Popen(
-            [sys.executable, "-m", "fake_openai_server"],
-            env={
-                **online,
-                "EMBEDDINGS_MODEL": MISSING_MODEL,
-                "HF_ENDPOINT": stack.enter_context(broken_hub()),
-                "PORT": str(free_port()),
-            },
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        stack.callback(failing.kill)
+        mirror = stack.enter_context(broken_hub())
+        failing = exiting({**online, "EMBEDDINGS_MODEL": MISSING_MODEL, "HF_ENDPOINT": mirror})
         # A first start: the model comes from the Hub (one here, serving the stand-ins).
         hub_url, hub_requests = stack.enter_context(local_hub(Path(cli_env["HF_HOME"])))
         empty_cache = logs / "empty-hf"
-        download_port = free_port()
-        download = stack.enter_context(
-            run_server_process(
-                [sys.executable, "-m", "fake_openai_server"],
-                download_port,
-                logs / "download.log",
-                {
-                    **online,
-                    "HF_HOME": str(empty_cache),
-                    "HF_ENDPOINT": hub_url,
-                    "PORT": str(download_port),
-                },
-                wait=False,
-            )
+        download = serving(
+            "download", {**online, "HF_HOME": str(empty_cache), "HF_ENDPOINT": hub_url}
         )
         yield {
             "reranker": reranker,

@@ -35,7 +35,9 @@ def cache_only(names: Sequence[str]) -> bool:
     """
     from huggingface_hub import constants
 
-    hub_names, missing = _in_cache(names)
+    found = _cached(names)
+    hub_names = list(found)
+    missing = [name for name, folder in found.items() if folder is None]
     if not hub_names:
         return False  # local folders only: nothing to ask
     if constants.HF_HUB_OFFLINE:
@@ -78,14 +80,7 @@ def revision(name: str) -> str | None:
     """The Hub commit of ``name``'s files in the cache (what was just loaded); None for a
     folder. A name serves other weights once its repository is updated and the server
     has asked the Hub, and stored vectors then no longer compare: this says which."""
-    from huggingface_hub.errors import HFValidationError
-
-    if os.path.isdir(name):
-        return None
-    try:
-        folder = _snapshot(name)
-    except HFValidationError:
-        return None
+    folder = _cached([name]).get(name)
     return os.path.basename(folder) if folder is not None else None
 
 
@@ -129,23 +124,21 @@ def _not_cached(names: Sequence[str]) -> str:
     return f"{names[0]} is not in" if len(names) == 1 else f"{', '.join(names)} are not in"
 
 
-def _in_cache(names: Sequence[str]) -> tuple[list[str], list[str]]:
-    """The Hub names among ``names``, and those of them missing from the cache (a folder,
-    or a path that names none, is no Hub name: sentence-transformers says what is wrong)."""
+def _cached(names: Sequence[str]) -> dict[str, str | None]:
+    """The Hub names among ``names``, each with its folder in the cache (None: not there).
+    A folder, or a path that names none, is no Hub name: sentence-transformers says what
+    is wrong with it."""
     from huggingface_hub.errors import HFValidationError
 
-    hub_names, missing = [], []
+    found: dict[str, str | None] = {}
     for name in names:
         if os.path.isdir(name):
             continue
         try:
-            folder = _snapshot(name)
+            found[name] = _snapshot(name)
         except HFValidationError:
             continue
-        hub_names.append(name)
-        if folder is None:
-            missing.append(name)
-    return hub_names, missing
+    return found
 
 
 def _snapshot(name: str) -> str | None:
