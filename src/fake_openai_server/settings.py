@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         description="Extra names clients may send as `model`, as alias=model pairs "
         "(e.g. text-embedding-3-small=cl-nagoya/ruri-large)",
     )
+    model_revisions: CsvList = Field(
+        default_factory=list,
+        description="The version of a Hugging Face model to load, as model=revision pairs: a "
+        "commit (as /info's models.*.revision gives it), a tag or a branch (e.g. "
+        "cl-nagoya/ruri-large=<commit>; default: the latest, main)",
+    )
 
     # --- network ---------------------------------------------------------------
     host: str = Field("0.0.0.0", description="Address to listen on")
@@ -190,7 +196,12 @@ class Settings(BaseSettings):
     log_json: bool = Field(False, description="Log one JSON object per line")
 
     @field_validator(
-        "embeddings_model", "model_aliases", "api_keys", "cors_allow_origins", mode="before"
+        "embeddings_model",
+        "model_aliases",
+        "model_revisions",
+        "api_keys",
+        "cors_allow_origins",
+        mode="before",
     )
     @classmethod
     def _comma_separated(cls, value: object) -> object:
@@ -252,6 +263,7 @@ class Settings(BaseSettings):
         for pair in self.model_aliases:
             if "=" not in pair:
                 raise SettingsError(f"MODEL_ALIASES entry {pair!r} must look like alias=model")
+        self.revisions()  # each entry checked
         if self.device == "mps" and self.dtype in ("bfloat16", "int8"):
             raise SettingsError(f"DTYPE={self.dtype} is not supported with DEVICE=mps")
         if self.device == "cuda" and self.dtype == "int8":
@@ -307,6 +319,26 @@ class Settings(BaseSettings):
         """alias → model, from MODEL_ALIASES."""
         pairs = (pair.split("=", 1) for pair in self.model_aliases)
         return {alias.strip(): model.strip() for alias, model in pairs}
+
+    def revisions(self) -> dict[str, str]:
+        """model → the revision MODEL_REVISIONS pins it to (SettingsError for an entry that
+        is no pair, or names a model that is not configured: it would pin nothing)."""
+        configured = [*self.embeddings_model, self.reranker_model]
+        pinned = {}
+        for pair in self.model_revisions:
+            model, _, revision = (part.strip() for part in pair.partition("="))
+            if not model or not revision or any(blank.isspace() for blank in revision):
+                raise SettingsError(
+                    f"MODEL_REVISIONS entry {pair!r} must look like model=revision (a commit, "
+                    "tag or branch)"
+                )
+            if model not in configured:
+                raise SettingsError(
+                    f"MODEL_REVISIONS names {model}, which is not a configured model "
+                    f"(EMBEDDINGS_MODEL, RERANKER_MODEL: {', '.join(configured)})"
+                )
+            pinned[model] = revision
+        return pinned
 
     def served_models(self) -> list[str]:
         """The ids of the models this server serves."""

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -91,11 +93,30 @@ def uvicorn_factory(env: dict[str, str], log_path: Path, wait: bool = True) -> I
 
 
 MISSING_MODEL = "nobody/no-such-model"
+# A commit of the embeddings model older than main's, as MODEL_REVISIONS pins it.
+OLDER = "1" * 40
+
+
+@pytest.fixture(scope="session")
+def two_revisions(cli_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An HF_HOME whose embeddings model has a second commit, OLDER, besides main's: one
+    that reads at most 256 tokens (its sentence_bert_config.json), so a server shows in
+    /info which of the two it loaded."""
+    hf_home = tmp_path_factory.mktemp("two-revisions")
+    folder = f"models--{EMBEDDINGS_MODEL.replace('/', '--')}"
+    repository = shutil.copytree(
+        Path(cli_env["HF_HOME"]) / "hub" / folder, hf_home / "hub" / folder
+    )
+    main = (repository / "refs" / "main").read_text().strip()
+    older = shutil.copytree(repository / "snapshots" / main, repository / "snapshots" / OLDER)
+    config = older / "sentence_bert_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "max_seq_length": 256}))
+    return hf_home
 
 
 @pytest.fixture(scope="session")
 def background(
-    cli_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    cli_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory, two_revisions: Path
 ) -> Iterator[dict[str, Any]]:
     """The slow subprocesses of this module, started together so their start-ups overlap:
     the reranker CLI, uvicorn --factory, and a CLI whose model does not exist."""
@@ -181,6 +202,29 @@ def background(
         download = serving(
             "download", {**online, "HF_HOME": str(empty_cache), "HF_ENDPOINT": hub_url}
         )
+        # MODEL_REVISIONS: a first start at an older commit than main's; a start with that
+        # commit in the cache and a Hub that never answers (a commit's files never change:
+        # nothing to ask); a revision missing from an offline cache, and from the Hub.
+        pin = {"MODEL_REVISIONS": f"{EMBEDDINGS_MODEL}={OLDER}"}
+        older_url, older_requests = stack.enter_context(local_hub(two_revisions))
+        pinned_cache = logs / "pinned-hf"
+        pinned = serving(
+            "pinned", {**online, **pin, "HF_HOME": str(pinned_cache), "HF_ENDPOINT": older_url}
+        )
+        pinned_cached = serving(
+            "pinned-cached",
+            {
+                **online,
+                **pin,
+                "HF_HOME": str(shutil.copytree(two_revisions, logs / "pinned-cached-hf")),
+                "HF_ENDPOINT": stack.enter_context(broken_hub(stall=True)),
+            },
+        )
+        pinned_missing = exiting(
+            clean_env(**cli_env, MODEL_REVISIONS=f"{EMBEDDINGS_MODEL}={'2' * 40}")
+        )
+        no_such = f"{EMBEDDINGS_MODEL}=v9"
+        pinned_unknown = exiting({**online, "MODEL_REVISIONS": no_such, "HF_ENDPOINT": older_url})
         yield {
             "reranker": reranker,
             "factory": factory,
@@ -190,6 +234,10 @@ def background(
             "hub_silent": cached,
             "hub_failing": failing,
             "download": (download, hub_requests, empty_cache),
+            "pinned": (pinned, older_requests, pinned_cache),
+            "pinned_cached": pinned_cached,
+            "pinned_missing": pinned_missing,
+            "pinned_unknown": (pinned_unknown, older_url),
         }
 
 
@@ -304,6 +352,9 @@ def test_unknown_service_type_is_refused(env: dict[str, str], args: list[str]) -
         ({"HOST": "http://0.0.0.0"}, ("HOST", "without a scheme")),
         ({"HOST": "0.0.0.0:8081"}, ("HOST", "PORT")),
         ({"HOST": "[::1]:8081"}, ("HOST", "PORT")),
+        # A pin that would pin nothing, and one that is no pair.
+        ({"MODEL_REVISIONS": "nobody/else=v1"}, ("MODEL_REVISIONS", "not a configured model")),
+        ({"MODEL_REVISIONS": EMBEDDINGS_MODEL}, ("MODEL_REVISIONS", "model=revision")),
         # huggingface_hub reads it with int() on import: it had failed with tracebacks.
         ({"HF_HUB_ETAG_TIMEOUT": "abc"}, ("HF_HUB_ETAG_TIMEOUT", "whole number of seconds")),
         ({"DTYPE": "fp8"}, ("DTYPE", "float32")),
@@ -405,6 +456,55 @@ def test_a_model_missing_from_the_cache_is_downloaded_at_start_up(
         assert reply.status_code == 200, reply.text
 
 
+def test_model_revisions_loads_the_pinned_commit_not_main(background: dict[str, Any]) -> None:
+    """A model's repository moves on (main), and the vectors in a vector DB were made by
+    one commit of it: MODEL_REVISIONS keeps serving that one."""
+    server, requests, cache = background["pinned"]
+    wait_ready(server.base_url, timeout=240, process=server.process, log_path=server.log_path)
+    log = server.log()
+    assert f"{EMBEDDINGS_MODEL} (revision {OLDER}) is not in the model cache" in log
+    assert f"loading embeddings model {EMBEDDINGS_MODEL} (revision {OLDER}) on" in log
+    assert f"ready: {EMBEDDINGS_MODEL} (revision {OLDER})" in log
+    weights = [r for r in requests if r.endswith("/model.safetensors")]
+    assert weights and all(f"/resolve/{OLDER}/" in r for r in weights), weights
+    folder = cache / "hub" / f"models--{EMBEDDINGS_MODEL.replace('/', '--')}"
+    assert [p.name for p in (folder / "snapshots").iterdir()] == [OLDER]
+    with server.client() as client:
+        model = client.get("/info").json()["models"][EMBEDDINGS_MODEL]
+        assert (model["revision"], model["max_length"]) == (OLDER, 256)  # main's reads 512
+        reply = client.post("/v1/embeddings", json={"input": "東京"})
+        assert reply.status_code == 200, reply.text
+
+
+def test_a_pinned_commit_in_the_cache_needs_no_hub(background: dict[str, Any]) -> None:
+    """HF_HUB_OFFLINE unset and a Hub that never answers: a commit in the cache is loaded
+    without asking it (nor waiting for it), where main would be asked about."""
+    server: LiveServer = background["pinned_cached"]
+    wait_ready(server.base_url, timeout=240, process=server.process, log_path=server.log_path)
+    log = server.log()
+    assert "cannot be reached" not in log and "WARNING" not in log, log
+    with server.client() as client:
+        model = client.get("/info").json()["models"][EMBEDDINGS_MODEL]
+        assert (model["revision"], model["max_length"]) == (OLDER, 256)
+
+
+def test_a_pinned_revision_that_is_nowhere_is_named(background: dict[str, Any]) -> None:
+    """Offline, not in the cache: the message names the revision, not the model alone
+    (main is there). On the Hub, no such revision: not huggingface_hub's bare
+    "404 Client Error", but the setting and what to put there."""
+    process = background["pinned_missing"]
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 1, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert f"{EMBEDDINGS_MODEL} (revision {'2' * 40}) is not in the model cache" in last, last
+    process, url = background["pinned_unknown"]
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 1, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert f"MODEL_REVISIONS pins {EMBEDDINGS_MODEL} to v9, which {url} does not have" in last
+    assert "404 Client Error" not in stderr, stderr[-2000:]
+
+
 def test_max_seq_length_above_the_models_own_is_cut_with_a_warning(
     background: dict[str, Any],
 ) -> None:
@@ -491,6 +591,32 @@ def test_preload_that_cannot_download_says_why_in_a_line(
     assert len(lines) == 1, done.stderr
     assert f"could not download {EMBEDDINGS_MODEL} from http://127.0.0.1:" in lines[0]
     assert str(tmp_path / "hf") in lines[0] and why in lines[0]
+
+
+def test_preload_fetches_the_pinned_commit_and_then_needs_no_hub(
+    tmp_path: Path, two_revisions: Path
+) -> None:
+    cache = tmp_path / "hf"
+    pin = f"{EMBEDDINGS_MODEL}={OLDER}"
+    with local_hub(two_revisions) as (url, _):
+        env = clean_env(HF_HOME=str(cache), HF_ENDPOINT=url, MODEL_REVISIONS=pin)
+        del env["HF_HUB_OFFLINE"]
+        done = run_preload(env)
+    assert done.returncode == 0, done.stderr
+    snapshot = cache / "hub" / f"models--{EMBEDDINGS_MODEL.replace('/', '--')}" / "snapshots"
+    assert f"{EMBEDDINGS_MODEL}: {snapshot / OLDER}" in done.stderr
+    assert [p.name for p in snapshot.iterdir()] == [OLDER]
+    # Again with the Hub gone: the commit is there, so there is nothing to ask.
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
+    again = run_preload(env)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.strip() == f"{EMBEDDINGS_MODEL}: {snapshot / OLDER}"
+    # main, which may have moved, cannot be checked: said, and that the cache still serves.
+    del env["MODEL_REVISIONS"]
+    unpinned = run_preload({**env, "HF_HOME": str(two_revisions)})
+    assert unpinned.returncode == 1, unpinned.stderr
+    assert "the Hub cannot be reached" in unpinned.stderr
+    assert f"the server can start from the copy in the cache ({two_revisions}" in unpinned.stderr
 
 
 def test_help_lists_every_setting() -> None:

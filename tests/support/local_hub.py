@@ -4,7 +4,8 @@ The real Hub is out of reach here, so the path every new user takes (a model not
 the cache, downloaded at start-up) is tested against this one: ``HF_ENDPOINT`` pointed at
 it, huggingface_hub downloads the stand-ins over HTTP as it would the real weights. It
 answers what huggingface_hub 2.x asks while loading a model: a repository's metadata and
-file tree, and each file's HEAD (its commit and ETag) and GET; anything else is a 404.
+file tree, and each file's HEAD (its commit and ETag) and GET, at ``main`` or at any
+branch, tag or commit the cache holds; anything else is a 404.
 """
 
 from __future__ import annotations
@@ -21,20 +22,28 @@ from pathlib import Path
 from typing import ClassVar
 
 _MODEL = r"(?P<repo>[^/]+/[^/]+)"
-_INFO = re.compile(rf"^/api/models/{_MODEL}(?:/revision/[^/]+)?/?$")
-_TREE = re.compile(rf"^/api/models/{_MODEL}/tree/[^/]+(?:/(?P<path>.*))?$")
-_FILE = re.compile(rf"^/{_MODEL}/resolve/[^/]+/(?P<path>.+)$")
+_REVISION = r"(?P<revision>[^/]+)"
+_INFO = re.compile(rf"^/api/models/{_MODEL}(?:/revision/{_REVISION})?/?$")
+_TREE = re.compile(rf"^/api/models/{_MODEL}/tree/{_REVISION}(?:/(?P<path>.*))?$")
+_FILE = re.compile(rf"^/{_MODEL}/resolve/{_REVISION}/(?P<path>.+)$")
 
 
-def _snapshots(hf_home: Path) -> dict[str, Path]:
-    """Each model in ``hf_home``'s cache, by repository id: its snapshot at ``main``."""
-    found = {}
-    for folder in (hf_home / "hub").glob("models--*"):
-        commit = (folder / "refs" / "main").read_text().strip()
-        found[folder.name.removeprefix("models--").replace("--", "/")] = (
-            folder / "snapshots" / commit
-        )
-    return found
+def _repositories(hf_home: Path) -> dict[str, Path]:
+    """Each model in ``hf_home``'s cache, by repository id: its folder there."""
+    return {
+        folder.name.removeprefix("models--").replace("--", "/"): folder
+        for folder in (hf_home / "hub").glob("models--*")
+    }
+
+
+def _snapshot(repository: Path, revision: str | None) -> Path | None:
+    """``repository``'s snapshot at ``revision`` (a commit, or a branch or tag in its
+    ``refs``; default ``main``), None if the cache has none."""
+    revision = revision or "main"
+    ref = repository / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = repository / "snapshots" / commit
+    return snapshot if snapshot.is_dir() else None
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -53,11 +62,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _answer(self, body: bool) -> None:
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-        if (match := _INFO.match(path)) and (snapshot := self.models.get(match["repo"])):
+        match = _INFO.match(path) or _TREE.match(path) or _FILE.match(path)
+        if match is None or match["repo"] not in self.models:
+            return self._send(404, b"{}", body, json_body=True, error="RepoNotFound")
+        snapshot = _snapshot(self.models[match["repo"]], match["revision"])
+        if snapshot is None:
+            return self._send(404, b"{}", body, json_body=True, error="RevisionNotFound")
+        if match.re is _INFO:
             files = [{"rfilename": p.relative_to(snapshot).as_posix()} for p in _files(snapshot)]
             info = {"id": match["repo"], "sha": snapshot.name, "siblings": files, "tags": []}
             return self._send(200, json.dumps(info).encode(), body, json_body=True)
-        if (match := _TREE.match(path)) and (snapshot := self.models.get(match["repo"])):
+        if match.re is _TREE:
             folder = snapshot / (match["path"] or "")
             if not folder.is_dir():
                 return self._send(404, b"{}", body, json_body=True, error="EntryNotFound")
@@ -71,14 +86,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 for entry in sorted(folder.iterdir())
             ]
             return self._send(200, json.dumps(entries).encode(), body, json_body=True)
-        if (match := _FILE.match(path)) and (snapshot := self.models.get(match["repo"])):
-            file = (snapshot / match["path"]).resolve()
-            if not file.is_file() or snapshot.resolve() not in file.parents:
-                return self._send(404, b"", body, error="EntryNotFound", commit=snapshot.name)
-            data = file.read_bytes()
-            etag = f'"{hashlib.sha256(data).hexdigest()}"'
-            return self._send(200, data, body, commit=snapshot.name, etag=etag)
-        return self._send(404, b"{}", body, json_body=True, error="RepoNotFound")
+        file = (snapshot / match["path"]).resolve()
+        if not file.is_file() or snapshot.resolve() not in file.parents:
+            return self._send(404, b"", body, error="EntryNotFound", commit=snapshot.name)
+        data = file.read_bytes()
+        etag = f'"{hashlib.sha256(data).hexdigest()}"'
+        return self._send(200, data, body, commit=snapshot.name, etag=etag)
 
     def _send(
         self,
@@ -109,7 +122,7 @@ def _files(snapshot: Path) -> list[Path]:
 def local_hub(hf_home: Path) -> Iterator[tuple[str, list[str]]]:
     """A Hub serving ``hf_home``'s models: its URL (for ``HF_ENDPOINT``) and the list of
     the requests it answers, as they come."""
-    handler = type("Handler", (_Handler,), {"models": _snapshots(hf_home), "requests": []})
+    handler = type("Handler", (_Handler,), {"models": _repositories(hf_home), "requests": []})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, name="local-hub", daemon=True)
     thread.start()

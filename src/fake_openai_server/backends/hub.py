@@ -6,15 +6,19 @@ unset (no DNS or a firewall on a closed network, compose's default) a model alre
 the cache took six minutes to load, between 65 warnings. So the Hub is asked once first,
 for as long as huggingface_hub itself waits for an answer (``HF_HUB_ETAG_TIMEOUT``,
 10 s), about the first model, as loading does: no answer (or a proxy's or mirror's
-error), and the models load from the cache alone.
+error), and the models load from the cache alone. A model pinned to a commit
+(``MODEL_REVISIONS``) that is in the cache needs no question at all: a commit's files
+never change.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from urllib.parse import quote
 
 from fake_openai_server.backends.base import LoadError
 
@@ -27,17 +31,19 @@ _HOW_TO_FETCH = (
 )
 
 
-def cache_only(names: Sequence[str]) -> bool:
-    """Whether to load ``names`` from the cache alone, never asking the Hub.
+def cache_only(names: Sequence[str], revisions: Mapping[str, str]) -> bool:
+    """Whether to load ``names`` (at their pinned ``revisions``, else the latest) from the
+    cache alone, never asking the Hub.
 
-    Yes with ``HF_HUB_OFFLINE``, and when the Hub does not answer. Raises ``LoadError``
-    if a model that is not in the cache cannot be downloaded either.
+    Yes with ``HF_HUB_OFFLINE``; when every model is pinned to a commit that is in the
+    cache (its files never change); and when the Hub does not answer. Raises
+    ``LoadError`` if a model that is not in the cache cannot be downloaded either.
     """
     from huggingface_hub import constants
 
-    found = _cached(names)
+    found = _cached(names, revisions)
     hub_names = list(found)
-    missing = [name for name, folder in found.items() if folder is None]
+    missing = [pinned_name(name, revisions) for name, folder in found.items() if folder is None]
     if not hub_names:
         return False  # local folders only: nothing to ask
     if constants.HF_HUB_OFFLINE:
@@ -48,13 +54,16 @@ def cache_only(names: Sequence[str]) -> bool:
                 "HF_HUB_OFFLINE"
             )
         return True
-    silence = unreachable(model_url(hub_names[0]), constants.HF_HUB_ETAG_TIMEOUT)
+    if not missing and all(is_commit(revisions.get(name)) for name in hub_names):
+        return True
+    first = hub_names[0]
+    silence = unreachable(model_url(first, revisions.get(first)), constants.HF_HUB_ETAG_TIMEOUT)
     if silence is None:
-        for name in missing:
+        for version in missing:
             log.info(
                 "%s is not in the model cache (%s): downloading it from %s (minutes, the "
                 "first time)",
-                name,
+                version,
                 constants.HF_HUB_CACHE,
                 constants.ENDPOINT,
             )
@@ -70,26 +79,52 @@ def cache_only(names: Sequence[str]) -> bool:
         "(%s) without looking for a newer version. Set HF_HUB_OFFLINE=1 to skip this check",
         constants.ENDPOINT,
         silence,
-        ", ".join(hub_names),
+        ", ".join(pinned_name(name, revisions) for name in hub_names),
         constants.HF_HUB_CACHE,
     )
     return True
 
 
-def revision(name: str) -> str | None:
-    """The Hub commit of ``name``'s files in the cache (what was just loaded); None for a
-    folder. A name serves other weights once its repository is updated and the server
-    has asked the Hub, and stored vectors then no longer compare: this says which."""
-    folder = _cached([name]).get(name)
-    return os.path.basename(folder) if folder is not None else None
+def revision(name: str, pinned: str | None = None) -> str | None:
+    """The Hub commit of ``name``'s files in the cache (what was just loaded), at its
+    ``pinned`` revision if any; None for a folder. A name serves other weights once its
+    repository is updated and the server has asked the Hub, and stored vectors then no
+    longer compare: this says which."""
+    found = cached_folder(name, pinned)
+    return os.path.basename(found) if found is not None else None
 
 
-def model_url(name: str) -> str:
-    """The Hub's page about model ``name``: what loading it asks first (a Hub may answer
-    at its root and never here, and huggingface_hub waits for this one without limit)."""
+def cached_folder(name: str, pinned: str | None = None) -> str | None:
+    """The cache's folder of the Hub model ``name`` at its ``pinned`` revision, else at
+    ``main``; None if it is not there, or ``name`` is no Hub name."""
+    return _cached([name], {name: pinned} if pinned else {}).get(name)
+
+
+def no_such_revision(name: str, revision: str | None) -> str:
+    """What to say when the Hub has no ``revision`` of ``name``."""
     from huggingface_hub import constants
 
-    return f"{constants.ENDPOINT}/api/models/{name}"
+    return (
+        f"MODEL_REVISIONS pins {name} to {revision}, which {constants.ENDPOINT} does not "
+        f"have: name one of its commits (GET /info gives the one loaded, as "
+        "models.*.revision), tags or branches"
+    )
+
+
+def is_commit(revision: str | None) -> bool:
+    """Whether ``revision`` names a commit (40 hexadecimal digits), whose files never
+    change, rather than a branch or tag, which may move."""
+    return revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision) is not None
+
+
+def model_url(name: str, revision: str | None = None) -> str:
+    """The Hub's page about model ``name`` (at ``revision``): what loading it asks first
+    (a Hub may answer at its root and never here, and huggingface_hub waits for this one
+    without limit)."""
+    from huggingface_hub import constants
+
+    url = f"{constants.ENDPOINT}/api/models/{name}"
+    return f"{url}/revision/{quote(revision, safe='')}" if revision else url
 
 
 def unreachable(url: str, timeout: float) -> str | None:
@@ -124,8 +159,15 @@ def _not_cached(names: Sequence[str]) -> str:
     return f"{names[0]} is not in" if len(names) == 1 else f"{', '.join(names)} are not in"
 
 
-def _cached(names: Sequence[str]) -> dict[str, str | None]:
-    """The Hub names among ``names``, each with its folder in the cache (None: not there).
+def pinned_name(name: str, revisions: Mapping[str, str]) -> str:
+    """``name``, and the revision MODEL_REVISIONS pins it to if any: how the log names
+    it."""
+    return f"{name} (revision {revisions[name]})" if name in revisions else name
+
+
+def _cached(names: Sequence[str], revisions: Mapping[str, str]) -> dict[str, str | None]:
+    """The Hub names among ``names``, each with its folder in the cache at its pinned
+    revision, else at ``main`` (None: not there).
     A folder, or a path that names none, is no Hub name: sentence-transformers says what
     is wrong with it."""
     from huggingface_hub.errors import HFValidationError
@@ -135,18 +177,19 @@ def _cached(names: Sequence[str]) -> dict[str, str | None]:
         if os.path.isdir(name):
             continue
         try:
-            found[name] = _snapshot(name)
+            found[name] = _snapshot(name, revisions.get(name))
         except HFValidationError:
             continue
     return found
 
 
-def _snapshot(name: str) -> str | None:
-    """The cache's folder of the Hub model ``name`` at its ``main`` (None: not there)."""
+def _snapshot(name: str, revision: str | None) -> str | None:
+    """The cache's folder of the Hub model ``name`` at ``revision``, else at ``main``
+    (None: not there)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return str(snapshot_download(name, local_files_only=True))
+        return str(snapshot_download(name, revision=revision, local_files_only=True))
     except LocalEntryNotFoundError:
         return None

@@ -50,38 +50,50 @@ def load_models(settings: Settings, options: dict[str, Any]) -> list[Model]:
     precision = resolve_precision(settings.device, settings.dtype)
     models: list[Model] = []
     names = settings.embeddings_model if settings.serves_embeddings else []
+    revisions = settings.revisions()
     cache_only = hub.cache_only(
-        [*names, settings.reranker_model] if settings.serves_rerank else names
+        [*names, settings.reranker_model] if settings.serves_rerank else names, revisions
     )
     for name in names:
         log.info(
             "loading embeddings model %s on %s as %s (%s)",
-            name,
+            hub.pinned_name(name, revisions),
             precision.device,
             precision.dtype,
             precision.reason,
         )
         models.append(
             SentenceTransformerModel(
-                name, precision, settings.max_seq_length, settings.cuda_graphs, cache_only
+                name,
+                precision,
+                settings.max_seq_length,
+                settings.cuda_graphs,
+                cache_only,
+                revisions.get(name),
             )
         )
     if settings.serves_rerank:
         name = settings.reranker_model
         log.info(
             "loading reranker model %s on %s as %s (%s)",
-            name,
+            hub.pinned_name(name, revisions),
             precision.device,
             precision.dtype,
             precision.reason,
         )
         models.append(
             CrossEncoderModel(
-                name, precision, settings.max_seq_length, settings.cuda_graphs, cache_only
+                name,
+                precision,
+                settings.max_seq_length,
+                settings.cuda_graphs,
+                cache_only,
+                revisions.get(name),
             )
         )
     for model in models:
-        model.info = replace(model.info, revision=hub.revision(model.info.name))
+        name = model.info.name
+        model.info = replace(model.info, revision=hub.revision(name, revisions.get(name)))
     return models
 
 

@@ -14,15 +14,17 @@ import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from fake_openai_server.backends import hub
 from fake_openai_server.backends.base import (
     Done,
     FloatArray,
     IdArray,
+    LoadError,
     ModelInfo,
     Padding,
     Pending,
@@ -31,6 +33,8 @@ from fake_openai_server.backends.base import (
 from fake_openai_server.settings import SettingsError
 
 log = logging.getLogger(__name__)
+
+_Loaded = TypeVar("_Loaded")
 
 
 @dataclass(frozen=True)
@@ -323,11 +327,28 @@ class _TorchRunner:
         return Done(result)
 
 
-def _load_common(precision: Precision, cache_only: bool) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"device": precision.device, "local_files_only": cache_only}
+def _from_hub(
+    load: Callable[..., _Loaded],
+    name: str,
+    precision: Precision,
+    cache_only: bool,
+    revision: str | None,
+) -> _Loaded:
+    """``load(name)`` (a sentence-transformers class) onto the device in its precision, at
+    ``revision`` if one is pinned."""
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    kwargs: dict[str, Any] = {
+        "device": precision.device,
+        "local_files_only": cache_only,
+        "revision": revision,
+    }
     if precision.dtype in ("bfloat16", "float16"):
         kwargs["model_kwargs"] = {"dtype": precision.torch_dtype}
-    return kwargs
+    try:
+        return load(name, **kwargs)
+    except RevisionNotFoundError:
+        raise LoadError(hub.no_such_revision(name, revision)) from None
 
 
 def _max_length(model_max: int | None, requested: int | None) -> int:
@@ -423,10 +444,11 @@ class SentenceTransformerModel(_LoadedModel):
         max_seq_length: int | None,
         graphs: bool = False,
         cache_only: bool = False,
+        revision: str | None = None,
     ) -> None:
         from sentence_transformers import SentenceTransformer
 
-        model = SentenceTransformer(name, **_load_common(precision, cache_only))
+        model = _from_hub(SentenceTransformer, name, precision, cache_only, revision)
         config = getattr(getattr(model[0], "auto_model", None), "config", None)
         heads = [arch for arch in _architectures(config) if arch.endswith(_HEAD)]
         if heads:
@@ -455,10 +477,11 @@ class CrossEncoderModel(_LoadedModel):
         max_seq_length: int | None,
         graphs: bool = False,
         cache_only: bool = False,
+        revision: str | None = None,
     ) -> None:
         from sentence_transformers import CrossEncoder
 
-        model = CrossEncoder(name, **_load_common(precision, cache_only))
+        model = _from_hub(CrossEncoder, name, precision, cache_only, revision)
         found = _architectures(model.model.config)
         if found and not any(arch.endswith(_HEAD) for arch in found):
             # transformers gives it a head of random weights: scores that mean nothing.
