@@ -223,6 +223,12 @@ def background(
         pinned_missing = exiting(
             clean_env(**cli_env, MODEL_REVISIONS=f"{EMBEDDINGS_MODEL}={'2' * 40}")
         )
+        # A copy cut short (the weights never arrived), offline.
+        cut_short = shutil.copytree(two_revisions, logs / "cut-short-hf")
+        repository = cut_short / "hub" / f"models--{EMBEDDINGS_MODEL.replace('/', '--')}"
+        main = (repository / "refs" / "main").read_text().strip()
+        (repository / "snapshots" / main / "model.safetensors").unlink()
+        incomplete = exiting(clean_env(**{**cli_env, "HF_HOME": str(cut_short)}))
         no_such = f"{EMBEDDINGS_MODEL}=v9"
         pinned_unknown = exiting({**online, "MODEL_REVISIONS": no_such, "HF_ENDPOINT": older_url})
         yield {
@@ -238,6 +244,7 @@ def background(
             "pinned_cached": pinned_cached,
             "pinned_missing": pinned_missing,
             "pinned_unknown": (pinned_unknown, older_url),
+            "incomplete": (incomplete, repository / "snapshots" / main),
         }
 
 
@@ -503,6 +510,20 @@ def test_a_pinned_revision_that_is_nowhere_is_named(background: dict[str, Any]) 
     last = stderr.strip().splitlines()[-1]
     assert f"MODEL_REVISIONS pins {EMBEDDINGS_MODEL} to v9, which {url} does not have" in last
     assert "404 Client Error" not in stderr, stderr[-2000:]
+
+
+def test_a_copy_cut_short_in_the_cache_is_named_with_what_to_do(
+    background: dict[str, Any],
+) -> None:
+    """A first download interrupted, then started offline: transformers' own words
+    ("does not appear to have a file named ...") named neither the cache nor a remedy."""
+    process, snapshot = background["incomplete"]
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 1, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert f"{EMBEDDINGS_MODEL}'s copy in the model cache ({snapshot}) cannot be loaded" in last
+    assert "model.safetensors" in last and "HF_HUB_OFFLINE unset" in last, last
+    assert "Traceback" not in stderr, stderr[-3000:]
 
 
 def test_max_seq_length_above_the_models_own_is_cut_with_a_warning(

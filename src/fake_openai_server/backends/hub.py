@@ -111,6 +111,18 @@ def no_such_revision(name: str, revision: str | None) -> str:
     )
 
 
+def unreadable_copy(name: str, folder: str, error: OSError) -> str:
+    """What to say when ``name``'s copy in the cache, ``folder``, fails to load (a
+    download that was cut short leaves a copy without its weights)."""
+    why = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+    return (
+        f"{name}'s copy in the model cache ({folder}) cannot be loaded ({why}): if its "
+        "download was cut short, start once where the Hugging Face Hub can be reached "
+        "(HF_HUB_OFFLINE unset) to complete it, or run python -m "
+        "fake_openai_server.preload there"
+    )
+
+
 def is_commit(revision: str | None) -> bool:
     """Whether ``revision`` names a commit (40 hexadecimal digits), whose files never
     change, rather than a branch or tag, which may move."""

@@ -349,6 +349,11 @@ def _from_hub(
         return load(name, **kwargs)
     except RevisionNotFoundError:
         raise LoadError(hub.no_such_revision(name, revision)) from None
+    except OSError as exc:
+        folder = hub.cached_folder(name, revision) if cache_only else None
+        if folder is None:
+            raise
+        raise LoadError(hub.unreadable_copy(name, folder, exc)) from None
 
 
 def _max_length(model_max: int | None, requested: int | None) -> int:
