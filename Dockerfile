@@ -7,6 +7,7 @@
 # Build:   docker build -t fake-openai-server .
 # Options: --build-arg BASE_IMAGE=...        base image (Debian bookworm family)
 #          --build-arg PRELOAD_MODELS=all    bake models into the image (embeddings|reranker|all)
+#          --build-arg MODEL_REVISIONS=...   the versions to bake and load (model=commit,...)
 #          --build-arg APP_UID=$(id -u)      uid of the runtime user (owner of the /data volume)
 #          --secret id=ca,src=corp-ca.pem    corporate CA for TLS-intercepting proxies; used
 #                                            only while downloading, never stored in a layer
@@ -144,6 +145,10 @@ WORKDIR /home/app
 # *named* volume on first use, but a bind mount (./volumes:/data) hides them, so
 # use a named volume or no volume with a preloaded image.
 ARG PRELOAD_MODELS=
+# The versions to bake, and then to load, as the setting MODEL_REVISIONS (model=commit
+# pairs; empty = the latest, main): a runtime MODEL_REVISIONS replaces it.
+ARG MODEL_REVISIONS=
+ENV MODEL_REVISIONS=${MODEL_REVISIONS}
 RUN --mount=type=secret,id=ca,required=false,mode=0444 \
     set -eu; \
     if [ -n "${PRELOAD_MODELS}" ]; then \
