@@ -48,52 +48,33 @@ def load_models(settings: Settings, options: dict[str, Any]) -> list[Model]:
     route_library_logs(settings)
     configure_threads(settings.cpu_threads)
     precision = resolve_precision(settings.device, settings.dtype)
-    models: list[Model] = []
-    names = settings.embeddings_model if settings.serves_embeddings else []
-    revisions = settings.revisions()
-    cache_only = hub.cache_only(
-        [*names, settings.reranker_model] if settings.serves_rerank else names, revisions
-    )
-    for name in names:
-        log.info(
-            "loading embeddings model %s on %s as %s (%s)",
-            hub.pinned_name(name, revisions),
-            precision.device,
-            precision.dtype,
-            precision.reason,
-        )
-        models.append(
-            SentenceTransformerModel(
-                name,
-                precision,
-                settings.max_seq_length,
-                settings.cuda_graphs,
-                cache_only,
-                revisions.get(name),
-            )
-        )
+    wanted: list[tuple[str, type[SentenceTransformerModel | CrossEncoderModel]]] = []
+    if settings.serves_embeddings:
+        wanted += [(name, SentenceTransformerModel) for name in settings.embeddings_model]
     if settings.serves_rerank:
-        name = settings.reranker_model
+        wanted.append((settings.reranker_model, CrossEncoderModel))
+    revisions = settings.revisions()
+    cache_only = hub.cache_only([name for name, _ in wanted], revisions)
+    models: list[Model] = []
+    for name, kind in wanted:
         log.info(
-            "loading reranker model %s on %s as %s (%s)",
+            "loading %s model %s on %s as %s (%s)",
+            "embeddings" if kind is SentenceTransformerModel else "reranker",
             hub.pinned_name(name, revisions),
             precision.device,
             precision.dtype,
             precision.reason,
         )
-        models.append(
-            CrossEncoderModel(
-                name,
-                precision,
-                settings.max_seq_length,
-                settings.cuda_graphs,
-                cache_only,
-                revisions.get(name),
-            )
+        model = kind(
+            name,
+            precision,
+            settings.max_seq_length,
+            settings.cuda_graphs,
+            cache_only,
+            revisions.get(name),
         )
-    for model in models:
-        name = model.info.name
         model.info = replace(model.info, revision=hub.revision(name, revisions.get(name)))
+        models.append(model)
     return models
 
 

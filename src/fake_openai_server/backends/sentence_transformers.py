@@ -377,8 +377,15 @@ class _LoadedModel:
     info: ModelInfo
 
     def __init__(
-        self, name: str, model: Any, precision: Precision, max_seq_length: int | None, graphs: bool
+        self,
+        name: str,
+        precision: Precision,
+        max_seq_length: int | None,
+        graphs: bool = False,
+        cache_only: bool = False,
+        revision: str | None = None,
     ) -> None:
+        model = _from_hub(self._open, name, precision, cache_only, revision)
         if precision.dtype == "int8":
             _quantize_int8(model)
         model.eval()
@@ -405,22 +412,29 @@ class _LoadedModel:
             graphs=graphs,
             vocab_size=self.vocab_size,
         )
-
-    def _forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _info(self, **extra: Any) -> ModelInfo:
-        return ModelInfo(
-            name=self.name,
+        self.info = ModelInfo(
+            name=name,
             task=self.task,
             max_length=self.max_length,
             vocab_size=self.vocab_size,
-            dtype=self.precision.dtype,
-            device=self.precision.device,
-            precision_reason=self.precision.reason,
+            dtype=precision.dtype,
+            device=precision.device,
+            precision_reason=precision.reason,
             padding=self._runner.padding,
-            **extra,
+            dimension=self._dimension(),
         )
+
+    def _open(self, name: str, **kwargs: Any) -> Any:
+        """The sentence-transformers model ``name``, loaded with ``kwargs``; a
+        ``SettingsError`` if it is a model of the other kind."""
+        raise NotImplementedError
+
+    def _dimension(self) -> int | None:
+        """The length of the vectors it gives (None: it gives scores)."""
+        return None
+
+    def _forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
 
     def export_tokenizer(self, folder: str) -> None:
         self.model.tokenizer.save_pretrained(folder)
@@ -442,18 +456,10 @@ class SentenceTransformerModel(_LoadedModel):
 
     task: Task = "embeddings"
 
-    def __init__(
-        self,
-        name: str,
-        precision: Precision,
-        max_seq_length: int | None,
-        graphs: bool = False,
-        cache_only: bool = False,
-        revision: str | None = None,
-    ) -> None:
+    def _open(self, name: str, **kwargs: Any) -> Any:
         from sentence_transformers import SentenceTransformer
 
-        model = _from_hub(SentenceTransformer, name, precision, cache_only, revision)
+        model = SentenceTransformer(name, **kwargs)
         config = getattr(getattr(model[0], "auto_model", None), "config", None)
         heads = [arch for arch in _architectures(config) if arch.endswith(_HEAD)]
         if heads:
@@ -461,9 +467,11 @@ class SentenceTransformerModel(_LoadedModel):
                 f"EMBEDDINGS_MODEL={name} is a reranker (its config.json names {heads[0]}), "
                 "not an embedding model: serve it as RERANKER_MODEL (SERVICE_TYPE=reranker)"
             )
-        super().__init__(name, model, precision, max_seq_length, graphs)
-        dimension = model.get_embedding_dimension()
-        self.info = self._info(dimension=int(dimension) if dimension is not None else None)
+        return model
+
+    def _dimension(self) -> int | None:
+        dimension = self.model.get_embedding_dimension()
+        return int(dimension) if dimension is not None else None
 
     def _forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         out: torch.Tensor = self.model(features)["sentence_embedding"]
@@ -475,18 +483,10 @@ class CrossEncoderModel(_LoadedModel):
 
     task: Task = "rerank"
 
-    def __init__(
-        self,
-        name: str,
-        precision: Precision,
-        max_seq_length: int | None,
-        graphs: bool = False,
-        cache_only: bool = False,
-        revision: str | None = None,
-    ) -> None:
+    def _open(self, name: str, **kwargs: Any) -> Any:
         from sentence_transformers import CrossEncoder
 
-        model = _from_hub(CrossEncoder, name, precision, cache_only, revision)
+        model = CrossEncoder(name, **kwargs)
         found = _architectures(model.model.config)
         if found and not any(arch.endswith(_HEAD) for arch in found):
             # transformers gives it a head of random weights: scores that mean nothing.
@@ -495,11 +495,10 @@ class CrossEncoderModel(_LoadedModel):
                 f"{', '.join(found)}, which has no classification head. Name a cross-encoder "
                 "(e.g. cl-nagoya/ruri-v3-reranker-310m), or serve this model as EMBEDDINGS_MODEL"
             )
-        super().__init__(name, model, precision, max_seq_length, graphs)
         self._activation: Callable[[torch.Tensor], torch.Tensor] = (
             model.activation_fn or torch.nn.Identity()
         )
-        self.info = self._info()
+        return model
 
     def _forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         logits: torch.Tensor = self.model(features)["scores"]
