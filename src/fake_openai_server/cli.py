@@ -168,7 +168,19 @@ def serve(settings: Settings, plugin: Plugin | None = None) -> None:
         settings.host,
         settings.effective_port,
     )
-    server.run()
+    try:
+        server.run()
+    except SystemExit:
+        if not server.started and not server.lifespan.should_exit:
+            # The app started and the socket could not be opened: uvicorn's line above
+            # says why ("address already in use", "Name or service not known").
+            print(
+                f"fake-openai-server: could not listen on {settings.host}:"
+                f"{settings.effective_port} (the error above): another program may hold "
+                "the port (PORT), or HOST is no address of this machine",
+                file=sys.stderr,
+            )
+        raise
     # Not runtime.state: the lifespan's shutdown has moved it on to "stopping" by now.
     failure = runtime.failure
     if failure is not None and runtime.misconfigured:

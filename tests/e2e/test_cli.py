@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -371,6 +372,25 @@ def test_contradictory_or_invalid_settings_are_refused(
     env: dict[str, str], names: tuple[str, ...]
 ) -> None:
     assert_refused(run_entrypoint(env), *names)
+
+
+@pytest.mark.parametrize("cause", ["port taken", "no such host"])
+def test_a_server_that_cannot_listen_says_which_setting_to_look_at(
+    cli_env: dict[str, str], cause: str
+) -> None:
+    """Exit 3, as documented; uvicorn's own line ("[Errno -2] Name or service not known")
+    had been the last, naming neither HOST nor PORT."""
+    with contextlib.closing(socket.socket()) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        host, port = "127.0.0.1", holder.getsockname()[1]
+        if cause == "no such host":
+            host, port = "no-such-host.invalid", free_port()
+        done = run_entrypoint({**cli_env, "HOST": host, "PORT": str(port), "WARMUP": "false"})
+    assert done.returncode == 3, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert f"fake-openai-server: could not listen on {host}:{port}" in last, last
+    assert "PORT" in last and "HOST" in last, last
 
 
 def test_missing_model_exits_with_a_clear_message(background: dict[str, Any]) -> None:
