@@ -185,6 +185,56 @@ def test_langchain_openai_embeddings(embeddings_server: LiveServer) -> None:
     np.testing.assert_allclose(np.float32(query), expected[0], atol=1e-5)
 
 
+# --- Azure OpenAI: the openai SDK's AzureOpenAI, LangChain's AzureOpenAIEmbeddings ---------
+
+
+def test_azure_openai_sdk(embeddings_server: LiveServer) -> None:
+    """Code written for Azure OpenAI, pointed here: the deployment in the path is the
+    model (the body's ``model`` is the SDK caller's, e.g. an OpenAI model's name)."""
+    recorder = Recorder()
+    client = openai.AzureOpenAI(
+        azure_endpoint=embeddings_server.base_url,
+        api_key="unused",
+        api_version="2024-10-21",
+        max_retries=0,
+        http_client=httpx.Client(event_hooks={"request": [recorder]}),  # type: ignore[arg-type]
+    )
+    expected = float_vectors(embeddings_server, TEXTS)
+    reply = client.embeddings.create(model="ruri-large", input=TEXTS)  # base64, its default
+    assert recorder.paths == ["/openai/deployments/ruri-large/embeddings"]
+    got = np.asarray([d.embedding for d in reply.data], dtype=np.float32)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert reply.usage.prompt_tokens == reply.usage.total_tokens > len(TEXTS)
+    deployed = openai.AzureOpenAI(
+        azure_endpoint=embeddings_server.base_url,
+        azure_deployment=EMBEDDINGS_MODEL,
+        api_key="unused",
+        api_version="2024-10-21",
+        max_retries=0,
+    )
+    one = deployed.embeddings.create(
+        model="text-embedding-3-small", input=TEXTS[1], encoding_format="float"
+    )
+    np.testing.assert_allclose(np.float32(one.data[0].embedding), expected[1], atol=1e-5)
+    with pytest.raises(openai.NotFoundError, match="'no-such-deployment' does not exist"):
+        client.embeddings.create(model="no-such-deployment", input=TEXTS[0])
+
+
+def test_langchain_azure_openai_embeddings(embeddings_server: LiveServer) -> None:
+    langchain_openai = pytest.importorskip("langchain_openai")
+    embeddings = langchain_openai.AzureOpenAIEmbeddings(
+        azure_endpoint=embeddings_server.base_url,
+        azure_deployment="ruri-large",
+        api_key="unused",
+        api_version="2024-10-21",
+        check_embedding_ctx_length=False,
+        max_retries=0,
+    )
+    expected = float_vectors(embeddings_server, TEXTS)
+    np.testing.assert_allclose(np.float32(embeddings.embed_documents(TEXTS)), expected, atol=1e-5)
+    np.testing.assert_allclose(np.float32(embeddings.embed_query(TEXTS[0])), expected[0], atol=1e-5)
+
+
 # --- cohere SDK ----------------------------------------------------------------------------
 
 

@@ -29,6 +29,8 @@ ENV_KEYS = ("sk-env-one", "sk-env-two")
 FILE_KEYS = ("sk-file-three", "sk-file-four")
 EMBED = {"input": "鍵のテスト"}
 RANK = {"query": "鍵", "documents": ["鍵のテスト", "別"]}
+# Azure OpenAI's path, its deployment a model served.
+AZURE = "/openai/deployments/ruri-large/embeddings"
 # A valid body for each route of the other APIs (the rest take EMBED or RANK).
 BODIES: dict[str, dict[str, Any]] = {
     "/v1/embeddings": EMBED,
@@ -42,6 +44,7 @@ BODIES: dict[str, dict[str, Any]] = {
     "/api/show": {"model": "ruri-large"},
     "/v1/embed": {"texts": ["鍵のテスト"]},
     "/v2/embed": {"texts": ["鍵のテスト"], "input_type": "search_query"},
+    AZURE: EMBED,
 }
 
 
@@ -55,7 +58,8 @@ def _routes() -> list[tuple[str, str]]:
             for method in getattr(route, "methods", ()):
                 if method != "HEAD":
                     found.add((method, getattr(route, "path", "")))
-    return sorted(found)
+    # A parameter in a path (Azure's deployment) filled in, as a client fills it.
+    return sorted((method, re.sub(r"\{[^}]+\}", "ruri-large", path)) for method, path in found)
 
 
 ROUTES = _routes()
@@ -71,10 +75,19 @@ class Reply:
         return cast(dict[str, Any], json.loads(self.text))
 
 
-def _call(server: LiveServer, method: str, path: str, authorization: str | None) -> Reply:
-    """http.client, not httpx: it sends header values as given ('Bearer ' with its space)."""
+def _call(
+    server: LiveServer,
+    method: str,
+    path: str,
+    authorization: str | None,
+    api_key: str | None = None,
+) -> Reply:
+    """http.client, not httpx: it sends header values as given ('Bearer ' with its space).
+    ``api_key``: Azure OpenAI's header, sent as well if given."""
     host, port = server.address
     headers = {} if authorization is None else {"Authorization": authorization}
+    if api_key is not None:
+        headers["api-key"] = api_key
     body = None
     if method == "POST":
         body = json.dumps(BODIES.get(path, RANK)).encode()
@@ -113,7 +126,7 @@ def test_the_route_list_is_complete() -> None:
     assert {"/v2/rerank", "/v1/models", "/models", "/info", "/metrics", "/openapi.json"} <= paths
     assert {"/", "/embed", "/tokenize", "/decode", "/info/quantization"} <= paths
     assert {"/api/embed", "/api/embeddings", "/api/tags", "/api/version", "/api/show"} <= paths
-    assert {"/api/rerank", "/v1/embed", "/v2/embed"} <= paths
+    assert {"/api/rerank", "/v1/embed", "/v2/embed", AZURE} <= paths
     assert paths >= PUBLIC
 
 
@@ -162,6 +175,22 @@ def test_every_route_needs_a_right_key(keyed: LiveServer, method: str, path: str
         for authorization in (f"Bearer {key}", f"bearer {key}", f"BEARER  {key} "):
             reply = _call(keyed, method, path, authorization)
             assert reply.status_code == 200, (authorization, reply.text[:300])
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", AZURE, "/v1/rerank", "/info"])
+def test_azure_openai_clients_send_their_key_as_api_key(keyed: LiveServer, path: str) -> None:
+    """The openai SDK's AzureOpenAI and LangChain's AzureOpenAIEmbeddings send
+    ``api-key: <key>`` and no Authorization: the key counts there too, on every route."""
+    method = "GET" if path == "/info" else "POST"
+    for key in ENV_KEYS + FILE_KEYS:
+        assert _call(keyed, method, path, None, api_key=key).status_code == 200, key
+        assert _call(keyed, method, path, "", api_key=f" {key} ").status_code == 200, key
+    for wrong in ("", "wrong", f"Bearer {ENV_KEYS[0]}", ENV_KEYS[0][:-1], "# team keys"):
+        reply = _call(keyed, method, path, None, api_key=wrong)
+        assert reply.status_code == 401, wrong
+        assert "'api-key: <key>'" in reply.json()["error"]["message"]
+    # A wrong key in Authorization is not mended by a right one in api-key.
+    assert _call(keyed, method, path, "Bearer wrong", api_key=ENV_KEYS[0]).status_code == 401
 
 
 def test_head_needs_the_key_as_get_does_and_options_needs_none(keyed: LiveServer) -> None:

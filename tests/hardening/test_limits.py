@@ -164,6 +164,9 @@ def test_metrics_cover_requests_latency_queue_batches_and_inference(server: Live
         assert client.post("/v2/rerank", json={"query": "q", "documents": ["a"]}).status_code == 200
         assert client.post("/v1/embeddings", json={"input": ""}).status_code == 400
         assert client.get("/nowhere").status_code == 404
+        azure = "/openai/deployments/{}/embeddings"
+        assert client.post(azure.format("ruri-large"), json={"input": "東京"}).status_code == 200
+        assert client.post(azure.format("a/b"), json={"input": "東京"}).status_code == 404
     samples = _samples(server.base_url)
 
     def value(name: str, **labels: str) -> float:
@@ -173,6 +176,10 @@ def test_metrics_cover_requests_latency_queue_batches_and_inference(server: Live
     assert value("fos_requests_total", route="/v1/embeddings", status="400") >= 1
     assert value("fos_requests_total", route="/v2/rerank", status="200") >= 1
     assert value("fos_requests_total", route="other", status="404") >= 1  # no label per path
+    # Nor per Azure deployment: the route's template.
+    azure = "/openai/deployments/{deployment:path}/embeddings"
+    assert value("fos_requests_total", route=azure, status="200") == 1
+    assert value("fos_requests_total", route=azure, status="404") == 1
     assert value("fos_request_seconds_count", route="/v1/embeddings") >= 2
     assert "fos_request_seconds_bucket" in samples
     assert value("fos_requests_in_progress", route="/metrics") == 1  # this very scrape

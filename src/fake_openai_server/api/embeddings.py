@@ -2,7 +2,8 @@
 
 The same route serves Voyage AI's client (it posts to ``{base_url}/embeddings`` with
 ``output_dtype``, ``output_dimension``, ``truncation``) and Jina's (``embedding_type``,
-``task``, ``normalized``).
+``task``, ``normalized``); Azure OpenAI's path (``/openai/deployments/{deployment}/
+embeddings``) reaches it too.
 """
 
 from __future__ import annotations
@@ -57,3 +58,18 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
     model = body.model or service.names.default
     content = embeddings_body(vectors, encoding_format, model, result.prompt_tokens)
     return Response(content, media_type="application/json")
+
+
+@router.post(
+    "/openai/deployments/{deployment:path}/embeddings",
+    response_model=EmbeddingsResponse,
+    responses=ERROR_RESPONSES,
+    summary="Create embeddings (Azure OpenAI-compatible: the deployment is the model)",
+)
+async def create_azure_embeddings(
+    deployment: str, body: EmbeddingsRequest, request: Request
+) -> Response:
+    """Azure OpenAI's form of the same call (the openai SDK's ``AzureOpenAI``, LangChain's
+    ``AzureOpenAIEmbeddings``): the deployment in the path names the model, whatever the
+    body's ``model`` says, as on Azure; ``api-version`` is not looked at."""
+    return await create_embeddings(body.model_copy(update={"model": deployment}), request)

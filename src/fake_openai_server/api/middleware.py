@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Match
+from starlette.routing import BaseRoute, Match, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fake_openai_server.api.errors import (
@@ -100,6 +100,9 @@ class RequestLog:
         self.app = app
         self.metrics = metrics
         self.routes = frozenset(routes)
+        # Routes with a parameter in their path (Azure's deployment): labelled by their
+        # template, so that no client can add series by naming new deployments.
+        self.templates = [(compile_path(path)[0], path) for path in self.routes if "{" in path]
         # Each series looked up once, on first use (prometheus_client checks the labels
         # on every .labels() call: a dozen function calls per request).
         self._by_route: dict[str, tuple[Gauge, Histogram]] = {}  # in progress, latency
@@ -119,6 +122,9 @@ class RequestLog:
             self._by_status[route, status] = counter
         counter.inc()
 
+    def _template(self, path: str) -> str:
+        return next((route for regex, route in self.templates if regex.match(path)), "other")
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -127,7 +133,7 @@ class RequestLog:
         sent_id = _header(scope, b"x-request-id")
         request_id = sent_id if sent_id and _REQUEST_ID.match(sent_id) else os.urandom(16).hex()
         path = route_path(scope)
-        route = path if path in self.routes else "other"
+        route = path if path in self.routes else self._template(path)
         status = 500
 
         async def send_with_id(message: Message) -> None:
@@ -219,6 +225,15 @@ def _merge_slashes(scope: Scope) -> Scope:
     return {**scope, "path": merged}
 
 
+def _presented_key(scope: Scope) -> str:
+    """The key in ``Authorization: Bearer <key>``, else in ``api-key: <key>`` (Azure
+    OpenAI's header, which its clients send instead); '' when neither has one."""
+    return (
+        _bearer_token(_header(scope, b"authorization"))
+        or (_header(scope, b"api-key") or "").strip()
+    )
+
+
 def _bearer_token(authorization: str | None) -> str:
     """The key in ``Authorization: Bearer <key>``; '' when absent or empty."""
     if not authorization:
@@ -240,7 +255,7 @@ class ApiKeys:
     def _authorized(self, scope: Scope) -> bool:
         if not self.keys or route_path(scope) in PUBLIC_PATHS:
             return True
-        token = _bearer_token(_header(scope, b"authorization")).encode()
+        token = _presented_key(scope).encode()
         # Compare against every key, always, so timing says nothing about which matched.
         matches = [hmac.compare_digest(token, key) for key in self.keys]
         return any(matches)
@@ -250,7 +265,9 @@ class ApiKeys:
             await self.app(scope, receive, send)
             return
         error = ServiceError(
-            ErrorKind.UNAUTHORIZED, "Missing or wrong API key: send 'Authorization: Bearer <key>'."
+            ErrorKind.UNAUTHORIZED,
+            "Missing or wrong API key: send 'Authorization: Bearer <key>' (or, as Azure "
+            "OpenAI clients do, 'api-key: <key>').",
         )
         await _reply(error, scope, receive, send)
 

@@ -31,7 +31,8 @@ KEY_RESPONSES: dict[int | str, dict[str, Any]] = {401: ERROR_RESPONSES[401]}
 def document_truthfully(app: FastAPI, keys_required: bool, public_paths: frozenset[str]) -> None:
     """Drop the 422 FastAPI documents for every route with a body: this server answers
     400 in the OpenAI error envelope instead (``api/errors.py``). When API keys are set,
-    document the bearer scheme on every route that needs one (all but ``public_paths``)."""
+    document the bearer scheme, or Azure OpenAI's ``api-key`` header, on every route that
+    needs one (all but ``public_paths``)."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -42,10 +43,11 @@ def document_truthfully(app: FastAPI, keys_required: bool, public_paths: frozens
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)
                 if keys_required and path not in public_paths:
-                    operation["security"] = [{"apiKey": []}]
+                    operation["security"] = [{"apiKey": []}, {"azureApiKey": []}]
         if keys_required:
             schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
             schemes["apiKey"] = {"type": "http", "scheme": "bearer"}
+            schemes["azureApiKey"] = {"type": "apiKey", "in": "header", "name": "api-key"}
         components = schema.get("components", {}).get("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
