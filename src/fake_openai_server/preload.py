@@ -42,26 +42,31 @@ def main(argv: list[str] | None = None) -> None:
     if settings.serves_rerank:
         names.append(settings.reranker_model)
     pinned = settings.revisions()
-    wanted = []
+    cached = {name: cached_folder(name, pinned.get(name)) for name in names}
+    if constants.HF_HUB_OFFLINE:
+        for name, folder in cached.items():
+            if folder is None:
+                at = f" at revision {pinned[name]}" if name in pinned else ""
+                fail(name, f"it is not in the cache{at}, and HF_HUB_OFFLINE=1 forbids downloading")
+            print(f"{name}: {folder}", file=sys.stderr)
+        return
+    # Asked once, with a time limit: huggingface_hub's first question has none.
+    first = names[0]
+    silence = unreachable(model_url(first, pinned.get(first)), constants.HF_HUB_ETAG_TIMEOUT)
+    if silence is not None:
+        if all(cached[name] is not None and is_commit(pinned.get(name)) for name in names):
+            # Commits in the cache, as pinned: there is nothing newer to look for.
+            for name in names:
+                print(f"{name}: {cached[name]} (the Hub not reached: {silence})", file=sys.stderr)
+            return
+        usable = all(folder is not None for folder in cached.values())
+        fail(
+            first,
+            f"the Hub cannot be reached ({silence})"
+            + ("; the server can start from the copies in the cache" if usable else ""),
+        )
     for name in names:
-        found = cached_folder(name, pinned.get(name))
-        if found is not None and is_commit(pinned.get(name)):
-            print(f"{name}: {found}", file=sys.stderr)  # a commit's files never change
-        else:
-            wanted.append(name)
-    if wanted and not constants.HF_HUB_OFFLINE:
-        # Asked once, with a time limit: huggingface_hub's first question has none.
-        first = wanted[0]
-        url = model_url(first, pinned.get(first))
-        silence = unreachable(url, constants.HF_HUB_ETAG_TIMEOUT)
-        if silence is not None:
-            found = cached_folder(first, pinned.get(first))
-            fail(
-                first,
-                f"the Hub cannot be reached ({silence})"
-                + (f"; the server can start from the copy in the cache ({found})" if found else ""),
-            )
-    for name in wanted:
+        # Even a commit in the cache: a download cut short has left some of its files out.
         try:
             path = snapshot_download(name, revision=pinned.get(name))
         except RevisionNotFoundError:

@@ -9,6 +9,7 @@ variables are looked at (``api/app.py``).
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,9 +84,9 @@ class Settings(BaseSettings):
     )
     model_revisions: CsvList = Field(
         default_factory=list,
-        description="The version of a Hugging Face model to load, as model=revision pairs: a "
-        "commit (as /info's models.*.revision gives it), a tag or a branch (e.g. "
-        "cl-nagoya/ruri-large=<commit>; default: the latest, main)",
+        description="The version of a Hugging Face model to load, as model=revision pairs, "
+        "comma-separated: a commit (as /info's models.*.revision gives it), a tag or a branch "
+        "(e.g. cl-nagoya/ruri-large=<commit>; default: the latest, main)",
     )
 
     # --- network ---------------------------------------------------------------
@@ -321,10 +322,11 @@ class Settings(BaseSettings):
         return {alias.strip(): model.strip() for alias, model in pairs}
 
     def revisions(self) -> dict[str, str]:
-        """model → the revision MODEL_REVISIONS pins it to (SettingsError for an entry that
-        is no pair, or names a model that is not configured: it would pin nothing)."""
+        """model → the revision MODEL_REVISIONS pins it to, a commit in lower case
+        (SettingsError for an entry that is no pair, that names a model that is not
+        configured, or a model twice, or that shortens a commit)."""
         configured = [*self.embeddings_model, self.reranker_model]
-        pinned = {}
+        pinned: dict[str, str] = {}
         for pair in self.model_revisions:
             model, _, revision = (part.strip() for part in pair.partition("="))
             if not model or not revision or any(blank.isspace() for blank in revision):
@@ -337,8 +339,23 @@ class Settings(BaseSettings):
                     f"MODEL_REVISIONS names {model}, which is not a configured model "
                     f"(EMBEDDINGS_MODEL, RERANKER_MODEL: {', '.join(configured)})"
                 )
-            pinned[model] = revision
+            if model in pinned:
+                raise SettingsError(f"MODEL_REVISIONS pins {model} twice")
+            if re.fullmatch(r"[0-9a-fA-F]{7,39}", revision):
+                # The Hub takes a commit in full only (a short one is taken for a tag).
+                raise SettingsError(
+                    f"MODEL_REVISIONS: {revision} looks like a commit cut short: write all 40 "
+                    f"hexadecimal digits (GET /info gives them, as models.*.revision)"
+                )
+            is_commit = re.fullmatch(r"[0-9a-fA-F]{40}", revision)
+            pinned[model] = revision.lower() if is_commit else revision
         return pinned
+
+    def pinned_to(self, commits: Mapping[str, str]) -> Settings:
+        """These settings with each model of ``commits`` pinned to its commit."""
+        revisions = {**self.revisions(), **commits}
+        pairs = [f"{model}={revision}" for model, revision in revisions.items()]
+        return self.model_copy(update={"model_revisions": pairs})
 
     def served_models(self) -> list[str]:
         """The ids of the models this server serves."""

@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -73,6 +74,15 @@ def test_default_ports(
     assert settings.reranker_model == RERANKER_MODEL
     monkeypatch.setenv("PORT", "9999")
     assert Settings().effective_port == 9999
+
+
+def test_a_commit_is_pinned_in_lower_case() -> None:
+    """As the cache's folders and the Hub write it (an upper-case one was taken for a
+    branch, and not found in the cache)."""
+    settings = Settings(model_revisions=[f" {EMBEDDINGS_MODEL} = {'A1' * 20} "])
+    assert settings.revisions() == {EMBEDDINGS_MODEL: "a1" * 20}
+    tagged = Settings(model_revisions=[f"{EMBEDDINGS_MODEL}=V1.0", f"{RERANKER_MODEL}=main"])
+    assert tagged.revisions() == {EMBEDDINGS_MODEL: "V1.0", RERANKER_MODEL: "main"}
 
 
 @contextlib.contextmanager
@@ -230,6 +240,34 @@ def background(
         main = (repository / "refs" / "main").read_text().strip()
         (repository / "snapshots" / main / "model.safetensors").unlink()
         incomplete = exiting(clean_env(**{**cli_env, "HF_HOME": str(cut_short)}))
+        # A pinned commit whose download was cut short, the Hub up: completed, then served.
+        cut_pinned = shutil.copytree(two_revisions, logs / "cut-pinned-hf")
+        folder = f"models--{EMBEDDINGS_MODEL.replace('/', '--')}"
+        (cut_pinned / "hub" / folder / "snapshots" / OLDER / "model.safetensors").unlink()
+        completed = serving(
+            "completed",
+            {**online, **pin, "HF_HOME": str(cut_pinned), "HF_ENDPOINT": older_url},
+        )
+        # A branch pin (v2, at main's commit), whose branch then moves to OLDER on the Hub
+        # before the engine is killed: the restart must load the commit the start did.
+        moving = shutil.copytree(two_revisions, logs / "moving-hub")
+        refs = moving / "hub" / folder / "refs"
+        (refs / "v2").write_text((refs / "main").read_text())
+        moving_url, moving_requests = stack.enter_context(local_hub(moving))
+        branch = serving(
+            "branch",
+            {
+                **online,
+                "MODEL_REVISIONS": f"{EMBEDDINGS_MODEL}=v2",
+                "HF_HOME": str(logs / "branch-hf"),
+                "HF_ENDPOINT": moving_url,
+            },
+        )
+        # A pin for a model given as a folder: it pins nothing.
+        snapshot = next((Path(cli_env["HF_HOME"]) / "hub" / folder / "snapshots").iterdir())
+        pinned_folder = exiting(
+            clean_env(**cli_env, EMBEDDINGS_MODEL=str(snapshot), MODEL_REVISIONS=f"{snapshot}=v1")
+        )
         no_such = f"{EMBEDDINGS_MODEL}=v9"
         pinned_unknown = exiting({**online, "MODEL_REVISIONS": no_such, "HF_ENDPOINT": older_url})
         yield {
@@ -246,6 +284,9 @@ def background(
             "pinned_missing": pinned_missing,
             "pinned_unknown": (pinned_unknown, older_url),
             "incomplete": (incomplete, repository / "snapshots" / main),
+            "completed": completed,
+            "branch": (branch, refs, moving_requests),
+            "pinned_folder": pinned_folder,
         }
 
 
@@ -363,6 +404,12 @@ def test_unknown_service_type_is_refused(env: dict[str, str], args: list[str]) -
         # A pin that would pin nothing, and one that is no pair.
         ({"MODEL_REVISIONS": "nobody/else=v1"}, ("MODEL_REVISIONS", "not a configured model")),
         ({"MODEL_REVISIONS": EMBEDDINGS_MODEL}, ("MODEL_REVISIONS", "model=revision")),
+        (
+            {"MODEL_REVISIONS": f"{EMBEDDINGS_MODEL}=v1,{EMBEDDINGS_MODEL}=v2"},
+            ("MODEL_REVISIONS", "twice"),
+        ),
+        # The Hub takes a commit in full only: a short one would be looked for as a tag.
+        ({"MODEL_REVISIONS": f"{EMBEDDINGS_MODEL}=1ae7c3f"}, ("MODEL_REVISIONS", "40")),
         # huggingface_hub reads it with int() on import: it had failed with tracebacks.
         ({"HF_HUB_ETAG_TIMEOUT": "abc"}, ("HF_HUB_ETAG_TIMEOUT", "whole number of seconds")),
         ({"DTYPE": "fp8"}, ("DTYPE", "float32")),
@@ -532,6 +579,56 @@ def test_a_pinned_revision_that_is_nowhere_is_named(background: dict[str, Any]) 
     assert "404 Client Error" not in stderr, stderr[-2000:]
 
 
+def test_a_pinned_commit_cut_short_in_the_cache_is_completed_from_the_hub(
+    background: dict[str, Any],
+) -> None:
+    """A cached commit is loaded without asking the Hub; when its copy lacks its weights
+    (a download cut short) the Hub is asked after all, as the message about it says."""
+    server: LiveServer = background["completed"]
+    wait_ready(server.base_url, timeout=240, process=server.process, log_path=server.log_path)
+    assert f"{EMBEDDINGS_MODEL}: its copy in the cache is incomplete: completing it" in server.log()
+    with server.client() as client:
+        model = client.get("/info").json()["models"][EMBEDDINGS_MODEL]
+        assert (model["revision"], model["max_length"]) == (OLDER, 256)
+
+
+def test_an_engine_restart_loads_the_commit_the_start_loaded(background: dict[str, Any]) -> None:
+    """Pinned to a branch (or to nothing: main), a restart had asked the Hub again and
+    loaded whatever the branch had moved to, under the first commit's /info revision and
+    tokenizer."""
+    server, refs, requests = background["branch"]
+    wait_ready(server.base_url, timeout=240, process=server.process, log_path=server.log_path)
+    main = (refs / "main").read_text().strip()
+    with server.client() as client:
+        assert client.get("/info").json()["models"][EMBEDDINGS_MODEL]["revision"] == main
+    (refs / "v2").write_text(OLDER)  # the branch moves on the Hub
+    assert server.process is not None
+    engine = [
+        pid
+        for pid in _process_tree(server.process.pid)
+        if b"engine.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(engine) == 1, engine
+    os.kill(engine[0], signal.SIGKILL)
+    deadline = time.monotonic() + 180
+    while "engine restarted" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    log = server.log()
+    assert "engine restarted" in log, log[-3000:]
+    assert f"loading embeddings model {EMBEDDINGS_MODEL} (revision {main}) on" in log
+    assert not [r for r in requests if OLDER in r], requests
+    with server.client() as client:
+        assert client.post("/v1/embeddings", json={"input": "東京"}).status_code == 200
+
+
+def test_a_pin_for_a_folder_is_refused(background: dict[str, Any]) -> None:
+    process = background["pinned_folder"]
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 2, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert "MODEL_REVISIONS pins" in last and "a folder" in last, last
+
+
 def test_a_copy_cut_short_in_the_cache_is_named_with_what_to_do(
     background: dict[str, Any],
 ) -> None:
@@ -608,7 +705,8 @@ def test_preload_downloads_the_configured_models(tmp_path: Path, cli_env: dict[s
         folder = cache / "hub" / f"models--{name.replace('/', '--')}"
         commit = (folder / "refs" / "main").read_text().strip()
         assert f"{name}: {folder / 'snapshots' / commit}" in done.stderr
-        assert (folder / "snapshots" / commit / "config.json").is_file()
+        source = Path(cli_env["HF_HOME"]) / "hub" / folder.name / "snapshots" / commit
+        assert _files(folder / "snapshots" / commit) == _files(source)
 
 
 @pytest.mark.parametrize(
@@ -634,30 +732,53 @@ def test_preload_that_cannot_download_says_why_in_a_line(
     assert str(tmp_path / "hf") in lines[0] and why in lines[0]
 
 
-def test_preload_fetches_the_pinned_commit_and_then_needs_no_hub(
+def _files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_preload_fetches_the_pinned_commit_and_completes_it(
     tmp_path: Path, two_revisions: Path
 ) -> None:
     cache = tmp_path / "hf"
-    pin = f"{EMBEDDINGS_MODEL}={OLDER}"
+    folder = f"models--{EMBEDDINGS_MODEL.replace('/', '--')}"
+    snapshot = cache / "hub" / folder / "snapshots"
+    source = two_revisions / "hub" / folder / "snapshots" / OLDER
     with local_hub(two_revisions) as (url, _):
-        env = clean_env(HF_HOME=str(cache), HF_ENDPOINT=url, MODEL_REVISIONS=pin)
+        env = clean_env(HF_HOME=str(cache), HF_ENDPOINT=url)
+        env["MODEL_REVISIONS"] = f"{EMBEDDINGS_MODEL}={OLDER}"
         del env["HF_HUB_OFFLINE"]
         done = run_preload(env)
-    assert done.returncode == 0, done.stderr
-    snapshot = cache / "hub" / f"models--{EMBEDDINGS_MODEL.replace('/', '--')}" / "snapshots"
-    assert f"{EMBEDDINGS_MODEL}: {snapshot / OLDER}" in done.stderr
-    assert [p.name for p in snapshot.iterdir()] == [OLDER]
-    # Again with the Hub gone: the commit is there, so there is nothing to ask.
+        assert done.returncode == 0, done.stderr
+        assert f"{EMBEDDINGS_MODEL}: {snapshot / OLDER}" in done.stderr
+        assert [p.name for p in snapshot.iterdir()] == [OLDER]
+        assert _files(snapshot / OLDER) == _files(source)  # 1_Pooling/config.json too
+        # A download cut short: preload completes it (the commit alone is no proof).
+        (snapshot / OLDER / "model.safetensors").unlink()
+        again = run_preload(env)
+        assert again.returncode == 0, again.stderr
+        assert _files(snapshot / OLDER) == _files(source)
+    # With the Hub gone: the commit is in the cache, so there is nothing newer to look for.
     env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
-    again = run_preload(env)
-    assert again.returncode == 0, again.stderr
-    assert again.stderr.strip() == f"{EMBEDDINGS_MODEL}: {snapshot / OLDER}"
-    # main, which may have moved, cannot be checked: said, and that the cache still serves.
+    gone = run_preload(env)
+    assert gone.returncode == 0, gone.stderr
+    assert gone.stderr.startswith(f"{EMBEDDINGS_MODEL}: {snapshot / OLDER} (the Hub not reached")
+    # main, which may have moved, cannot be checked: said, and whether the cache serves.
     del env["MODEL_REVISIONS"]
     unpinned = run_preload({**env, "HF_HOME": str(two_revisions)})
     assert unpinned.returncode == 1, unpinned.stderr
     assert "the Hub cannot be reached" in unpinned.stderr
-    assert f"the server can start from the copy in the cache ({two_revisions}" in unpinned.stderr
+    assert "the server can start from the copies in the cache" in unpinned.stderr
+    both = run_preload({**env, "HF_HOME": str(two_revisions), "SERVICE_TYPE": "all"})
+    assert both.returncode == 1, both.stderr
+    assert "the server can start" not in both.stderr  # the reranker is not there
+
+
+def test_preload_offline_names_what_is_missing(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    pin = f"{EMBEDDINGS_MODEL}={'3' * 40}"
+    done = run_preload(clean_env(**cli_env, MODEL_REVISIONS=pin))
+    assert done.returncode == 1, done.stderr
+    assert f"not in the cache at revision {'3' * 40}, and HF_HUB_OFFLINE=1" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 def test_help_lists_every_setting() -> None:

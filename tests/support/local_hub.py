@@ -61,7 +61,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._answer(body=False)
 
     def _answer(self, body: bool) -> None:
-        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        url = urllib.parse.urlsplit(self.path)
+        path = urllib.parse.unquote(url.path)
+        query = urllib.parse.parse_qs(url.query)
         match = _INFO.match(path) or _TREE.match(path) or _FILE.match(path)
         if match is None or match["repo"] not in self.models:
             return self._send(404, b"{}", body, json_body=True, error="RepoNotFound")
@@ -83,7 +85,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     "oid": "0" * 40,
                     "size": entry.stat().st_size if entry.is_file() else 0,
                 }
-                for entry in sorted(folder.iterdir())
+                for entry in sorted(
+                    folder.rglob("*")
+                    if query.get("recursive", [""])[0].lower() == "true"
+                    else folder.iterdir()
+                )
             ]
             return self._send(200, json.dumps(entries).encode(), body, json_body=True)
         file = (snapshot / match["path"]).resolve()

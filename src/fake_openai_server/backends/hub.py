@@ -8,7 +8,7 @@ for as long as huggingface_hub itself waits for an answer (``HF_HUB_ETAG_TIMEOUT
 10 s), about the first model, as loading does: no answer (or a proxy's or mirror's
 error), and the models load from the cache alone. A model pinned to a commit
 (``MODEL_REVISIONS``) that is in the cache needs no question at all: a commit's files
-never change.
+never change (unless a download was cut short: then the Hub is asked, to complete it).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from urllib.parse import quote
 
 from fake_openai_server.backends.base import LoadError
+from fake_openai_server.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -31,33 +32,41 @@ _HOW_TO_FETCH = (
 )
 
 
-def cache_only(names: Sequence[str], revisions: Mapping[str, str]) -> bool:
-    """Whether to load ``names`` (at their pinned ``revisions``, else the latest) from the
+def cache_only(names: Sequence[str], revisions: Mapping[str, str]) -> set[str]:
+    """Those of ``names`` (at their pinned ``revisions``, else the latest) to load from the
     cache alone, never asking the Hub.
 
-    Yes with ``HF_HUB_OFFLINE``; when every model is pinned to a commit that is in the
-    cache (its files never change); and when the Hub does not answer. Raises
+    Every model with ``HF_HUB_OFFLINE``; a model pinned to a commit that is in the cache
+    (its files never change); the others when the Hub does not answer. Raises
     ``LoadError`` if a model that is not in the cache cannot be downloaded either.
     """
     from huggingface_hub import constants
 
+    for name in names:
+        if name in revisions and os.path.isdir(name):
+            raise SettingsError(
+                f"MODEL_REVISIONS pins {name}, a folder: a revision pins a model of the "
+                "Hugging Face Hub only"
+            )
     found = _cached(names, revisions)
-    hub_names = list(found)
-    missing = [pinned_name(name, revisions) for name, folder in found.items() if folder is None]
-    if not hub_names:
-        return False  # local folders only: nothing to ask
     if constants.HF_HUB_OFFLINE:
-        if missing:
+        if missing := [pinned_name(name, revisions) for name, at in found.items() if at is None]:
             raise LoadError(
                 f"{_not_cached(missing)} the model cache ({constants.HF_HUB_CACHE}), and "
                 f"HF_HUB_OFFLINE=1 forbids downloading: {_HOW_TO_FETCH}, or unset "
                 "HF_HUB_OFFLINE"
             )
-        return True
-    if not missing and all(is_commit(revisions.get(name)) for name in hub_names):
-        return True
-    first = hub_names[0]
-    silence = unreachable(model_url(first, revisions.get(first)), constants.HF_HUB_ETAG_TIMEOUT)
+        return set(found)
+    settled = {
+        name for name, at in found.items() if at is not None and is_commit(revisions.get(name))
+    }
+    asked = [name for name in found if name not in settled]
+    if not asked:
+        return settled  # local folders and cached commits: nothing to ask
+    missing = [pinned_name(name, revisions) for name in asked if found[name] is None]
+    silence = unreachable(
+        model_url(asked[0], revisions.get(asked[0])), constants.HF_HUB_ETAG_TIMEOUT
+    )
     if silence is None:
         for version in missing:
             log.info(
@@ -67,7 +76,7 @@ def cache_only(names: Sequence[str], revisions: Mapping[str, str]) -> bool:
                 constants.HF_HUB_CACHE,
                 constants.ENDPOINT,
             )
-        return False
+        return settled
     if missing:
         raise LoadError(
             f"{_not_cached(missing)} the model cache ({constants.HF_HUB_CACHE}), and the "
@@ -79,10 +88,20 @@ def cache_only(names: Sequence[str], revisions: Mapping[str, str]) -> bool:
         "(%s) without looking for a newer version. Set HF_HUB_OFFLINE=1 to skip this check",
         constants.ENDPOINT,
         silence,
-        ", ".join(pinned_name(name, revisions) for name in hub_names),
+        ", ".join(pinned_name(name, revisions) for name in asked),
         constants.HF_HUB_CACHE,
     )
-    return True
+    return settled | set(asked)
+
+
+def completable(name: str, pinned: str | None) -> bool:
+    """Whether the files missing from ``name``'s copy in the cache can be downloaded now:
+    ``HF_HUB_OFFLINE`` unset, and the Hub answers."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    return unreachable(model_url(name, pinned), constants.HF_HUB_ETAG_TIMEOUT) is None
 
 
 def revision(name: str, pinned: str | None = None) -> str | None:
@@ -111,16 +130,18 @@ def no_such_revision(name: str, revision: str | None) -> str:
     )
 
 
-def unreadable_copy(name: str, folder: str, error: OSError) -> str:
-    """What to say when ``name``'s copy in the cache, ``folder``, fails to load (a
-    download that was cut short leaves a copy without its weights)."""
-    why = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
-    return (
-        f"{name}'s copy in the model cache ({folder}) cannot be loaded ({why}): if its "
-        "download was cut short, start once where the Hugging Face Hub can be reached "
-        "(HF_HUB_OFFLINE unset) to complete it, or run python -m "
-        "fake_openai_server.preload there"
-    )
+class UnreadableCopy(LoadError):
+    """A model's copy in the cache that fails to load (a download that was cut short
+    leaves a copy without its weights)."""
+
+    def __init__(self, name: str, folder: str, error: Exception) -> None:
+        why = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+        super().__init__(
+            f"{name}'s copy in the model cache ({folder}) cannot be loaded ({why}): if its "
+            "download was cut short, start once where the Hugging Face Hub can be reached "
+            "(HF_HUB_OFFLINE unset) to complete it, or run python -m "
+            "fake_openai_server.preload there"
+        )
 
 
 def is_commit(revision: str | None) -> bool:

@@ -65,15 +65,16 @@ def load_models(settings: Settings, options: dict[str, Any]) -> list[Model]:
             precision.dtype,
             precision.reason,
         )
-        model = kind(
-            name,
-            precision,
-            settings.max_seq_length,
-            settings.cuda_graphs,
-            cache_only,
-            revisions.get(name),
-        )
-        model.info = replace(model.info, revision=hub.revision(name, revisions.get(name)))
+        pinned = revisions.get(name)
+        common = (name, precision, settings.max_seq_length, settings.cuda_graphs)
+        try:
+            model = kind(*common, name in cache_only, pinned)
+        except hub.UnreadableCopy:
+            if not hub.completable(name, pinned):
+                raise
+            log.warning("%s: its copy in the cache is incomplete: completing it", name)
+            model = kind(*common, False, pinned)
+        model.info = replace(model.info, revision=hub.revision(name, pinned))
         models.append(model)
     return models
 

@@ -349,11 +349,13 @@ def _from_hub(
         return load(name, **kwargs)
     except RevisionNotFoundError:
         raise LoadError(hub.no_such_revision(name, revision)) from None
-    except OSError as exc:
+    except (OSError, TypeError) as exc:
+        # A copy without its weights (OSError), or without a module's config (a TypeError
+        # from sentence-transformers' constructors).
         folder = hub.cached_folder(name, revision) if cache_only else None
         if folder is None:
             raise
-        raise LoadError(hub.unreadable_copy(name, folder, exc)) from None
+        raise hub.UnreadableCopy(name, folder, exc) from None
 
 
 def _max_length(model_max: int | None, requested: int | None) -> int:

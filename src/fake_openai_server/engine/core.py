@@ -190,6 +190,7 @@ class Engine:
         """``workdir``: where the engine process leaves the tokenizer files; without one,
         a temporary directory made by ``start`` and removed by ``stop``."""
         self.settings = settings
+        self._restart_settings = settings  # with the commits the start loaded (start)
         self._plugin = plugin
         self._workdir = workdir
         self._own_workdir = False
@@ -218,9 +219,14 @@ class Engine:
         started = time.perf_counter()
         if self._workdir is None:
             self._workdir, self._own_workdir = tempfile.mkdtemp(prefix="fos-engine-"), True
-        loaded = await self._spawn()
+        loaded = await self._spawn(self.settings)
         self._start_seconds = time.perf_counter() - started
         self.models, self.costs = loaded.models, loaded.costs
+        # A restart loads the files this start loaded, the commit each Hub model came
+        # from, whatever its branch or tag says by then: the tokenizers serving are
+        # these commits', and /info names them (nor is the Hub asked again).
+        commits = {info.name: info.revision for info in self.models if info.revision}
+        self._restart_settings = self.settings.pinned_to(commits)
         self._on_gpu = any(info.device.startswith("cuda") for info in self.models)
         s = self.settings
         for index, (info, cost) in enumerate(zip(loaded.models, loaded.costs, strict=True)):
@@ -259,9 +265,9 @@ class Engine:
         self.state = "ready"
         return self.models
 
-    async def _spawn(self) -> Loaded:
+    async def _spawn(self, settings: Settings) -> Loaded:
         assert self._workdir is not None  # start() has made one
-        process = EngineProcess(self.settings, self._plugin, self._workdir)
+        process = EngineProcess(settings, self._plugin, self._workdir)
         self._process = process  # before it has started, so that stop() can end it
         loaded = await process.load()
         process.on_exit = self._engine_exited
@@ -610,7 +616,7 @@ class Engine:
         while (left := deadline - loop.time()) > 0:
             attempt += 1
             try:
-                loaded = await asyncio.wait_for(self._spawn(), left)
+                loaded = await asyncio.wait_for(self._spawn(self._restart_settings), left)
             except Exception as exc:
                 # What was foreseen is said in a line; anything else (a thread that cannot
                 # start) with its traceback, and tried again all the same.
@@ -623,7 +629,9 @@ class Engine:
                 )
                 await asyncio.sleep(min(2.0**attempt, 10.0, max(deadline - loop.time(), 0)))
                 continue
-            if [m.name for m in loaded.models] != [m.name for m in self.models]:
+            if [(m.name, m.revision) for m in loaded.models] != [
+                (m.name, m.revision) for m in self.models
+            ]:
                 log.error("the restarted engine serves other models; giving up")
                 break
             self.state, self.detail = "ready", None
