@@ -12,6 +12,7 @@ import sys
 from typing import NoReturn
 
 from fake_openai_server.cli import load_settings
+from fake_openai_server.settings import SettingsError
 
 
 def fail(name: str, reason: str) -> NoReturn:
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from fake_openai_server.backends.hub import (
         cached_folder,
+        check_pins,
         is_commit,
         model_url,
         no_such_revision,
@@ -42,6 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     if settings.serves_rerank:
         names.append(settings.reranker_model)
     pinned = settings.revisions()
+    try:
+        check_pins(names, pinned)
+    except SettingsError as error:
+        print(f"fake-openai-server: invalid setting: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     cached = {name: cached_folder(name, pinned.get(name)) for name in names}
     if constants.HF_HUB_OFFLINE:
         for name, folder in cached.items():

@@ -341,7 +341,7 @@ class Settings(BaseSettings):
                 )
             if model in pinned:
                 raise SettingsError(f"MODEL_REVISIONS pins {model} twice")
-            if re.fullmatch(r"[0-9a-fA-F]{7,39}", revision):
+            if re.fullmatch(r"[0-9a-fA-F]{7,39}", revision) and not revision.isdigit():
                 # The Hub takes a commit in full only (a short one is taken for a tag).
                 raise SettingsError(
                     f"MODEL_REVISIONS: {revision} looks like a commit cut short: write all 40 "
@@ -352,8 +352,13 @@ class Settings(BaseSettings):
         return pinned
 
     def pinned_to(self, commits: Mapping[str, str]) -> Settings:
-        """These settings with each model of ``commits`` pinned to its commit."""
-        revisions = {**self.revisions(), **commits}
+        """These settings with each configured model of ``commits`` pinned to its commit
+        (anything else in ``commits`` is left out: the result is as valid as these)."""
+        configured = {*self.embeddings_model, self.reranker_model}
+        revisions = self.revisions()
+        for model, commit in commits.items():
+            if model in configured and re.fullmatch(r"[0-9a-f]{40}", commit):
+                revisions[model] = commit
         pairs = [f"{model}={revision}" for model, revision in revisions.items()]
         return self.model_copy(update={"model_revisions": pairs})
 

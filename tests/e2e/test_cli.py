@@ -81,8 +81,19 @@ def test_a_commit_is_pinned_in_lower_case() -> None:
     branch, and not found in the cache)."""
     settings = Settings(model_revisions=[f" {EMBEDDINGS_MODEL} = {'A1' * 20} "])
     assert settings.revisions() == {EMBEDDINGS_MODEL: "a1" * 20}
-    tagged = Settings(model_revisions=[f"{EMBEDDINGS_MODEL}=V1.0", f"{RERANKER_MODEL}=main"])
-    assert tagged.revisions() == {EMBEDDINGS_MODEL: "V1.0", RERANKER_MODEL: "main"}
+    tagged = Settings(model_revisions=[f"{EMBEDDINGS_MODEL}=V1.0", f"{RERANKER_MODEL}=20240101"])
+    assert tagged.revisions() == {EMBEDDINGS_MODEL: "V1.0", RERANKER_MODEL: "20240101"}
+
+
+def test_the_restart_settings_are_valid_settings() -> None:
+    """What the engine process rebuilds its settings from on a restart: the start's
+    commits pinned, whatever else it was told left out."""
+    settings = Settings(service_type="all", model_revisions=[f"{RERANKER_MODEL}=v1"])
+    pinned = settings.pinned_to(
+        {EMBEDDINGS_MODEL: "b" * 40, "someone/else": "c" * 40, RERANKER_MODEL: "1ae7c3f"}
+    )
+    sent = pinned.model_dump(mode="json", exclude={"api_keys", "api_keys_file"})
+    assert Settings(**sent).revisions() == {RERANKER_MODEL: "v1", EMBEDDINGS_MODEL: "b" * 40}
 
 
 @contextlib.contextmanager
@@ -602,6 +613,7 @@ def test_an_engine_restart_loads_the_commit_the_start_loaded(background: dict[st
     with server.client() as client:
         assert client.get("/info").json()["models"][EMBEDDINGS_MODEL]["revision"] == main
     (refs / "v2").write_text(OLDER)  # the branch moves on the Hub
+    asked = len(requests)
     assert server.process is not None
     engine = [
         pid
@@ -616,7 +628,7 @@ def test_an_engine_restart_loads_the_commit_the_start_loaded(background: dict[st
     log = server.log()
     assert "engine restarted" in log, log[-3000:]
     assert f"loading embeddings model {EMBEDDINGS_MODEL} (revision {main}) on" in log
-    assert not [r for r in requests if OLDER in r], requests
+    assert requests[asked:] == [], requests[asked:]  # nor is the Hub asked again
     with server.client() as client:
         assert client.post("/v1/embeddings", json={"input": "東京"}).status_code == 200
 
@@ -771,6 +783,15 @@ def test_preload_fetches_the_pinned_commit_and_completes_it(
     both = run_preload({**env, "HF_HOME": str(two_revisions), "SERVICE_TYPE": "all"})
     assert both.returncode == 1, both.stderr
     assert "the server can start" not in both.stderr  # the reranker is not there
+
+
+def test_preload_refuses_a_pin_for_a_folder(cli_env: dict[str, str]) -> None:
+    folder = f"models--{EMBEDDINGS_MODEL.replace('/', '--')}"
+    snapshot = next((Path(cli_env["HF_HOME"]) / "hub" / folder / "snapshots").iterdir())
+    env = clean_env(**cli_env, EMBEDDINGS_MODEL=str(snapshot), MODEL_REVISIONS=f"{snapshot}=v1")
+    done = run_preload(env)
+    assert done.returncode == 2, done.stderr
+    assert "invalid setting: MODEL_REVISIONS pins" in done.stderr and "a folder" in done.stderr
 
 
 def test_preload_offline_names_what_is_missing(tmp_path: Path, cli_env: dict[str, str]) -> None:

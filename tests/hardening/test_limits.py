@@ -177,7 +177,7 @@ def test_metrics_cover_requests_latency_queue_batches_and_inference(server: Live
     assert value("fos_requests_total", route="/v2/rerank", status="200") >= 1
     assert value("fos_requests_total", route="other", status="404") >= 1  # no label per path
     # Nor per Azure deployment: the route's template.
-    azure = "/openai/deployments/{deployment:path}/embeddings"
+    azure = "/openai/deployments/{deployment}/embeddings"  # as OpenAPI and the README write it
     assert value("fos_requests_total", route=azure, status="200") == 1
     assert value("fos_requests_total", route=azure, status="404") == 1
     assert value("fos_request_seconds_count", route="/v1/embeddings") >= 2

@@ -101,8 +101,9 @@ class RequestLog:
         self.metrics = metrics
         self.routes = frozenset(routes)
         # Routes with a parameter in their path (Azure's deployment): labelled by their
-        # template, so that no client can add series by naming new deployments.
-        self.templates = [(compile_path(path)[0], path) for path in self.routes if "{" in path]
+        # template as OpenAPI writes it ({deployment}), so that no client can add series
+        # by naming new deployments.
+        self.templates = [compile_path(path)[:2] for path in self.routes if "{" in path]
         # Each series looked up once, on first use (prometheus_client checks the labels
         # on every .labels() call: a dozen function calls per request).
         self._by_route: dict[str, tuple[Gauge, Histogram]] = {}  # in progress, latency

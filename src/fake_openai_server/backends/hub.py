@@ -38,16 +38,12 @@ def cache_only(names: Sequence[str], revisions: Mapping[str, str]) -> set[str]:
 
     Every model with ``HF_HUB_OFFLINE``; a model pinned to a commit that is in the cache
     (its files never change); the others when the Hub does not answer. Raises
-    ``LoadError`` if a model that is not in the cache cannot be downloaded either.
+    ``LoadError`` if a model that is not in the cache cannot be downloaded either, and
+    ``SettingsError`` for a pin on a folder.
     """
     from huggingface_hub import constants
 
-    for name in names:
-        if name in revisions and os.path.isdir(name):
-            raise SettingsError(
-                f"MODEL_REVISIONS pins {name}, a folder: a revision pins a model of the "
-                "Hugging Face Hub only"
-            )
+    check_pins(names, revisions)
     found = _cached(names, revisions)
     if constants.HF_HUB_OFFLINE:
         if missing := [pinned_name(name, revisions) for name, at in found.items() if at is None]:
@@ -92,6 +88,16 @@ def cache_only(names: Sequence[str], revisions: Mapping[str, str]) -> set[str]:
         constants.HF_HUB_CACHE,
     )
     return settled | set(asked)
+
+
+def check_pins(names: Sequence[str], revisions: Mapping[str, str]) -> None:
+    """``SettingsError`` for a pin on a model that is a folder: it would pin nothing."""
+    for name in names:
+        if name in revisions and os.path.isdir(name):
+            raise SettingsError(
+                f"MODEL_REVISIONS pins {name}, a folder: a revision pins a model of the "
+                "Hugging Face Hub only"
+            )
 
 
 def completable(name: str, pinned: str | None) -> bool:
