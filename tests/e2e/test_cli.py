@@ -628,7 +628,10 @@ def test_an_engine_restart_loads_the_commit_the_start_loaded(background: dict[st
     log = server.log()
     assert "engine restarted" in log, log[-3000:]
     assert f"loading embeddings model {EMBEDDINGS_MODEL} (revision {main}) on" in log
-    assert requests[asked:] == [], requests[asked:]  # nor is the Hub asked again
+    # Nor is the Hub asked about the model again (huggingface_hub asks other things of
+    # its own, such as /api/agent-harnesses, whenever it likes).
+    about = [r for r in requests[asked:] if EMBEDDINGS_MODEL in r]
+    assert about == [], about
     with server.client() as client:
         assert client.post("/v1/embeddings", json={"input": "東京"}).status_code == 200
 
