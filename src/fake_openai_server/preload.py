@@ -40,9 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     settings = load_settings(argv)
-    names = list(settings.embeddings_model) if settings.serves_embeddings else []
-    if settings.serves_rerank:
-        names.append(settings.reranker_model)
+    names = settings.served_models()
     pinned = settings.revisions()
     try:
         check_pins(names, pinned)

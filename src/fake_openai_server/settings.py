@@ -36,6 +36,11 @@ def _split_csv(value: object) -> object:
 CsvList = Annotated[list[str], NoDecode]
 
 
+# A Hub commit as the Hub and the cache's folders write it (a branch or tag may move; a
+# commit's files never change).
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
 class SettingsError(ValueError):
     """Settings that cannot work together; the message names the settings."""
 
@@ -325,7 +330,7 @@ class Settings(BaseSettings):
         """model → the revision MODEL_REVISIONS pins it to, a commit in lower case
         (SettingsError for an entry that is no pair, that names a model that is not
         configured, or a model twice, or that shortens a commit)."""
-        configured = [*self.embeddings_model, self.reranker_model]
+        configured = self.configured_models()
         pinned: dict[str, str] = {}
         for pair in self.model_revisions:
             model, _, revision = (part.strip() for part in pair.partition("="))
@@ -347,20 +352,24 @@ class Settings(BaseSettings):
                     f"MODEL_REVISIONS: {revision} looks like a commit cut short: write all 40 "
                     f"hexadecimal digits (GET /info gives them, as models.*.revision)"
                 )
-            is_commit = re.fullmatch(r"[0-9a-fA-F]{40}", revision)
-            pinned[model] = revision.lower() if is_commit else revision
+            pinned[model] = revision.lower() if COMMIT.fullmatch(revision.lower()) else revision
         return pinned
 
     def pinned_to(self, commits: Mapping[str, str]) -> Settings:
         """These settings with each configured model of ``commits`` pinned to its commit
         (anything else in ``commits`` is left out: the result is as valid as these)."""
-        configured = {*self.embeddings_model, self.reranker_model}
+        configured = self.configured_models()
         revisions = self.revisions()
         for model, commit in commits.items():
-            if model in configured and re.fullmatch(r"[0-9a-f]{40}", commit):
+            if model in configured and COMMIT.fullmatch(commit):
                 revisions[model] = commit
         pairs = [f"{model}={revision}" for model, revision in revisions.items()]
         return self.model_copy(update={"model_revisions": pairs})
+
+    def configured_models(self) -> list[str]:
+        """EMBEDDINGS_MODEL's and RERANKER_MODEL's ids, served or not (a pin may name the
+        other service's model: one environment for both)."""
+        return [*self.embeddings_model, self.reranker_model]
 
     def served_models(self) -> list[str]:
         """The ids of the models this server serves."""

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 from collections.abc import Mapping, Sequence
 from urllib.parse import quote
 
 from fake_openai_server.backends.base import LoadError
-from fake_openai_server.settings import SettingsError
+from fake_openai_server.settings import COMMIT, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +152,7 @@ class UnreadableCopy(LoadError):
 def is_commit(revision: str | None) -> bool:
     """Whether ``revision`` names a commit (40 hexadecimal digits), whose files never
     change, rather than a branch or tag, which may move."""
-    return revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision) is not None
+    return revision is not None and COMMIT.fullmatch(revision) is not None
 
 
 def model_url(name: str, revision: str | None = None) -> str:
