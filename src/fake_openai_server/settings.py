@@ -342,7 +342,9 @@ class Settings(BaseSettings):
             if model not in configured:
                 raise SettingsError(
                     f"MODEL_REVISIONS names {model}, which is not a configured model "
-                    f"(EMBEDDINGS_MODEL, RERANKER_MODEL: {', '.join(configured)})"
+                    f"(EMBEDDINGS_MODEL, RERANKER_MODEL: {', '.join(configured)}); pin the "
+                    "models served, or set MODEL_REVISIONS empty (an image built with "
+                    "--build-arg MODEL_REVISIONS sets it for the models baked in)"
                 )
             if model in pinned:
                 raise SettingsError(f"MODEL_REVISIONS pins {model} twice")

@@ -413,7 +413,10 @@ def test_unknown_service_type_is_refused(env: dict[str, str], args: list[str]) -
         ({"HOST": "0.0.0.0:8081"}, ("HOST", "PORT")),
         ({"HOST": "[::1]:8081"}, ("HOST", "PORT")),
         # A pin that would pin nothing, and one that is no pair.
-        ({"MODEL_REVISIONS": "nobody/else=v1"}, ("MODEL_REVISIONS", "not a configured model")),
+        (
+            {"MODEL_REVISIONS": "nobody/else=v1"},
+            ("MODEL_REVISIONS", "not a configured model", "--build-arg MODEL_REVISIONS"),
+        ),
         ({"MODEL_REVISIONS": EMBEDDINGS_MODEL}, ("MODEL_REVISIONS", "model=revision")),
         (
             {"MODEL_REVISIONS": f"{EMBEDDINGS_MODEL}=v1,{EMBEDDINGS_MODEL}=v2"},
