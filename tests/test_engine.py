@@ -771,6 +771,23 @@ async def test_reports_how_long_the_model_had_nothing_in_the_engine(engine_facto
 
 
 @pytest.mark.anyio
+async def test_counts_drained_batches_among_the_batches_that_ran(engine_factory: Any) -> None:
+    """drained_batches is a part of batches (bench.run divides one by the other): a batch
+    that failed counts in neither, as its queue wait counts nowhere either."""
+    engine, _ = await engine_factory(delay=0.05, max_batch_size=1, triggers={"☠": "raise"})
+    before = engine.stats()[MODEL]
+    fatal = ids(*char_ids("☠"))
+    with pytest.raises(ServiceError):
+        await engine.submit(MODEL, [fatal])  # alone in the queue: it took the last item
+    after = engine.stats()[MODEL]
+    assert after["failed_batches"] - before["failed_batches"] == 1
+    assert after["batches"] == before["batches"]
+    assert after["drained_batches"] == before["drained_batches"]
+    await engine.submit(MODEL, [ids(1)])
+    assert engine.stats()[MODEL]["drained_batches"] - after["drained_batches"] == 1
+
+
+@pytest.mark.anyio
 async def test_stopping_never_blocks_the_loop_and_answers_every_request(
     engine_factory: Any,
 ) -> None:

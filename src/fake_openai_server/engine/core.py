@@ -95,7 +95,7 @@ class EngineStats:
     # one as soon as anything is queued, so the device had nothing of this model to run
     # (requests were still on their way: clients, HTTP, tokenization).
     starved_seconds: float = 0.0
-    drained_batches: int = 0  # that took the last of the model's queued items
+    drained_batches: int = 0  # of ``batches``: those that took the last of the queued items
     queued_seconds: float = 0.0  # the items' waits in the queue, summed
 
     @property
@@ -169,6 +169,7 @@ class _Flight:
     padded_tokens: int  # of the shape the batch runs as
     expected_seconds: float
     queue_seconds: tuple[float, ...]
+    drained: bool  # it took the last of its model's queued items
 
 
 def free_waste(cost: PassCost, max_batch_tokens: int) -> int:
@@ -442,7 +443,6 @@ class Engine:
             item.job.queued_tokens -= item.cost
         lane.stats.starved_seconds += lane.starved_for(now)
         lane.starved_since = None
-        lane.stats.drained_batches += not lane.queue
         cost = self.costs[lane.index]
         rows, length = lane.info.padding.shape(len(batch), batch[0].cost)  # longest first
         flight = _Flight(
@@ -452,6 +452,7 @@ class Engine:
             padded_tokens=rows * length,
             expected_seconds=cost.pass_seconds + cost.token_seconds * rows * length,
             queue_seconds=tuple(now - item.enqueued for item in batch),
+            drained=not lane.queue,
         )
         if not self._in_flight:
             self._head_since = now
@@ -547,6 +548,7 @@ class Engine:
         stats.padded_tokens += report.padded_tokens
         stats.busy_seconds += ran.seconds
         stats.queued_seconds += sum(flight.queue_seconds)
+        stats.drained_batches += flight.drained
         self._observe(flight.lane, report)
 
     def _observe(self, lane: _Lane, report: BatchReport) -> None:
