@@ -11,6 +11,7 @@ needs one becomes [UNK] whole) and others out entirely.
 
 from __future__ import annotations
 
+import copy
 import pickle
 import random
 from collections.abc import Iterator, Sequence
@@ -354,6 +355,60 @@ def test_fast_tokenizer_pairs_at_the_length_limit(reranker: Any) -> None:
     _assert_same(documents, expected, encoder.encode_pairs(query, documents, 512))
 
 
+@pytest.mark.usefixtures("quiet_transformers")
+@pytest.mark.parametrize(
+    ("document_tokens", "max_length"), [(1, 512), (7, 512), (60, 512), (10, 40)]
+)
+def test_mecab_wordpiece_pairs_of_documents_cut_short(
+    ruri_large: Any, document_tokens: int, max_length: int
+) -> None:
+    """Cohere's max_tokens_per_doc: each document's first ids, then the pair as the slow
+    tokenizer builds it from ids (prepare_for_model), cut as usual."""
+    encoder = _encoder(ruri_large)
+    query = standins.japanese_text(30, seed=document_tokens)
+    documents = [*random.Random(document_tokens).sample(SHORT_DOCUMENTS, 40), "", "東京"]
+    query_ids = ruri_large(query, add_special_tokens=False)["input_ids"]
+    expected = [
+        ruri_large.prepare_for_model(
+            query_ids,
+            ruri_large(doc, add_special_tokens=False)["input_ids"][:document_tokens],
+            truncation="longest_first",
+            max_length=max_length,
+        )["input_ids"]
+        for doc in documents
+    ]
+    got = encoder.encode_pairs(query, documents, max_length, document_tokens)
+    _assert_same([(query, d) for d in documents], expected, got)
+    whole = encoder.encode_pairs(query, documents, max_length)
+    assert sum(a != b for a, b in zip(got, whole, strict=True)) >= 10  # many were cut
+
+
+@pytest.mark.parametrize(
+    ("document_tokens", "max_length"), [(1, 512), (7, 512), (60, 512), (10, 40)]
+)
+def test_fast_tokenizer_pairs_of_documents_cut_short(
+    reranker: Any, document_tokens: int, max_length: int
+) -> None:
+    """Cohere's max_tokens_per_doc: each document's encoding cut to its first ids, then
+    the pair as the Rust library makes it from the two encodings (its own truncation and
+    special tokens: post_process)."""
+    encoder = _encoder(reranker)
+    backend = copy.deepcopy(reranker.backend_tokenizer)
+    backend.enable_truncation(max_length, strategy="longest_first")
+    query = standins.japanese_text(30, seed=document_tokens)
+    documents = [*random.Random(document_tokens).sample(SHORT_DOCUMENTS, 60), "", "東京"]
+    first = backend.encode(query, add_special_tokens=False)
+    expected = []
+    for doc in documents:
+        second = backend.encode(doc, add_special_tokens=False)
+        second.truncate(document_tokens)
+        expected.append(backend.post_process(first, second).ids)
+    got = encoder.encode_pairs(query, documents, max_length, document_tokens)
+    _assert_same([(query, d) for d in documents], expected, got)
+    whole = encoder.encode_pairs(query, documents, max_length)
+    assert sum(a != b for a, b in zip(got, whole, strict=True)) >= 10  # many were cut
+
+
 @pytest.mark.parametrize("name", ["ruri_large", "reranker"])
 def test_one_encoder_serves_several_threads(request: pytest.FixtureRequest, name: str) -> None:
     tokenizer = request.getfixturevalue(name)
@@ -405,3 +460,30 @@ def test_tokenizers_without_a_fast_path_say_why(tmp_path: Path) -> None:
     encoder, why = fast_encoder(BertTokenizerLegacy(str(tmp_path / "vocab.txt")))
     assert encoder is None
     assert "BertTokenizerLegacy: no fast path" in why
+
+
+@pytest.mark.usefixtures("quiet_transformers")
+def test_pairs_of_documents_cut_short_without_a_fast_path(tmp_path: Path) -> None:
+    """A tokenizer with no fast path cuts a document to its first tokens by decoding
+    them and tokenizing the pair as usual: for Japanese text that gives the same ids as
+    cutting the ids themselves (prepare_for_model)."""
+    from fake_openai_server.backends.tokenizer import HFTokenizer
+
+    slow = _bert_japanese(tmp_path, word_tokenizer_type="basic")
+    tokenizer = HFTokenizer(slow, 512)
+    assert "slow" in tokenizer.kind
+    query = standins.japanese_text(30, seed=5)
+    documents = [standins.japanese_text(n, seed=n) for n in (0, 3, 40, 200, 600)]
+    query_ids = slow(query, add_special_tokens=False)["input_ids"]
+    for tokens in (1, 10, 100):
+        expected = [
+            slow.prepare_for_model(
+                query_ids,
+                slow(doc, add_special_tokens=False)["input_ids"][:tokens],
+                truncation="longest_first",
+                max_length=512,
+            )["input_ids"]
+            for doc in documents
+        ]
+        got = [item.ids.tolist() for item in tokenizer.encode_pairs(query, documents, tokens)]
+        assert got == expected, tokens

@@ -119,6 +119,50 @@ def test_rerank_raw_scores_are_logits(rerank_server: LiveServer, cross_encoder: 
     np.testing.assert_allclose([raw[i] for i in range(len(DOCUMENTS))], expected, atol=ATOL)
 
 
+def cut_document_scores(cross_encoder: Any, query: str, documents: list[str], tokens: int) -> Any:
+    """The model's scores of pairs whose documents keep their first ``tokens`` tokens:
+    the pairs built by the tokenizer's Rust library from the cut encodings, run through
+    the CrossEncoder's own model one by one (no padding)."""
+    import copy
+
+    import torch
+
+    backend = copy.deepcopy(cross_encoder.tokenizer.backend_tokenizer)
+    backend.no_padding()
+    backend.enable_truncation(cross_encoder.max_seq_length, strategy="longest_first")
+    first = backend.encode(query, add_special_tokens=False)
+    scores = []
+    for doc in documents:
+        second = backend.encode(doc, add_special_tokens=False)
+        second.truncate(tokens)
+        ids = torch.tensor([backend.post_process(first, second).ids])
+        with torch.inference_mode():
+            logit = cross_encoder.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        scores.append(torch.sigmoid(logit[0, 0]).item())
+    return np.array(scores)
+
+
+@pytest.mark.parametrize("tokens", [3, 40])
+def test_rerank_max_tokens_per_doc_scores_the_first_tokens(
+    rerank_server: LiveServer, cross_encoder: Any, tokens: int
+) -> None:
+    """Cohere v2's max_tokens_per_doc: each document as if it had been sent that short."""
+    with rerank_server.client() as client:
+        reply = client.post(
+            "/v2/rerank",
+            json={"query": QUERY, "documents": DOCUMENTS, "max_tokens_per_doc": tokens},
+        )
+    assert reply.status_code == 200, reply.text
+    scores = {r["index"]: r["relevance_score"] for r in reply.json()["results"]}
+    got = np.array([scores[i] for i in range(len(DOCUMENTS))])
+    expected = cut_document_scores(cross_encoder, QUERY, DOCUMENTS, tokens)
+    np.testing.assert_allclose(got, expected, atol=ATOL)
+    # The long document's score moved; a short one's did not.
+    whole = rerank(rerank_server, QUERY, DOCUMENTS)
+    assert abs(got[2] - whole[2]) > 10 * ATOL
+    assert got[3] == pytest.approx(whole[3], abs=ATOL) or tokens < 4
+
+
 # --- tokenizer processes -----------------------------------------------------
 
 
@@ -152,6 +196,10 @@ def test_tokenizer_processes_give_the_same_numbers(
     np.testing.assert_allclose(single, vectors, atol=ATOL, rtol=1e-4)
     scores = rerank(processes_server, QUERY, DOCUMENTS)
     expected = cross_encoder.predict([(QUERY, doc) for doc in DOCUMENTS])
+    np.testing.assert_allclose([scores[i] for i in range(len(DOCUMENTS))], expected, atol=ATOL)
+    # Cohere v2's max_tokens_per_doc travels to the tokenizer process.
+    scores = rerank(processes_server, QUERY, DOCUMENTS, max_tokens_per_doc=40)
+    expected = cut_document_scores(cross_encoder, QUERY, DOCUMENTS, 40)
     np.testing.assert_allclose([scores[i] for i in range(len(DOCUMENTS))], expected, atol=ATOL)
 
 

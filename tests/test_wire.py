@@ -29,11 +29,14 @@ def _body(framed: bytes, kind: int) -> bytes:
     call_id=st.integers(0, 2**64 - 1),
     target=st.integers(0, 2**16 - 1),
     operation=st.integers(0, 255),
+    limit=st.integers(0, 2**32 - 1),
     texts=TEXTS,
 )
-def test_texts_arrive_as_sent(call_id: int, target: int, operation: int, texts: list[str]) -> None:
-    body = _body(wire.pack_texts(call_id, target, operation, texts), wire.Kind.CALL)
-    assert wire.unpack_texts(body) == (call_id, target, operation, texts)
+def test_texts_arrive_as_sent(
+    call_id: int, target: int, operation: int, limit: int, texts: list[str]
+) -> None:
+    body = _body(wire.pack_texts(call_id, target, operation, limit, texts), wire.Kind.CALL)
+    assert wire.unpack_texts(body) == (call_id, target, operation, limit, texts)
 
 
 @settings(max_examples=300, deadline=None)

@@ -131,26 +131,29 @@ def unpack_failed(body: bytes) -> tuple[int, dict[str, Any]]:
 
 
 # --- texts and their tokens (tokenizer worker processes) ---------------------------------
-_TEXTS = struct.Struct("<QHBI")  # call id, target (model index), operation, texts
+# call id, target (model index), operation, its limit (pairs: tokens per document, 0: none),
+# texts
+_TEXTS = struct.Struct("<QHBII")
 _TOKENS = struct.Struct("<QI")  # call id, items
 
 
-def pack_texts(call_id: int, target: int, operation: int, texts: Sequence[str]) -> bytes:
+def pack_texts(
+    call_id: int, target: int, operation: int, limit: int, texts: Sequence[str]
+) -> bytes:
     encoded = [text.encode("utf-8", "surrogatepass") for text in texts]
     lengths = struct.pack(f"<{len(encoded)}i", *map(len, encoded))
-    return frame(
-        Kind.CALL, _TEXTS.pack(call_id, target, operation, len(encoded)), lengths, *encoded
-    )
+    head = _TEXTS.pack(call_id, target, operation, limit, len(encoded))
+    return frame(Kind.CALL, head, lengths, *encoded)
 
 
-def unpack_texts(body: bytes) -> tuple[int, int, int, list[str]]:
-    call_id, target, operation, n = _TEXTS.unpack_from(body)
+def unpack_texts(body: bytes) -> tuple[int, int, int, int, list[str]]:
+    call_id, target, operation, limit, n = _TEXTS.unpack_from(body)
     lengths = np.frombuffer(body, dtype="<i4", count=n, offset=_TEXTS.size).tolist()
     texts, start = [], _TEXTS.size + 4 * n
     for length in lengths:
         texts.append(body[start : start + length].decode("utf-8", "surrogatepass"))
         start += length
-    return call_id, target, operation, texts
+    return call_id, target, operation, limit, texts
 
 
 def pack_tokens(

@@ -130,6 +130,41 @@ def test_bad_top_n_is_400(fake_server: LiveServer, top_n: object) -> None:
     assert_error(reply, 400, param="top_n", contains="top_n")
 
 
+# --- max_tokens_per_doc (Cohere v2) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_max_tokens_per_doc_scores_each_documents_first_tokens(
+    fake_server: LiveServer, path: str
+) -> None:
+    """The fake tokenizer gives one token per character: each document is scored as its
+    first three characters would be."""
+    reply = rerank(fake_server, {"query": QUERY, "documents": DOCS, "max_tokens_per_doc": 3}, path)
+    cut = [doc[:3] for doc in DOCS]
+    assert len(set(cut)) == len(cut)
+    assert expected_fake_order(QUERY, cut) != expected_fake_order(QUERY, DOCS)
+    assert [r["index"] for r in reply["results"]] == expected_fake_order(QUERY, cut)
+    for r in reply["results"]:
+        assert r["relevance_score"] == pytest.approx(sigmoid(fake_logit(QUERY, cut[r["index"]])))
+
+
+@pytest.mark.parametrize("tokens", [10**6, 2**70])
+def test_max_tokens_per_doc_beyond_the_model_cuts_nothing(
+    fake_server: LiveServer, tokens: int
+) -> None:
+    body = {"query": QUERY, "documents": DOCS, "max_tokens_per_doc": tokens}
+    reply = rerank(fake_server, body, "/v2/rerank")
+    assert [r["index"] for r in reply["results"]] == expected_fake_order(QUERY, DOCS)
+
+
+@pytest.mark.parametrize("tokens", [0, -1, "3", 1.5, True])
+def test_bad_max_tokens_per_doc_is_400(fake_server: LiveServer, tokens: object) -> None:
+    body = {"query": QUERY, "documents": DOCS, "max_tokens_per_doc": tokens}
+    with fake_server.client() as client:
+        reply = client.post("/v2/rerank", json=body)
+    assert_error(reply, 400, param="max_tokens_per_doc", contains="max_tokens_per_doc")
+
+
 # --- return_documents and document objects --------------------------------------------
 
 
@@ -199,7 +234,6 @@ def test_unknown_fields_are_accepted(fake_server: LiveServer) -> None:
         "query": QUERY,
         "documents": DOCS,
         "max_chunks_per_doc": 10,
-        "max_tokens_per_doc": 4096,
         "rank_fields": ["text"],
         "priority": 0,
         "user": "someone",

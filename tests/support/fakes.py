@@ -168,7 +168,9 @@ class FakeTokenizer:
             raise RuntimeError(f"tokenizer crashed reading {SECRET}")
         return [self.wrap_ids(char_ids(text)) for text in texts]
 
-    def encode_pairs(self, query: str, documents: Sequence[str]) -> list[Encoded]:
+    def encode_pairs(
+        self, query: str, documents: Sequence[str], document_tokens: int | None = None
+    ) -> list[Encoded]:
         self._take_time(len(documents))
         if self.explode and self.explode in query:
             raise RuntimeError(f"tokenizer crashed reading {SECRET}")
@@ -177,7 +179,7 @@ class FakeTokenizer:
         q = char_ids(query)
         encoded = []
         for doc in documents:
-            d = char_ids(doc)
+            d = char_ids(doc)[:document_tokens]
             ids = [BOS, *q[:MAX_LENGTH], SEP, *d[:MAX_LENGTH], EOS]
             full = len(q) + len(d) + 3
             encoded.append(Encoded.of(ids, len(ids) < full, full))

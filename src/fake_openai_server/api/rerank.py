@@ -68,6 +68,7 @@ async def _rerank(body: RerankRequest, request: Request, api_version: str) -> Re
             top_n=top_n,
             raw_scores=body.raw_scores,
             truncate=body.truncation,
+            document_tokens=body.max_tokens_per_doc,
             top_n_param=top_n_param,
         ),
     )

@@ -208,6 +208,12 @@ class RerankRequest(BaseModel):
     truncation: StrictBool | None = Field(
         None, description="Voyage: false answers 400 for an over-long pair instead of cutting"
     )
+    max_tokens_per_doc: StrictInt | None = Field(
+        None,
+        description="Cohere v2: score each document's first this many tokens only "
+        "(absent: the model's whole length)",
+        json_schema_extra={"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]},
+    )
 
     _valid_unicode = model_validator(mode="before")(reject_lone_surrogates)
 

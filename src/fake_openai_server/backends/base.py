@@ -171,8 +171,13 @@ class Tokenizer(Protocol):
         """Tokenize and cut each text to the model's maximum length, special tokens included."""
         ...
 
-    def encode_pairs(self, query: str, documents: Sequence[str]) -> list[Encoded]:
-        """Tokenize (query, document) pairs as the cross-encoder expects, cut to length."""
+    def encode_pairs(
+        self, query: str, documents: Sequence[str], document_tokens: int | None = None
+    ) -> list[Encoded]:
+        """Tokenize (query, document) pairs as the cross-encoder expects, cut to length.
+
+        ``document_tokens`` (Cohere's ``max_tokens_per_doc``): each document is first cut
+        to its first that many tokens, as if it had been sent that short."""
         ...
 
     def wrap_ids(self, ids: Sequence[int]) -> Encoded:

@@ -64,10 +64,15 @@ class FastEncoder(Protocol):
         ...
 
     def encode_pairs(
-        self, query: str, documents: Sequence[str], max_length: int
+        self,
+        query: str,
+        documents: Sequence[str],
+        max_length: int,
+        document_tokens: int | None = None,
     ) -> list[list[int]]:
         """``tokenizer([query] * n, list(documents), truncation="longest_first",
-        max_length=max_length)["input_ids"]``."""
+        max_length=max_length)["input_ids"]``; with ``document_tokens``, each document's
+        ids cut to their first that many before the pair is joined."""
         ...
 
 
@@ -168,13 +173,17 @@ class RustEncoder:
         return [e.ids for e in self._plain.encode_batch_fast(list(texts))]
 
     def encode_pairs(
-        self, query: str, documents: Sequence[str], max_length: int
+        self,
+        query: str,
+        documents: Sequence[str],
+        max_length: int,
+        document_tokens: int | None = None,
     ) -> list[list[int]]:
         assert self._pairs is not None  # unsupported() said so
         texts = [query, *documents]
         encodings = self._plain.encode_batch_fast(texts, add_special_tokens=False)
         first, *seconds = (e.ids for e in encodings)
-        return [self._pairs.join(first, second, max_length) for second in seconds]
+        return self._pairs.join_all(first, seconds, max_length, document_tokens)
 
 
 def _backend_copy(tokenizer: Any) -> Tokenizer:
@@ -255,10 +264,14 @@ class MecabWordPieceEncoder:
         return self._encode(list(texts), special=True)
 
     def encode_pairs(
-        self, query: str, documents: Sequence[str], max_length: int
+        self,
+        query: str,
+        documents: Sequence[str],
+        max_length: int,
+        document_tokens: int | None = None,
     ) -> list[list[int]]:
         first, *seconds = self._encode([query, *documents], special=False)
-        return [self._pairs.join(first, second, max_length) for second in seconds]
+        return self._pairs.join_all(first, seconds, max_length, document_tokens)
 
     def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
         """Each text's ids, with or without the special tokens around them."""
@@ -369,6 +382,19 @@ class _PairTemplate:
     suffix: list[int]
     side: str  # which end truncation cuts: "right" or "left"
     rust: bool  # the Rust library's longest_first arithmetic, else transformers' Python one
+
+    def join_all(
+        self,
+        first: list[int],
+        seconds: Sequence[list[int]],
+        max_length: int,
+        second_tokens: int | None = None,
+    ) -> list[list[int]]:
+        """``first`` joined with each of ``seconds``, each cut to its first
+        ``second_tokens`` ids beforehand (None: as they are)."""
+        if second_tokens is not None:
+            seconds = [second[:second_tokens] for second in seconds]
+        return [self.join(first, second, max_length) for second in seconds]
 
     def join(self, first: list[int], second: list[int], max_length: int) -> list[int]:
         special = len(self.prefix) + len(self.middle) + len(self.suffix)

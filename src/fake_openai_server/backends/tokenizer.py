@@ -124,13 +124,17 @@ class HFTokenizer:
         ids = tokenizer(cut, truncation=True, max_length=self.max_length + 1)["input_ids"]
         return [fit(row, self.max_length, self._end) for row in ids]
 
-    def encode_pairs(self, query: str, documents: Sequence[str]) -> list[Encoded]:
+    def encode_pairs(
+        self, query: str, documents: Sequence[str], document_tokens: int | None = None
+    ) -> list[Encoded]:
         query = cut_text(query, self.max_length)
         docs = [cut_text(doc, self.max_length) for doc in documents]
         if self._fast is not None:
-            pairs = self._fast.encode_pairs(query, docs, self.max_length)
+            pairs = self._fast.encode_pairs(query, docs, self.max_length, document_tokens)
             return [Encoded.of(ids) for ids in pairs]
         tokenizer = self._tokenizers.get()
+        if document_tokens is not None:
+            docs = _first_tokens(tokenizer, docs, document_tokens)
         ids = tokenizer(
             [query] * len(docs), docs, truncation="longest_first", max_length=self.max_length
         )["input_ids"]
@@ -139,3 +143,14 @@ class HFTokenizer:
     def wrap_ids(self, ids: Sequence[int]) -> Encoded:
         wrapped = self._tokenizers.get().build_inputs_with_special_tokens(list(ids))
         return fit(list(wrapped), self.max_length, self._end)
+
+
+def _first_tokens(tokenizer: Any, texts: list[str], count: int) -> list[str]:
+    """Each text cut to its first ``count`` tokens, for a tokenizer without the fast path:
+    a longer text becomes the decoding of those tokens, which reads back as them or very
+    nearly (the fast paths cut the ids themselves, exactly)."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [
+        text if len(row) <= count else tokenizer.decode(row[:count])
+        for text, row in zip(texts, ids, strict=True)
+    ]

@@ -71,12 +71,15 @@ class RerankService:
         top_n: int | None = None,
         raw_scores: bool = False,
         truncate: bool | None = None,
+        document_tokens: int | None = None,
         documents_param: str = "documents",
         top_n_param: str = "top_n",
     ) -> RerankResult:
         """``truncate=False`` (TEI ``truncate``, Voyage ``truncation``) refuses pairs that
         fill the model's whole length instead of cutting them, ``True`` cuts them, and
         ``None`` does as the server's TRUNCATE says.
+        ``document_tokens`` (Cohere's ``max_tokens_per_doc``) scores each document's first
+        that many tokens only, as if it had been sent that short.
         ``documents_param`` and ``top_n_param`` name the fields the documents and top_n
         came in (Voyage: top_k), for the error messages."""
         name = self.names.resolve(model)
@@ -103,6 +106,15 @@ class RerankService:
                 f"got {excerpt(str(top_n), 20)}.",
                 param=top_n_param,
             )
+        if document_tokens is not None and document_tokens < 1:
+            raise ServiceError(
+                ErrorKind.INVALID_REQUEST,
+                "max_tokens_per_doc must be 1 or more (absent: the model's whole length); "
+                f"got {excerpt(str(document_tokens), 20)}.",
+                param="max_tokens_per_doc",
+            )
+        if document_tokens is not None and document_tokens >= self.models[name].info.max_length:
+            document_tokens = None  # no pair is longer than that anyway
         check_texts([query], "query", limits.max_input_chars, indexed=False)
         check_texts(documents, documents_param, limits.max_input_chars)
 
@@ -117,7 +129,9 @@ class RerankService:
             tokens.add(encoded)
             return await self._engine.submit(name, [item.ids for item in encoded], flow)
 
-        prepare = partial(self._tokenizers.encode_pairs, name, query)
+        prepare = partial(
+            self._tokenizers.encode_pairs, name, query, document_tokens=document_tokens
+        )
         sizes = self._tokenizers.chunk_sizes(len(documents))
         rows = await pipeline(prepare, documents, run, sizes, self._tokenizers.parallel())
         # Each row holds the raw logit and the model's own activation of it.

@@ -242,22 +242,32 @@ class TokenizerPool:
         return sum(worker.alive for worker in self.workers) or THREADS
 
     async def encode(self, model: str, texts: Sequence[str]) -> list[Encoded]:
-        return await self._run(model, ENCODE, list(texts))
+        return await self._run(model, ENCODE, 0, list(texts))
 
-    async def encode_pairs(self, model: str, query: str, documents: Sequence[str]) -> list[Encoded]:
-        return await self._run(model, PAIRS, [query, *documents])
+    async def encode_pairs(
+        self,
+        model: str,
+        query: str,
+        documents: Sequence[str],
+        document_tokens: int | None = None,
+    ) -> list[Encoded]:
+        return await self._run(model, PAIRS, document_tokens or 0, [query, *documents])
 
-    async def _run(self, model: str, operation: int, texts: list[str]) -> list[Encoded]:
+    async def _run(self, model: str, operation: int, limit: int, texts: list[str]) -> list[Encoded]:
         target = self._index[model]
         tokenizer = self._tokenizers[target]
         worker = await self._process_for(len(texts)) if self.workers else None
         if worker is None:  # no tokenizer processes: here
             if len(texts) <= INLINE_TEXTS and sum(map(len, texts)) <= INLINE_CHARS:
-                return tokenize(tokenizer, operation, texts)
+                return tokenize(tokenizer, operation, limit, texts)
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._threads, tokenize, tokenizer, operation, texts)
+            return await loop.run_in_executor(
+                self._threads, tokenize, tokenizer, operation, limit, texts
+            )
         try:
-            answer = worker.call(lambda call_id: wire.pack_texts(call_id, target, operation, texts))
+            answer = worker.call(
+                lambda call_id: wire.pack_texts(call_id, target, operation, limit, texts)
+            )
         except BaseException:
             self._release(worker, len(texts))
             raise
