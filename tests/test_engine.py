@@ -479,6 +479,8 @@ async def test_a_dying_engine_leaves_nothing_counted_in_its_queue(engine_factory
     # those still queued (503, retry: it had been told 500 too, seen failing).
     kinds = [error.kind for error in results if isinstance(error, ServiceError)]
     assert kinds == [ErrorKind.MODEL_FAILURE] + [ErrorKind.NOT_READY] * 3, kinds
+    # Only the pass that ran failed on the model (/ready's "failing" counts these).
+    assert engine.stats()[MODEL]["failed_batches"] == 1
     queue = engine.lane(MODEL).queue
     assert (queue.items, queue.tokens, len(queue), engine.queued_tokens(MODEL)) == (0, 0, 0, 0)
     for _ in range(600):  # back within 30 s
@@ -487,6 +489,28 @@ async def test_a_dying_engine_leaves_nothing_counted_in_its_queue(engine_factory
         await asyncio.sleep(0.05)
     assert (await engine.submit(MODEL, [ids(9)]))[0, 0] == 9  # back, and counting right
     assert engine.queued_tokens(MODEL) == 0
+
+
+@pytest.mark.anyio
+async def test_a_restarted_engine_starts_with_no_failures(engine_factory: Any) -> None:
+    """/ready says "failing" after FAILING_AFTER failed batches until one succeeds; a new
+    engine process starts afresh. Carried over, it had kept /ready at 503 after a crash,
+    and a pod that /ready keeps out of its Service gets no request to clear it."""
+    poison, die = char_ids("☠")[0], char_ids("✝")[0]
+    engine, _ = await engine_factory(
+        delay=0.02, max_batch_size=1, triggers={"☠": "raise", "✝": "die"}
+    )
+    for _ in range(3):
+        with pytest.raises(ServiceError):
+            await engine.submit(MODEL, [ids(poison)])
+    assert engine.readiness()[0] == "failing"
+    with pytest.raises(ServiceError):
+        await asyncio.wait_for(engine.submit(MODEL, [ids(die)]), 10)
+    for _ in range(600):  # back within 30 s
+        if engine.state == "ready":
+            break
+        await asyncio.sleep(0.05)
+    assert engine.readiness() == ("ready", None)  # with no request served since
 
 
 @pytest.mark.anyio

@@ -494,15 +494,15 @@ class Engine:
         except WorkerGone:
             # The process ended with this batch in it. Shutting down: the grace period
             # is over (503). Otherwise it died: the batch that was running failed, those
-            # behind it never ran.
+            # behind it never ran (503, and no failure of the model's: counted, they had
+            # kept /ready at "failing" after two crashes, with nothing failing since).
             if self.state == "stopping":
-                error = server_stopping()
+                self._fail_batch(batch, server_stopping())
             elif flight is self._running_at_exit:
-                error = model_failure()
                 self._running_at_exit = None  # nothing of it kept
+                self._failed(flight, model_failure())
             else:
-                error = not_ready_restarting()
-            self._failed(flight, error)
+                self._fail_batch(batch, not_ready_restarting())
             return
         lane.consecutive_failures = 0
         for item, row in zip(batch, out, strict=True):
@@ -637,6 +637,10 @@ class Engine:
                 log.error("the restarted engine serves other models; giving up")
                 break
             self.state, self.detail = "ready", None
+            for lane in self._lanes.values():
+                # A new process: the old one's failures say nothing of it (and a pod that
+                # /ready keeps out of its Service would get no request to prove it well).
+                lane.consecutive_failures = 0
             self._wake.set()
             log.info("engine restarted (%d restarts so far)", self.restarts)
             return
