@@ -19,7 +19,7 @@ from functools import partial
 from typing import Literal
 
 from fake_openai_server.backends.base import ModelInfo, Plugin, Tokenizer
-from fake_openai_server.engine.core import Engine
+from fake_openai_server.engine.core import Engine, server_stopping
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.families import family_for, with_overrides
 from fake_openai_server.memory import AfterOverload
@@ -68,6 +68,9 @@ class Runtime:
         self.embeddings: EmbeddingsService | None = None
         self.rerank: RerankService | None = None
         self.tokens: Tokens | None = None  # TEI's /tokenize and /decode
+        # The requests being answered, each by what ends it with an error (refuse_waiting).
+        self.answering: set[Callable[[ServiceError], None]] = set()
+        self.refusing: ServiceError | None = None  # refuse_waiting's error, once called
         self.models: dict[str, ModelInfo] = {}
         self.tokenizer_kinds: dict[str, str] = {}
         self.engine = Engine(
@@ -248,8 +251,15 @@ class Runtime:
         return self.engine.stats()
 
     def refuse_waiting(self) -> None:
-        """The drain's time is nearly up: see ``Engine.refuse_waiting``."""
+        """The drain's time is nearly up: answer every request still waiting, and every
+        one that comes from now on, with 503 "shutting down" while their clients still
+        wait for a reply (uvicorn cancels what is left at the end: a bare text 500).
+        Those in the engine (``Engine.refuse_waiting``), and those anywhere else: waiting
+        for a tokenizer, or on their way to the engine."""
+        self.refusing = server_stopping()
         self.engine.refuse_waiting()
+        for refuse in list(self.answering):
+            refuse(self.refusing)
 
     async def stop(self) -> None:
         self.state = "stopping"

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -203,13 +204,29 @@ def test_plain_logs_keep_an_errors_type_and_frames_but_not_its_message(tmp_path:
     assert "/x\\x0a2026-01-01" in log
 
 
-def test_requests_the_grace_cannot_wait_for_get_a_503_before_it_ends(tmp_path: Path) -> None:
-    """A pass longer than SHUTDOWN_GRACE_SECONDS: uvicorn cancels what is left when the
-    grace is up, and a cancelled request got a bare text 500 and a traceback in the log.
-    Now the requests still waiting are answered 503 "shutting down" (the envelope) just
-    before, and the engine, whose batch nobody waits for any more, is not waited for."""
-    settings = {"service_type": "embeddings", "warmup": False, "shutdown_grace_seconds": 2}
-    with fake_cli(settings, {"delay": 20}, tmp_path) as server:
+@pytest.mark.parametrize(
+    ("stuck", "options"),
+    [
+        pytest.param({}, {"delay": 20}, id="model"),
+        # Waiting for a tokenizer process (a hung one, or a long queue of bulk texts):
+        # such requests had been left to uvicorn's cancellation (found by a run audit).
+        pytest.param({"tokenizer_workers": 1}, {"tokenizer_delay": 20}, id="tokenizer"),
+    ],
+)
+def test_requests_the_grace_cannot_wait_for_get_a_503_before_it_ends(
+    tmp_path: Path, stuck: dict[str, Any], options: dict[str, Any]
+) -> None:
+    """A pass (or a tokenizer call) longer than SHUTDOWN_GRACE_SECONDS: uvicorn cancels
+    what is left when the grace is up, and a cancelled request got a bare text 500 and a
+    traceback in the log. Now the requests still waiting are answered 503 "shutting down"
+    (the envelope) just before, and the work nobody waits for any more is not waited for."""
+    settings = {
+        "service_type": "embeddings",
+        "warmup": False,
+        "shutdown_grace_seconds": 2,
+        **stuck,
+    }
+    with fake_cli(settings, options, tmp_path) as server:
         process = server.process
         assert process is not None
         with ThreadPoolExecutor(3) as pool:

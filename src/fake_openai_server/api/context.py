@@ -7,6 +7,7 @@ connected, and cancels the work (with its queued items) when either runs out.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -32,7 +33,8 @@ def runtime(request: Request) -> Runtime:
 
 async def answer_in_time(request: Request, work: Awaitable[T]) -> T:
     """Await ``work``, cancelling it (and its queued items) if the client goes away or
-    REQUEST_TIMEOUT passes first (then the reply is 504).
+    REQUEST_TIMEOUT passes first (then the reply is 504), or the server's drain is nearly
+    over (``Runtime.refuse_waiting``: 503 "shutting down").
 
     ``work`` runs in the request's own task. A request answered within ``WATCH_AFTER``
     (most are) costs one timer and nothing else. One still running then gets a watcher
@@ -40,12 +42,23 @@ async def answer_in_time(request: Request, work: Awaitable[T]) -> T:
     request's task at whichever comes first: the queued work of a client that left is
     dropped by ``WATCH_AFTER`` at the latest (what reached the model by then still runs).
     """
-    timeout = runtime(request).settings.request_timeout
+    rt = runtime(request)
+    if rt.refusing is not None:  # the drain's time is up
+        if inspect.iscoroutine(work):
+            work.close()
+        raise rt.refusing
+    timeout = rt.settings.request_timeout
     request_task = asyncio.current_task()
     assert request_task is not None  # a route runs in its request's task
     first = min(WATCH_AFTER, timeout)  # when watching starts (never after the timeout)
-    why: type[ClientGone] | type[TimeoutError] | None = None
+    why: type[ClientGone] | type[TimeoutError] | ServiceError | None = None
     watcher: asyncio.Task[None] | None = None
+
+    def refuse(error: ServiceError) -> None:
+        nonlocal why
+        if why is None:
+            why = error
+            request_task.cancel()
 
     async def watch(remaining: float) -> None:
         nonlocal why
@@ -53,22 +66,27 @@ async def answer_in_time(request: Request, work: Awaitable[T]) -> T:
             async with asyncio.timeout(remaining):
                 while (await request.receive())["type"] != "http.disconnect":
                     pass
-            why = ClientGone
+            gone: type[ClientGone] | type[TimeoutError] = ClientGone
         except TimeoutError:
-            why = TimeoutError
-        request_task.cancel()
+            gone = TimeoutError
+        if why is None:  # not refused meanwhile
+            why = gone
+            request_task.cancel()
 
     def start_watching() -> None:
         nonlocal watcher
         watcher = asyncio.ensure_future(watch(timeout - first))
 
     later = asyncio.get_running_loop().call_later(first, start_watching)
+    rt.answering.add(refuse)
     try:
         return await work
     except asyncio.CancelledError:
         if why is None:
             raise  # the server's own cancellation (shutdown): not ours to answer
         request_task.uncancel()
+        if isinstance(why, ServiceError):
+            raise why from None
         if why is ClientGone:
             raise ClientGone from None
         raise ServiceError(
@@ -77,6 +95,7 @@ async def answer_in_time(request: Request, work: Awaitable[T]) -> T:
             "(the server is overloaded or the input is large); retry, or send fewer inputs.",
         ) from None
     finally:
+        rt.answering.discard(refuse)
         later.cancel()
         if watcher is not None:
             watcher.cancel()

@@ -357,6 +357,9 @@ class TokenizerPool:
             self._watchdog.cancel()
         for task in list(self._respawning):
             task.cancel()
+        for worker in self.workers:
+            if worker.waiting:  # the drain is over: nobody waits for these answers now
+                worker.kill()
         await asyncio.gather(*(worker.stop() for worker in self.workers), return_exceptions=True)
         self.workers.clear()
         self._threads.shutdown(wait=False, cancel_futures=True)
