@@ -155,6 +155,35 @@ def test_the_servers_own_wait_is_not_the_clients() -> None:
     assert data.endswith(b"0123456789")
 
 
+def test_a_client_that_leaves_with_requests_pipelined_is_no_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """uvicorn told only the newest request that its client had gone: the older one, being
+    answered, wrote to the closed connection, and each such client cost an ERROR traceback
+    ("Exception in ASGI application"; found by a run audit)."""
+    app = FastAPI()
+    answered = []
+
+    @app.post("/slow")
+    async def slow(request: Request) -> dict[str, bool]:
+        await request.body()
+        await asyncio.sleep(0.3)
+        answered.append(True)
+        return {"ok": True}
+
+    with caplog.at_level(logging.ERROR), serve_app(app, wait=False) as server:
+        for _ in range(3):
+            with server.connect() as sock:
+                sock.sendall(_head("/slow", 2) + b"{}" + _head("/slow", 2) + b"{}")
+                time.sleep(0.1)  # the first is being answered; the second waits behind it
+            time.sleep(0.5)
+        with server.client() as client:
+            assert client.post("/slow", content=b"{}").status_code == 200
+    assert len(answered) >= 4  # the three first requests ran, and the last one
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+
+
 # --- the other way: a client that does not take its reply ---------------------------------
 @pytest.fixture(scope="module")
 def big_replies() -> Iterator[LiveServer]:

@@ -52,7 +52,8 @@ import struct
 
 import httptools
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGI3Application
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from fake_openai_server.api.errors import error_body
 from fake_openai_server.errors import ErrorKind, ServiceError
@@ -172,10 +173,23 @@ class Connection(HttpToolsProtocol):
         self._heard, self._lingered, self._linger_until = False, 0, 0.0
         self._dropped = 0  # bytes of answered requests' bodies dropped, on this connection
         self._message_in = False  # the request now being read has arrived whole
+        # The request being answered (pipelined ones wait behind it).
+        self._running: RequestResponseCycle | None = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._deadline.cancel()
+        # uvicorn tells only the newest request that its client is gone: with requests
+        # pipelined, the one running is an older one, which then wrote its reply to the
+        # closed transport (an ERROR traceback for every such connection).
+        for cycle in (self._running, *(waiting for waiting, _ in self.pipeline)):
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
         super().connection_lost(exc)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
 
     def on_message_begin(self) -> None:
         if self._receiving_since is None:
