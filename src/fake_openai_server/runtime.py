@@ -37,6 +37,9 @@ State = Literal["loading", "ready", "failed", "stopping"]
 
 # How often the event loop's lag is measured (it shows on /metrics).
 LAG_INTERVAL = 0.25
+# How often a model whose batches keep failing is tried with a text of the server's own.
+PROBE_SECONDS = 10.0
+PROBE_TEXT = "probe"
 
 
 def check_limits(settings: Settings, models: list[ModelInfo]) -> None:
@@ -86,12 +89,13 @@ class Runtime:
         self.metrics.track_tokenizer_processes(
             lambda: [w.pid for w in self.tokenizers.workers if w.alive and w.pid is not None]
         )
-        self._lag: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []  # the runtime's own, until stop()
 
     async def start(self) -> None:
         """Start the engine and open the tokenizers; on failure, record why (``/ready`` says)."""
         started = time.perf_counter()
-        self._lag = asyncio.get_running_loop().create_task(self._measure_lag(), name="loop-lag")
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._measure_lag(), name="loop-lag"))
         # The tokenizer libraries load here while the engine process loads the models.
         preparing = asyncio.ensure_future(asyncio.to_thread(self._prepare_tokenizers))
         try:
@@ -123,6 +127,9 @@ class Runtime:
                 # Retrieved, or asyncio prints its traceback when the engine failed first.
                 preparing.exception()
         self._build(models, tokenizers)
+        self._tasks.append(
+            asyncio.get_running_loop().create_task(self._probe_failing(), name="probe-failing")
+        )
         if self.on_ready is not None:
             self.on_ready()  # before /ready says so: no request waits for it
         self.state = "ready"
@@ -209,6 +216,29 @@ class Runtime:
             if self.state == "ready":
                 overload.observe(self.engine.queued_items + self.engine.in_flight)
 
+    async def _probe_failing(self) -> None:
+        """A model whose last batches failed keeps /ready at 503 "failing" until a batch
+        of it succeeds, and a pod that its readinessProbe takes out of the Service gets no
+        request to prove it well again (a CUDA out-of-memory while another process held
+        the device, say). So every PROBE_SECONDS such a model is sent one short text of
+        the server's own, tokenized and run as a request's: when it answers, /ready is
+        200 again (and while it fails, its batch failures go on counting)."""
+        while True:
+            await asyncio.sleep(PROBE_SECONDS)
+            if self.state != "ready" or self.engine.state != "ready":
+                continue
+            for name in self.engine.failing():
+                try:
+                    if self.models[name].task == "rerank":
+                        encoded = await self.tokenizers.encode_pairs(name, PROBE_TEXT, [PROBE_TEXT])
+                    else:
+                        encoded = await self.tokenizers.encode(name, [PROBE_TEXT])
+                    await self.engine.submit(name, [encoded[0].ids])
+                except Exception as exc:
+                    log.debug("%s: the probe failed (%s)", name, type(exc).__name__)
+                else:
+                    log.info("%s: a probe batch succeeded; serving again", name)
+
     def require_embeddings(self) -> EmbeddingsService:
         self.require_ready()
         assert self.embeddings is not None
@@ -263,12 +293,14 @@ class Runtime:
 
     async def stop(self) -> None:
         self.state = "stopping"
-        if self._lag is not None:
-            self._lag.cancel()
-            # Whatever became of it, the engine and the tokenizers are stopped below.
-            (ended,) = await asyncio.gather(self._lag, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        # Whatever became of them, the engine and the tokenizers are stopped below.
+        for task, ended in zip(
+            self._tasks, await asyncio.gather(*self._tasks, return_exceptions=True), strict=True
+        ):
             if isinstance(ended, Exception):
-                log.error("the loop-lag task had failed", exc_info=ended)
+                log.error("the task %s had failed", task.get_name(), exc_info=ended)
         try:
             await self.engine.stop()
         finally:

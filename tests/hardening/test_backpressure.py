@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from fake_openai_server import runtime as runtime_module
 from fake_openai_server.api.app import build_app
 from fake_openai_server.api.context import WATCH_AFTER
 from fake_openai_server.engine.core import FAILING_AFTER
@@ -254,6 +255,45 @@ def test_ready_reports_a_model_that_keeps_failing(poisoned_server: LiveServer) -
         reply = client.post("/v1/embeddings", json={"input": "回復"})
         assert reply.status_code == 200
         assert _ready(base) == (200, {"status": "ready"})
+
+
+def _fail_until_failing(client: httpx.Client, text: str) -> None:
+    for attempt in range(FAILING_AFTER):
+        reply = client.post("/v1/embeddings", json={"input": text})
+        assert reply.status_code == 500, (attempt, reply.text)
+
+
+def test_a_failing_model_is_tried_again_without_a_request(
+    poisoned_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod that its readinessProbe takes out of the Service gets no request, and a
+    success was the only way back to ready: a model that had failed a few batches (an
+    out-of-memory while another process held the GPU) stayed out for good. Now the server
+    tries it with a text of its own every PROBE_SECONDS."""
+    monkeypatch.setattr(runtime_module, "PROBE_SECONDS", 0.3)
+    base = poisoned_server.base_url
+    with httpx.Client(base_url=base, timeout=30) as client:
+        _fail_until_failing(client, POISON)
+    deadline = time.monotonic() + 10
+    while _ready(base)[0] != 200:  # and no request is sent
+        assert time.monotonic() < deadline, _ready(base)
+        time.sleep(0.1)
+    assert _ready(base) == (200, {"status": "ready"})
+    assert metric(base, "fos_batch_failures_total", model="cl-nagoya/ruri-large") == FAILING_AFTER
+
+
+def test_a_model_that_fails_its_probes_stays_failing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime_module, "PROBE_SECONDS", 0.2)
+    app = build_app(
+        Settings(service_type="embeddings", warmup=False), fake_plugin(model_raise=True)
+    )
+    with serve_app(app) as server, httpx.Client(base_url=server.base_url, timeout=30) as client:
+        _fail_until_failing(client, "何でも")
+        time.sleep(1.0)  # probes come and fail
+        status, body = _ready(server.base_url)
+        assert (status, body["status"]) == (503, "failing")
+        failures = metric(server.base_url, "fos_batch_failures_total", model="cl-nagoya/ruri-large")
+        assert failures > FAILING_AFTER  # the probes' batches failed too
 
 
 # --- a queue of 100,000 items --------------------------------------------------------------

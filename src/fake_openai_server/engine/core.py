@@ -650,12 +650,15 @@ class Engine:
         if self.on_fatal is not None:
             self.on_fatal(self.detail)
 
+    def failing(self) -> list[str]:
+        """The models whose last FAILING_AFTER batches or more failed (/ready: 503 "failing"
+        until one of theirs succeeds)."""
+        return [n for n, lane in self._lanes.items() if lane.consecutive_failures >= FAILING_AFTER]
+
     def readiness(self) -> tuple[str, str | None]:
         if self.state != "ready":
             return self.state, self.detail
-        failing = [
-            n for n, lane in self._lanes.items() if lane.consecutive_failures >= FAILING_AFTER
-        ]
+        failing = self.failing()
         if failing:
             names = ", ".join(failing)
             return "failing", f"the last {FAILING_AFTER} or more batches failed on {names}"
