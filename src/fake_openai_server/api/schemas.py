@@ -179,7 +179,11 @@ class EmbeddingsResponse(BaseModel):
 class DocumentObject(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    text: StrictStr | None = None
+    # What the document is ranked on by default: not blank (a blank one is refused unless
+    # rank_fields names another field; the schema says what a client should send).
+    text: StrictStr | None = Field(
+        None, json_schema_extra={"anyOf": [{"type": "string", "pattern": r"\S"}, {"type": "null"}]}
+    )
 
 
 class RerankRequest(BaseModel):
