@@ -127,9 +127,7 @@ class Runtime:
                 # Retrieved, or asyncio prints its traceback when the engine failed first.
                 preparing.exception()
         self._build(models, tokenizers)
-        self._tasks.append(
-            asyncio.get_running_loop().create_task(self._probe_failing(), name="probe-failing")
-        )
+        self._tasks.append(loop.create_task(self._probe_failing(), name="probe-failing"))
         if self.on_ready is not None:
             self.on_ready()  # before /ready says so: no request waits for it
         self.state = "ready"
