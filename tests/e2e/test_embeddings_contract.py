@@ -147,6 +147,16 @@ def test_dimensions_truncates(embeddings_server: LiveServer, fmt: str) -> None:
         np.testing.assert_allclose(got, full[:n], atol=1e-6)
 
 
+@pytest.mark.parametrize("field", ["dimensions", "output_dimension"])
+def test_a_whole_number_with_a_fraction_is_an_integer(
+    embeddings_server: LiveServer, field: str
+) -> None:
+    """16.0 is an integer to JSON Schema, and the OpenAPI document says integer."""
+    full = vectors(embed(embeddings_server, {"input": JA}))[0]
+    got = vectors(embed(embeddings_server, {"input": JA, field: 16.0}))[0]
+    np.testing.assert_allclose(got, full[:16], atol=1e-6)
+
+
 @pytest.mark.parametrize("dimensions", [0, -1, STANDIN_DIM + 1, 10_000, "16", 1.5, True])
 def test_bad_dimensions_are_400(embeddings_server: LiveServer, dimensions: object) -> None:
     with embeddings_server.client() as client:

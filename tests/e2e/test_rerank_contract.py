@@ -123,6 +123,14 @@ def test_top_n_below_the_count_cuts_to_the_best(rerank_server: LiveServer, top_n
     assert [r["index"] for r in cut] == [r["index"] for r in full[:top_n]]
 
 
+@pytest.mark.parametrize("field", ["top_n", "top_k"])
+def test_a_whole_number_with_a_fraction_is_an_integer(fake_server: LiveServer, field: str) -> None:
+    """2.0 is an integer to JSON Schema, and the OpenAPI document says integer."""
+    reply = rerank(fake_server, {"query": QUERY, "documents": DOCS, field: 2.0})
+    results = reply["data"] if field == "top_k" else reply["results"]
+    assert [r["index"] for r in results] == expected_fake_order(QUERY, DOCS)[:2]
+
+
 @pytest.mark.parametrize("top_n", [-1, -100, "3", 1.5, True])
 def test_bad_top_n_is_400(fake_server: LiveServer, top_n: object) -> None:
     with fake_server.client() as client:

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from fake_openai_server.api.schemas import Text, Texts, TokenId, reject_lone_surrogates
+from fake_openai_server.api.schemas import Count, Text, Texts, TokenId, reject_lone_surrogates
 
 _LOOSE = ConfigDict(extra="ignore")
 _valid_unicode = model_validator(mode="before")(reject_lone_surrogates)
 
 OptionalInt = Annotated[
-    StrictInt | None,
+    Count | None,
     Field(json_schema_extra={"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]}),
 ]
 
@@ -202,7 +202,7 @@ class OllamaRerankRequest(BaseModel):
     model: StrictStr | None = None
     query: Text
     documents: Texts
-    top_n: StrictInt | None = Field(
+    top_n: Count | None = Field(
         None, json_schema_extra={"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}]}
     )
 
@@ -272,7 +272,7 @@ class CohereEmbedRequest(BaseModel):
     output_dimension: OptionalInt = Field(None, description="v2: keep the first N dimensions")
     # Cohere v2: only values at or above the model's maximum are accepted (undocumented
     # here, since that depends on the model).
-    max_tokens: SkipJsonSchema[StrictInt | None] = None
+    max_tokens: SkipJsonSchema[Count | None] = None
 
     _valid_unicode = _valid_unicode
 

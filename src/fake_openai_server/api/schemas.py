@@ -11,7 +11,16 @@ import re
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 
@@ -66,6 +75,19 @@ class ErrorResponse(BaseModel):
 Text = Annotated[StrictStr, Field(json_schema_extra={"minLength": 1, "pattern": r"\S"})]
 Texts = Annotated[list[Text], Field(json_schema_extra={"minItems": 1})]
 TokenId = Annotated[StrictInt, Field(json_schema_extra={"minimum": 0})]
+
+
+def _whole(value: object) -> object:
+    """216.0 as 216: JSON Schema's integer is any number without a fraction, and the
+    OpenAPI document says integer. Strings and booleans stay refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# A count or size field (dimensions, top_n, ...): an integer, or a number that is one.
+# (Not token ids: a list of thousands, where a Python call each would cost.)
+Count = Annotated[StrictInt, BeforeValidator(_whole)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 EmbeddingInput = (
     Text | Texts | TokenIds | Annotated[list[TokenIds], Field(json_schema_extra={"minItems": 1})]
@@ -82,7 +104,7 @@ class EmbeddingsRequest(BaseModel):
     encoding_format: Literal["float", "base64"] | None = Field(
         None, description="float (default) or base64 (little-endian float32)"
     )
-    dimensions: StrictInt | None = Field(
+    dimensions: Count | None = Field(
         None,
         description="Keep the first N dimensions",
         json_schema_extra={"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]},
@@ -106,7 +128,7 @@ class EmbeddingsRequest(BaseModel):
     embedding_type: Literal["float", "base64", "int8", "uint8", "binary", "ubinary"] | None = Field(
         None, description="Jina: the vectors as float, base64 (float32) or quantized"
     )
-    output_dimension: StrictInt | None = Field(
+    output_dimension: Count | None = Field(
         None,
         description="Voyage: keep the first N dimensions (as dimensions)",
         json_schema_extra={"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]},
@@ -192,7 +214,7 @@ class RerankRequest(BaseModel):
     query: Text
     documents: Annotated[list[Text | DocumentObject], Field(json_schema_extra={"minItems": 1})]
     model: StrictStr | None = None
-    top_n: StrictInt | None = Field(
+    top_n: Count | None = Field(
         None,
         description="Results to return; absent, null, 0 or >= the count: every document",
         json_schema_extra={"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}]},
@@ -204,7 +226,7 @@ class RerankRequest(BaseModel):
         None, description="For object documents: the fields to rank on (default: text)"
     )
     raw_scores: StrictBool = Field(False, description="Return logits instead of sigmoid scores")
-    top_k: StrictInt | None = Field(
+    top_k: Count | None = Field(
         None,
         description="Voyage's name for top_n; a request with it gets Voyage's reply (data)",
         json_schema_extra={"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}]},
@@ -212,7 +234,7 @@ class RerankRequest(BaseModel):
     truncation: StrictBool | None = Field(
         None, description="Voyage: false answers 400 for an over-long pair instead of cutting"
     )
-    max_tokens_per_doc: StrictInt | None = Field(
+    max_tokens_per_doc: Count | None = Field(
         None,
         description="Cohere v2: score each document's first this many tokens only "
         "(absent: the model's whole length)",
