@@ -14,7 +14,17 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fake_openai_server"
 
-LEAVES = {"errors", "settings", "wire", "workers", "logs", "families", "memory", "metrics"}
+LEAVES = {
+    "errors",
+    "settings",
+    "wire",
+    "workers",
+    "logs",
+    "families",
+    "memory",
+    "metrics",
+    "cpus",
+}
 # What each layer may import from the package (besides itself and the leaves).
 ALLOWED = {
     "api": {"runtime", "service", "backends.base", "backends.vocabulary"},

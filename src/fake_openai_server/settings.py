@@ -137,8 +137,9 @@ class Settings(BaseSettings):
     tokenizer_workers: int | None = Field(
         None,
         ge=0,
-        description="Tokenizer processes (default: on a GPU host half the cores up to 8; on a "
-        "CPU host 0, tokenizing on two threads of the server)",
+        description="Tokenizer processes (default: on a GPU host half the cores up to 8, a "
+        "container's CPU limit counting; on a CPU host 0, tokenizing on two threads of the "
+        "server)",
     )
     request_timeout: float = Field(
         300.0,
@@ -153,7 +154,12 @@ class Settings(BaseSettings):
         "if longer) is taken for a hung device: the engine process is restarted; a tokenizer "
         "process that has not answered a call for this long is replaced",
     )
-    cpu_threads: int | None = Field(None, ge=1, description="torch threads on CPU (default: all)")
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads on CPU (default: torch's own, one a core, at most a "
+        "container's CPU limit)",
+    )
     warmup: bool = Field(True, description="Run warm-up batches before reporting ready")
     cuda_graphs: bool = Field(
         True,

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from fake_openai_server.cpus import usable_cores
 from fake_openai_server.settings import Settings
 from tests.support.contract import EMBEDDINGS_MODEL, RERANKER_MODEL
 from tests.support.live import (
@@ -312,6 +313,8 @@ def test_python_m_serves_embeddings(
         info = client.get("/info").json()
         assert info["service_type"] == "embeddings"
         assert list(info["models"]) == [EMBEDDINGS_MODEL]
+        # torch's threads on the CPU: never more than the cores a CPU limit leaves.
+        assert 1 <= info["models"][EMBEDDINGS_MODEL]["cpu_threads"] <= usable_cores()
         reply = client.post("/v1/embeddings", json={"input": ["東京は日本の首都です"]})
         assert reply.status_code == 200, reply.text
         assert len(reply.json()["data"][0]["embedding"]) == 64

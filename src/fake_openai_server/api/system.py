@@ -100,6 +100,7 @@ async def info(request: Request) -> Response:
                 "dtype": m.dtype,
                 "dtype_reason": m.precision_reason,
                 "cuda_graphs": m.cuda_graphs,
+                "cpu_threads": m.cpu_threads,
                 "tokenizer": rt.tokenizer_kinds.get(name, ""),
             }
             for name, m in rt.models.items()

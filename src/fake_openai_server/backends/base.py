@@ -113,6 +113,7 @@ class ModelInfo:
     precision_reason: str = ""
     tokenizer_dir: str = ""  # where the engine saved the tokenizer, for open_tokenizer
     cuda_graphs: int = 0  # batch shapes whose forward pass replays a captured CUDA graph
+    cpu_threads: int = 0  # torch's threads, where the model runs on the CPU
     padding: Padding = field(default_factory=Padding)
     revision: str | None = None  # the Hub commit its files are from (None: a local folder)
 

@@ -30,6 +30,7 @@ from fake_openai_server.backends.base import (
     Pending,
     Task,
 )
+from fake_openai_server.cpus import usable_cores
 from fake_openai_server.settings import SettingsError
 
 log = logging.getLogger(__name__)
@@ -129,8 +130,11 @@ def resolve_precision(device: str, dtype: str) -> Precision:
 
 
 def configure_threads(cpu_threads: int | None) -> None:
-    if cpu_threads is not None:
-        torch.set_num_threads(cpu_threads)
+    """torch's threads: CPU_THREADS where set, else torch's own count (the machine's
+    cores) cut to what a container's CPU limit allows (``cpus.py``)."""
+    if cpu_threads is None:
+        cpu_threads = min(torch.get_num_threads(), usable_cores())
+    torch.set_num_threads(cpu_threads)
 
 
 def _quantize_int8(module: torch.nn.Module) -> None:
@@ -422,6 +426,7 @@ class _LoadedModel:
             dtype=precision.dtype,
             device=precision.device,
             precision_reason=precision.reason,
+            cpu_threads=torch.get_num_threads() if precision.device == "cpu" else 0,
             padding=self._runner.padding,
             dimension=self._dimension(),
         )

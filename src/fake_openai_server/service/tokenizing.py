@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from typing import Any, ClassVar
 
 from fake_openai_server import wire
 from fake_openai_server.backends.base import Encoded, ModelInfo, Plugin, Tokenizer
+from fake_openai_server.cpus import usable_cores
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.service.common import FIRST_CHUNK, TOKENIZE_CHUNK, chunk_sizes
 from fake_openai_server.service.tokenize_worker import ENCODE, PAIRS, tokenize
@@ -51,18 +51,12 @@ RESPAWN_MAX_DELAY = 30.0  # the longest wait between tries, when a new one canno
 PROCESS_TEXTS = 2 * TOKENIZE_CHUNK
 
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def default_workers(device: str) -> int:
-    """Tokenizer processes when TOKENIZER_WORKERS is not set: only where cores are spare."""
+    """Tokenizer processes when TOKENIZER_WORKERS is not set: only where cores are spare
+    (those this process may use: a container's CPU limit counts)."""
     if not device.startswith("cuda"):
         return 0
-    return min(MAX_AUTO_WORKERS, available_cores() // 2)
+    return min(MAX_AUTO_WORKERS, usable_cores() // 2)
 
 
 class TokenizerProcess(WorkerProcess):
