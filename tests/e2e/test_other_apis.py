@@ -36,7 +36,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from fake_openai_server.api.app import build_app
 from fake_openai_server.settings import Settings
 from tests.e2e.test_clients import DOCS, QUERY, TEXTS, Recorder, float_vectors, scores_alone
-from tests.support.contract import EMBEDDINGS_MODEL, RERANKER_MODEL, STANDIN_DIM
+from tests.support.contract import EMBEDDINGS_MODEL, RERANKER_MODEL, STANDIN_DIM, assert_error
 from tests.support.fakes import (
     BOS,
     EOS,
@@ -370,6 +370,38 @@ def test_jina_normalized_is_honoured_both_ways(
     with fake_server.client() as client:
         refused = client.post("/v1/embeddings", json={**asked, "normalized": "yes"})
     assert refused.status_code == 400, refused.text
+
+
+def test_jina_older_encoding_type_is_embedding_type(fake_server: LiveServer) -> None:
+    """LlamaIndex's JinaEmbedding sends ``encoding_type`` (Jina's older name): it had been
+    ignored, and the float vectors it got back were read as packed bits."""
+    own = np.asarray([fake_text_vector(text) for text in TEXTS], dtype=np.float32)
+    with fake_server.client() as client:
+        replies = [
+            client.post("/v1/embeddings", json={"input": TEXTS, field: "ubinary"})
+            for field in ("encoding_type", "embedding_type")
+        ]
+        clash = {"input": TEXTS, "encoding_type": "binary", "embedding_type": "float"}
+        refused = client.post("/v1/embeddings", json=clash)
+    older, newer = (np.asarray([d["embedding"] for d in r.json()["data"]]) for r in replies)
+    np.testing.assert_array_equal(older, np.packbits(own > 0, axis=1))
+    np.testing.assert_array_equal(older, newer)
+    assert_error(refused, 400, param="embedding_type", contains="encoding_type")
+
+
+def test_jina_text_objects_are_texts(fake_server: LiveServer) -> None:
+    """Jina's object inputs (Dify's Jina provider sends them for v4 and CLIP models,
+    LlamaIndex TS types them): ``{"text": ...}`` is the text; an image is refused by name."""
+    plain = _openai_vectors(fake_server, {"input": TEXTS})
+    objects = [{"text": text} for text in TEXTS[:-1]] + [TEXTS[-1]]
+    np.testing.assert_array_equal(_openai_vectors(fake_server, {"input": objects}), plain)
+    with fake_server.client() as client:
+        image = client.post("/v1/embeddings", json={"input": [{"text": "a"}, {"image": "x.png"}]})
+        empty = client.post("/v1/embeddings", json={"input": [{"text": "a"}, {}]})
+        blank = client.post("/v1/embeddings", json={"input": [{"text": " "}]})
+    assert_error(image, 400, param="input", contains="input[1] gives 'image'")
+    assert_error(empty, 400, param="input", contains="input[1] has no 'text'")
+    assert_error(blank, 400, param="input", contains="input[0] is empty")
 
 
 def test_ollama_client_list_show_and_errors(fake_server: LiveServer) -> None:

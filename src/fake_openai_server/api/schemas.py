@@ -21,6 +21,7 @@ from pydantic import (
     StrictStr,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 
@@ -89,9 +90,29 @@ def _whole(value: object) -> object:
 # (Not token ids: a list of thousands, where a Python call each would cost.)
 Count = Annotated[StrictInt, BeforeValidator(_whole)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+
+
+class JinaInput(BaseModel):
+    """One of Jina's input objects: ``{"text": ...}`` (its v3/v4 and CLIP models' form, which
+    Dify's Jina provider and LlamaIndex send); ``image``, ``url`` and ``bytes`` are
+    refused by name, as this server embeds text."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    text: Text | None = None
+    image: SkipJsonSchema[Any] = None
+    url: SkipJsonSchema[Any] = None
+    bytes: SkipJsonSchema[Any] = None
+
+
 EmbeddingInput = (
-    Text | Texts | TokenIds | Annotated[list[TokenIds], Field(json_schema_extra={"minItems": 1})]
+    Text
+    | Texts
+    | TokenIds
+    | Annotated[list[TokenIds], Field(json_schema_extra={"minItems": 1})]
+    | Annotated[list[Text | JinaInput], Field(json_schema_extra={"minItems": 1})]
 )
+JinaEmbeddingType = Literal["float", "base64", "int8", "uint8", "binary", "ubinary"]
 
 
 class EmbeddingsRequest(BaseModel):
@@ -125,8 +146,11 @@ class EmbeddingsRequest(BaseModel):
     output_dtype: Literal["float", "int8", "uint8", "binary", "ubinary"] | None = Field(
         None, description="Voyage: the vectors as float, int8, uint8 or packed bits"
     )
-    embedding_type: Literal["float", "base64", "int8", "uint8", "binary", "ubinary"] | None = Field(
+    embedding_type: JinaEmbeddingType | None = Field(
         None, description="Jina: the vectors as float, base64 (float32) or quantized"
+    )
+    encoding_type: JinaEmbeddingType | None = Field(
+        None, description="Jina: the older name of embedding_type (LlamaIndex sends it)"
     )
     output_dimension: Count | None = Field(
         None,
@@ -145,7 +169,13 @@ class EmbeddingsRequest(BaseModel):
     def output(self) -> tuple[str, str | None]:
         """(embedding type, encoding_format) from OpenAI's, Voyage's and Jina's fields."""
         encoding = self.encoding_format
-        jina = self.embedding_type
+        jina = self.embedding_type or self.encoding_type
+        if self.encoding_type not in (None, jina):
+            raise ServiceError(
+                ErrorKind.INVALID_REQUEST,
+                "embedding_type and encoding_type disagree; send one of them.",
+                param="embedding_type",
+            )
         if jina == "base64":
             jina, encoding = "float", "base64"
         if self.output_dtype is not None and jina is not None and self.output_dtype != jina:
@@ -174,7 +204,24 @@ class EmbeddingsRequest(BaseModel):
             return [value]
         if value and isinstance(value[0], int):
             return [value]
+        if any(isinstance(item, JinaInput) for item in value):
+            return [_jina_text(item, i) for i, item in enumerate(value)]
         return value  # type: ignore[return-value]
+
+
+def _jina_text(item: object, index: int) -> str:
+    if isinstance(item, str):
+        return item
+    assert isinstance(item, JinaInput)
+    if item.text is not None:
+        return item.text
+    given = [name for name in ("image", "url", "bytes") if getattr(item, name) is not None]
+    what = f"gives {given[0]!r}" if given else "has no 'text'"
+    raise ServiceError(
+        ErrorKind.INVALID_REQUEST,
+        f"input[{index}] {what}: this server embeds text only; send {{'text': ...}} or a string.",
+        param="input",
+    )
 
 
 class EmbeddingData(BaseModel):
