@@ -158,6 +158,23 @@ def _samples(base_url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     return out
 
 
+def test_repeated_slashes_are_counted_under_their_route(server: LiveServer) -> None:
+    """``//v2/rerank`` is answered as ``/v2/rerank`` (a base URL pasted with a trailing
+    slash), and counted there, not as an unknown path."""
+
+    def counted() -> float:
+        samples = _samples(server.base_url).get("fos_requests_total", [])
+        wanted = {"route": "/v2/rerank", "status": "200"}
+        return sum(v for labels, v in samples if wanted.items() <= labels.items())
+
+    before = counted()
+    with httpx.Client() as client:
+        for path in ("//v2/rerank", "/v2//rerank"):
+            body = {"query": "q", "documents": ["a"]}
+            assert client.post(server.base_url + path, json=body).status_code == 200
+    assert counted() - before == 2
+
+
 def test_metrics_cover_requests_latency_queue_batches_and_inference(server: LiveServer) -> None:
     with httpx.Client(base_url=server.base_url) as client:
         assert client.post("/v1/embeddings", json={"input": ["東京", "大阪"]}).status_code == 200

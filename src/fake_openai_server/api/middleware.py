@@ -134,6 +134,8 @@ class RequestLog:
         sent_id = _header(scope, b"x-request-id")
         request_id = sent_id if sent_id and _REQUEST_ID.match(sent_id) else os.urandom(16).hex()
         path = route_path(scope)
+        if "//" in path:  # the route HttpRules will find
+            path = _SLASHES.sub("/", path)
         route = path if path in self.routes else self._template(path)
         status = 500
 
