@@ -315,6 +315,33 @@ def test_ollama_client_embed_is_normalised(embeddings_server: LiveServer) -> Non
     np.testing.assert_allclose(one.embeddings, unit(cut), atol=1e-5)
 
 
+@pytest.mark.parametrize("dimensions", [0, -3, STANDIN_DIM, STANDIN_DIM + 1, 100_000])
+def test_ollama_dimensions_cut_only_to_fewer(
+    embeddings_server: LiveServer, dimensions: int
+) -> None:
+    """Ollama cuts only when 0 < dimensions < the model's size, and leaves the vectors whole
+    for any other value (a client set for a wider model works)."""
+    client = ollama.Client(host=embeddings_server.base_url)
+    reply = client.embed(model="ruri-large", input=TEXTS[0], dimensions=dimensions)
+    whole = unit(float_vectors(embeddings_server, TEXTS[:1]))
+    np.testing.assert_allclose(reply.embeddings, whole, atol=1e-5)
+
+
+@pytest.mark.parametrize("loading", ["", [], None])
+def test_ollama_empty_input_only_loads_and_a_list_of_one_empty_text_is_refused(
+    fake_server: LiveServer, loading: object
+) -> None:
+    """``[""]`` is one text, as in Ollama (its empty answer had left LangChain's
+    ``embed_query("")`` an IndexError); ``""``, ``[]`` and null only load the model."""
+    with fake_server.client() as client:
+        loaded = client.post("/api/embed", json={"model": "ruri-large", "input": loading})
+        one_empty = client.post("/api/embed", json={"model": "ruri-large", "input": [""]})
+    assert loaded.status_code == 200, loaded.text
+    assert loaded.json()["embeddings"] == []
+    assert one_empty.status_code == 400
+    assert "input[0] is empty" in one_empty.json()["error"]
+
+
 def test_ollama_client_legacy_embeddings_are_the_models_own(embeddings_server: LiveServer) -> None:
     client = ollama.Client(host=embeddings_server.base_url)
     reply = client.embeddings(model="ruri-large", prompt=TEXTS[1])

@@ -69,7 +69,7 @@ CATALOGUE = [
     Bad("/api/embed", {"input": 5}, "'input'"),
     Bad("/api/embed", {"input": ["a", ""]}, "input[1] is empty"),
     Bad("/api/embed", {"input": LONG, "truncate": False}, "not to truncate"),
-    Bad("/api/embed", {"input": "", "dimensions": -3}, "dimensions must be between 1 and 8"),
+    Bad("/api/embed", {"input": [""]}, "input[0] is empty"),  # Ollama's [] only loads
     Bad("/api/embeddings", {"prompt": ["a"]}, "'prompt'"),
     Bad("/api/embeddings", {"prompt": " "}, "prompt[0] is empty"),
     Bad("/api/show", {"model": "llama3"}, "does not exist", 404),

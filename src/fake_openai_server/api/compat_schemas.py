@@ -113,8 +113,9 @@ class OllamaEmbedRequest(BaseModel):
     model_config = _LOOSE
 
     model: StrictStr | None = Field(None, description="A served model name; ':latest' is ignored")
-    input: StrictStr | list[StrictStr] = Field(
-        "", description="A string or a list of strings; empty: only checks the model (Ollama)"
+    input: StrictStr | list[StrictStr] | None = Field(
+        "",
+        description="A string or a list of strings; empty or null: only checks the model (Ollama)",
     )
     truncate: StrictBool | None = Field(
         None, description="Cut over-long inputs (default: the server's TRUNCATE)"

@@ -82,19 +82,21 @@ async def embed(body: OllamaEmbedRequest, request: Request) -> Response:
     rt = runtime(request)
     service = rt.require_embeddings()
     name = service.names.resolve(model_name(body.model))
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    # Checked even for the empty input, which only checks the model (as Ollama does).
-    service.check_dimensions(name, body.dimensions)
-    if texts in ([""], []):
+    # As Ollama: a cut only to fewer dimensions than the model has; any other value
+    # (0, negative, the whole width or more) leaves the vectors whole.
+    width = service.models[name].info.dimension or 0
+    dimensions = body.dimensions if body.dimensions and 0 < body.dimensions < width else None
+    if body.input in (None, "", []):  # only checks the model, as Ollama does
         vectors: list[Any] = []
         tokens = 0
     else:
+        texts = [body.input] if isinstance(body.input, str) else body.input
         result = await answer_in_time(
             request,
             service.embed(
                 texts,
                 model=name,
-                dimensions=body.dimensions,
+                dimensions=dimensions,
                 truncate=_truncate(body.truncate),
                 normalize=True,
             ),
