@@ -124,6 +124,20 @@ def test_openai_sdk_sees_errors_as_its_own_exceptions(fake_server: LiveServer) -
     assert bad.value.param == "input"
 
 
+def test_openai_sdk_lists_and_retrieves_models(fake_server: LiveServer) -> None:
+    """``models.retrieve`` (tools check that a configured model exists with it): the id
+    holds a slash, and a short name a request may give is found too."""
+    client = openai_client(fake_server)
+    assert [m.id for m in client.models.list()] == [EMBEDDINGS_MODEL, RERANKER_MODEL]
+    for name in (EMBEDDINGS_MODEL, RERANKER_MODEL, "ruri-large"):
+        model = client.models.retrieve(name)
+        assert (model.id, model.object) == (name, "model")
+    with pytest.raises(openai.NotFoundError) as not_found:
+        client.models.retrieve("text-embedding-3-small")
+    assert not_found.value.code == "model_not_found"
+    assert EMBEDDINGS_MODEL in not_found.value.message
+
+
 def test_openai_sdk_token_ids_get_the_langchain_hint(fake_server: LiveServer) -> None:
     """What LangChain's OpenAIEmbeddings users see by default (tiktoken ids, base64)."""
     client = openai_client(fake_server)

@@ -58,6 +58,7 @@ def test_every_route_is_documented(server: LiveServer) -> None:
         "GET /health",
         "GET /ready",
         "GET /v1/models",
+        "GET /v1/models/{model}",
         "GET /info",
         "GET /metrics",
         "POST /v1/embeddings",

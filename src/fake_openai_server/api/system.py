@@ -10,11 +10,12 @@ from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse, Response
 
 from fake_openai_server.api.context import runtime
-from fake_openai_server.api.openapi import KEY_RESPONSES
-from fake_openai_server.api.schemas import Health, ModelList, Readiness
+from fake_openai_server.api.openapi import ERROR_RESPONSES, KEY_RESPONSES
+from fake_openai_server.api.schemas import Health, ModelCard, ModelList, Readiness
 from fake_openai_server.api.serialize import json_body, json_response
 from fake_openai_server.api.tei import tei_info
 from fake_openai_server.metrics import CONTENT_TYPE
+from fake_openai_server.service.common import unknown_model
 
 router = APIRouter()
 
@@ -61,17 +62,40 @@ async def ready(request: Request) -> Response:
 )
 @router.get("/models", include_in_schema=False)
 async def list_models(request: Request) -> Response:
-    rt = runtime(request)
     created = request.app.state.started
+    data = [_model_card(name, created) for name in _served_names(request)]
+    return json_response({"object": "list", "data": data})
+
+
+@router.get(
+    "/v1/models/{model:path}",
+    response_model=ModelCard,
+    responses=ERROR_RESPONSES,
+    tags=["models"],
+    summary="One served model (the openai SDK's models.retrieve)",
+)
+@router.get("/models/{model:path}", include_in_schema=False)
+async def retrieve_model(model: str, request: Request) -> Response:
+    """A model id may hold a slash (``cl-nagoya/ruri-large``): the rest of the path is it.
+    Any name a request's ``model`` may give is found (``ruri-large`` too)."""
+    rt = runtime(request)
+    if not any(s is not None and model in s.names for s in (rt.embeddings, rt.rerank)):
+        raise unknown_model(model, _served_names(request))
+    return json_response(_model_card(model, request.app.state.started))
+
+
+def _served_names(request: Request) -> list[str]:
+    """Every name /v1/models lists: the served models, then their aliases."""
+    rt = runtime(request)
     names: list[str] = []
     for service in (rt.embeddings, rt.rerank):
         if service is not None:
             names += service.names.model_ids + sorted(service.names.aliases)
-    data = [
-        {"id": name, "object": "model", "created": created, "owned_by": "fake-openai-server"}
-        for name in names
-    ]
-    return json_response({"object": "list", "data": data})
+    return names
+
+
+def _model_card(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "fake-openai-server"}
 
 
 @router.get(

@@ -48,19 +48,27 @@ class ModelNames:
     def default(self) -> str:
         return self.model_ids[0]
 
+    def __contains__(self, name: object) -> bool:
+        """Whether ``name`` is a name ``resolve`` knows."""
+        return name in self._names
+
     def resolve(self, requested: str | None) -> str:
         if requested is None or requested == "":
             return self.default
         try:
             return self._names[requested]
         except KeyError:
-            served = ", ".join(self.model_ids + sorted(self.aliases))
-            raise ServiceError(
-                ErrorKind.MODEL_NOT_FOUND,
-                f"The model '{excerpt(requested, 80)}' does not exist on this server. "
-                f"Served models: {served}.",
-                param="model",
-            ) from None
+            raise unknown_model(requested, self.model_ids + sorted(self.aliases)) from None
+
+
+def unknown_model(requested: str, served: Sequence[str]) -> ServiceError:
+    """The 404 for a model this server does not serve, naming those it does."""
+    return ServiceError(
+        ErrorKind.MODEL_NOT_FOUND,
+        f"The model '{excerpt(requested, 80)}' does not exist on this server. "
+        f"Served models: {', '.join(served)}.",
+        param="model",
+    )
 
 
 def check_texts(texts: Sequence[str], param: str, max_chars: int, indexed: bool = True) -> None:
