@@ -328,7 +328,11 @@ class RerankDocument(BaseModel):
 class RerankResultItem(BaseModel):
     index: int
     relevance_score: float
-    document: RerankDocument | None = None
+    document: RerankDocument | str | None = Field(
+        None,
+        description="The document, when returned: an object with its text; on Voyage "
+        "requests (top_k), a document sent as a string comes back as that string",
+    )
 
 
 class RerankUsage(BaseModel):
