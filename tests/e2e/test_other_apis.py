@@ -219,9 +219,12 @@ def test_tei_tokenize_and_decode_with_the_real_tokenizer(
     assert ids == ruri_tokenizer("文章: " + text)["input_ids"]
     assert tokens[0]["special"] and tokens[-1]["special"]  # [CLS] ... [SEP]
     assert tokens[0]["start"] is None
+    utf8 = ("文章: " + text).encode()
     for token in tokens[1:-1]:
         assert not token["special"]
-        assert ("文章: " + text)[token["start"] : token["stop"]] == token["text"]
+        # Byte offsets into the input's UTF-8, as TEI gives them (a kanji is 3 bytes).
+        assert utf8[token["start"] : token["stop"]].decode() == token["text"]
+    assert tokens[-2]["stop"] == len(utf8)
     plain = post(embeddings_server, "/tokenize", {"inputs": text, "add_special_tokens": False})
     assert [t["id"] for t in plain.json()[0]] == ruri_tokenizer(text, add_special_tokens=False)[
         "input_ids"
@@ -238,7 +241,7 @@ def test_tei_tokenize_over_the_fake_tokenizer(fake_server: LiveServer) -> None:
     assert [(t["text"], t["special"], t["start"]) for t in reply.json()[0]] == [
         ("<s>", True, None),
         ("東", False, 0),
-        ("京", False, 1),
+        ("京", False, 3),  # bytes, as TEI
         ("</s>", True, None),
     ]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 from fake_openai_server.backends.base import ModelInfo
@@ -26,7 +27,7 @@ class Token:
     id: int
     text: str  # the input's characters for the token; the token itself for special tokens
     special: bool
-    start: int | None  # character offsets into the input, None where unknown
+    start: int | None  # byte offsets into the input's UTF-8, as TEI's; None where unknown
     stop: int | None
 
 
@@ -57,19 +58,31 @@ class Vocabulary:
                 ]
                 pieces = self._tokenizer.convert_ids_to_tokens(ids)
                 offsets = _align(text, pieces, [i in self.special_ids for i in ids])
+        at_byte = _byte_offsets(text)
         tokens = []
         for token_id, piece, span in zip(ids, pieces, offsets, strict=True):
             special = token_id in self.special_ids
             if special or span is None or span[0] == span[1]:
                 tokens.append(Token(token_id, str(piece), special, None, None))
             else:
-                tokens.append(Token(token_id, text[span[0] : span[1]], False, span[0], span[1]))
+                start, stop = span
+                tokens.append(
+                    Token(token_id, text[start:stop], False, at_byte[start], at_byte[stop])
+                )
         return tokens
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         with self._lock:
             text: str = self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return text
+
+
+def _byte_offsets(text: str) -> Sequence[int]:
+    """Where each character of ``text`` begins in its UTF-8, and its end: TEI's offsets
+    are bytes (a kana is 3), the tokenizers' are characters."""
+    if text.isascii():
+        return range(len(text) + 1)
+    return list(accumulate((len(c.encode()) for c in text), initial=0))
 
 
 def _align(
