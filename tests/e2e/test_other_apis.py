@@ -441,6 +441,10 @@ def test_ollama_client_list_show_and_errors(fake_server: LiveServer) -> None:
     shown = client.show(f"{EMBEDDINGS_MODEL}:latest")
     assert shown.capabilities == ["embedding"]
     assert shown.modelinfo is not None and shown.modelinfo["bert.embedding_length"] == 8
+    with pytest.raises(ollama.ResponseError) as unknown:
+        client.show("llama3")
+    assert unknown.value.status_code == 404  # naming every model served, of both kinds
+    assert EMBEDDINGS_MODEL in unknown.value.error and RERANKER_MODEL in unknown.value.error
     with pytest.raises(ollama.ResponseError) as missing:
         client.embed(model="nomic-embed-text", input="東京")
     assert missing.value.status_code == 404

@@ -40,9 +40,9 @@ from fake_openai_server.api.hot import hot
 from fake_openai_server.api.openapi import KEY_RESPONSES
 from fake_openai_server.api.serialize import json_response
 from fake_openai_server.backends.base import ModelInfo
-from fake_openai_server.errors import ServiceError
 from fake_openai_server.families import family_for
 from fake_openai_server.runtime import Runtime
+from fake_openai_server.service.common import unknown_model
 from fake_openai_server.service.truncation import TruncateMode
 
 # The Ollama API level these routes follow (/api/embed with truncate and dimensions).
@@ -265,10 +265,12 @@ async def show(body: OllamaShowRequest, request: Request) -> Response:
 
 
 def _resolve_any(rt: Runtime, requested: str | None) -> str:
+    """The served model of either kind ``requested`` names (absent: the first served)."""
     services = [s for s in (rt.embeddings, rt.rerank) if s is not None]
-    for service in services[:-1]:
-        try:
+    if not requested:
+        return services[0].names.default
+    for service in services:
+        if requested in service.names:
             return service.names.resolve(requested)
-        except ServiceError:
-            continue
-    return services[-1].names.resolve(requested)
+    served = [n for s in services for n in s.names.model_ids + sorted(s.names.aliases)]
+    raise unknown_model(requested, served)
