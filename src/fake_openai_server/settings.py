@@ -76,19 +76,19 @@ class Settings(BaseSettings):
         "embeddings", description="embeddings | reranker | all (both in one process)"
     )
     embeddings_model: CsvList = Field(
-        default_factory=lambda: ["cl-nagoya/ruri-large"],
+        ["cl-nagoya/ruri-large"],  # a list default: pydantic copies it for each instance
         description="Embedding model(s): Hugging Face ids or local paths, comma-separated",
     )
     reranker_model: str = Field(
         "cl-nagoya/ruri-v3-reranker-310m", description="Reranker model: Hugging Face id or path"
     )
     model_aliases: CsvList = Field(
-        default_factory=list,
+        [],
         description="Extra names clients may send as `model`, as alias=model pairs "
         "(e.g. text-embedding-3-small=cl-nagoya/ruri-large)",
     )
     model_revisions: CsvList = Field(
-        default_factory=list,
+        [],
         description="The version of a Hugging Face model to load, as model=revision pairs, "
         "comma-separated: a commit (as /info's models.*.revision gives it), a tag or a branch "
         "(e.g. cl-nagoya/ruri-large=<commit>; default: the latest, main)",
@@ -179,12 +179,10 @@ class Settings(BaseSettings):
     )
 
     # --- security and operations ----------------------------------------------
-    api_keys: CsvList = Field(
-        default_factory=list, description="Accepted API keys, comma-separated (empty: no auth)"
-    )
+    api_keys: CsvList = Field([], description="Accepted API keys, comma-separated (empty: no auth)")
     api_keys_file: Path | None = Field(None, description="File with one API key per line")
     cors_allow_origins: CsvList = Field(
-        default_factory=list,
+        [],
         description="Origins of the browser pages that may call the API (CORS), "
         "comma-separated, e.g. https://app.example.com; * for any (empty: no CORS headers)",
     )
@@ -204,7 +202,9 @@ class Settings(BaseSettings):
         "seconds of its first byte (a new connection: of opening), and a reply must not sit "
         "untaken by the client for this long; a slower connection is closed",
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="debug | info | warning | error (debug: an access log line per request)"
+    )
     log_json: bool = Field(False, description="Log one JSON object per line")
 
     @field_validator(

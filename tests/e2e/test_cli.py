@@ -814,9 +814,13 @@ def test_preload_offline_names_what_is_missing(tmp_path: Path, cli_env: dict[str
 def test_help_lists_every_setting() -> None:
     done = run_entrypoint({}, ["--help"])
     assert done.returncode == 0, done.stderr
-    for name in Settings.model_fields:
+    for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         assert flag in done.stdout, flag
+        assert field.description, name  # every setting says what it is
+    # Every default is shown as a value: a default factory printed only as "Settings.<lambda>".
+    assert "default factory" not in done.stdout
+    assert "(default: ['cl-nagoya/ruri-large'])" in " ".join(done.stdout.split())
 
 
 # --- keep-alive ------------------------------------------------------------------------------
