@@ -45,3 +45,20 @@ def test_every_route_is_in_the_readme() -> None:
     paths = {re.sub(r"\{(\w+):\w+\}", r"{\1}", path) for path in paths}
     missing = sorted(p for p in paths if f"`{p}`" not in README and f" {p}`" not in README)
     assert not missing, f"routes missing from the README: {missing}"
+
+
+def test_every_bound_on_a_setting_is_in_the_readme() -> None:
+    """The sentence on the numeric settings' ranges names each bounded setting with its
+    bound: a value outside it stops the server at start-up (exit 2)."""
+    ranges = re.search(r"^数値の設定の範囲.+$", README, re.MULTILINE)
+    assert ranges
+    for name, field in Settings.model_fields.items():
+        for bound in field.metadata:
+            for kind in ("ge", "gt", "le"):
+                value = getattr(bound, kind, None)
+                if value is None:
+                    continue
+                assert f"`{name.upper()}`" in ranges[0], name
+                # The setting's clause: from its name to the end of the bound it is given.
+                clause = re.search(rf"`{name.upper()}`[^。]*?(以上|より大きい値|〜\d+)", ranges[0])
+                assert clause and str(value) in clause[0], (name, kind, value)
