@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from prometheus_client.parser import text_string_to_metric_families
 
 from fake_openai_server.api.app import build_app
 from fake_openai_server.settings import Settings
@@ -244,3 +245,27 @@ def test_a_reply_taken_slowly_is_sent_whole(big_replies: LiveServer) -> None:
     with sock:
         taken = _take(sock, pause=0.02, slow_for=READ_TIMEOUT * 3)
     assert taken > size, (taken, size)  # the reply, with its head
+
+
+# --- a reply nobody is there to take --------------------------------------------------------
+
+
+def test_a_reply_ready_after_its_client_left_is_counted_as_499() -> None:
+    """A client that leaves before WATCH_AFTER (a short client timeout): nothing watches
+    for it, its reply is made and uvicorn drops it unsent; the metrics had counted a 200."""
+    settings = Settings(service_type="embeddings", warmup=False)
+    with serve_app(build_app(settings, fake_plugin(delay=0.3))) as live:
+        with live.connect() as sock:
+            sock.sendall(_head("/v1/embeddings", len(EMBED)) + EMBED)
+            time.sleep(0.1)  # gone while its batch runs
+        time.sleep(0.6)  # the batch has run, and the reply been dropped
+        with live.client() as client:
+            assert client.post("/v1/embeddings", content=EMBED).status_code == 200
+            metrics = client.get("/metrics").text
+    counted = {
+        sample.labels["status"]: sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "fos_requests_total" and sample.labels["route"] == "/v1/embeddings"
+    }
+    assert counted == {"499": 1.0, "200": 1.0}

@@ -69,6 +69,10 @@ except (ImportError, AttributeError):  # not POSIX
     _TIOCOUTQ = None
 
 
+# The scope key under which each request's cycle is found (``RequestLog`` reads whether
+# its client went away before the reply was out: uvicorn drops such a reply silently).
+CYCLE = "fake_openai_server.cycle"
+
 NOT_HTTP = ServiceError(
     ErrorKind.INVALID_REQUEST,
     "The request is not valid HTTP/1.1: its request line, a header or its length could not "
@@ -189,6 +193,7 @@ class Connection(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         self._running = cycle
+        cycle.scope[CYCLE] = cycle  # type: ignore[literal-required]  # ASGI allows own keys
         super()._start_asgi_task(cycle, app)
 
     def on_message_begin(self) -> None:

@@ -23,7 +23,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fake_openai_server.api.connections import CYCLE
 from fake_openai_server.api.errors import (
+    CLIENT_CLOSED,
     BodyTooLarge,
     crash_response,
     dialect_for,
@@ -155,6 +157,8 @@ class RequestLog:
         finally:
             seconds = time.perf_counter() - started
             in_progress.dec()
+            if getattr(scope.get(CYCLE), "disconnected", False):
+                status = CLIENT_CLOSED  # the reply never left: uvicorn drops it silently
             self._count(route, status)
             latency.observe(seconds)
             if log.isEnabledFor(logging.DEBUG):  # the access log: never a body, header or key
