@@ -69,8 +69,9 @@ except (ImportError, AttributeError):  # not POSIX
     _TIOCOUTQ = None
 
 
-# The scope key under which each request's cycle is found (``RequestLog`` reads whether
-# its client went away before the reply was out: uvicorn drops such a reply silently).
+# The scope key under which each request's cycle is found (``RequestLog`` takes it out,
+# and reads whether its client went away before the reply was out: uvicorn drops such a
+# reply silently).
 CYCLE = "fake_openai_server.cycle"
 
 NOT_HTTP = ServiceError(

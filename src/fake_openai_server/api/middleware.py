@@ -157,7 +157,9 @@ class RequestLog:
         finally:
             seconds = time.perf_counter() - started
             in_progress.dec()
-            if getattr(scope.get(CYCLE), "disconnected", False):
+            # Taken out of the scope, which the cycle holds: no reference cycle is left
+            # for the garbage collector (memory.py keeps its work rare).
+            if getattr(scope.pop(CYCLE, None), "disconnected", False):
                 status = CLIENT_CLOSED  # the reply never left: uvicorn drops it silently
             self._count(route, status)
             latency.observe(seconds)
