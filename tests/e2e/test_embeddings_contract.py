@@ -210,7 +210,8 @@ def test_unknown_model_is_404_listing_served_names(
         [1, "ok"],
         ["ok", None],
         [["ok"]],
-        [{"text": "ok"}],
+        [{"image": "ok.png"}],  # Jina's {"text": ...} is a text; an image is not
+        [{"text": 5}],
         {"text": "ok"},
         None,
         1,
