@@ -36,6 +36,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from fake_openai_server.api.app import build_app
 from fake_openai_server.settings import Settings
 from tests.e2e.test_clients import DOCS, QUERY, TEXTS, Recorder, float_vectors, scores_alone
+from tests.e2e.test_rerank_contract import expected_fake_order
 from tests.support.contract import EMBEDDINGS_MODEL, RERANKER_MODEL, STANDIN_DIM, assert_error
 from tests.support.fakes import (
     BOS,
@@ -247,6 +248,20 @@ def test_tei_tokenize_over_the_fake_tokenizer(fake_server: LiveServer) -> None:
 
 
 # --- Dify's text-embeddings-inference provider --------------------------------------------------
+
+
+def test_dify_xinference_provider_finds_each_models_type(fake_server: LiveServer) -> None:
+    """Dify's Xinference provider looks its model uid up at {server_url}/v1/models/{uid}
+    (a uid holds no slash: the short name) and adds only a model whose model_type it
+    knows; it had been refused as "Invalid api key"."""
+    with fake_server.client() as client:
+        info = client.get("/info").json()["models"]
+        embedding = client.get("/v1/models/ruri-large").json()
+        reranker = client.get("/v1/models/ruri-v3-reranker-310m").json()
+    assert embedding["model_type"] == "embedding" and embedding["model_ability"] == ["embed"]
+    assert embedding["context_length"] == info[EMBEDDINGS_MODEL]["max_length"]
+    assert reranker["model_type"] == "rerank"
+    assert reranker["context_length"] == info[RERANKER_MODEL]["max_length"]
 
 
 def test_dify_tei_embedding_provider(embeddings_server: LiveServer) -> None:
@@ -617,6 +632,28 @@ def test_cohere_sdk_sees_unknown_model_as_404(fake_server: LiveServer) -> None:
 
 
 # --- Voyage AI: the voyageai client ----------------------------------------------------------
+
+
+def test_voyage_clients_without_top_k_get_data(fake_server: LiveServer) -> None:
+    """Continue's Voyage reranker sends {query, documents, model} and reads data; LiteLLM's
+    voyage provider sends top_k only with top_n, and reads data[*].document as a string.
+    Cohere's and Jina's clients on the same path read results, documents as objects."""
+    expected = expected_fake_order(QUERY, DOCS)
+    with fake_server.client() as client:
+        plain = client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS})
+        echoed = client.post(
+            "/v1/rerank", json={"query": QUERY, "documents": DOCS, "return_documents": True}
+        )
+        v2 = client.post("/v2/rerank", json={"query": QUERY, "documents": DOCS})
+    assert [r["index"] for r in plain.json()["data"]] == expected
+    assert plain.json()["object"] == "list"
+    body = echoed.json()
+    assert [r["document"] for r in body["data"]] == [DOCS[i] for i in expected]
+    assert [r["document"] for r in body["results"]] == [{"text": DOCS[i]} for i in expected]
+    assert [r["relevance_score"] for r in body["data"]] == [
+        r["relevance_score"] for r in body["results"]
+    ]
+    assert "data" not in v2.json()  # Cohere v2's path: its own reply only
 
 
 def test_voyageai_embed_float_and_dimension(embeddings_server: LiveServer) -> None:

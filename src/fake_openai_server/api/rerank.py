@@ -72,14 +72,18 @@ async def _rerank(body: RerankRequest, request: Request, api_version: str) -> Re
             top_n_param=top_n_param,
         ),
     )
-    results = []
+    results: list[dict[str, Any]] = []
+    voyage: list[dict[str, Any]] = []  # the same, with Voyage's documents (strings as sent)
     for ranked in result.ranked:
         item: dict[str, Any] = {"index": ranked.index, "relevance_score": ranked.score}
+        as_voyage = item
         if return_documents:
             doc = body.documents[ranked.index]
-            # Voyage's documents are strings and come back as they were sent.
-            item["document"] = doc if body.voyage and isinstance(doc, str) else echo(doc)
+            item["document"] = echo(doc)
+            if isinstance(doc, str):
+                as_voyage = {**item, "document": doc}
         results.append(item)
+        voyage.append(as_voyage)
     payload = {
         "id": str(uuid.uuid4()),
         "model": body.model or service.names.default,
@@ -92,8 +96,12 @@ async def _rerank(body: RerankRequest, request: Request, api_version: str) -> Re
         },
     }
     if body.voyage:
-        # The voyageai client reads data[*].index / relevance_score and usage.total_tokens.
-        payload.update({"object": "list", "data": results})
+        payload["results"] = voyage  # a Voyage request: its form throughout
+    if api_version == "1":
+        # Voyage's reply on Cohere v1's and Jina's path: Voyage clients that send no top_k
+        # (LiteLLM's voyage provider without top_n, Continue's Voyage reranker) read data
+        # (index, relevance_score, document), as the voyageai client does.
+        payload.update({"object": "list", "data": voyage})
     return json_response(payload)
 
 

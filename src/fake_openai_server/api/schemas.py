@@ -365,9 +365,11 @@ class RerankResponse(BaseModel):
     results: list[RerankResultItem]
     usage: RerankUsage
     meta: RerankMeta
-    object: Literal["list"] | None = Field(None, description="Voyage requests (top_k) only")
+    object: Literal["list"] | None = Field(None, description="Cohere v1's path (/v1/rerank) only")
     data: list[RerankResultItem] | None = Field(
-        None, description="Voyage requests (top_k) only: the results again, as Voyage names them"
+        None,
+        description="Cohere v1's path (/v1/rerank) only: the results again as Voyage gives "
+        "them (documents sent as strings come back as strings), for Voyage's clients",
     )
 
 
@@ -379,6 +381,14 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+
+
+class ModelDetail(ModelCard):
+    """One model: OpenAI's fields, and Xinference's that Dify's Xinference provider reads."""
+
+    model_type: Literal["embedding", "rerank"]
+    model_ability: list[str]
+    context_length: int = Field(description="The model's maximum tokens per input")
 
 
 class ModelList(BaseModel):

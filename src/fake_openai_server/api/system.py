@@ -11,7 +11,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from fake_openai_server.api.context import runtime
 from fake_openai_server.api.openapi import ERROR_RESPONSES, KEY_RESPONSES
-from fake_openai_server.api.schemas import Health, ModelCard, ModelList, Readiness
+from fake_openai_server.api.schemas import Health, ModelDetail, ModelList, Readiness
 from fake_openai_server.api.serialize import json_body, json_response
 from fake_openai_server.api.tei import tei_info
 from fake_openai_server.metrics import CONTENT_TYPE
@@ -69,7 +69,7 @@ async def list_models(request: Request) -> Response:
 
 @router.get(
     "/v1/models/{model:path}",
-    response_model=ModelCard,
+    response_model=ModelDetail,
     responses=ERROR_RESPONSES,
     tags=["models"],
     summary="One served model (the openai SDK's models.retrieve)",
@@ -77,11 +77,23 @@ async def list_models(request: Request) -> Response:
 @router.get("/models/{model:path}", include_in_schema=False)
 async def retrieve_model(model: str, request: Request) -> Response:
     """A model id may hold a slash (``cl-nagoya/ruri-large``): the rest of the path is it.
-    Any name a request's ``model`` may give is found (``ruri-large`` too)."""
+    Any name a request's ``model`` may give is found (``ruri-large`` too).
+
+    Besides OpenAI's fields, Xinference's ``model_type``, ``model_ability`` and
+    ``context_length``: Dify's Xinference provider reads this route (with a short name:
+    its model uid may not hold a slash) and adds only a model whose type it knows.
+    """
     rt = runtime(request)
-    if not any(s is not None and model in s.names for s in (rt.embeddings, rt.rerank)):
-        raise unknown_model(model, _served_names(request))
-    return json_response(_model_card(model, request.app.state.started))
+    for service, kind, ability in (
+        (rt.embeddings, "embedding", "embed"),
+        (rt.rerank, "rerank", "rerank"),
+    ):
+        if service is not None and model in service.names:
+            info = rt.models[service.names.resolve(model)]
+            card = _model_card(model, request.app.state.started)
+            card.update(model_type=kind, model_ability=[ability], context_length=info.max_length)
+            return json_response(card)
+    raise unknown_model(model, _served_names(request))
 
 
 def _served_names(request: Request) -> list[str]:
