@@ -4,10 +4,10 @@ says so (``docker run --cpus``, compose's ``cpus``, a Kubernetes ``limits.cpu``)
 A container's CPU limit is a quota of CPU time per period in its control group, which
 neither ``os.sched_getaffinity`` nor torch sees: on a 64-core node, a pod limited to 4
 cores would run torch with a thread for each of the node's cores (each a share of 4 cores,
-throttled in turn) and, on a GPU, 8 tokenizer processes. The limit is read as the kernel publishes it, in cgroup v2's
-``cpu.max`` or cgroup v1's ``cpu.cfs_quota_us`` and ``cpu.cfs_period_us``, for the
-process's own group and every group above it that its mount shows (Kubernetes sets one
-for the pod and one for the container).
+throttled in turn) and, on a GPU, 8 tokenizer processes. The limit is read as the kernel
+publishes it, in cgroup v2's ``cpu.max`` or cgroup v1's ``cpu.cfs_quota_us`` and
+``cpu.cfs_period_us``, for the process's own group and every group above it that its
+mount shows (Kubernetes sets one for the pod and one for the container).
 """
 
 from __future__ import annotations
