@@ -24,6 +24,7 @@ from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.families import family_for, with_overrides
 from fake_openai_server.memory import AfterOverload
 from fake_openai_server.metrics import Metrics
+from fake_openai_server.service.common import unknown_model
 from fake_openai_server.service.embeddings import EmbeddingModel, EmbeddingsService
 from fake_openai_server.service.rerank import RerankModel, RerankService
 from fake_openai_server.service.tokenizing import TokenizerPool
@@ -236,6 +237,21 @@ class Runtime:
                     log.debug("%s: the probe failed (%s)", name, type(exc).__name__)
                 else:
                     log.info("%s: a probe batch succeeded; serving again", name)
+
+    def model_names(self) -> list[str]:
+        """Every name /v1/models lists: each service's models and aliases, embeddings first."""
+        services = (self.embeddings, self.rerank)
+        return [
+            name for service in services if service is not None for name in service.names.listed
+        ]
+
+    def resolve_any(self, requested: str) -> str:
+        """The served model, of either kind, that ``requested`` names; a 404 naming every
+        served model when none is."""
+        for service in (self.embeddings, self.rerank):
+            if service is not None and requested in service.names:
+                return service.names.resolve(requested)
+        raise unknown_model(requested, self.model_names())
 
     def require_embeddings(self) -> EmbeddingsService:
         self.require_ready()

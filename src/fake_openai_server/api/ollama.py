@@ -42,7 +42,6 @@ from fake_openai_server.api.serialize import json_response
 from fake_openai_server.backends.base import ModelInfo
 from fake_openai_server.families import family_for
 from fake_openai_server.runtime import Runtime
-from fake_openai_server.service.common import unknown_model
 from fake_openai_server.service.truncation import TruncateMode
 
 # The Ollama API level these routes follow (/api/embed with truncate and dimensions).
@@ -241,7 +240,8 @@ async def show(body: OllamaShowRequest, request: Request) -> Response:
     rt = runtime(request)
     rt.require_ready()
     served = {name: (info, embeds) for name, info, embeds in _served(rt)}
-    name = _resolve_any(rt, model_name(body.model or body.name))
+    requested = model_name(body.model or body.name)
+    name = rt.resolve_any(requested) if requested else next(iter(served))  # absent: the first
     info, embeds = served[name]
     architecture = _architecture(name, embeds)
     model_info: dict[str, Any] = {
@@ -262,15 +262,3 @@ async def show(body: OllamaShowRequest, request: Request) -> Response:
             "modified_at": _modified_at(request),
         }
     )
-
-
-def _resolve_any(rt: Runtime, requested: str | None) -> str:
-    """The served model of either kind ``requested`` names (absent: the first served)."""
-    services = [s for s in (rt.embeddings, rt.rerank) if s is not None]
-    if not requested:
-        return services[0].names.default
-    for service in services:
-        if requested in service.names:
-            return service.names.resolve(requested)
-    served = [n for s in services for n in s.names.model_ids + sorted(s.names.aliases)]
-    raise unknown_model(requested, served)

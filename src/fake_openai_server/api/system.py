@@ -15,7 +15,6 @@ from fake_openai_server.api.schemas import Health, ModelDetail, ModelList, Readi
 from fake_openai_server.api.serialize import json_body, json_response
 from fake_openai_server.api.tei import tei_info
 from fake_openai_server.metrics import CONTENT_TYPE
-from fake_openai_server.service.common import unknown_model
 
 router = APIRouter()
 
@@ -63,7 +62,7 @@ async def ready(request: Request) -> Response:
 @router.get("/models", include_in_schema=False)
 async def list_models(request: Request) -> Response:
     created = request.app.state.started
-    data = [_model_card(name, created) for name in _served_names(request)]
+    data = [_model_card(name, created) for name in runtime(request).model_names()]
     return json_response({"object": "list", "data": data})
 
 
@@ -84,26 +83,12 @@ async def retrieve_model(model: str, request: Request) -> Response:
     its model uid may not hold a slash) and adds only a model whose type it knows.
     """
     rt = runtime(request)
-    for service, kind, ability in (
-        (rt.embeddings, "embedding", "embed"),
-        (rt.rerank, "rerank", "rerank"),
-    ):
-        if service is not None and model in service.names:
-            info = rt.models[service.names.resolve(model)]
-            card = _model_card(model, request.app.state.started)
-            card.update(model_type=kind, model_ability=[ability], context_length=info.max_length)
-            return json_response(card)
-    raise unknown_model(model, _served_names(request))
-
-
-def _served_names(request: Request) -> list[str]:
-    """Every name /v1/models lists: the served models, then their aliases."""
-    rt = runtime(request)
-    names: list[str] = []
-    for service in (rt.embeddings, rt.rerank):
-        if service is not None:
-            names += service.names.model_ids + sorted(service.names.aliases)
-    return names
+    name = rt.resolve_any(model)
+    embeds = rt.embeddings is not None and name in rt.embeddings.names.model_ids
+    kind, ability = ("embedding", "embed") if embeds else ("rerank", "rerank")
+    card = _model_card(model, request.app.state.started)
+    card.update(model_type=kind, model_ability=[ability], context_length=rt.models[name].max_length)
+    return json_response(card)
 
 
 def _model_card(name: str, created: int) -> dict[str, Any]:

@@ -48,6 +48,11 @@ class ModelNames:
     def default(self) -> str:
         return self.model_ids[0]
 
+    @property
+    def listed(self) -> list[str]:
+        """The names /v1/models lists: the models, then the aliases."""
+        return self.model_ids + sorted(self.aliases)
+
     def __contains__(self, name: object) -> bool:
         """Whether ``name`` is a name ``resolve`` knows."""
         return name in self._names
@@ -58,7 +63,7 @@ class ModelNames:
         try:
             return self._names[requested]
         except KeyError:
-            raise unknown_model(requested, self.model_ids + sorted(self.aliases)) from None
+            raise unknown_model(requested, self.listed) from None
 
 
 def unknown_model(requested: str, served: Sequence[str]) -> ServiceError:
