@@ -67,32 +67,19 @@ def test_v2_the_lowest_limit_above_the_group_counts(tmp_path: Path) -> None:
     assert usable_cores(root) == min(3, len(os.sched_getaffinity(0)))
 
 
-def test_v1_docker(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("quota", "limit", "cores"),
+    [("50000\n", 0.5, 1), ("-1\n", None, None)],  # half a core is still a core to run on
+    ids=["half-a-core", "no-quota"],
+)
+def test_v1_docker(tmp_path: Path, quota: str, limit: float | None, cores: int | None) -> None:
     group = "sys/fs/cgroup/cpu,cpuacct"
     root = lay_out(
         tmp_path,
-        {
-            **V1_DOCKER,
-            f"{group}/cpu.cfs_quota_us": "50000\n",
-            f"{group}/cpu.cfs_period_us": "100000\n",
-        },
+        {**V1_DOCKER, f"{group}/cpu.cfs_quota_us": quota, f"{group}/cpu.cfs_period_us": "100000\n"},
     )
-    assert cpu_limit(root) == 0.5
-    assert usable_cores(root) == 1  # half a core is still a core to run on
-
-
-def test_v1_without_a_quota(tmp_path: Path) -> None:
-    group = "sys/fs/cgroup/cpu,cpuacct"
-    root = lay_out(
-        tmp_path,
-        {
-            **V1_DOCKER,
-            f"{group}/cpu.cfs_quota_us": "-1\n",
-            f"{group}/cpu.cfs_period_us": "100000\n",
-        },
-    )
-    assert cpu_limit(root) is None
-    assert usable_cores(root) == len(os.sched_getaffinity(0))
+    assert cpu_limit(root) == limit
+    assert usable_cores(root) == (cores or len(os.sched_getaffinity(0)))
 
 
 def test_nothing_to_read_is_no_limit(tmp_path: Path) -> None:
