@@ -83,7 +83,11 @@ def _raw_reply(server: LiveServer, request: bytes) -> tuple[str, dict[str, str],
 
 
 @pytest.mark.parametrize(
-    "path", ["/v1/models", "/models", "/info", "/info/quantization", "/api/tags", "/api/version"]
+    "path",
+    [
+        *("/v1/models", "/models", "/info", "/info/quantization"),
+        *("/api/tags", "/api/ps", "/api/version"),
+    ],
 )
 def test_every_get_route_answers_head(fake_server: LiveServer, path: str) -> None:
     """Uptime monitors, ``wget --spider`` and HAProxy's ``option httpchk HEAD`` probe with

@@ -453,6 +453,14 @@ def test_ollama_client_list_show_and_errors(fake_server: LiveServer) -> None:
     client = ollama.Client(host=fake_server.base_url)
     names = [m.model for m in client.list().models]
     assert names == [f"{EMBEDDINGS_MODEL}:latest", f"{RERANKER_MODEL}:latest"]
+    running = client.ps().models  # loaded: every model, for as long as the server runs
+    assert [m.model for m in running] == names
+    info = post_get(fake_server, "/info")["models"]
+    assert [m.context_length for m in running] == [
+        info[EMBEDDINGS_MODEL]["max_length"],
+        info[RERANKER_MODEL]["max_length"],
+    ]
+    assert all(m.expires_at and m.expires_at.year == 9999 for m in running)
     shown = client.show(f"{EMBEDDINGS_MODEL}:latest")
     assert shown.capabilities == ["embedding"]
     assert shown.modelinfo is not None and shown.modelinfo["bert.embedding_length"] == 8

@@ -72,6 +72,7 @@ def test_every_route_is_documented(server: LiveServer) -> None:
         "POST /api/embeddings",
         "POST /api/rerank",
         "GET /api/tags",
+        "GET /api/ps",
         "GET /api/version",
         "POST /api/show",
         "POST /v1/embed",

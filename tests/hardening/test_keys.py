@@ -125,7 +125,8 @@ def test_the_route_list_is_complete() -> None:
     assert {"/v1/embeddings", "/embeddings", "/v1/rerank", "/rerank", "/v1/v1/rerank"} <= paths
     assert {"/v2/rerank", "/v1/models", "/models", "/info", "/metrics", "/openapi.json"} <= paths
     assert {"/", "/embed", "/tokenize", "/decode", "/info/quantization"} <= paths
-    assert {"/api/embed", "/api/embeddings", "/api/tags", "/api/version", "/api/show"} <= paths
+    assert {"/api/embed", "/api/embeddings", "/api/tags", "/api/ps", "/api/version"} <= paths
+    assert "/api/show" in paths
     assert {"/api/rerank", "/v1/embed", "/v2/embed", AZURE} <= paths
     assert paths >= PUBLIC
 

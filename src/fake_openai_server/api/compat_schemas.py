@@ -172,6 +172,21 @@ class OllamaTags(BaseModel):
     models: list[OllamaModel]
 
 
+class OllamaRunningModel(BaseModel):
+    name: str
+    model: str
+    size: int
+    digest: str
+    details: OllamaDetails
+    expires_at: str = Field(description="Never, in effect: the models stay loaded")
+    size_vram: int
+    context_length: int
+
+
+class OllamaRunning(BaseModel):
+    models: list[OllamaRunningModel]
+
+
 class OllamaVersion(BaseModel):
     version: str
 

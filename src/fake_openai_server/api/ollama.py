@@ -1,5 +1,6 @@
 """Ollama's API: POST /api/embed, the older POST /api/embeddings, GET /api/tags,
-GET /api/version, POST /api/show, and POST /api/rerank for Dify's Ollama provider.
+GET /api/ps, GET /api/version, POST /api/show, and POST /api/rerank for Dify's Ollama
+provider.
 
 Clients: the ollama Python/JS clients, Open WebUI's default embedding engine,
 Dify's Ollama provider (``{"input": [...], "model", "truncate": true, "options"}`` to
@@ -30,6 +31,7 @@ from fake_openai_server.api.compat_schemas import (
     OllamaError,
     OllamaRerankRequest,
     OllamaRerankResponse,
+    OllamaRunning,
     OllamaShowRequest,
     OllamaShowResponse,
     OllamaTags,
@@ -44,8 +46,11 @@ from fake_openai_server.families import family_for
 from fake_openai_server.runtime import Runtime
 from fake_openai_server.service.truncation import TruncateMode
 
-# The Ollama API level these routes follow (/api/embed with truncate and dimensions).
-OLLAMA_VERSION = "0.9.0"
+# The Ollama API level these routes follow: /api/embed's dimensions came in 0.11.11
+# (ollama/ollama#12242).
+OLLAMA_VERSION = "0.11.11"
+# When a loaded model would be unloaded (/api/ps): never, as Ollama's keep_alive -1.
+NEVER = datetime(9999, 12, 31, tzinfo=UTC).isoformat()
 
 TAGS: list[Any] = ["ollama"]
 router = APIRouter(tags=TAGS)
@@ -187,18 +192,46 @@ def _modified_at(request: Request) -> str:
     return datetime.fromtimestamp(request.app.state.started, UTC).isoformat()
 
 
+def _listed(name: str, info: ModelInfo, embeds: bool) -> dict[str, Any]:
+    """A served model as /api/tags and /api/ps list it (its size unknown: 0)."""
+    return {
+        "name": f"{name}:latest",
+        "model": f"{name}:latest",
+        "size": 0,
+        "digest": hashlib.sha256(name.encode()).hexdigest(),
+        "details": _details(name, info, embeds),
+    }
+
+
 @router.get("/api/tags", response_model=OllamaTags, responses=KEY_ERRORS, summary="Models (Ollama)")
 async def tags(request: Request) -> Response:
     rt = runtime(request)
     rt.require_ready()
+    modified_at = _modified_at(request)
+    models = [
+        {**_listed(name, info, embeds), "modified_at": modified_at}
+        for name, info, embeds in _served(rt)
+    ]
+    return json_response({"models": models})
+
+
+@router.get(
+    "/api/ps",
+    response_model=OllamaRunning,
+    responses=KEY_ERRORS,
+    summary="Models loaded (Ollama)",
+)
+async def running(request: Request) -> Response:
+    """Every served model, as loaded: they stay in memory while the server runs (tools
+    check here that a model is ready before they call it)."""
+    rt = runtime(request)
+    rt.require_ready()
     models = [
         {
-            "name": f"{name}:latest",
-            "model": f"{name}:latest",
-            "modified_at": _modified_at(request),
-            "size": 0,
-            "digest": hashlib.sha256(name.encode()).hexdigest(),
-            "details": _details(name, info, embeds),
+            **_listed(name, info, embeds),
+            "expires_at": NEVER,
+            "size_vram": 0,
+            "context_length": info.max_length,
         }
         for name, info, embeds in _served(rt)
     ]
