@@ -14,6 +14,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from fake_openai_server.engine.core import BatchReport
@@ -99,17 +100,6 @@ class Metrics:
             registry=r,
         )
 
-        self.engine_restarts = Gauge(
-            "fos_engine_restarts",
-            "Times the engine process was replaced (it died or hung) since the server started",
-            registry=r,
-        )
-        self.tokenizer_restarts = Gauge(
-            "fos_tokenizer_process_restarts",
-            "Times a tokenizer process was replaced since the server started",
-            registry=r,
-        )
-
         self.tokenizer_memory = Gauge(
             "fos_tokenizer_processes_resident_memory_bytes",
             "Resident memory of the tokenizer processes, summed (0 without them)",
@@ -124,8 +114,20 @@ class Metrics:
         )
 
     def track_restarts(self, engine: Callable[[], int], tokenizers: Callable[[], int]) -> None:
-        self.engine_restarts.set_function(engine)
-        self.tokenizer_restarts.set_function(tokenizers)
+        """fos_engine_restarts_total and fos_tokenizer_process_restarts_total: counters
+        (``increase()`` over them says how often processes die), kept by the runtime."""
+        _CountedElsewhere(
+            "fos_engine_restarts",
+            "Times the engine process was replaced (it died or hung) since the server started",
+            engine,
+            self.registry,
+        )
+        _CountedElsewhere(
+            "fos_tokenizer_process_restarts",
+            "Times a tokenizer process was replaced since the server started",
+            tokenizers,
+            self.registry,
+        )
 
     def track_ready(self, ready: Callable[[], bool]) -> None:
         self.ready.set_function(lambda: float(ready()))
@@ -177,6 +179,25 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CountedElsewhere:
+    """A counter whose count another object keeps (prometheus_client's Counter cannot
+    read one from a function, and a Gauge that can is not a counter to Prometheus)."""
+
+    def __init__(
+        self, name: str, documentation: str, count: Callable[[], int], registry: CollectorRegistry
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.count = count
+        registry.register(self)
+
+    def describe(self) -> Iterable[CounterMetricFamily]:
+        return [CounterMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        return [CounterMetricFamily(self.name, self.documentation, value=self.count())]
 
 
 def _resident_bytes(pid: int) -> int:

@@ -163,7 +163,7 @@ def test_a_hung_pass_answers_504_by_the_deadline_and_the_engine_is_replaced(
     assert "restarting" in states, states
     assert 0.0 in unready, unready
     assert_clean(asyncio.run(together(base, ["復活"]))[0][0], "復活")
-    assert "fos_engine_restarts 1.0" in httpx.get(f"{base}/metrics", timeout=10).text
+    assert "fos_engine_restarts_total 1.0" in httpx.get(f"{base}/metrics", timeout=10).text
 
 
 def test_a_dying_engine_fails_what_it_held_and_comes_back(faulty: LiveServer) -> None:
