@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tests.support.fakes import fake_text_vector
 from tests.support.live import LiveServer
@@ -69,3 +70,22 @@ def test_routers_never_share_a_route_and_the_busiest_come_first() -> None:
             key for key in set(answered) if answered.count(key) > 1
         )
         assert first in {getattr(route, "path", "") for route in routers[0].routes}
+
+
+def test_a_factory_checks_the_settings_for_the_service_it_makes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``uvicorn --factory fake_openai_server:create_rerank_app`` with SERVICE_TYPE left
+    at embeddings: an empty RERANKER_MODEL is refused as it is for SERVICE_TYPE=reranker.
+    It had been let through, and the server had waited forever on a failed engine."""
+    from pydantic import ValidationError
+
+    from fake_openai_server import create_all_in_one_app, create_rerank_app
+    from fake_openai_server.settings import Settings
+
+    monkeypatch.setenv("RERANKER_MODEL", "")
+    for factory in (create_rerank_app, create_all_in_one_app):
+        with pytest.raises(ValidationError, match="RERANKER_MODEL is empty"):
+            factory()
+        with pytest.raises(ValidationError, match="RERANKER_MODEL is empty"):
+            factory(Settings(service_type="embeddings"))

@@ -2,13 +2,16 @@
 
 Settings are read once, in ``cli.main`` (or in the ``create_*_app`` factories for
 ``uvicorn --factory``), and passed down explicitly. The engine process rebuilds them
-from the values the server sends it; besides, only OpenTelemetry's own ``OTEL_*``
-variables are looked at (``api/app.py``).
+from the values the server sends it. Other variables looked at are others' own:
+OpenTelemetry's ``OTEL_*`` (``api/app.py``), Hugging Face's ``HF_HUB_*`` (checked in
+``cli.py``, as huggingface_hub reads them) and, for an error message only, which GPUs
+``CUDA_VISIBLE_DEVICES`` left (``backends/sentence_transformers.py``).
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,12 +31,24 @@ DEFAULT_PORTS: dict[str, int] = {"embeddings": 8081, "reranker": 8082, "all": 80
 
 
 def _split_csv(value: object) -> object:
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
+    """A comma-separated list; or a JSON list of strings, as ``--help``'s ``list[str]``
+    suggests (split at its commas, ``["a","b"]`` had given the keys ``["a"`` and ``"b"]``)."""
+    if not isinstance(value, str):
+        return value
+    if value.lstrip().startswith("["):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not (isinstance(parsed, list) and all(isinstance(part, str) for part in parsed)):
+            raise ValueError(f'{value!r} is not a JSON list of strings: write a,b or ["a", "b"]')
+        return [part.strip() for part in parsed if part.strip()]
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 CsvList = Annotated[list[str], NoDecode]
+# A number of seconds: finite (``inf`` had passed, then crashed the start-up).
+Seconds = Annotated[float, Field(allow_inf_nan=False)]
 
 
 # A Hub commit as the Hub and the cache's folders write it (a branch or tag may move; a
@@ -141,13 +156,13 @@ class Settings(BaseSettings):
         "container's CPU limit counting; on a CPU host 0, tokenizing on two threads of the "
         "server)",
     )
-    request_timeout: float = Field(
+    request_timeout: Seconds = Field(
         300.0,
         gt=0,
         description="Seconds a request may take, queue included, before it is answered 504 "
         "(its queued work is dropped)",
     )
-    stall_timeout: float = Field(
+    stall_timeout: Seconds = Field(
         60.0,
         gt=0,
         description="A forward pass running longer than this (or ten times its expected time, "
@@ -186,16 +201,16 @@ class Settings(BaseSettings):
         description="Origins of the browser pages that may call the API (CORS), "
         "comma-separated, e.g. https://app.example.com; * for any (empty: no CORS headers)",
     )
-    shutdown_grace_seconds: float = Field(
+    shutdown_grace_seconds: Seconds = Field(
         30.0, ge=0, description="On SIGTERM, time given to in-flight requests"
     )
-    keep_alive_seconds: float = Field(
+    keep_alive_seconds: Seconds = Field(
         75.0,
         gt=0,
         description="How long an idle keep-alive connection stays open (longer than clients' "
         "own idle limits, so that a client never reuses one the server is closing)",
     )
-    read_timeout_seconds: float = Field(
+    read_timeout_seconds: Seconds = Field(
         60.0,
         gt=0,
         description="A request must arrive in full, headers and body, within this many "
@@ -219,6 +234,13 @@ class Settings(BaseSettings):
     def _comma_separated(cls, value: object) -> object:
         return _split_csv(value)
 
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _no_file(cls, value: object) -> object:
+        """API_KEYS_FILE= (empty) is no file, as its default is (it had been read as the
+        directory ``.``)."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _level(cls, value: object) -> object:
@@ -239,6 +261,11 @@ class Settings(BaseSettings):
         "Name or service not known", naming no setting. An IPv6 address may come in
         brackets, as in a URL ([::1]); uvicorn takes it without."""
         host = value.strip()
+        if not host:
+            raise ValueError(
+                "is empty: write 0.0.0.0 for every interface, :: for IPv6 as well, or "
+                "127.0.0.1 for this machine only"
+            )
         if "/" in host:
             raise ValueError(
                 f"{value!r} is not an address: write it without a scheme or a path "
@@ -272,9 +299,10 @@ class Settings(BaseSettings):
             raise SettingsError("EMBEDDINGS_MODEL is empty: name at least one embedding model")
         if self.service_type in ("reranker", "all") and not self.reranker_model:
             raise SettingsError("RERANKER_MODEL is empty: name the reranker model")
-        for pair in self.model_aliases:
-            if "=" not in pair:
-                raise SettingsError(f"MODEL_ALIASES entry {pair!r} must look like alias=model")
+        for model in set(self.embeddings_model):
+            if self.embeddings_model.count(model) > 1:
+                raise SettingsError(f"EMBEDDINGS_MODEL names {model} twice: name each model once")
+        self.aliases()  # each entry checked
         self.revisions()  # each entry checked
         if self.device == "mps" and self.dtype in ("bfloat16", "int8"):
             raise SettingsError(f"DTYPE={self.dtype} is not supported with DEVICE=mps")
@@ -328,9 +356,32 @@ class Settings(BaseSettings):
         )
 
     def aliases(self) -> dict[str, str]:
-        """alias → model, from MODEL_ALIASES."""
-        pairs = (pair.split("=", 1) for pair in self.model_aliases)
-        return {alias.strip(): model.strip() for alias, model in pairs}
+        """alias → model, from MODEL_ALIASES (SettingsError for an entry that is no pair,
+        an alias given twice, or one that is already a configured model's name, its id or
+        its last path part, for another model: requests naming that model would have gone
+        to the alias's)."""
+        names: dict[str, str] = {}
+        for model in self.configured_models():
+            names[model] = model
+            names.setdefault(model.rstrip("/").rsplit("/", 1)[-1], model)
+        aliases: dict[str, str] = {}
+        for pair in self.model_aliases:
+            alias, _, model = (part.strip() for part in pair.partition("="))
+            if not alias or not model:
+                raise SettingsError(f"MODEL_ALIASES entry {pair!r} must look like alias=model")
+            if alias in aliases:
+                raise SettingsError(f"MODEL_ALIASES gives {alias} twice")
+            if alias in names and names[alias] != names.get(model, model):
+                taken = (
+                    "is a configured model"
+                    if alias == names[alias]
+                    else f"is already a name of {names[alias]}"
+                )
+                raise SettingsError(
+                    f"MODEL_ALIASES: {alias} {taken}; choose another alias for {model}"
+                )
+            aliases[alias] = model
+        return aliases
 
     def revisions(self) -> dict[str, str]:
         """model → the revision MODEL_REVISIONS pins it to, a commit in lower case
@@ -454,5 +505,13 @@ def hub_variable_errors(environ: Mapping[str, str]) -> list[str]:
     return [
         f"{name}={environ[name]!r}: a whole number of seconds"
         for name in HUB_SECONDS
-        if name in environ and not environ[name].strip().isdigit()
+        if name in environ and not _whole_seconds(environ[name])
     ]
+
+
+def _whole_seconds(value: str) -> bool:
+    """Whether huggingface_hub's ``int()`` reads ``value`` as a number of seconds."""
+    try:
+        return int(value) >= 0
+    except ValueError:
+        return False

@@ -430,6 +430,29 @@ def test_unknown_service_type_is_refused(env: dict[str, str], args: list[str]) -
         # huggingface_hub reads it with int() on import: it had failed with tracebacks.
         ({"HF_HUB_ETAG_TIMEOUT": "abc"}, ("HF_HUB_ETAG_TIMEOUT", "whole number of seconds")),
         ({"DTYPE": "fp8"}, ("DTYPE", "float32")),
+        ({"HF_HUB_ETAG_TIMEOUT": "²"}, ("HF_HUB_ETAG_TIMEOUT", "whole number of seconds")),
+        # An empty HOST had listened on every IPv4 and IPv6 address, unannounced.
+        ({"HOST": ""}, ("HOST", "is empty", "0.0.0.0")),
+        # inf had passed, then crashed the start-up with a traceback.
+        ({"SHUTDOWN_GRACE_SECONDS": "inf"}, ("SHUTDOWN_GRACE_SECONDS", "finite")),
+        ({"KEEP_ALIVE_SECONDS": "1e400"}, ("KEEP_ALIVE_SECONDS", "finite")),
+        # A served model's name taken by an alias had sent that model's requests elsewhere.
+        (
+            {"MODEL_ALIASES": f"{EMBEDDINGS_MODEL}=other/model"},
+            ("MODEL_ALIASES", "is a configured model", "another alias"),
+        ),
+        (
+            {"MODEL_ALIASES": "ruri-large=other/model"},
+            ("MODEL_ALIASES", f"already a name of {EMBEDDINGS_MODEL}"),
+        ),
+        ({"MODEL_ALIASES": "a=ruri-large,a=other"}, ("MODEL_ALIASES", "gives a twice")),
+        ({"MODEL_ALIASES": "=ruri-large"}, ("MODEL_ALIASES", "alias=model")),
+        # It had been loaded twice, twice the memory.
+        (
+            {"EMBEDDINGS_MODEL": f"{EMBEDDINGS_MODEL},{EMBEDDINGS_MODEL}"},
+            ("EMBEDDINGS_MODEL", "twice"),
+        ),
+        ({"API_KEYS": '["a", b'}, ("API_KEYS", "not a JSON list")),
     ],
 )
 def test_contradictory_or_invalid_settings_are_refused(

@@ -444,3 +444,19 @@ def test_near_misses_of_settings_are_named() -> None:
         ("EMBEDDING_MODEL", "EMBEDDINGS_MODEL"),
         ("CORS_ALLOW_ORIGIN", "CORS_ALLOW_ORIGINS"),
     ]
+
+
+def test_keys_may_be_a_json_list_as_help_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--help`` writes the type ``list[str]``: split at its commas, ``["a","b"]`` had
+    given the keys ``["a"`` and ``"b"]``, and neither key the user meant worked."""
+    monkeypatch.setenv("API_KEYS", '["sk-one", " sk-two "]')
+    assert Settings().all_api_keys() == ["sk-one", "sk-two"]
+    monkeypatch.setenv("API_KEYS", "sk-one, sk-two,")
+    assert Settings().all_api_keys() == ["sk-one", "sk-two"]
+
+
+def test_an_empty_keys_file_setting_is_no_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``API_KEYS_FILE=`` (a compose file's ``${API_KEYS_FILE:-}``) is its default, no
+    file; it had been read as the directory ``.`` and refused."""
+    monkeypatch.setenv("API_KEYS_FILE", "")
+    assert Settings().api_keys_file is None

@@ -174,8 +174,12 @@ def routers_for(settings: Settings) -> list[APIRouter]:
 
 
 def _for(service_type: ServiceType, settings: Settings | None) -> Settings:
-    """``settings`` (read from the environment when None) serving ``service_type``."""
-    return (settings or Settings()).model_copy(update={"service_type": service_type})
+    """``settings`` (read from the environment when None) serving ``service_type``,
+    checked as such (a copy would keep settings valid only for the other service: an
+    empty RERANKER_MODEL had left the rerank app waiting forever on a failed engine)."""
+    if settings is None:
+        return Settings(service_type=service_type)
+    return Settings.model_validate({**settings.model_dump(), "service_type": service_type})
 
 
 def create_embeddings_app(
