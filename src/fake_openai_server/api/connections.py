@@ -49,6 +49,7 @@ import contextlib
 import logging
 import math
 import struct
+from collections.abc import Callable
 
 import httptools
 import orjson
@@ -97,7 +98,11 @@ HEAD_LIMIT = 64 * 1024
 # still sends is read and dropped, so that the client, still sending, reads its reply
 # (closing on bytes still coming makes the kernel answer them with a reset, which can
 # take the reply with it), until it has sent nothing for LINGER seconds, or for
-# LINGER_MOST seconds, or LINGER_BYTES more.
+# LINGER_MOST seconds, or LINGER_BYTES more. A request whose body would take its
+# connection past DISCARD_BYTES (or whose length is not told: chunked), were it answered
+# before it is in, has such a reply say ``connection: close``: the client then sends its
+# next request on a new connection. Told nothing, it had sent it on this one, into the
+# drop, and got no reply at all.
 DISCARD_BYTES = 16 * 1024 * 1024
 LINGER = 2.0
 LINGER_MOST = 30.0
@@ -151,6 +156,19 @@ class Closures:
         self.unreported, self.reported_at = 0, now
 
 
+class _LingeringClose:
+    """A connection's transport as a request's cycle sees it where the connection ends
+    after the reply while the client may still be sending: ``close`` is a lingering one
+    (``Connection._linger``)."""
+
+    def __init__(self, transport: asyncio.Transport, linger: Callable[[], None]) -> None:
+        self._transport = transport
+        self.close = linger
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._transport, name)
+
+
 class Connection(HttpToolsProtocol):
     """One connection: when the request now arriving began (None between requests, which
     are keep-alive's), how much reply was unsent at the last look and since when none of
@@ -178,6 +196,8 @@ class Connection(HttpToolsProtocol):
         self._heard, self._lingered, self._linger_until = False, 0, 0.0
         self._dropped = 0  # bytes of answered requests' bodies dropped, on this connection
         self._message_in = False  # the request now being read has arrived whole
+        # Its cycle's keep-alive, held back while its body is coming (``_hold_keep_alive``).
+        self._held_keep_alive: bool | None = None
         # The request being answered (pipelined ones wait behind it).
         self._running: RequestResponseCycle | None = None
 
@@ -207,6 +227,10 @@ class Connection(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._receiving_since = None
         self._message_in = True
+        held, self._held_keep_alive = self._held_keep_alive, None
+        cycle = self.cycle
+        if held is not None and not cycle.response_started:  # in whole, before any reply
+            cycle.keep_alive, cycle.transport = held, self.transport
         super().on_message_complete()
 
     def data_received(self, data: bytes) -> None:
@@ -286,6 +310,25 @@ class Connection(HttpToolsProtocol):
             self._reread = False
             return
         super().on_headers_complete()
+        self._hold_keep_alive()
+
+    def _hold_keep_alive(self) -> None:
+        """Until the body of the request just begun is in, a reply to it closes the
+        connection (``connection: close``, then a lingering close) if dropping the body
+        would pass DISCARD_BYTES (see there). Once the body is in, the request has the
+        keep-alive it asked for."""
+        length = 0
+        for name, value in self.headers:
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                length = DISCARD_BYTES + 1  # chunked: its length is not told
+        if self._dropped + length <= DISCARD_BYTES:
+            return
+        cycle = self.cycle
+        self._held_keep_alive = cycle.keep_alive
+        cycle.keep_alive = False  # uvicorn writes connection: close, then closes:
+        cycle.transport = _LingeringClose(self.transport, self._linger)  # type: ignore[assignment]
 
     def _check_deadline(self) -> None:
         now = self.loop.time()
