@@ -71,13 +71,13 @@ CATALOGUE = [
     Bad("/api/embed", {"input": LONG, "truncate": False}, "not to truncate"),
     Bad("/api/embed", {"input": [""]}, "input[0] is empty"),  # Ollama's [] only loads
     Bad("/api/embeddings", {"prompt": ["a"]}, "'prompt'"),
-    Bad("/api/embeddings", {"prompt": " "}, "prompt[0] is empty"),
+    Bad("/api/embeddings", {"prompt": " "}, "prompt is empty"),  # one text, not a list
     Bad("/api/show", {"model": "llama3"}, "does not exist", 404),
     Bad("/api/show", b'{"name": "\\udfff"}', "lone UTF-16 surrogate"),
     Bad("/api/rerank", {"query": "q", "documents": []}, "documents must not be an empty list"),
     Bad("/api/rerank", {"query": "q", "documents": ["a"], "top_n": -1}, "top_n"),
     # Cohere embed
-    Bad("/v1/embed", {}, "'texts' is required"),
+    Bad("/v1/embed", {}, "'texts' (or v2's 'inputs') is required"),
     Bad("/v1/embed", {"texts": []}, "texts must not be an empty list"),
     Bad("/v1/embed", {"texts": ["a"], "input_type": "poem"}, "'input_type'"),
     Bad("/v1/embed", {"texts": ["a"], "embedding_types": ["int4"]}, "'embedding_types"),
@@ -86,6 +86,8 @@ CATALOGUE = [
     Bad("/v1/embed", {"texts": ["a"], "images": ["data:image/png;base64,AA"]}, "text only"),
     Bad("/v2/embed", {"texts": ["a"], "inputs": [{"content": []}]}, "not both"),
     Bad("/v2/embed", {"inputs": [{"content": [{"type": "image_url"}]}]}, "text only"),
+    # The field the client sent, not v1's.
+    Bad("/v2/embed", {"inputs": [{"content": [{"type": "text", "text": " "}]}]}, "inputs[0] is"),
     Bad("/v2/embed", {"inputs": [{"content": [{"text": "a"}]}]}, "'inputs.0.content.0.type' is"),
     Bad(
         "/v2/embed", {"inputs": "a"}, "'inputs': expected a list of objects, each with a 'content'"

@@ -52,7 +52,7 @@ def texts_of(body: CohereEmbedRequest) -> list[str]:
     if body.texts is not None:
         return list(body.texts)
     if body.inputs is None:
-        raise _invalid("'texts' is required (a list of strings).", "texts")
+        raise _invalid("'texts' (or v2's 'inputs') is required: a list of strings.", "texts")
     texts = []
     for index, item in enumerate(body.inputs):
         parts = []
@@ -89,7 +89,7 @@ async def _embed(body: CohereEmbedRequest, request: Request, api_version: str) -
             input_type=body.input_type,
             dimensions=body.output_dimension,
             truncate=TRUNCATE[body.truncate] if body.truncate else None,
-            param="texts",
+            param="texts" if body.texts is not None else "inputs",
         ),
     )
     vectors = result.vectors

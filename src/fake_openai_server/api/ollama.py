@@ -131,7 +131,9 @@ async def embeddings(body: OllamaEmbeddingsRequest, request: Request) -> Respons
     if body.prompt == "":
         return json_response({"embedding": []})
     # The model's own vector, as Ollama's /api/embeddings gives it, whatever NORMALIZE says.
-    embedding = service.embed([body.prompt], model=name, normalize=False, param="prompt")
+    embedding = service.embed(
+        [body.prompt], model=name, normalize=False, param="prompt", indexed=False
+    )
     result = await answer_in_time(request, embedding)
     return json_response({"embedding": result.vectors[0]})
 

@@ -106,10 +106,12 @@ class EmbeddingsService:
         truncate: TruncateMode | None = None,
         normalize: bool | None = None,
         param: str = "input",
+        indexed: bool = True,
     ) -> EmbeddingResult:
         """``truncate`` and ``normalize`` are per-request choices of the other APIs (TEI,
         Cohere, Ollama, Voyage); ``None`` keeps the server's TRUNCATE / NORMALIZE.
-        ``param`` names the field the inputs came in, for the error messages."""
+        ``param`` names the field the inputs came in, for the error messages (``indexed``:
+        a list, whose items they name by index; else one text)."""
         if not inputs:
             raise ServiceError(
                 ErrorKind.INVALID_REQUEST, f"{param} must not be an empty list.", param=param
@@ -152,7 +154,7 @@ class EmbeddingsService:
             vectors = await pipeline(prepare, rows, run)
         else:
             texts = [str(text) for text in inputs]
-            check_texts(texts, param, limits.max_input_chars)
+            check_texts(texts, param, limits.max_input_chars, indexed)
             kind = normalize_input_type(input_type) or self.default_input_type
             prefixed = [apply_prefix(entry.family, text, kind) for text in texts]
             encode = partial(self._tokenizers.encode, name)
