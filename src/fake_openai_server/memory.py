@@ -71,15 +71,12 @@ class AfterOverload:
     def __init__(self) -> None:
         self._peak = 0
 
-    def observe(self, queued_items: int) -> bool:
-        """Feed the current queue length; True when memory was just given back."""
-        if queued_items:
-            self._peak = max(self._peak, queued_items)
-            return False
-        if self._peak < TRIM_AFTER_ITEMS:
-            self._peak = 0
-            return False
-        log.info("the queue of %d items has drained; giving its memory back", self._peak)
+    def observe(self, waiting: int) -> None:
+        """Feed the work waiting now: items queued, and batches in the engine process."""
+        if waiting:
+            self._peak = max(self._peak, waiting)
+            return
+        if self._peak >= TRIM_AFTER_ITEMS:
+            log.info("the queue of %d items has drained; giving its memory back", self._peak)
+            give_back()
         self._peak = 0
-        give_back()
-        return True

@@ -19,7 +19,7 @@ from functools import partial
 from typing import Literal
 
 from fake_openai_server.backends.base import ModelInfo, Plugin, Tokenizer
-from fake_openai_server.engine.core import Engine, server_stopping
+from fake_openai_server.engine.core import LOADING, Engine, server_stopping
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.families import family_for, with_overrides
 from fake_openai_server.memory import AfterOverload
@@ -273,7 +273,7 @@ class Runtime:
         if self.state != "ready":
             raise ServiceError(
                 ErrorKind.NOT_READY,
-                "The model is still loading; retry shortly."
+                LOADING
                 if self.state == "loading"
                 else "The server cannot serve requests now (see /ready).",
             )

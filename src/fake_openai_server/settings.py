@@ -56,6 +56,12 @@ Seconds = Annotated[float, Field(allow_inf_nan=False)]
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
+def short_name(model_id: str) -> str:
+    """The other name a model answers to as ``model``: its id's last path part
+    (``ruri-large`` for ``cl-nagoya/ruri-large``)."""
+    return model_id.rstrip("/").rsplit("/", 1)[-1]
+
+
 class SettingsError(ValueError):
     """Settings that cannot work together; the message names the settings."""
 
@@ -147,7 +153,9 @@ class Settings(BaseSettings):
         "the shape the batch is padded to, one warmed at start-up)",
     )
     max_queue_tokens: int = Field(
-        2_000_000, ge=1, description="Tokens waiting in the queue before new requests get 429"
+        2_000_000,
+        ge=1,
+        description="Tokens waiting in a model's queue before new requests for it get 429",
     )
     tokenizer_workers: int | None = Field(
         None,
@@ -363,7 +371,7 @@ class Settings(BaseSettings):
         names: dict[str, str] = {}
         for model in self.configured_models():
             names[model] = model
-            names.setdefault(model.rstrip("/").rsplit("/", 1)[-1], model)
+            names.setdefault(short_name(model), model)
         aliases: dict[str, str] = {}
         for pair in self.model_aliases:
             alias, _, model = (part.strip() for part in pair.partition("="))
@@ -439,7 +447,7 @@ class Settings(BaseSettings):
         """MODEL_ALIASES' aliases whose model is none this server serves, by its id or
         its last path part (they are ignored: a client sending one gets 404)."""
         names = set(self.served_models())
-        names |= {model.rstrip("/").rsplit("/", 1)[-1] for model in names}
+        names |= {short_name(model) for model in names}
         return {alias: model for alias, model in self.aliases().items() if model not in names}
 
     def all_api_keys(self) -> list[str]:

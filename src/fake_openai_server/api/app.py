@@ -185,12 +185,13 @@ def _for(service_type: ServiceType, settings: Settings | None) -> Settings:
 def create_embeddings_app(
     settings: Settings | None = None, plugin: Plugin | None = None
 ) -> FastAPI:
-    """The embeddings service (OpenAI, TEI, Ollama, Cohere embed routes)."""
+    """The embeddings service (OpenAI, TEI, Ollama, Cohere embed routes, and
+    /info/quantization)."""
     return build_app(_for("embeddings", settings), plugin)
 
 
 def create_rerank_app(settings: Settings | None = None, plugin: Plugin | None = None) -> FastAPI:
-    """The rerank service (Cohere, Jina, TEI, Voyage routes)."""
+    """The rerank service (Cohere, Jina, TEI, Voyage routes, and Ollama's /api/rerank)."""
     return build_app(_for("reranker", settings), plugin)
 
 

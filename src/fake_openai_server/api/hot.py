@@ -2,13 +2,14 @@
 
 For a one-text request FastAPI's routing, dependency solving and body parsing cost about
 as much of the server process's CPU as everything else it does (reading the request,
-tokenizing, batching, replying), and that process is what limits many clients on a
-large GPU (``bench/results/calls-{before,after}-hot-routes.md``,
-``ab-null-cpu-hot-routes.md``). So the endpoints marked ``@hot`` (the embeddings and
-rerank routes of the OpenAI, Cohere, Jina, Ollama and TEI APIs, not their side routes)
-are also reached this shorter way: the body is parsed by pydantic's JSON parser straight
-into the route's request model and the endpoint called with it, its exceptions answered
-by the app's own handlers.
+tokenizing, batching, replying), and that process is what limits many clients on a large
+GPU (``bench/results/calls-{before,after}-hot-routes.md``,
+``ab-null-cpu-hot-routes.md``). So the endpoints marked ``@hot`` (OpenAI's embeddings,
+Cohere's and Jina's embed and rerank, Ollama's embed and rerank, and TEI's /embed; not
+the side routes, TEI's POST / and /rerank or Azure's path) are also reached this shorter
+way: the body is parsed by pydantic's JSON parser straight into the route's request
+model and the endpoint called with it, its exceptions answered by the app's own
+handlers.
 
 Nothing else changes. Only a body that parses is taken this way; any other (malformed
 JSON, a wrong field, a missing input) goes on to FastAPI, which says what is wrong

@@ -3,8 +3,9 @@
 ``RequestLog`` (request id, metrics, access log) → Starlette's ``CORSMiddleware``, where
 CORS_ALLOW_ORIGINS names origins → ``HttpRules`` (HEAD, OPTIONS, repeated slashes) →
 ``ApiKeys`` → ``BodyLimit`` → ``CrashReply`` → ``HotRoutes`` (``api/hot.py``: the busiest
-routes, without FastAPI's per-request machinery) → FastAPI's routing. ``install`` adds
-them in that order.
+routes, without FastAPI's per-request machinery) → FastAPI's routing: outermost first.
+(``install`` adds them the other way round: Starlette wraps the app in the middleware
+added last outermost.)
 """
 
 from __future__ import annotations

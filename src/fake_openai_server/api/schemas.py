@@ -267,7 +267,9 @@ class RerankRequest(BaseModel):
         json_schema_extra={"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}]},
     )
     return_documents: StrictBool | None = Field(
-        None, description="Echo each document (default: true on /v1 and /rerank, false on /v2)"
+        None,
+        description="Echo each document (default: true on /v1 and /rerank, false on /v2 "
+        "and on Voyage requests, those with top_k)",
     )
     rank_fields: list[StrictStr] | None = Field(
         None, description="For object documents: the fields to rank on (default: text)"

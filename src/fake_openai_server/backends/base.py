@@ -61,10 +61,12 @@ class Padding:
 
     On a GPU a batch's rows go up to the next of ``rows`` and its length up to a
     multiple of ``step`` (of ``long_step`` beyond ``long_from`` tokens), so that few
-    shapes exist and each is warmed up (and captured as a CUDA graph) at start-up. The
-    default pads nothing beyond the batch's longest item (a CPU, where a padded token
-    costs as much as a real one). The engine forms batches whose padded shape stays
-    within MAX_BATCH_TOKENS, so that every batch takes a shape that was warmed.
+    shapes exist and each, up to ``long_from`` tokens, is warmed up (and captured as a
+    CUDA graph) at start-up. The default pads nothing beyond the batch's longest item (a
+    CPU, where a padded token costs as much as a real one). The engine forms batches
+    whose padded shape stays within MAX_BATCH_TOKENS, so that every batch up to
+    ``long_from`` tokens takes a shape that was warmed (a longer one is warmed the first
+    time a batch takes it).
     """
 
     rows: tuple[int, ...] = ()

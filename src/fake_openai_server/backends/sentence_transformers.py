@@ -160,14 +160,16 @@ class _OnDevice:
         return rows
 
 
-# On CUDA a batch is padded to one of a few shapes. A forward pass of a shape the GPU has
-# not seen costs several milliseconds more (GEMM algorithm choice, new memory blocks);
-# with free lengths and batch sizes nearly every batch is a new shape, and a small pass
-# took twice as long as the model alone (H200, bench/results/full-cuda-after.md). With
-# lengths rounded up to LENGTH_STEP and batch sizes to BATCH_SIZES (the model's
-# ``Padding``), every shape within MAX_BATCH_TOKENS is run once at start-up, and the
-# engine forms only batches whose padded shape is within it, so each batch takes a warmed
-# (and captured) shape. Padded tokens are masked out; on CPU, where they cost compute in
+# On CUDA a batch is padded to one of a few shapes. A forward pass of a shape the GPU
+# has not seen costs several milliseconds more (GEMM algorithm choice, new memory
+# blocks); with free lengths and batch sizes nearly every batch is a new shape, and a
+# small pass took twice as long as the model alone (H200,
+# bench/results/full-cuda-after.md). With lengths rounded up to LENGTH_STEP and batch
+# sizes to BATCH_SIZES (the model's ``Padding``), every shape within MAX_BATCH_TOKENS
+# and up to WARM_LENGTH tokens is run once at start-up, and the engine forms only
+# batches whose padded shape is within MAX_BATCH_TOKENS, so each batch takes a warmed
+# (and captured) shape; a longer one (of an 8192-token model) is warmed the first time a
+# batch takes it. Padded tokens are masked out; on CPU, where they cost compute in
 # proportion, batches are not padded beyond their longest item.
 LENGTH_STEP = 32
 LONG_STEP = 256  # beyond WARM_LENGTH (8192-token models): coarser, warmed on first sight

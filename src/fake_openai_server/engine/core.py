@@ -388,7 +388,7 @@ class Engine:
 
     def _not_ready_message(self) -> str:
         if self.state == "loading":
-            return "The model is still loading; retry shortly."
+            return LOADING
         if self.state == "restarting":
             return "The model is restarting after a failure; retry shortly."
         if self.state == "stopping":
@@ -668,8 +668,8 @@ class Engine:
 def model_failure(error: CallFailed | None = None) -> ServiceError:
     if error is not None and error.oom:
         message = (
-            "The model ran out of device memory on a batch holding this request; retry it, "
-            "or lower MAX_BATCH_TOKENS."
+            "The model ran out of device memory on a batch holding this request; retry it "
+            "(if it keeps happening, the server's operator can lower MAX_BATCH_TOKENS)."
         )
     elif error is not None:
         message = f"The model failed on a batch ({error.error_type}); retry the request."
@@ -679,6 +679,7 @@ def model_failure(error: CallFailed | None = None) -> ServiceError:
 
 
 STOPPING = "The server is shutting down."
+LOADING = "The model is still loading; retry shortly."
 
 
 def server_stopping() -> ServiceError:

@@ -6,12 +6,15 @@ The server sends the settings, this process loads the models, warms them up, mea
 what a forward pass costs and answers READY; from then on it runs the batches it is
 sent, in order, and answers each with its rows or with the type of its failure.
 
-Three threads keep the device busy: the main thread reads batches, the *launcher*
-pads each batch and queues its kernels, the *collector* waits for a launched batch
-and sends its rows back. On a GPU the launcher queues batch N+1 while batch N still
-runs, so the device never waits for Python; at most ``IN_FLIGHT`` batches are
-launched and not yet collected. A broken thread ends the process (the server sees the
-socket close and starts a new one); so does the server going away.
+Three threads keep the device busy: the main thread reads batches, the *launcher* pads
+each batch and queues its kernels, the *collector* waits for a launched batch and sends
+its rows back. On a GPU the launcher queues batch N+1 while batch N still runs, so the
+device never waits for Python. The server sends at most ``PIPELINE_DEPTH`` (2) batches
+before one is answered, so at most two are launched and not yet collected; the launcher
+itself would launch one more than ``IN_FLIGHT`` (the one the collector waits for,
+``IN_FLIGHT - 1`` queued, and one whose queueing blocks). A broken thread ends the
+process (the server sees the socket close and starts a new one); so does the server
+going away.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from fake_openai_server.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
-IN_FLIGHT = 2  # batches launched on the device and not yet collected
+IN_FLIGHT = 2  # batches launched and not collected before the launcher waits (see above)
 EXIT_BROKEN = 70  # a thread of this process failed: the server restarts it
 
 

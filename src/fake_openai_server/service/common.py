@@ -11,6 +11,7 @@ import numpy as np
 
 from fake_openai_server.backends.base import Encoded, FloatArray
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
+from fake_openai_server.settings import short_name
 
 T = TypeVar("T")
 
@@ -24,10 +25,6 @@ FIRST_CHUNK = 8
 TOKENIZE_CHUNK = 64
 
 
-def basename(model_id: str) -> str:
-    return model_id.rstrip("/").rsplit("/", 1)[-1]
-
-
 class ModelNames:
     """Names a client may send as ``model``: the id, its last path part, aliases."""
 
@@ -36,7 +33,7 @@ class ModelNames:
         self._names: dict[str, str] = {}
         for model_id in self.model_ids:
             self._names[model_id] = model_id
-            self._names.setdefault(basename(model_id), model_id)
+            self._names.setdefault(short_name(model_id), model_id)
         # An alias may name its model as clients may (``ruri-large``); one naming a model
         # of another service (SERVICE_TYPE=all shares the setting) is that one's.
         self.aliases = {

@@ -206,6 +206,6 @@ def _check_vectors(vectors: FloatArray) -> None:
     if not np.isfinite(vectors).all() or not np.abs(vectors).max(axis=1).all():
         raise ServiceError(
             ErrorKind.MODEL_FAILURE,
-            "The model produced an invalid (non-finite or zero) vector; retry, or run the "
-            "server with DTYPE=float32.",
+            "The model produced an invalid (non-finite or zero) vector; retry (if it keeps "
+            "happening, the server's operator can set DTYPE=float32).",
         )
