@@ -25,8 +25,16 @@ def test_an_alias_may_name_its_model_as_clients_do() -> None:
             assert reply.status_code == 200, reply.text[:300]
         reply = client.post("/v1/rerank", json={"model": "rr", "query": "q", "documents": ["a"]})
         assert reply.status_code == 200, reply.text[:300]
-        reply = client.post("/v1/embeddings", json={"model": "rr", "input": "別名"})
-        assert reply.status_code == 404  # the reranker's alias, not an embedding model
+        # A model of the other kind, by alias or id: still a 404, but saying so. It had
+        # said the model "does not exist on this server", which /v1/models lists.
+        for name in ("rr", "cl-nagoya/ruri-v3-reranker-310m"):
+            reply = client.post("/v1/embeddings", json={"model": name, "input": "別名"})
+            assert reply.status_code == 404
+            message = reply.json()["error"]["message"]
+            assert "is for reranking, not for embeddings: send one of" in message, message
+            assert "cl-nagoya/ruri-large" in message
+        reply = client.post("/v1/rerank", json={"model": "ada", "query": "q", "documents": ["a"]})
+        assert "is for embeddings, not for reranking" in reply.json()["error"]["message"]
 
 
 def test_an_alias_to_no_served_model_is_named() -> None:

@@ -190,6 +190,9 @@ class Runtime:
             self.rerank = RerankService(
                 rerankers, engine, self.tokenizers, limits=self.limits, aliases=s.aliases()
             )
+        if self.embeddings is not None and self.rerank is not None:
+            self.embeddings.names.others = self.rerank.names
+            self.rerank.names.others = self.embeddings.names
         self.tokens = Tokens(
             self.embeddings,
             self.rerank,

@@ -26,9 +26,16 @@ TOKENIZE_CHUNK = 64
 
 
 class ModelNames:
-    """Names a client may send as ``model``: the id, its last path part, aliases."""
+    """Names a client may send as ``model``: the id, its last path part, aliases.
 
-    def __init__(self, model_ids: Sequence[str], aliases: Mapping[str, str]) -> None:
+    ``task`` says what the models do ("embeddings", "reranking"); ``others``, the names
+    of the server's models of the other kind (SERVICE_TYPE=all), which a request for one
+    of them here is told: /v1/models lists them too.
+    """
+
+    def __init__(self, model_ids: Sequence[str], aliases: Mapping[str, str], task: str) -> None:
+        self.task = task
+        self.others: ModelNames | None = None
         self.model_ids = list(model_ids)
         self._names: dict[str, str] = {}
         for model_id in self.model_ids:
@@ -60,7 +67,15 @@ class ModelNames:
         try:
             return self._names[requested]
         except KeyError:
-            raise unknown_model(requested, self.listed) from None
+            pass
+        if self.others is not None and requested in self.others:
+            raise ServiceError(
+                ErrorKind.MODEL_NOT_FOUND,
+                f"The model '{excerpt(requested, 80)}' is for {self.others.task}, not for "
+                f"{self.task}: send one of {', '.join(self.listed)}.",
+                param="model",
+            )
+        raise unknown_model(requested, self.listed)
 
 
 def unknown_model(requested: str, served: Sequence[str]) -> ServiceError:

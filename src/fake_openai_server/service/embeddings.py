@@ -77,7 +77,7 @@ class EmbeddingsService:
         """``default_input_type``, ``normalize`` and ``allow_token_ids``: the server's
         DEFAULT_INPUT_TYPE, NORMALIZE and ALLOW_TOKEN_IDS."""
         self.models = models
-        self.names = ModelNames(list(models), aliases)
+        self.names = ModelNames(list(models), aliases, "embeddings")
         self.limits = limits
         self.default_input_type = default_input_type
         self.normalize = normalize

@@ -57,7 +57,7 @@ class RerankService:
         aliases: dict[str, str],
     ) -> None:
         self.models = models
-        self.names = ModelNames(list(models), aliases)
+        self.names = ModelNames(list(models), aliases, "reranking")
         self.limits = limits
         self._engine = engine
         self._tokenizers = tokenizers
