@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -56,10 +56,16 @@ Seconds = Annotated[float, Field(allow_inf_nan=False)]
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
-def short_name(model_id: str) -> str:
-    """The other name a model answers to as ``model``: its id's last path part
-    (``ruri-large`` for ``cl-nagoya/ruri-large``)."""
-    return model_id.rstrip("/").rsplit("/", 1)[-1]
+def model_by_name(model_ids: Iterable[str]) -> dict[str, str]:
+    """Each name the models answer to as ``model``, and the model's id: its id, and its
+    id's last path part (``ruri-large`` for ``cl-nagoya/ruri-large``; the first model's,
+    where two share one). Requests are routed by it (``ModelNames``), and MODEL_ALIASES
+    checked against it."""
+    names: dict[str, str] = {}
+    for model_id in model_ids:
+        names[model_id] = model_id
+        names.setdefault(model_id.rstrip("/").rsplit("/", 1)[-1], model_id)
+    return names
 
 
 class SettingsError(ValueError):
@@ -368,10 +374,7 @@ class Settings(BaseSettings):
         an alias given twice, or one that is already a configured model's name, its id or
         its last path part, for another model: requests naming that model would have gone
         to the alias's)."""
-        names: dict[str, str] = {}
-        for model in self.configured_models():
-            names[model] = model
-            names.setdefault(short_name(model), model)
+        names = model_by_name(self.configured_models())
         aliases: dict[str, str] = {}
         for pair in self.model_aliases:
             alias, _, model = (part.strip() for part in pair.partition("="))
@@ -446,8 +449,7 @@ class Settings(BaseSettings):
     def aliases_for_nothing(self) -> dict[str, str]:
         """MODEL_ALIASES' aliases whose model is none this server serves, by its id or
         its last path part (they are ignored: a client sending one gets 404)."""
-        names = set(self.served_models())
-        names |= {short_name(model) for model in names}
+        names = model_by_name(self.served_models())
         return {alias: model for alias, model in self.aliases().items() if model not in names}
 
     def all_api_keys(self) -> list[str]:

@@ -11,7 +11,7 @@ import numpy as np
 
 from fake_openai_server.backends.base import Encoded, FloatArray
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
-from fake_openai_server.settings import short_name
+from fake_openai_server.settings import model_by_name
 
 T = TypeVar("T")
 
@@ -37,10 +37,7 @@ class ModelNames:
         self.task = task
         self.others: ModelNames | None = None
         self.model_ids = list(model_ids)
-        self._names: dict[str, str] = {}
-        for model_id in self.model_ids:
-            self._names[model_id] = model_id
-            self._names.setdefault(short_name(model_id), model_id)
+        self._names = model_by_name(self.model_ids)
         # An alias may name its model as clients may (``ruri-large``); one naming a model
         # of another service (SERVICE_TYPE=all shares the setting) is that one's.
         self.aliases = {
