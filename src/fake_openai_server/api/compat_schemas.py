@@ -159,25 +159,25 @@ class OllamaDetails(BaseModel):
     quantization_level: str
 
 
-class OllamaModel(BaseModel):
+class OllamaListedModel(BaseModel):
+    """A model as /api/tags and /api/ps list it."""
+
     name: str
     model: str
-    modified_at: str
     size: int
     digest: str
     details: OllamaDetails
+
+
+class OllamaModel(OllamaListedModel):
+    modified_at: str
 
 
 class OllamaTags(BaseModel):
     models: list[OllamaModel]
 
 
-class OllamaRunningModel(BaseModel):
-    name: str
-    model: str
-    size: int
-    digest: str
-    details: OllamaDetails
+class OllamaRunningModel(OllamaListedModel):
     expires_at: str = Field(description="Never, in effect: the models stay loaded")
     size_vram: int
     context_length: int
