@@ -125,6 +125,57 @@ def test_inference_client_sees_tei_errors(
     assert body == {"error": body["error"], "error_type": "Validation"}
 
 
+def cosines(vectors: np.ndarray) -> np.ndarray:
+    """Each row's cosine similarity to the first, the others' order kept."""
+    rows = unit(vectors)
+    return rows[1:] @ rows[0]
+
+
+def test_inference_client_sentence_similarity(
+    embeddings_server: LiveServer, hub_client_allowed: None
+) -> None:
+    """``sentence_similarity`` posts ``{"inputs": {"source_sentence", "sentences"}}`` to
+    the URL it was given: TEI's /similarity, or the bare URL (POST /, as TEI started with
+    TASK=sentence-similarity answers it); each sentence's cosine to the source's."""
+    expected = cosines(float_vectors(embeddings_server, [QUERY, *DOCS]))
+    for url in (embeddings_server.base_url, f"{embeddings_server.base_url}/similarity"):
+        got = InferenceClient(model=url).sentence_similarity(QUERY, other_sentences=DOCS)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert int(np.argmax(expected)) != int(np.argmin(expected))  # the sentences differ
+
+
+def test_tei_similarity_parameters_and_sagemakers_invocations(fake_server: LiveServer) -> None:
+    """TEI's ``parameters`` (prompt_name, truncate, truncation_direction) apply to every
+    sentence; SageMaker's POST /invocations is POST / (embed, or similarity by the body)."""
+    body = {"inputs": {"source_sentence": QUERY, "sentences": DOCS}}
+    plain = post(fake_server, "/similarity", body)
+    assert plain.status_code == 200, plain.text
+    as_queries = post(fake_server, "/similarity", {**body, "parameters": {"prompt_name": "query"}})
+    assert as_queries.status_code == 200, as_queries.text
+    queries = typed_vectors(fake_server, [QUERY, *DOCS], "query")
+    np.testing.assert_allclose(as_queries.json(), cosines(queries), atol=1e-5)
+    assert not np.allclose(as_queries.json(), plain.json(), atol=1e-4)  # the prefix counts
+    invoked = post(fake_server, "/invocations", body)
+    assert (invoked.status_code, invoked.json()) == (200, plain.json())
+    embedded = post(fake_server, "/invocations", {"inputs": DOCS})
+    assert embedded.json() == post(fake_server, "/embed", {"inputs": DOCS}).json()
+    long = "あ" * 100  # over the fake model's 32 tokens
+    cut = {"inputs": {"source_sentence": QUERY, "sentences": [long]}}
+    left = post(fake_server, "/similarity", {**cut, "parameters": {"truncation_direction": "left"}})
+    right = post(fake_server, "/similarity", cut)
+    assert left.status_code == right.status_code == 200, (left.text, right.text)
+    refused = post(fake_server, "/similarity", {**cut, "parameters": {"truncate": False}})
+    assert refused.status_code == 400
+    assert refused.json()["error_type"] == "Validation"
+
+
+def test_tei_ping_is_a_health_check(fake_server: LiveServer) -> None:
+    """SageMaker and TEI's own docs probe GET /ping."""
+    with fake_server.client() as client:
+        reply = client.get("/ping")
+    assert (reply.status_code, reply.json()) == (200, {"status": "ok"})
+
+
 # --- text-embeddings-inference: the routes themselves ----------------------------------------
 
 

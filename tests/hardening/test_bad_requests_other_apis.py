@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from fake_openai_server.api.app import build_app
-from fake_openai_server.api.errors import MESSAGE_LIMIT
+from fake_openai_server.api.errors import MESSAGE_LIMIT, TEI_PATHS
 from fake_openai_server.settings import Settings
 from tests.hardening.test_bad_requests import assert_still_serving
 from tests.support.fakes import fake_plugin
@@ -53,6 +53,35 @@ CATALOGUE = [
     Bad("/embed", {"inputs": "a", "model": "bge-m3"}, "does not exist", 404),
     Bad("/", {"inputs": []}, "inputs must not be an empty list"),
     Bad("/", [1, 2], "JSON object"),
+    Bad("/invocations", {"inputs": []}, "inputs must not be an empty list"),
+    Bad("/similarity", {"inputs": "a"}, "'inputs': expected an object with 'source_sentence'"),
+    Bad("/similarity", {"inputs": {"sentences": ["a"]}}, "'inputs.source_sentence' is required"),
+    Bad("/similarity", {"inputs": {"source_sentence": "a", "sentences": "b"}}, "expected an obj"),
+    Bad("/similarity", {"inputs": {"source_sentence": "a", "sentences": []}}, "an empty list"),
+    Bad("/similarity", {"inputs": {"source_sentence": " ", "sentences": ["b"]}}, "sentence is emp"),
+    Bad("/similarity", {"inputs": {"source_sentence": "a", "sentences": ["b", ""]}}, "ces[1] is"),
+    Bad("/", {"inputs": {"source_sentence": 1, "sentences": ["b"]}}, "expected an object"),
+    Bad(
+        "/invocations",
+        {"inputs": {"source_sentence": "a", "sentences": ["b"]}, "parameters": {"truncate": 1}},
+        "'parameters.truncate'",
+    ),
+    Bad(
+        "/similarity",
+        {
+            "inputs": {"source_sentence": "a", "sentences": [LONG]},
+            "parameters": {"truncate": False},
+        },
+        "not to truncate",
+    ),
+    Bad(
+        "/similarity",
+        {
+            "inputs": {"source_sentence": "a", "sentences": ["b"]},
+            "parameters": {"prompt_name": "x"},
+        },
+        "prompt_name must be one of",
+    ),
     Bad("/rerank", {"query": "q", "texts": []}, "texts must not be an empty list"),
     Bad("/rerank", {"query": "q", "texts": "a"}, "'texts'"),
     Bad("/rerank", {"query": "", "texts": ["a"]}, "query"),
@@ -113,7 +142,7 @@ ENVELOPES = {"tei": {"error", "error_type"}, "ollama": {"error"}, "cohere": {"id
 def envelope(path: str) -> str:
     if path.startswith("/api/"):
         return "ollama"
-    if path in ("/", "/embed", "/tokenize", "/decode", "/rerank"):
+    if path in TEI_PATHS or path == "/rerank":
         return "tei"
     if path in ("/v1/embed", "/v2/embed"):
         return "cohere"

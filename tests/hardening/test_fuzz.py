@@ -66,6 +66,7 @@ def test_every_route_is_documented(server: LiveServer) -> None:
         "POST /v2/rerank",
         "GET /info/quantization",
         "POST /embed",
+        "POST /similarity",
         "POST /tokenize",
         "POST /decode",
         "POST /api/embed",

@@ -21,11 +21,12 @@ import pytest
 from fake_openai_server.api import connections
 from fake_openai_server.api.app import build_app, routers_for
 from fake_openai_server.api.connections import DISCARD_BYTES, LINGER
+from fake_openai_server.api.errors import TEI_PATHS
 from fake_openai_server.settings import Settings, near_misses
 from tests.support.fakes import fake_plugin
 from tests.support.live import LiveServer, free_port, serve_app
 
-PUBLIC = {"/health", "/ready"}
+PUBLIC = {"/health", "/ready", "/ping"}
 ENV_KEYS = ("sk-env-one", "sk-env-two")
 FILE_KEYS = ("sk-file-three", "sk-file-four")
 EMBED = {"input": "鍵のテスト"}
@@ -37,7 +38,9 @@ BODIES: dict[str, dict[str, Any]] = {
     "/v1/embeddings": EMBED,
     "/embeddings": EMBED,
     "/": {"inputs": "鍵のテスト"},
+    "/invocations": {"inputs": "鍵のテスト"},
     "/embed": {"inputs": "鍵のテスト"},
+    "/similarity": {"inputs": {"source_sentence": "鍵", "sentences": ["鍵のテスト"]}},
     "/tokenize": {"inputs": "鍵のテスト"},
     "/decode": {"ids": [1, 2]},
     "/api/embed": {"input": "鍵のテスト"},
@@ -125,7 +128,8 @@ def test_the_route_list_is_complete() -> None:
     paths = {path for _, path in ROUTES}
     assert {"/v1/embeddings", "/embeddings", "/v1/rerank", "/rerank", "/v1/v1/rerank"} <= paths
     assert {"/v2/rerank", "/v1/models", "/models", "/info", "/metrics", "/openapi.json"} <= paths
-    assert {"/", "/embed", "/tokenize", "/decode", "/info/quantization"} <= paths
+    assert {"/", "/invocations", "/embed", "/similarity", "/tokenize", "/decode"} <= paths
+    assert "/info/quantization" in paths
     assert {"/api/embed", "/api/embeddings", "/api/tags", "/api/ps", "/api/version"} <= paths
     assert "/api/show" in paths
     assert {"/api/rerank", "/v1/embed", "/v2/embed", AZURE} <= paths
@@ -151,7 +155,7 @@ def assert_unauthorized(path: str, body: dict[str, Any]) -> None:
     """The 401 in the error envelope of the route's own API."""
     if path.startswith("/api/"):  # Ollama
         assert set(body) == {"error"} and "API key" in body["error"], body
-    elif path in ("/", "/embed", "/tokenize", "/decode"):  # text-embeddings-inference
+    elif path in TEI_PATHS:  # text-embeddings-inference
         assert body == {"error": body["error"], "error_type": "Unauthorized"}, body
         assert "API key" in body["error"]
     elif path in ("/v1/embed", "/v2/embed"):  # Cohere

@@ -71,6 +71,38 @@ class TeiRerankRequest(BaseModel):
     _valid_unicode = _valid_unicode
 
 
+class TeiSimilarityInputs(BaseModel):
+    model_config = _LOOSE
+
+    source_sentence: Text = Field(description="The text the others are compared with")
+    sentences: Texts = Field(description="The texts to compare with it")
+
+
+class TeiSimilarityParameters(BaseModel):
+    model_config = _LOOSE
+
+    truncate: StrictBool | None = Field(
+        None, description="Cut over-long inputs (default: the server's TRUNCATE)"
+    )
+    truncation_direction: TruncationDirection = Field(
+        "right", description="right: cut the end; left: cut the start (the prefix is kept)"
+    )
+    prompt_name: StrictStr | None = Field(
+        None,
+        description="query | document (or passage, search_query, ...): the ruri prefix to add",
+    )
+
+
+class TeiSimilarityRequest(BaseModel):
+    model_config = _LOOSE
+
+    inputs: TeiSimilarityInputs
+    parameters: TeiSimilarityParameters | None = None
+    model: StrictStr | None = Field(None, description="Not in TEI: a served model name")
+
+    _valid_unicode = _valid_unicode
+
+
 class TeiTokenizeRequest(BaseModel):
     model_config = _LOOSE
 

@@ -8,7 +8,8 @@ Voyage's, which hit the same /v1 routes).
 The routes of other APIs answer in the envelope their clients parse (the *dialect*),
 with the same status codes and messages:
 
-- text-embeddings-inference (/embed, /tokenize, /decode, POST /, /rerank with ``texts``):
+- text-embeddings-inference (/embed, /similarity, /tokenize, /decode, POST / and
+  /invocations, /rerank with ``texts``):
   ``{"error": message, "error_type": "Validation" | ...}``, TEI's own shape.
 - Ollama (/api/...): ``{"error": message}``; the ollama client reads ``error`` as a string.
 - Cohere embed (/v1/embed, /v2/embed): ``{"id", "message"}``, Cohere's shape.
@@ -106,7 +107,7 @@ TEI_ERROR_TYPES: dict[ErrorKind, str] = {
     ErrorKind.INTERNAL: "Backend",
 }
 
-TEI_PATHS = frozenset({"/", "/embed", "/tokenize", "/decode"})
+TEI_PATHS = frozenset({"/", "/invocations", "/embed", "/similarity", "/tokenize", "/decode"})
 COHERE_EMBED_PATHS = frozenset({"/v1/embed", "/v2/embed"})
 
 
@@ -172,6 +173,9 @@ _INPUT_SHAPES = {
 # Where one field name means another shape: Cohere v2's inputs are content objects.
 _INPUT_SHAPES_AT = {
     ("/v2/embed", "inputs"): "a list of objects, each with a 'content' list of text parts",
+    ("/similarity", "inputs"): (
+        "an object with 'source_sentence' (a string) and 'sentences' (a list of strings)"
+    ),
 }
 
 
@@ -228,7 +232,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        message, param = validation_message(list(exc.errors()), request.url.path)
+        # A route that chose the body's shape from the body says which route's it read.
+        route = getattr(request.state, "read_as", request.url.path)
+        message, param = validation_message(list(exc.errors()), route)
         error = ServiceError(ErrorKind.INVALID_REQUEST, message, param)
         return error_response(error, dialect=request_dialect(request))
 

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/health", "/ready"})  # answered without an API key
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/ping"})  # answered without an API key
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _SLASHES = re.compile(r"//+")
 _RAW_SLASHES = re.compile(rb"//+")

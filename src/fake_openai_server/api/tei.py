@@ -1,5 +1,6 @@
-"""text-embeddings-inference's API: POST /embed, /rerank (with ``texts``), /tokenize,
-/decode and POST / ; its /info fields are merged into ours (``tei_info``).
+"""text-embeddings-inference's API: POST /embed, /similarity, /rerank (with ``texts``),
+/tokenize, /decode, POST / and its SageMaker twin POST /invocations, GET /ping; its /info
+fields are merged into ours (``tei_info``).
 
 Clients: huggingface_hub's ``InferenceClient`` (``feature_extraction`` posts
 ``{"inputs", "normalize", "prompt_name", "truncate", "truncation_direction"}`` to the
@@ -25,6 +26,8 @@ from fake_openai_server.api.compat_schemas import (
     TeiEmbedRequest,
     TeiError,
     TeiRerankRequest,
+    TeiSimilarityParameters,
+    TeiSimilarityRequest,
     TeiToken,
     TeiTokenizeRequest,
 )
@@ -35,6 +38,7 @@ from fake_openai_server.api.serialize import json_body, json_response
 from fake_openai_server.errors import ErrorKind, ServiceError
 from fake_openai_server.families import INPUT_TYPE_ALIASES, family_for
 from fake_openai_server.runtime import Runtime
+from fake_openai_server.service.common import check_texts
 from fake_openai_server.service.truncation import TruncateMode
 
 TAGS: list[str | Enum] = ["text-embeddings-inference"]
@@ -140,13 +144,68 @@ async def rerank_either(request: Request, payload: Annotated[Any, Body()] = None
     return await rerank.rerank_v1(validate(RerankRequest, payload), request)
 
 
+@embed_router.post(
+    "/similarity",
+    response_model=list[float],
+    responses=ERRORS,
+    summary="Cosine similarity of sentences to a source sentence (text-embeddings-inference)",
+)
+async def similarity(body: TeiSimilarityRequest, request: Request) -> Response:
+    """huggingface_hub's ``sentence_similarity``: each sentence's cosine similarity to
+    the source sentence, in the sentences' order (TEI embeds them all in one batch)."""
+    rt = runtime(request)
+    service = rt.require_embeddings()
+    source, sentences = body.inputs.source_sentence, body.inputs.sentences
+    if not sentences:
+        raise ServiceError(
+            ErrorKind.INVALID_REQUEST,
+            "inputs.sentences must not be an empty list.",
+            param="inputs.sentences",
+        )
+    # Named as sent: the service sees one list, the source sentence first.
+    max_chars = rt.settings.max_input_chars
+    check_texts([source], "inputs.source_sentence", max_chars, indexed=False)
+    check_texts(sentences, "inputs.sentences", max_chars)
+    parameters = body.parameters or TeiSimilarityParameters()
+    result = await answer_in_time(
+        request,
+        service.embed(
+            [source, *sentences],
+            model=body.model,
+            input_type=prompt_input_type(parameters.prompt_name),
+            truncate=truncation(
+                parameters.truncate, parameters.truncation_direction, rt.settings.truncate
+            ),
+            normalize=True,
+            param="inputs",
+        ),
+    )
+    vectors = result.vectors
+    return json_response((vectors[1:] @ vectors[0]).tolist())
+
+
+def _is_similarity(payload: Any) -> bool:
+    return isinstance(payload, dict) and isinstance(payload.get("inputs"), dict)
+
+
 @router.post("/", include_in_schema=False)
+@router.post("/invocations", include_in_schema=False)  # SageMaker's name for it
 async def root(request: Request, payload: Annotated[Any, Body()] = None) -> Response:
-    """TEI answers POST / with the model's task: embed, or rerank for a reranker."""
+    """TEI answers POST / with the model's task: embed, or rerank for a reranker.
+    A sentence-similarity body (``inputs`` an object) gets /similarity's answer, which
+    TEI gives at / when started with TASK=sentence-similarity."""
     settings = runtime(request).settings
     if not settings.serves_embeddings or (settings.serves_rerank and _is_tei_rerank(payload)):
         return await tei_rerank(validate(TeiRerankRequest, payload), request)
+    if _is_similarity(payload):
+        request.state.read_as = "/similarity"
+        return await similarity(validate(TeiSimilarityRequest, payload), request)
     return await embed(validate(TeiEmbedRequest, payload), request)
+
+
+@router.get("/ping", include_in_schema=False)  # TEI's and SageMaker's health check
+async def ping() -> dict[str, str]:
+    return {"status": "ok"}
 
 
 @router.post(
