@@ -113,6 +113,8 @@ CATALOGUE = [
     Bad("/v1/embed", {"texts": ["a"], "truncate": "MIDDLE"}, "'truncate'"),
     Bad("/v1/embed", {"texts": [LONG], "truncate": "NONE"}, "not to truncate"),
     Bad("/v1/embed", {"texts": ["a"], "images": ["data:image/png;base64,AA"]}, "text only"),
+    Bad("/v2/embed", {"images": ["data:image/png;base64,AA"], "input_type": "image"}, "text only"),
+    Bad("/v1/embed", {"texts": ["a"], "input_type": "image"}, "input_type asks for image"),
     Bad("/v2/embed", {"texts": ["a"], "inputs": [{"content": []}]}, "not both"),
     Bad("/v2/embed", {"inputs": [{"content": [{"type": "image_url"}]}]}, "text only"),
     # The field the client sent, not v1's.

@@ -45,8 +45,6 @@ def _invalid(message: str, param: str) -> ServiceError:
 
 def texts_of(body: CohereEmbedRequest) -> list[str]:
     """``texts``, or v2's ``inputs`` with the text parts of each joined by a newline."""
-    if body.images is not None:
-        raise _invalid("images are not supported: this server embeds text only.", "images")
     if body.texts is not None and body.inputs is not None:
         raise _invalid("Send either texts or inputs, not both.", "texts")
     if body.texts is not None:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_
 from pydantic.json_schema import SkipJsonSchema
 
 from fake_openai_server.api.schemas import Count, Text, Texts, TokenId, reject_lone_surrogates
+from fake_openai_server.errors import ErrorKind, ServiceError
 
 _LOOSE = ConfigDict(extra="ignore")
 _valid_unicode = model_validator(mode="before")(reject_lone_surrogates)
@@ -323,6 +324,25 @@ class CohereEmbedRequest(BaseModel):
     max_tokens: SkipJsonSchema[Count | None] = None
 
     _valid_unicode = _valid_unicode
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        """Cohere's image embeddings (``images``, v1's ``input_type: "image"``) are
+        refused for what they are, before the fields' own checks word it otherwise."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("images") is not None:
+            param = "images"
+        elif data.get("input_type") == "image":
+            param = "input_type"
+        else:
+            return data
+        raise ServiceError(
+            ErrorKind.INVALID_REQUEST,
+            f"{param} asks for image embeddings: this server embeds text only.",
+            param=param,
+        )
 
 
 class CohereBilledUnits(BaseModel):
