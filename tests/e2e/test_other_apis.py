@@ -531,6 +531,79 @@ def test_ollama_client_list_show_and_errors(fake_server: LiveServer) -> None:
     assert post_get(fake_server, "/api/version")["version"]
 
 
+PULL_NOT_FOUND = "pull model manifest: file does not exist"  # Ollama's text, its CLI's test
+
+
+def test_ollama_client_pulls_a_served_model(fake_server: LiveServer) -> None:
+    """Tools pull a model before they use it (the client's pull(), Open WebUI's model
+    manager, ``ollama pull``): a served one is already here, by any name /api/embed takes."""
+    client = ollama.Client(host=fake_server.base_url)
+    for name in (f"{EMBEDDINGS_MODEL}:latest", "ruri-large", RERANKER_MODEL):
+        progress = [p.status for p in client.pull(name, stream=True)]
+        assert progress == ["pulling manifest", "success"], name
+        assert client.pull(name).status == "success"  # the client's default: stream false
+
+
+def test_ollama_client_pull_of_a_model_not_served_is_404(fake_server: LiveServer) -> None:
+    """Nothing is downloaded: Ollama's not-found text (its CLI looks for it), then why,
+    naming the models served; before any progress line, streamed or not."""
+    client = ollama.Client(host=fake_server.base_url)
+    with pytest.raises(ollama.ResponseError) as streamed:
+        list(client.pull("llama3", stream=True))
+    with pytest.raises(ollama.ResponseError) as alone:
+        client.pull("llama3:latest")
+    for unknown in (streamed.value, alone.value):
+        assert unknown.status_code == 404
+        assert unknown.error.startswith(f"{PULL_NOT_FOUND}: 'llama3' is not a model")
+        assert "cannot download" in unknown.error
+        assert EMBEDDINGS_MODEL in unknown.error and RERANKER_MODEL in unknown.error
+
+
+def test_ollama_pull_streams_ndjson_as_ollama_and_its_cli_send_it(fake_server: LiveServer) -> None:
+    """Streamed by default, as Ollama; the ollama CLI sends the older ``name`` with an
+    empty ``model`` (and the empty username and password Ollama ignores)."""
+    cli = {"model": "", "name": "ruri-large", "username": "", "password": ""}
+    with fake_server.client() as client:
+        streamed = client.post("/api/pull", json=cli)
+        alone = client.post("/api/pull", json={"model": "ruri-large:latest", "stream": False})
+        not_served = client.post("/api/pull", json={"name": "nomic-embed-text", "stream": True})
+    assert streamed.status_code == 200, streamed.text
+    assert streamed.headers["content-type"] == "application/x-ndjson"
+    assert streamed.text.splitlines() == ['{"status":"pulling manifest"}', '{"status":"success"}']
+    assert streamed.text.endswith("\n")
+    assert alone.status_code == 200 and alone.headers["content-type"] == "application/json"
+    assert alone.json() == {"status": "success"}
+    assert not_served.status_code == 404
+    assert not_served.headers["content-type"] == "application/json"
+    assert set(not_served.json()) == {"error"}
+    assert not_served.json()["error"].startswith(f"{PULL_NOT_FOUND}: 'nomic-embed-text'")
+
+
+@pytest.mark.parametrize("service_type", ["embeddings", "reranker"])
+def test_ollama_pull_knows_the_models_tags_lists(service_type: str) -> None:
+    """What /api/tags lists pulls, and MODEL_ALIASES too; the other service's model is
+    not served here, as /api/show says."""
+    settings = Settings(
+        service_type=service_type,
+        warmup=False,
+        model_aliases="text-embedding-3-small=ruri-large,rr=ruri-v3-reranker-310m",
+    )
+    with serve_app(build_app(settings, fake_plugin())) as server:
+        client = ollama.Client(host=server.base_url)
+        listed = [m.model for m in client.list().models]
+        alias, other = ("text-embedding-3-small", RERANKER_MODEL)
+        if service_type == "reranker":
+            alias, other = ("rr", EMBEDDINGS_MODEL)
+        for name in [*listed, alias]:
+            assert name and client.pull(name).status == "success", name
+        with pytest.raises(ollama.ResponseError) as shown:
+            client.show(other)
+        with pytest.raises(ollama.ResponseError) as pulled:
+            client.pull(other)
+    assert shown.value.status_code == pulled.value.status_code == 404
+    assert pulled.value.error.startswith(PULL_NOT_FOUND) and f", {alias}." in pulled.value.error
+
+
 def test_ollama_truncate_false_refuses(fake_server: LiveServer) -> None:
     client = ollama.Client(host=fake_server.base_url)
     with pytest.raises(ollama.ResponseError) as refused:

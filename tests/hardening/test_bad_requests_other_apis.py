@@ -103,6 +103,10 @@ CATALOGUE = [
     Bad("/api/embeddings", {"prompt": " "}, "prompt is empty"),  # one text, not a list
     Bad("/api/show", {"model": "llama3"}, "does not exist", 404),
     Bad("/api/show", b'{"name": "\\udfff"}', "lone UTF-16 surrogate"),
+    Bad("/api/pull", {"model": "llama3"}, "pull model manifest: file does not exist", 404),
+    Bad("/api/pull", {"name": "llama3", "stream": False}, "cannot download models", 404),
+    Bad("/api/pull", {"model": "ruri-large", "stream": "false"}, "'stream'"),
+    Bad("/api/pull", {"model": "ruri-large", "insecure": 1}, "'insecure'"),
     Bad("/api/rerank", {"query": "q", "documents": []}, "documents must not be an empty list"),
     Bad("/api/rerank", {"query": "q", "documents": ["a"], "top_n": -1}, "top_n"),
     # Cohere embed

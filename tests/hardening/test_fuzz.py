@@ -76,6 +76,7 @@ def test_every_route_is_documented(server: LiveServer) -> None:
         "GET /api/ps",
         "GET /api/version",
         "POST /api/show",
+        "POST /api/pull",
         "POST /v1/embed",
         "POST /v2/embed",
         "POST /openai/deployments/{deployment}/embeddings",

@@ -46,6 +46,7 @@ BODIES: dict[str, dict[str, Any]] = {
     "/api/embed": {"input": "鍵のテスト"},
     "/api/embeddings": {"prompt": "鍵のテスト"},
     "/api/show": {"model": "ruri-large"},
+    "/api/pull": {"model": "ruri-large"},
     "/v1/embed": {"texts": ["鍵のテスト"]},
     "/v2/embed": {"texts": ["鍵のテスト"], "input_type": "search_query"},
     AZURE: EMBED,
@@ -131,7 +132,7 @@ def test_the_route_list_is_complete() -> None:
     assert {"/", "/invocations", "/embed", "/similarity", "/tokenize", "/decode"} <= paths
     assert "/info/quantization" in paths
     assert {"/api/embed", "/api/embeddings", "/api/tags", "/api/ps", "/api/version"} <= paths
-    assert "/api/show" in paths
+    assert {"/api/show", "/api/pull"} <= paths
     assert {"/api/rerank", "/v1/embed", "/v2/embed", AZURE} <= paths
     assert paths >= PUBLIC
 

@@ -243,6 +243,33 @@ class OllamaShowResponse(BaseModel):
     modified_at: str
 
 
+class OllamaPullRequest(BaseModel):
+    """Ollama's PullRequest (api/types.go); its deprecated username and password are
+    ignored, as Ollama ignores them."""
+
+    model_config = _LOOSE
+    _valid_unicode = _valid_unicode
+
+    model: StrictStr | None = Field(
+        None, description="A served model; ':latest' is ignored (absent: the first)"
+    )
+    name: StrictStr | None = Field(
+        None, description="The older name of `model` (the ollama CLI still sends it)"
+    )
+    insecure: StrictBool | None = Field(None, description="Accepted and ignored")
+    stream: StrictBool | None = Field(
+        None,
+        description="false: one JSON object; true or absent (Ollama's default): "
+        "NDJSON progress lines",
+    )
+
+
+class OllamaProgress(BaseModel):
+    """One progress line of /api/pull (Ollama's ProgressResponse); the last is success."""
+
+    status: str
+
+
 class OllamaRerankRequest(BaseModel):
     """Dify's Ollama provider posts this to /api/rerank (Ollama itself has no rerank)."""
 

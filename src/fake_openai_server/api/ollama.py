@@ -1,6 +1,6 @@
 """Ollama's API: POST /api/embed, the older POST /api/embeddings, GET /api/tags,
-GET /api/ps, GET /api/version, POST /api/show, and POST /api/rerank for Dify's Ollama
-provider.
+GET /api/ps, GET /api/version, POST /api/show, POST /api/pull, and POST /api/rerank for
+Dify's Ollama provider.
 
 Clients: the ollama Python/JS clients, Open WebUI's default embedding engine,
 Dify's Ollama provider (``{"input": [...], "model", "truncate": true, "options"}`` to
@@ -10,6 +10,10 @@ carry Ollama's ``:latest`` tag. Errors are Ollama's ``{"error": message}``.
 As in Ollama, /api/embed returns L2-normalised vectors (cut to ``dimensions`` first)
 and /api/embeddings the model's own; an empty ``input`` / ``prompt`` only checks that
 the model exists and returns no vectors (clients use it to load a model).
+
+/api/pull is for tools that pull a model before they use it (the ollama client's
+``pull()``, Open WebUI's model manager, ``ollama pull``): a served model is already here,
+and nothing else can be downloaded (see ``pull``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from fake_openai_server.api.compat_schemas import (
     OllamaEmbedRequest,
     OllamaEmbedResponse,
     OllamaError,
+    OllamaProgress,
+    OllamaPullRequest,
     OllamaRerankRequest,
     OllamaRerankResponse,
     OllamaRunning,
@@ -40,8 +46,9 @@ from fake_openai_server.api.compat_schemas import (
 from fake_openai_server.api.context import answer_in_time, runtime
 from fake_openai_server.api.hot import hot
 from fake_openai_server.api.openapi import KEY_RESPONSES
-from fake_openai_server.api.serialize import json_response
+from fake_openai_server.api.serialize import json_body, json_response
 from fake_openai_server.backends.base import ModelInfo
+from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.families import family_for
 from fake_openai_server.runtime import Runtime
 from fake_openai_server.service.truncation import TruncateMode
@@ -51,6 +58,15 @@ from fake_openai_server.service.truncation import TruncateMode
 OLLAMA_VERSION = "0.11.11"
 # When a loaded model would be unloaded (/api/ps): never, as Ollama's keep_alive -1.
 NEVER = datetime(9999, 12, 31, tzinfo=UTC).isoformat()
+# What Ollama's pull of a model its registry does not have ends in (server/images.go
+# wraps the registry's 404). Its CLI looks for this text to tell that failure from
+# others (cmd/cloud_suggest.go), so the refusal here starts with it.
+PULL_NOT_FOUND = "pull model manifest: file does not exist"
+# The progress lines of a pull that needs nothing: Ollama's first and last (it goes on
+# to check and rewrite the model's files; there are none here to check).
+PULLED = b"".join(
+    json_body({"status": status}) + b"\n" for status in ("pulling manifest", "success")
+)
 
 TAGS: list[Any] = ["ollama"]
 router = APIRouter(tags=TAGS)
@@ -59,6 +75,7 @@ rerank_router = APIRouter(tags=TAGS)
 
 ERRORS = error_responses(OllamaError)
 TEI_ERROR_SCHEMA = {"$ref": "#/components/schemas/TeiError"}
+PROGRESS_SCHEMA = {"$ref": "#/components/schemas/OllamaProgress"}
 KEY_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": OllamaError, "description": KEY_RESPONSES[401]["description"]}
 }
@@ -297,3 +314,42 @@ async def show(body: OllamaShowRequest, request: Request) -> Response:
             "modified_at": _modified_at(request),
         }
     )
+
+
+@router.post(
+    "/api/pull",
+    response_model=OllamaProgress,
+    responses={
+        **ERRORS,
+        200: {
+            "description": "The model is served: NDJSON progress lines ending in "
+            '{"status": "success"}, or (stream false) that line alone',
+            "content": {"application/x-ndjson": {"schema": PROGRESS_SCHEMA}},
+        },
+    },
+    summary="Pull a model (Ollama): a served one is already here",
+)
+async def pull(body: OllamaPullRequest, request: Request) -> Response:
+    """Ollama's pull, for the models served: there is nothing to download, so it
+    succeeds at once, ``{"status": "success"}`` alone with stream false, else NDJSON
+    lines beginning with ``pulling manifest`` as Ollama's do. No other model can be
+    downloaded: a 404, its message beginning as Ollama's for a model its registry lacks.
+    (Ollama gives that failure as a 500 with stream false and as an error line in a 200
+    stream; here it is a 404 before any line, as an unknown model is on every API.)"""
+    rt = runtime(request)
+    rt.require_ready()
+    requested = model_name(body.model or body.name)
+    if requested:  # absent: the first, as /api/show
+        try:
+            rt.resolve_any(requested)
+        except ServiceError:
+            raise ServiceError(
+                ErrorKind.MODEL_NOT_FOUND,
+                f"{PULL_NOT_FOUND}: '{excerpt(requested, 80)}' is not a model this server "
+                "serves, and it cannot download models. "
+                f"Served models: {', '.join(rt.model_names())}.",
+                param="model",
+            ) from None
+    if body.stream is False:
+        return json_response({"status": "success"})
+    return Response(PULLED, media_type="application/x-ndjson")
