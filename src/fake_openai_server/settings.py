@@ -118,13 +118,13 @@ class Settings(BaseSettings):
         [],
         description="The version of a Hugging Face model to load, as model=revision pairs, "
         "comma-separated: a commit (as /info's models.*.revision gives it), a tag or a branch "
-        "(e.g. cl-nagoya/ruri-large=<commit>; default: the latest, main)",
+        "(e.g. cl-nagoya/ruri-large=<commit>); a model not named: the latest, main",
     )
 
     # --- network ---------------------------------------------------------------
     host: str = Field("0.0.0.0", description="Address to listen on")
     port: int | None = Field(
-        None, ge=1, le=65535, description="Port (default 8081 embeddings, 8082 reranker, 8080 all)"
+        None, ge=1, le=65535, description="Port; null: 8081 embeddings, 8082 reranker, 8080 all"
     )
 
     # --- model execution -----------------------------------------------------
@@ -135,7 +135,7 @@ class Settings(BaseSettings):
         "bfloat16, else float32",
     )
     max_seq_length: int | None = Field(
-        None, ge=8, description="Tokens per input seen by the model (default: the model's own)"
+        None, ge=8, description="Tokens per input seen by the model; null: the model's own"
     )
     truncate: bool = Field(
         True, description="Cut over-long inputs to max_seq_length (false: reply 400 instead)"
@@ -145,7 +145,7 @@ class Settings(BaseSettings):
         False, description="Accept `input` as token ids of this model's own tokenizer"
     )
     default_input_type: InputType | None = Field(
-        None, description="Prefix family applied when a request has no input_type (default: none)"
+        None, description="Prefix family applied when a request has no input_type; null: none"
     )
     query_prefix: str | None = Field(None, description="Override the family's query prefix")
     document_prefix: str | None = Field(None, description="Override the family's document prefix")
@@ -166,9 +166,9 @@ class Settings(BaseSettings):
     tokenizer_workers: int | None = Field(
         None,
         ge=0,
-        description="Tokenizer processes (default: on a GPU host half the cores up to 8, a "
+        description="Tokenizer processes; null: on a GPU host half the cores up to 8, a "
         "container's CPU limit counting; on a CPU host 0, tokenizing on two threads of the "
-        "server)",
+        "server",
     )
     request_timeout: Seconds = Field(
         300.0,
@@ -186,8 +186,8 @@ class Settings(BaseSettings):
     cpu_threads: int | None = Field(
         None,
         ge=1,
-        description="torch threads on CPU (default: torch's own, one a core, at most a "
-        "container's CPU limit)",
+        description="torch threads on CPU; null: torch's own, one a core, at most a "
+        "container's CPU limit",
     )
     warmup: bool = Field(True, description="Run warm-up batches before reporting ready")
     cuda_graphs: bool = Field(
@@ -248,12 +248,24 @@ class Settings(BaseSettings):
     def _comma_separated(cls, value: object) -> object:
         return _split_csv(value)
 
-    @field_validator("api_keys_file", mode="before")
+    @field_validator(
+        "port",
+        "max_seq_length",
+        "default_input_type",
+        "tokenizer_workers",
+        "cpu_threads",
+        "api_keys_file",
+        mode="before",
+    )
     @classmethod
-    def _no_file(cls, value: object) -> object:
-        """API_KEYS_FILE= (empty) is no file, as its default is (it had been read as the
-        directory ``.``)."""
-        return None if isinstance(value, str) and not value.strip() else value
+    def _unset(cls, value: object) -> object:
+        """An optional setting given empty, or ``null`` as on the command line, is left
+        unset: compose's ``PORT: ${PORT:-}`` and a chart's empty value pass "" through,
+        which had stopped the start-up ("not a valid integer"), and API_KEYS_FILE= had
+        been read as the directory ``.``."""
+        if isinstance(value, str) and value.strip().lower() in ("", "null"):
+            return None
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -8,6 +8,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -75,6 +76,24 @@ def test_default_ports(
     assert settings.reranker_model == RERANKER_MODEL
     monkeypatch.setenv("PORT", "9999")
     assert Settings().effective_port == 9999
+
+
+@pytest.mark.parametrize("unset", ["", " ", "null", "NULL"])
+def test_an_optional_setting_given_empty_or_null_is_left_unset(
+    monkeypatch: pytest.MonkeyPatch, unset: str
+) -> None:
+    """compose's ``PORT: ${PORT:-}`` (or a chart's empty value) passes "" through; that
+    had stopped the start-up ("not a valid integer"). ``null`` means unset as on the
+    command line, as --help says."""
+    optional = ("port", "max_seq_length", "default_input_type", "tokenizer_workers")
+    for name in (*optional, "cpu_threads", "api_keys_file"):
+        monkeypatch.setenv(name.upper(), unset)
+    settings = Settings()
+    assert settings.effective_port == 8081
+    assert all(getattr(settings, name) is None for name in optional)
+    assert settings.cpu_threads is settings.api_keys_file is None
+    monkeypatch.setenv("QUERY_PREFIX", "")  # a string: empty is a value (no prefix)
+    assert Settings().query_prefix == ""
 
 
 def test_a_commit_is_pinned_in_lower_case() -> None:
@@ -844,6 +863,8 @@ def test_help_lists_every_setting() -> None:
     # Every default is shown as a value: a default factory printed only as "Settings.<lambda>".
     assert "default factory" not in done.stdout
     assert "(default: ['cl-nagoya/ruri-large'])" in " ".join(done.stdout.split())
+    # One default a setting: a description that gave its own had "(default ...) (default: null)".
+    assert not re.search(r"\(default[^)]*\)\s+\(default", done.stdout), done.stdout
 
 
 # --- keep-alive ------------------------------------------------------------------------------
