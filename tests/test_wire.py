@@ -46,9 +46,15 @@ def test_tokens_arrive_as_sent(call_id: int, rows: list[np.ndarray], data: st.Da
         st.lists(st.integers(0, 2**31 - 1), min_size=len(rows), max_size=len(rows))
     )
     truncated = data.draw(st.lists(st.booleans(), min_size=len(rows), max_size=len(rows)))
-    body = _body(wire.pack_tokens(call_id, rows, original, truncated), wire.Kind.TOKENS)
-    got_id, got_rows, got_original, got_truncated = wire.unpack_tokens(body)
-    assert (got_id, got_original, got_truncated) == (call_id, original, truncated)
+    chars = data.draw(st.lists(st.integers(0, 2**31 - 1), min_size=len(rows), max_size=len(rows)))
+    body = _body(wire.pack_tokens(call_id, rows, original, truncated, chars), wire.Kind.TOKENS)
+    got_id, got_rows, got_original, got_truncated, got_chars = wire.unpack_tokens(body)
+    assert (got_id, got_original, got_truncated, got_chars) == (
+        call_id,
+        original,
+        truncated,
+        chars,
+    )
     assert len(got_rows) == len(rows)
     for got, sent in zip(got_rows, rows, strict=True):
         assert got.dtype == np.int32

@@ -157,8 +157,14 @@ def unpack_texts(body: bytes) -> tuple[int, int, int, int, list[str]]:
 
 
 def pack_tokens(
-    call_id: int, rows: Sequence[IdArray], original: Sequence[int], truncated: Sequence[bool]
+    call_id: int,
+    rows: Sequence[IdArray],
+    original: Sequence[int],
+    truncated: Sequence[bool],
+    char_limits: Sequence[int],
 ) -> bytes:
+    """Each item's ids, its tokens before the cut, whether it was cut, and the characters
+    read of its text where they were cut (0: all were): ``Encoded``'s fields."""
     n = len(rows)
     lengths = np.fromiter((len(row) for row in rows), dtype="<i4", count=n)
     ids = np.concatenate(rows).astype("<i4", copy=False) if n else np.empty(0, "<i4")
@@ -167,19 +173,20 @@ def pack_tokens(
         _TOKENS.pack(call_id, n),
         lengths.tobytes(),
         np.asarray(original, dtype="<i4").tobytes(),
+        np.asarray(char_limits, dtype="<i4").tobytes(),
         np.asarray(truncated, dtype=np.uint8).tobytes(),
         ids.tobytes(),
     )
 
 
-def unpack_tokens(body: bytes) -> tuple[int, list[IdArray], list[int], list[bool]]:
+def unpack_tokens(body: bytes) -> tuple[int, list[IdArray], list[int], list[bool], list[int]]:
     call_id, n = _TOKENS.unpack_from(body)
     offset = _TOKENS.size
-    lengths_and_original = struct.unpack_from(f"<{2 * n}i", body, offset)
-    truncated = [bool(t) for t in body[offset + 8 * n : offset + 9 * n]]
-    ids = np.frombuffer(body, dtype="<i4", offset=offset + 9 * n)
+    numbers = struct.unpack_from(f"<{3 * n}i", body, offset)
+    truncated = [bool(t) for t in body[offset + 12 * n : offset + 13 * n]]
+    ids = np.frombuffer(body, dtype="<i4", offset=offset + 13 * n)
     rows, start = [], 0
-    for length in lengths_and_original[:n]:
+    for length in numbers[:n]:
         rows.append(ids[start : start + length])
         start += length
-    return call_id, rows, list(lengths_and_original[n:]), truncated
+    return call_id, rows, list(numbers[n : 2 * n]), truncated, list(numbers[2 * n :])

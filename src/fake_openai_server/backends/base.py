@@ -43,16 +43,31 @@ class LoadError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Encoded:
-    """One tokenized item: the ids the model will see and whether they were cut."""
+    """One tokenized item: the ids the model will see and whether they were cut.
+
+    ``original_length``: the item's tokens before the cut (of the characters read).
+    ``char_limit``: where the tokenizer read only the text's first characters (it caps
+    the characters it reads of one text, to bound its work), that cap; 0 where it read
+    the whole text. Such an item is ``truncated`` too, whether or not its tokens filled
+    the model's length: the rest of the text is not in it.
+    """
 
     ids: IdArray
     truncated: bool = False
     original_length: int = 0
+    char_limit: int = 0
 
     @classmethod
-    def of(cls, ids: TokenIds, truncated: bool = False, original_length: int = 0) -> Encoded:
+    def of(
+        cls, ids: TokenIds, truncated: bool = False, original_length: int = 0, char_limit: int = 0
+    ) -> Encoded:
         array = np.asarray(ids, dtype=np.int32)
-        return cls(array, truncated, original_length or len(array))
+        return cls(array, truncated or bool(char_limit), original_length or len(array), char_limit)
+
+    def cut_at(self, char_limit: int) -> Encoded:
+        """This item, marked as the tokenization of a text's first ``char_limit``
+        characters only."""
+        return Encoded(self.ids, True, self.original_length, char_limit)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,12 @@
 """The tokenizer half of a Hugging Face model, as the engine process saved it.
 
-Texts are cut to a safe number of characters, tokenized once and cut to the model's
-maximum length with the end tokens kept, exactly as the model's own tokenizer would
-with ``truncation=True``. No torch here: this runs where requests arrive.
+Texts are cut to a safe number of characters (``char_limit``), tokenized once and cut to
+the model's maximum length with the end tokens kept, exactly as the model's own tokenizer
+would with ``truncation=True``. A text cut by characters counts as truncated
+(``Encoded.char_limit``), even when its first characters' tokens fit: a long run of
+spaces, or a very long word that WordPiece reads as one [UNK], can put more characters
+than that in fewer tokens than the maximum, and with truncation off such a text is
+refused like any other over-long one. No torch here: this runs where requests arrive.
 """
 
 from __future__ import annotations
@@ -21,10 +25,16 @@ from fake_openai_server.backends.fast_tokenizers import fast_encoder
 log = logging.getLogger(__name__)
 
 # Text is cut to this many characters per allowed token before it reaches the
-# word tokenizer: no token is longer, and MeCab (fugashi) crashes the whole
-# process on inputs of a few hundred thousand characters.
+# word tokenizer: ordinary text has used up the model's length well before that (about a
+# token per one to four characters), and MeCab (fugashi) crashes the whole process on
+# inputs of a few hundred thousand characters.
 CHARS_PER_TOKEN_CAP = 16
 MAX_TOKENIZER_CHARS = 50_000
+
+
+def char_limit(max_length: int) -> int:
+    """The characters of one text the tokenizer of a model of ``max_length`` reads."""
+    return min(max_length * CHARS_PER_TOKEN_CAP, MAX_TOKENIZER_CHARS)
 
 
 def load_saved(folder: str) -> Any:
@@ -46,10 +56,6 @@ def load_saved(folder: str) -> Any:
     if not (isinstance(found, type) and hasattr(found, "from_pretrained")):
         found = transformers.AutoTokenizer
     return found.from_pretrained(folder)
-
-
-def cut_text(text: str, max_length: int) -> str:
-    return text[: min(max_length * CHARS_PER_TOKEN_CAP, MAX_TOKENIZER_CHARS)]
 
 
 def end_tokens(tokenizer: Any) -> list[int]:
@@ -99,7 +105,11 @@ class HFTokenizer:
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.max_length = max_length
+        self.char_limit = char_limit(max_length)
         self._end = end_tokens(tokenizer)
+        self._specials = len(tokenizer("a")["input_ids"]) - len(
+            tokenizer("a", add_special_tokens=False)["input_ids"]
+        )
         self._tokenizers = _PerThread(tokenizer)
         try:
             self._fast, reason = fast_encoder(tokenizer)
@@ -116,33 +126,68 @@ class HFTokenizer:
         return cls(load_saved(info.tokenizer_dir), info.max_length)
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
-        cut = [cut_text(text, self.max_length) for text in texts]
+        limit = self.char_limit
+        long = [i for i, text in enumerate(texts) if len(text) > limit]
+        cut = _cut(texts, long, limit)
         if self._fast is not None:
-            return [fit(ids, self.max_length, self._end) for ids in self._fast.encode(cut)]
-        tokenizer = self._tokenizers.get()
-        # One token over the limit, so that a cut text is known to have been cut.
-        ids = tokenizer(cut, truncation=True, max_length=self.max_length + 1)["input_ids"]
-        return [fit(row, self.max_length, self._end) for row in ids]
+            encoded = [fit(ids, self.max_length, self._end) for ids in self._fast.encode(cut)]
+        else:
+            tokenizer = self._tokenizers.get()
+            # One token over the limit, so that a cut text is known to have been cut.
+            ids = tokenizer(cut, truncation=True, max_length=self.max_length + 1)["input_ids"]
+            encoded = [fit(row, self.max_length, self._end) for row in ids]
+        for i in long:
+            encoded[i] = encoded[i].cut_at(limit)
+        return encoded
 
     def encode_pairs(
         self, query: str, documents: Sequence[str], document_tokens: int | None = None
     ) -> list[Encoded]:
-        query = cut_text(query, self.max_length)
-        docs = [cut_text(doc, self.max_length) for doc in documents]
+        limit = self.char_limit
+        long_query = len(query) > limit
+        query = query[:limit] if long_query else query
+        long = [i for i, doc in enumerate(documents) if len(doc) > limit]
+        docs = _cut(documents, long, limit)
         if self._fast is not None:
             pairs = self._fast.encode_pairs(query, docs, self.max_length, document_tokens)
-            return [Encoded.of(ids) for ids in pairs]
-        tokenizer = self._tokenizers.get()
-        if document_tokens is not None:
-            docs = _first_tokens(tokenizer, docs, document_tokens)
-        ids = tokenizer(
-            [query] * len(docs), docs, truncation="longest_first", max_length=self.max_length
-        )["input_ids"]
-        return [Encoded.of(row) for row in ids]
+            encoded = [Encoded.of(ids) for ids in pairs]
+        else:
+            tokenizer = self._tokenizers.get()
+            seconds = (
+                docs if document_tokens is None else _first_tokens(tokenizer, docs, document_tokens)
+            )
+            ids = tokenizer(
+                [query] * len(docs), seconds, truncation="longest_first", max_length=self.max_length
+            )["input_ids"]
+            encoded = [Encoded.of(row) for row in ids]
+        # A pair of a text cut by characters is cut, however few its tokens; but for a
+        # document of which only the first ``document_tokens`` tokens were asked, and the
+        # characters read gave more, which are those asked.
+        if long and document_tokens is not None:
+            counts = self._token_counts([docs[i] for i in long])
+            long = [i for i, count in zip(long, counts, strict=True) if count <= document_tokens]
+        for i in range(len(encoded)) if long_query else long:
+            encoded[i] = encoded[i].cut_at(limit)
+        return encoded
+
+    def _token_counts(self, texts: list[str]) -> list[int]:
+        """Each text's tokens, without the special tokens."""
+        if self._fast is not None:
+            return [len(ids) - self._specials for ids in self._fast.encode(texts)]
+        ids = self._tokenizers.get()(texts, add_special_tokens=False)["input_ids"]
+        return [len(row) for row in ids]
 
     def wrap_ids(self, ids: Sequence[int]) -> Encoded:
         wrapped = self._tokenizers.get().build_inputs_with_special_tokens(list(ids))
         return fit(list(wrapped), self.max_length, self._end)
+
+
+def _cut(texts: Sequence[str], long: list[int], limit: int) -> list[str]:
+    """``texts`` with those at the indices ``long`` cut to their first ``limit`` characters."""
+    cut = list(texts)
+    for i in long:
+        cut[i] = cut[i][:limit]
+    return cut
 
 
 def _first_tokens(tokenizer: Any, texts: list[str], count: int) -> list[str]:

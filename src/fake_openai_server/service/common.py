@@ -121,6 +121,25 @@ def no_truncation_reason(asked: object) -> str:
     return " (TRUNCATE=false)" if asked is None else ", and the request asked not to truncate"
 
 
+def too_long(item: Encoded, max_length: int, what: str) -> str:
+    """Why ``what`` (a text, as tokenized into ``item``) was cut, for a refusal: over the
+    model's maximum length in tokens, or over the characters its tokenizer reads of one
+    text (``Encoded.char_limit``), however few tokens those gave."""
+    if item.original_length > max_length:
+        over = "over " if item.char_limit else ""  # counted in the characters read only
+        return (
+            f"{what} has {over}{item.original_length} tokens, over this model's maximum "
+            f"of {max_length}"
+        )
+    if item.char_limit:
+        return (
+            f"{what} has over {item.char_limit} characters, the most this model reads of one "
+            f"text (for its maximum of {max_length} tokens; a long run of spaces or a very "
+            "long word makes many characters but few tokens)"
+        )
+    return f"{what} is over this model's maximum of {max_length} tokens"
+
+
 def chunk_sizes(count: int, parallel: int = 1, first: int = TOKENIZE_CHUNK) -> list[int]:
     """How ``count`` items are cut for ``parallel`` tokenizers: one chunk up to
     TOKENIZE_CHUNK; beyond, rounds of ``parallel`` chunks of ``first`` items, doubling

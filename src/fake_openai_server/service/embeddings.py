@@ -21,6 +21,7 @@ from fake_openai_server.service.common import (
     check_token_ids,
     no_truncation_reason,
     pipeline,
+    too_long,
 )
 from fake_openai_server.service.tokenizing import TokenizerPool
 from fake_openai_server.service.truncation import TruncateMode, keep_the_end, split_prefix
@@ -137,8 +138,7 @@ class EmbeddingsService:
                 if item.truncated and mode == "none":
                     raise ServiceError(
                         ErrorKind.INVALID_REQUEST,
-                        f"An input has {item.original_length} tokens, over this model's maximum "
-                        f"of {entry.info.max_length}{why}.",
+                        too_long(item, entry.info.max_length, "An input") + f"{why}.",
                         param=param,
                     )
             tokens.add(encoded)

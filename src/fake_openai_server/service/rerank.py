@@ -23,6 +23,7 @@ from fake_openai_server.service.common import (
     check_texts,
     no_truncation_reason,
     pipeline,
+    too_long,
 )
 from fake_openai_server.service.tokenizing import TokenizerPool
 from fake_openai_server.settings import Limits
@@ -156,12 +157,20 @@ class RerankService:
 def _refuse_cut_pairs(encoded: Sequence[Encoded], max_length: int, why: str, param: str) -> None:
     # The pair tokenizer cuts to max_length without saying whether it cut, so a pair
     # that fills the whole length counts as cut (a pair of exactly that length is refused
-    # too: one token's difference, on the safe side).
+    # too: one token's difference, on the safe side). It does say when it read only the
+    # first characters of the query or the document (``Encoded.char_limit``).
     for item in encoded:
-        if item.truncated or len(item.ids) >= max_length:
+        if len(item.ids) >= max_length:
             raise ServiceError(
                 ErrorKind.INVALID_REQUEST,
                 f"A query and document pair reaches this model's maximum of {max_length} "
                 f"tokens{why}; shorten the document or allow truncation.",
+                param=param,
+            )
+        if item.truncated:
+            raise ServiceError(
+                ErrorKind.INVALID_REQUEST,
+                too_long(item, max_length, "The query or a document")
+                + f"{why}; shorten it or allow truncation.",
                 param=param,
             )

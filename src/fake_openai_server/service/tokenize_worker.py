@@ -39,6 +39,7 @@ def pack(call_id: int, encoded: list[Encoded]) -> bytes:
         [item.ids for item in encoded],
         [item.original_length for item in encoded],
         [item.truncated for item in encoded],
+        [item.char_limit for item in encoded],
     )
 
 

@@ -77,10 +77,10 @@ class TokenizerProcess(WorkerProcess):
         return now - max(self.answered, min(self.waiting.values()))
 
     def decode(self, kind: int, body: bytes) -> tuple[int, Any]:
-        call_id, rows, original, truncated = wire.unpack_tokens(body)
+        call_id, rows, original, truncated, char_limits = wire.unpack_tokens(body)
         encoded = [
-            Encoded(ids, cut, length)
-            for ids, length, cut in zip(rows, original, truncated, strict=True)
+            Encoded(ids, cut, length, chars)
+            for ids, length, cut, chars in zip(rows, original, truncated, char_limits, strict=True)
         ]
         return call_id, encoded
 

@@ -6,7 +6,10 @@ tokens. To keep the end of a text instead, this module looks for the longest tai
 text that, behind its prefix, still fits: it only calls ``encode``, so it works over any
 tokenizer, in tokenizer processes or not. It costs a few extra tokenizations (about
 log2 of the tail's length), and only for inputs that are over-long and asked to be cut
-at the start.
+at the start. A text over the characters the tokenizer reads of one text (it reads only
+the first ones: ``Encoded.char_limit``) comes back truncated however few its tokens, so
+such a text is cut here too and the tail kept is within those characters: its end, not
+its start.
 
 A tokenizer that can cut on the left itself (tokenize prefix and body apart, keep the
 body's last ``max_length - len(prefix) - specials`` ids) would do this in one pass:
@@ -79,4 +82,4 @@ async def _longest_tail(
             too_long = middle
         else:
             fits, fitting = middle, encoded
-    return Encoded(fitting.ids, truncated=fits < len(body), original_length=first.original_length)
+    return Encoded(fitting.ids, fits < len(body), first.original_length, first.char_limit)
