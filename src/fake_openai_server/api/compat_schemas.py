@@ -32,11 +32,11 @@ class TeiError(BaseModel):
     error_type: str
 
 
-class TeiEmbedRequest(BaseModel):
+class TeiTextOptions(BaseModel):
+    """How TEI reads texts to embed: /embed's fields, /similarity's ``parameters``."""
+
     model_config = _LOOSE
 
-    inputs: Text | Texts = Field(description="A string or a list of strings")
-    normalize: StrictBool = Field(True, description="L2-normalise (TEI's default: true)")
     truncate: StrictBool | None = Field(
         None, description="Cut over-long inputs (default: the server's TRUNCATE)"
     )
@@ -47,6 +47,11 @@ class TeiEmbedRequest(BaseModel):
         None,
         description="query | document (or passage, search_query, ...): the ruri prefix to add",
     )
+
+
+class TeiEmbedRequest(TeiTextOptions):
+    inputs: Text | Texts = Field(description="A string or a list of strings")
+    normalize: StrictBool = Field(True, description="L2-normalise (TEI's default: true)")
     dimensions: OptionalInt = Field(None, description="Keep the first N dimensions")
     model: StrictStr | None = Field(None, description="Not in TEI: a served model name")
 
@@ -79,26 +84,11 @@ class TeiSimilarityInputs(BaseModel):
     sentences: Texts = Field(description="The texts to compare with it")
 
 
-class TeiSimilarityParameters(BaseModel):
-    model_config = _LOOSE
-
-    truncate: StrictBool | None = Field(
-        None, description="Cut over-long inputs (default: the server's TRUNCATE)"
-    )
-    truncation_direction: TruncationDirection = Field(
-        "right", description="right: cut the end; left: cut the start (the prefix is kept)"
-    )
-    prompt_name: StrictStr | None = Field(
-        None,
-        description="query | document (or passage, search_query, ...): the ruri prefix to add",
-    )
-
-
 class TeiSimilarityRequest(BaseModel):
     model_config = _LOOSE
 
     inputs: TeiSimilarityInputs
-    parameters: TeiSimilarityParameters | None = None
+    parameters: TeiTextOptions | None = None
     model: StrictStr | None = Field(None, description="Not in TEI: a served model name")
 
     _valid_unicode = _valid_unicode

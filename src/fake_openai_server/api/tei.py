@@ -26,8 +26,8 @@ from fake_openai_server.api.compat_schemas import (
     TeiEmbedRequest,
     TeiError,
     TeiRerankRequest,
-    TeiSimilarityParameters,
     TeiSimilarityRequest,
+    TeiTextOptions,
     TeiToken,
     TeiTokenizeRequest,
 )
@@ -166,7 +166,7 @@ async def similarity(body: TeiSimilarityRequest, request: Request) -> Response:
     max_chars = rt.settings.max_input_chars
     check_texts([source], "inputs.source_sentence", max_chars, indexed=False)
     check_texts(sentences, "inputs.sentences", max_chars)
-    parameters = body.parameters or TeiSimilarityParameters()
+    parameters = body.parameters or TeiTextOptions()
     result = await answer_in_time(
         request,
         service.embed(
