@@ -491,40 +491,59 @@ def test_pairs_of_documents_cut_short_without_a_fast_path(tmp_path: Path) -> Non
 
 @pytest.mark.usefixtures("quiet_transformers")
 @pytest.mark.parametrize("path", ["fast", "slow"])
-def test_texts_over_the_characters_read_come_back_cut(
+def test_whitespace_runs_use_up_none_of_the_characters_read(
     tmp_path: Path, ruri_large: Any, path: str
 ) -> None:
-    """A text over the characters the tokenizer reads (16 per token of the maximum) is
-    tokenized from those characters and comes back truncated, however few tokens they
-    make (a run of spaces makes none); a text at that length is untouched. Pairs: the
-    query's cut cuts every pair, a document's its own; with ``document_tokens`` a
-    document whose characters read make more tokens than asked is not cut."""
+    """MeCab + WordPiece make no tokens of whitespace: a text over the characters the
+    tokenizer reads (16 per token of the maximum) has its whitespace runs squeezed to
+    one space first, and is cut only if it is still over them. A text of 9 words and
+    thousands of spaces had been cut to its first words (its end never read)."""
     from fake_openai_server.backends.tokenizer import HFTokenizer
 
     slow = ruri_large if path == "fast" else _bert_japanese(tmp_path, word_tokenizer_type="basic")
     tokenizer = HFTokenizer(slow, 64)
     assert ("slow" in tokenizer.kind) == (path == "slow")
     limit = 64 * 16
-    spaced = "東京" + " " * limit + "大阪"
-    at_limit = spaced[:limit]
+    spaced = "東京" + " \n\u3000\t" * limit + "大阪"
+    got = tokenizer.encode([spaced, "  東京" + " " * limit])
+    assert [(item.truncated, item.char_limit) for item in got] == [(False, 0), (False, 0)]
+    assert got[0].ids.tolist() == slow("東京 大阪")["input_ids"]
+    assert got[1].ids.tolist() == slow("東京")["input_ids"]
+    prose = standins.japanese_text(limit + 10, seed=2)  # no runs to squeeze: cut
+    (cut,) = tokenizer.encode([prose])
+    assert (cut.truncated, cut.char_limit) == (True, limit)
+    assert cut.original_length > 64  # over the maximum in tokens too
+
+
+@pytest.mark.usefixtures("quiet_transformers")
+def test_texts_over_the_characters_read_come_back_cut(reranker: Any) -> None:
+    """SentencePiece makes tokens of spaces but few of a run of newlines: a text over the
+    characters the tokenizer reads is tokenized from those characters and comes back
+    truncated, however few tokens they make; a text at that length is untouched. Pairs:
+    the query's cut cuts every pair, a document's its own; with ``document_tokens`` a
+    document whose characters read make more tokens than asked is not cut."""
+    from fake_openai_server.backends.tokenizer import HFTokenizer
+
+    tokenizer = HFTokenizer(reranker, 64)
+    limit = 64 * 16
+    assert tokenizer.char_limit == limit
+    lines = "東京" + "\n" * limit + "大阪"
+    at_limit = lines[:limit]
     prose = standins.japanese_text(limit + 10, seed=2)
-    texts = [spaced, at_limit, "東京", prose]
-    got = tokenizer.encode(texts)
+    got = tokenizer.encode([lines, at_limit, "東京", prose])
     assert [item.truncated for item in got] == [True, False, False, True]
     assert [item.char_limit for item in got] == [limit, 0, 0, limit]
-    assert tokenizer.char_limit == limit
     expected = tokenizer.encode([at_limit, at_limit, "東京", prose[:limit]])
     for have, want in zip(got, expected, strict=True):
         assert have.ids.tolist() == want.ids.tolist()
-    assert got[0].ids.tolist() == slow("東京")["input_ids"]
-    assert got[3].original_length > 64  # over the maximum in tokens too
+    assert len(got[0].ids) < 64  # few tokens, yet cut
 
-    pairs = tokenizer.encode_pairs("東京", [spaced, at_limit, prose])
+    pairs = tokenizer.encode_pairs("東京", [lines, at_limit, prose])
     assert [item.truncated for item in pairs] == [True, False, True]
     assert [item.char_limit for item in pairs] == [limit, 0, limit]
-    cut_query = tokenizer.encode_pairs(spaced, ["東京", "大阪"])
+    cut_query = tokenizer.encode_pairs(lines, ["東京", "大阪"])
     assert [item.char_limit for item in cut_query] == [limit, limit]
-    # The first 5 tokens of the prose are among the characters read; of the spaced
-    # text's, only one token is.
-    first = tokenizer.encode_pairs("東京", [spaced, prose], 5)
+    # The first 5 tokens of the prose are among the characters read; of the newlines'
+    # text's, only a few tokens are.
+    first = tokenizer.encode_pairs("東京", [lines, prose], 5)
     assert [item.char_limit for item in first] == [limit, 0]

@@ -2,11 +2,12 @@
 
 The tokenizer reads at most ``char_limit(max_length)`` characters of a text (16 per
 token of the model's maximum, at most 50,000: ``backends/tokenizer.py``), to bound its
-work. Ordinary text has used up the model's length well before that, but a long run of
-spaces has not: such a text had been embedded (and scored) from its first characters
-alone, and with truncation off it was not refused, as every other over-long text is. Over
-the stand-ins: ruri-large reads 8,192 characters (512 tokens), the reranker 50,000 (8,192
-tokens); the reranker's tokenizer makes a few tokens of a long run of newlines.
+work. Ordinary text has used up the model's length well before that. Over the stand-ins:
+ruri-large reads 8,192 characters (512 tokens) and makes no tokens of whitespace, so a
+long text's whitespace runs are squeezed to one space before it is cut; the reranker
+reads 50,000 (8,192 tokens), and its tokenizer makes a few tokens of a long run of
+newlines: such a text, cut, had been scored from its first characters alone, and with
+truncation off it was not refused, as every other over-long text is.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def assert_refused_for_characters(reply: httpx.Response, limit: int, max_length:
     assert f"maximum of {max_length} tokens" in text, text
 
 
-EMBED_REFUSED = [
+# Sent with truncation off, in each API's words.
+EMBED_STRICT = [
     ("/v1/embeddings", {"input": [SPACED], "truncation": False}),  # Voyage
     ("/embed", {"inputs": SPACED, "truncate": False}),  # TEI
     ("/v2/embed", {"texts": [SPACED], "input_type": "search_document", "truncate": "NONE"}),
@@ -60,64 +62,58 @@ EMBED_REFUSED = [
 ]
 
 
-@pytest.mark.parametrize(("path", "body"), EMBED_REFUSED, ids=[p for p, _ in EMBED_REFUSED])
-def test_an_input_over_the_characters_read_is_refused_when_truncation_is_off(
+@pytest.mark.parametrize(("path", "body"), EMBED_STRICT, ids=[p for p, _ in EMBED_STRICT])
+def test_whitespace_runs_use_up_none_of_the_characters_read(
     embeddings_server: LiveServer, path: str, body: dict[str, Any]
 ) -> None:
-    """Its tokens fit (a run of spaces is none), but its end was never read: the same
-    400 as a text over the maximum in tokens, saying what to shorten."""
+    """ruri-large's tokenizer (MeCab + WordPiece) makes no tokens of whitespace: a text
+    over the characters it reads has its whitespace runs squeezed to one space first, so
+    two words and thousands of spaces are read whole, with truncation off too (the same
+    vector as the two words with one space)."""
     assert len(SPACED) > EMBEDDINGS_CHARS
-    assert_refused_for_characters(post(embeddings_server, path, body), EMBEDDINGS_CHARS, 512)
-    # Under the cap, the same kind of text is no trouble.
-    short = SPACED[: EMBEDDINGS_CHARS - 2] + "大阪"
-    ok = post(embeddings_server, "/embed", {"inputs": short, "truncate": False})
-    assert ok.status_code == 200, ok.text[:500]
-
-
-def test_cut_at_the_end_an_input_over_the_characters_read_is_its_first_characters(
-    embeddings_server: LiveServer,
-) -> None:
-    """Truncation on: 200, the vector of the text's first characters (as the README
-    says); truncation off on that cut text itself: 200 as well, the same vector."""
-    first = SPACED[:EMBEDDINGS_CHARS]
-    expected = float_vectors(embeddings_server, [first])
-    for body in ({"inputs": SPACED, "truncate": True}, {"inputs": SPACED}):
-        cut = post(embeddings_server, "/embed", {**body, "normalize": False})
-        assert cut.status_code == 200, cut.text[:500]
-        np.testing.assert_allclose(cut.json(), expected, atol=1e-5)
-    exact = post(embeddings_server, "/embed", {"inputs": first, "truncate": False})
-    assert exact.status_code == 200, exact.text[:500]
-    refused = post(embeddings_server, "/embed", {"inputs": first + " ", "truncate": False})
-    assert_refused_for_characters(refused, EMBEDDINGS_CHARS, 512)
+    reply = post(embeddings_server, path, body)
+    assert reply.status_code == 200, reply.text[:500]
+    whole = post(embeddings_server, "/embed", {"inputs": SPACED, "normalize": False})
+    expected = float_vectors(embeddings_server, ["東京 大阪"])
+    np.testing.assert_allclose(whole.json(), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("prompt_name", [None, "query"])
-def test_cut_at_the_start_an_input_over_the_characters_read_keeps_its_end(
+def test_cut_at_the_start_a_text_ending_in_whitespace_keeps_its_words(
     embeddings_server: LiveServer, prompt_name: str | None
 ) -> None:
-    """TEI's truncation_direction=left (Cohere's START): the last characters the
-    tokenizer reads, behind the prefix; it had embedded the first ones ("東京", not
-    "大阪"), as if cut at the end."""
-    prefix = "クエリ: " if prompt_name else ""
-    body: dict[str, Any] = {"inputs": SPACED, "truncation_direction": "left", "normalize": False}
+    """TEI's truncation_direction=left (Cohere's START) on a text whose words fit, then
+    thousands of spaces: the words' vector. Counted by characters, its last ones (all
+    spaces) would have been kept."""
+    words = japanese_text(300, seed=5)  # under 512 tokens
+    body: dict[str, Any] = {
+        "inputs": words + " " * EMBEDDINGS_CHARS,
+        "truncation_direction": "left",
+        "truncate": True,
+        "normalize": False,
+    }
     if prompt_name:
         body["prompt_name"] = prompt_name
     reply = post(embeddings_server, "/embed", body)
     assert reply.status_code == 200, reply.text[:500]
-    tail = SPACED[len(SPACED) - (EMBEDDINGS_CHARS - len(prefix)) :]
-    expected = float_vectors(embeddings_server, [prefix + tail])
-    np.testing.assert_allclose(reply.json(), expected, atol=1e-5)
-    start = float_vectors(embeddings_server, [prefix + SPACED[: EMBEDDINGS_CHARS - len(prefix)]])
-    assert not np.allclose(reply.json(), start, atol=1e-3)
+    prefix = "クエリ: " if prompt_name else ""
+    np.testing.assert_allclose(
+        reply.json(), float_vectors(embeddings_server, [prefix + words]), atol=1e-5
+    )
     cohere = post(
         embeddings_server,
         "/v2/embed",
-        {"texts": [SPACED], "input_type": "search_query", "truncate": "START"},
+        {
+            "texts": [words + "\n" * EMBEDDINGS_CHARS],
+            "input_type": "search_query",
+            "truncate": "START",
+        },
     )
     assert cohere.status_code == 200, cohere.text[:500]
     got = np.float32(cohere.json()["embeddings"]["float"])
-    want = float_vectors(embeddings_server, ["クエリ: " + SPACED[-(EMBEDDINGS_CHARS - 5) :]])
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(
+        got, float_vectors(embeddings_server, ["クエリ: " + words]), atol=1e-5
+    )
 
 
 def test_a_document_or_query_over_the_characters_read_is_refused_when_truncation_is_off(
@@ -163,12 +159,13 @@ def strict_server(hf_home: Any) -> Iterator[LiveServer]:
         yield server
 
 
-def test_truncate_false_refuses_them_from_a_tokenizer_process(strict_server: LiveServer) -> None:
-    reply = post(strict_server, "/v1/embeddings", {"input": [SPACED]})
-    assert_refused_for_characters(reply, EMBEDDINGS_CHARS, 512)
-    assert "TRUNCATE=false" in message(reply)
+def test_truncate_false_from_a_tokenizer_process(strict_server: LiveServer) -> None:
+    """What the tokenizer process says travels the wire: a document cut by characters
+    is refused; a text of whitespace runs is squeezed there, not cut."""
     reply = post(strict_server, "/v1/rerank", {"query": "東京", "documents": [SPACED_DOC]})
     assert_refused_for_characters(reply, RERANK_CHARS, 8192)
     assert "TRUNCATE=false" in message(reply)
-    ok = post(strict_server, "/v1/embeddings", {"input": [SPACED[:EMBEDDINGS_CHARS]]})
-    assert ok.status_code == 200, ok.text[:500]
+    spaced = post(strict_server, "/v1/embeddings", {"input": [SPACED]})
+    assert spaced.status_code == 200, spaced.text[:500]
+    one_space = post(strict_server, "/v1/embeddings", {"input": ["東京 大阪"]})
+    assert spaced.json()["data"] == one_space.json()["data"]

@@ -3,17 +3,21 @@
 Texts are cut to a safe number of characters (``char_limit``), tokenized once and cut to
 the model's maximum length with the end tokens kept, exactly as the model's own tokenizer
 would with ``truncation=True``. A text cut by characters counts as truncated
-(``Encoded.char_limit``), even when its first characters' tokens fit: a long run of
-spaces, or a very long word that WordPiece reads as one [UNK], can put more characters
-than that in fewer tokens than the maximum, and with truncation off such a text is
-refused like any other over-long one. No torch here: this runs where requests arrive.
+(``Encoded.char_limit``), even when its first characters' tokens fit (a long run of
+newlines makes few SentencePiece tokens), and with truncation off such a text is refused
+like any other over-long one. Where the tokenizer makes no tokens of whitespace (MeCab +
+WordPiece), a long text's whitespace runs are squeezed to one space before it is cut, so
+that they use up none of those characters. No torch here: this runs where requests arrive.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
+import re
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +39,30 @@ MAX_TOKENIZER_CHARS = 50_000
 def char_limit(max_length: int) -> int:
     """The characters of one text the tokenizer of a model of ``max_length`` reads."""
     return min(max_length * CHARS_PER_TOKEN_CAP, MAX_TOKENIZER_CHARS)
+
+
+@functools.cache
+def _whitespace() -> str:
+    """Every character ``str.isspace`` (and so ``re``'s ``\\s``) counts as whitespace."""
+    return "".join(c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
+
+
+def whitespace_runs(tokenizer: Any) -> re.Pattern[str] | None:
+    """Runs of the whitespace characters the tokenizer makes no tokens of: a run of any
+    one gives the ids one space gives, at the start, between words and at the end
+    (MeCab + WordPiece, as ruri-large: all of them). Squeezing such runs to one space
+    changes no ids. None where a space itself makes tokens (SentencePiece, as ruri-v3)."""
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    one = ids(" 東京 大阪 ")
+    free = [
+        c
+        for c in _whitespace()
+        if all(ids(f"{c * n}東京{c * n}大阪{c * n}") == one for n in (1, 3))
+    ]
+    return re.compile(f"[{re.escape(''.join(free))}]+") if " " in free else None
 
 
 def load_saved(folder: str) -> Any:
@@ -110,6 +138,7 @@ class HFTokenizer:
         self._specials = len(tokenizer("a")["input_ids"]) - len(
             tokenizer("a", add_special_tokens=False)["input_ids"]
         )
+        self._runs = whitespace_runs(tokenizer)
         self._tokenizers = _PerThread(tokenizer)
         try:
             self._fast, reason = fast_encoder(tokenizer)
@@ -126,9 +155,7 @@ class HFTokenizer:
         return cls(load_saved(info.tokenizer_dir), info.max_length)
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
-        limit = self.char_limit
-        long = [i for i, text in enumerate(texts) if len(text) > limit]
-        cut = _cut(texts, long, limit)
+        cut, long = self._read(texts)
         if self._fast is not None:
             encoded = [fit(ids, self.max_length, self._end) for ids in self._fast.encode(cut)]
         else:
@@ -137,17 +164,14 @@ class HFTokenizer:
             ids = tokenizer(cut, truncation=True, max_length=self.max_length + 1)["input_ids"]
             encoded = [fit(row, self.max_length, self._end) for row in ids]
         for i in long:
-            encoded[i] = encoded[i].cut_at(limit)
+            encoded[i] = encoded[i].cut_at(self.char_limit)
         return encoded
 
     def encode_pairs(
         self, query: str, documents: Sequence[str], document_tokens: int | None = None
     ) -> list[Encoded]:
-        limit = self.char_limit
-        long_query = len(query) > limit
-        query = query[:limit] if long_query else query
-        long = [i for i, doc in enumerate(documents) if len(doc) > limit]
-        docs = _cut(documents, long, limit)
+        (query,), query_cut = self._read([query])
+        docs, long = self._read(documents)
         if self._fast is not None:
             pairs = self._fast.encode_pairs(query, docs, self.max_length, document_tokens)
             encoded = [Encoded.of(ids) for ids in pairs]
@@ -166,9 +190,26 @@ class HFTokenizer:
         if long and document_tokens is not None:
             counts = self._token_counts([docs[i] for i in long])
             long = [i for i, count in zip(long, counts, strict=True) if count <= document_tokens]
-        for i in range(len(encoded)) if long_query else long:
-            encoded[i] = encoded[i].cut_at(limit)
+        for i in range(len(encoded)) if query_cut else long:
+            encoded[i] = encoded[i].cut_at(self.char_limit)
         return encoded
+
+    def _read(self, texts: Sequence[str]) -> tuple[list[str], list[int]]:
+        """``texts`` as the tokenizer reads them, and the indices of those it reads only
+        the first ``char_limit`` characters of. A text over that has its whitespace runs
+        squeezed to one space first, where that changes no ids (``whitespace_runs``), so
+        that they use up none of those characters."""
+        limit = self.char_limit
+        read, cut = list(texts), []
+        for i, text in enumerate(texts):
+            if len(text) > limit:
+                if self._runs is not None:
+                    text = self._runs.sub(" ", text)
+                if len(text) > limit:
+                    text = text[:limit]
+                    cut.append(i)
+                read[i] = text
+        return read, cut
 
     def _token_counts(self, texts: list[str]) -> list[int]:
         """Each text's tokens, without the special tokens."""
@@ -180,14 +221,6 @@ class HFTokenizer:
     def wrap_ids(self, ids: Sequence[int]) -> Encoded:
         wrapped = self._tokenizers.get().build_inputs_with_special_tokens(list(ids))
         return fit(list(wrapped), self.max_length, self._end)
-
-
-def _cut(texts: Sequence[str], long: list[int], limit: int) -> list[str]:
-    """``texts`` with those at the indices ``long`` cut to their first ``limit`` characters."""
-    cut = list(texts)
-    for i in long:
-        cut[i] = cut[i][:limit]
-    return cut
 
 
 def _first_tokens(tokenizer: Any, texts: list[str], count: int) -> list[str]:
