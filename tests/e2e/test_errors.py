@@ -280,6 +280,9 @@ def test_ready_is_503_while_loading_then_200(tmp_path: Path) -> None:
             assert ready.status_code == 503
             assert ready.json()["status"] == "loading"
             assert client.get("/health").status_code == 200
+            # SageMaker sends /invocations once /ping is 200 (TEI's name for /ready).
+            ping = client.get("/ping")
+            assert (ping.status_code, ping.json()) == (503, ready.json())
             for path, body in [
                 ("/v1/embeddings", {"input": "a"}),
                 ("/v1/rerank", {"query": "q", "documents": ["d"]}),
@@ -290,6 +293,7 @@ def test_ready_is_503_while_loading_then_200(tmp_path: Path) -> None:
             gate.touch()
             wait_ready(server.base_url, timeout=30)
             assert client.post("/v1/embeddings", json={"input": "a"}).status_code == 200
+            assert client.get("/ping").json() == {"status": "ready"}
     finally:
         gate.touch()
 

@@ -169,13 +169,6 @@ def test_tei_similarity_parameters_and_sagemakers_invocations(fake_server: LiveS
     assert refused.json()["error_type"] == "Validation"
 
 
-def test_tei_ping_is_a_health_check(fake_server: LiveServer) -> None:
-    """SageMaker and TEI's own docs probe GET /ping."""
-    with fake_server.client() as client:
-        reply = client.get("/ping")
-    assert (reply.status_code, reply.json()) == (200, {"status": "ok"})
-
-
 # --- text-embeddings-inference: the routes themselves ----------------------------------------
 
 

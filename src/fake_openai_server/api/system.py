@@ -1,4 +1,5 @@
-"""Public probes (/health, /ready) and operator routes (/v1/models, /info, /metrics)."""
+"""Public probes (/health, /ready and its SageMaker name /ping) and operator routes
+(/v1/models, /info, /metrics)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ async def health() -> dict[str, str]:
         503: {"model": Readiness, "description": "Loading, restarting, failed, failing or stopping"}
     },
 )
+@router.get("/ping", include_in_schema=False)  # SageMaker's and TEI's: traffic once 200
 async def ready(request: Request) -> Response:
     status, detail = runtime(request).readiness()
     body: dict[str, Any] = {"status": status}

@@ -1,6 +1,7 @@
 """text-embeddings-inference's API: POST /embed, /similarity, /rerank (with ``texts``),
-/tokenize, /decode, POST / and its SageMaker twin POST /invocations, GET /ping; its /info
-fields are merged into ours (``tei_info``).
+/tokenize, /decode, POST / and its SageMaker twin POST /invocations (GET /ping, their
+health check, is /ready: api/system.py); its /info fields are merged into ours
+(``tei_info``).
 
 Clients: huggingface_hub's ``InferenceClient`` (``feature_extraction`` posts
 ``{"inputs", "normalize", "prompt_name", "truncate", "truncation_direction"}`` to the
@@ -201,11 +202,6 @@ async def root(request: Request, payload: Annotated[Any, Body()] = None) -> Resp
         request.state.read_as = "/similarity"
         return await similarity(validate(TeiSimilarityRequest, payload), request)
     return await embed(validate(TeiEmbedRequest, payload), request)
-
-
-@router.get("/ping", include_in_schema=False)  # TEI's and SageMaker's health check
-async def ping() -> dict[str, str]:
-    return {"status": "ok"}
 
 
 @router.post(
