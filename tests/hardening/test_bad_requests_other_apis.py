@@ -56,11 +56,13 @@ CATALOGUE = [
     Bad("/invocations", {"inputs": []}, "inputs must not be an empty list"),
     Bad("/similarity", {"inputs": "a"}, "'inputs': expected an object with 'source_sentence'"),
     Bad("/similarity", {"inputs": {"sentences": ["a"]}}, "'inputs.source_sentence' is required"),
-    Bad("/similarity", {"inputs": {"source_sentence": "a", "sentences": "b"}}, "expected an obj"),
+    Bad(
+        "/similarity", {"inputs": {"source_sentence": "a", "sentences": "b"}}, "'inputs.sentences'"
+    ),
     Bad("/similarity", {"inputs": {"source_sentence": "a", "sentences": []}}, "an empty list"),
     Bad("/similarity", {"inputs": {"source_sentence": " ", "sentences": ["b"]}}, "sentence is emp"),
     Bad("/similarity", {"inputs": {"source_sentence": "a", "sentences": ["b", ""]}}, "ces[1] is"),
-    Bad("/", {"inputs": {"source_sentence": 1, "sentences": ["b"]}}, "expected an object"),
+    Bad("/", {"inputs": {"source_sentence": 1, "sentences": ["b"]}}, "'inputs.source_sentence'"),
     Bad(
         "/invocations",
         {"inputs": {"source_sentence": "a", "sentences": ["b"]}, "parameters": {"truncate": 1}},

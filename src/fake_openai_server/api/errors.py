@@ -179,6 +179,10 @@ _INPUT_SHAPES_AT = {
 }
 
 
+# Fields that are objects of named fields: an error inside one names its path.
+_OBJECTS = {("/similarity", "inputs")}
+
+
 def validation_message(errors: list[dict[str, Any]], route: str = "") -> tuple[str, str | None]:
     """One readable sentence for a request-validation failure on ``route`` (its path),
     and the field it names."""
@@ -193,6 +197,8 @@ def validation_message(errors: list[dict[str, Any]], route: str = "") -> tuple[s
     field, path = loc[0], ".".join(loc)
     if first.get("type") == "missing":
         return f"'{path}' is required.", field
+    if len(loc) > 1 and (route, field) in _OBJECTS:  # a field inside it: named as sent
+        return f"Invalid '{path}': {first.get('msg', 'invalid value')}.", field
     shape = _INPUT_SHAPES_AT.get((route, field)) or _INPUT_SHAPES.get(field)
     if shape is not None:
         return f"Invalid '{field}': expected {shape}.", field
