@@ -267,6 +267,14 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("query_prefix", "document_prefix", mode="before")
+    @classmethod
+    def _null_prefix(cls, value: object) -> object:
+        """``null`` is unset, as on the command line; an empty prefix is a value (none)."""
+        if isinstance(value, str) and value.strip().lower() == "null":
+            return None
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _level(cls, value: object) -> object:

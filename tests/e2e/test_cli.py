@@ -93,7 +93,11 @@ def test_an_optional_setting_given_empty_or_null_is_left_unset(
     assert all(getattr(settings, name) is None for name in optional)
     assert settings.cpu_threads is settings.api_keys_file is None
     monkeypatch.setenv("QUERY_PREFIX", "")  # a string: empty is a value (no prefix)
-    assert Settings().query_prefix == ""
+    monkeypatch.setenv("DOCUMENT_PREFIX", unset)
+    settings = Settings()
+    assert settings.query_prefix == ""
+    # null is unset; an empty or blank prefix is a value (no prefix)
+    assert (settings.document_prefix is None) == (unset.strip().lower() == "null")
 
 
 def test_a_commit_is_pinned_in_lower_case() -> None:
