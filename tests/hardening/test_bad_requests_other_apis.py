@@ -60,6 +60,11 @@ CATALOGUE = [
         "/similarity", {"inputs": {"source_sentence": "a", "sentences": "b"}}, "'inputs.sentences'"
     ),
     Bad("/similarity", {"inputs": {"source_sentence": "a", "sentences": []}}, "an empty list"),
+    Bad(
+        "/similarity",
+        {"inputs": {"source_sentence": "a", "sentences": ["b"] * 2048}},
+        "inputs.sentences has 2048 items; with inputs.source_sentence that is 2049, over",
+    ),
     Bad("/similarity", {"inputs": {"source_sentence": " ", "sentences": ["b"]}}, "sentence is emp"),
     Bad("/similarity", {"inputs": {"source_sentence": "a", "sentences": ["b", ""]}}, "ces[1] is"),
     Bad("/", {"inputs": {"source_sentence": 1, "sentences": ["b"]}}, "'inputs.source_sentence'"),

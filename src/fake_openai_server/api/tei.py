@@ -164,6 +164,13 @@ async def similarity(body: TeiSimilarityRequest, request: Request) -> Response:
             param="inputs.sentences",
         )
     # Named as sent: the service sees one list, the source sentence first.
+    if len(sentences) + 1 > rt.settings.max_inputs:
+        raise ServiceError(
+            ErrorKind.INVALID_REQUEST,
+            f"inputs.sentences has {len(sentences)} items; with inputs.source_sentence that "
+            f"is {len(sentences) + 1}, over the limit MAX_INPUTS={rt.settings.max_inputs}.",
+            param="inputs.sentences",
+        )
     max_chars = rt.settings.max_input_chars
     check_texts([source], "inputs.source_sentence", max_chars, indexed=False)
     check_texts(sentences, "inputs.sentences", max_chars)
