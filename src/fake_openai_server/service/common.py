@@ -134,8 +134,8 @@ def too_long(item: Encoded, max_length: int, what: str) -> str:
     if item.char_limit:
         return (
             f"{what} has over {item.char_limit} characters, the most this model reads of one "
-            f"text (for its maximum of {max_length} tokens; a long run of spaces or a very "
-            "long word makes many characters but few tokens)"
+            f"text (for its maximum of {max_length} tokens; a long run of blank lines makes "
+            "many characters but few tokens)"
         )
     return f"{what} is over this model's maximum of {max_length} tokens"
 
