@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ServiceType = Literal["embeddings", "reranker", "all"]
@@ -255,23 +255,20 @@ class Settings(BaseSettings):
         "tokenizer_workers",
         "cpu_threads",
         "api_keys_file",
+        "query_prefix",
+        "document_prefix",
         mode="before",
     )
     @classmethod
-    def _unset(cls, value: object) -> object:
-        """An optional setting given empty, or ``null`` as on the command line, is left
+    def _unset(cls, value: object, info: ValidationInfo) -> object:
+        """An optional setting given ``null``, as on the command line, or empty is left
         unset: compose's ``PORT: ${PORT:-}`` and a chart's empty value pass "" through,
         which had stopped the start-up ("not a valid integer"), and API_KEYS_FILE= had
-        been read as the directory ``.``."""
-        if isinstance(value, str) and value.strip().lower() in ("", "null"):
-            return None
-        return value
-
-    @field_validator("query_prefix", "document_prefix", mode="before")
-    @classmethod
-    def _null_prefix(cls, value: object) -> object:
-        """``null`` is unset, as on the command line; an empty prefix is a value (none)."""
-        if isinstance(value, str) and value.strip().lower() == "null":
+        been read as the directory ``.``. An empty prefix is a value: none."""
+        unset = (
+            ("null",) if info.field_name in ("query_prefix", "document_prefix") else ("", "null")
+        )
+        if isinstance(value, str) and value.strip().lower() in unset:
             return None
         return value
 
