@@ -112,6 +112,9 @@ CATALOGUE = [
     Bad("/api/show", b'{"name": "\\udfff"}', "lone UTF-16 surrogate"),
     Bad("/api/pull", {"model": "llama3"}, "pull model manifest: file does not exist", 404),
     Bad("/api/pull", {"name": "llama3", "stream": False}, "cannot download models", 404),
+    Bad("/api/pull", {}, "invalid model name: say which model to pull"),  # Ollama's 400
+    Bad("/api/pull", {"model": "", "stream": False}, "invalid model name"),
+    Bad("/api/pull", {"name": ":latest"}, "invalid model name"),
     Bad("/api/pull", {"model": "ruri-large", "stream": "false"}, "'stream'"),
     Bad("/api/pull", {"model": "ruri-large", "insecure": 1}, "'insecure'"),
     Bad("/api/rerank", {"query": "q", "documents": []}, "documents must not be an empty list"),

@@ -98,6 +98,8 @@ def _fuzz(label: str, mode: GenerationMode, base_url: str, session: requests.Ses
     def check(case: schemathesis.Case) -> None:
         if mode is GenerationMode.POSITIVE and label in SERVED_PATH_PARAMETERS:
             case.path_parameters = SERVED_PATH_PARAMETERS[label]
+        if mode is GenerationMode.POSITIVE and label in SERVED_BODY_FIELDS:
+            case.body = {**case.body, **SERVED_BODY_FIELDS[label]}
         response = case.call_and_validate(
             base_url=base_url,
             session=session,
@@ -124,6 +126,10 @@ EXCLUDED = {"GET /info/quantization": [negative_data_rejection]}
 SERVED_PATH_PARAMETERS = {
     "POST /openai/deployments/{deployment}/embeddings": {"deployment": "ruri-large"}
 }
+
+# Ollama's pull needs a model's name, and succeeds only for a served one: the valid
+# bodies name one, so that they are served (the invalid ones are fuzzed as generated).
+SERVED_BODY_FIELDS = {"POST /api/pull": {"model": "ruri-large"}}
 
 # TEI's /decode takes nothing but token ids, which must lie in the model's vocabulary
 # (1000 ids for the fake model): the schema cannot say that, so most generated requests

@@ -241,7 +241,7 @@ class OllamaPullRequest(BaseModel):
     _valid_unicode = _valid_unicode
 
     model: StrictStr | None = Field(
-        None, description="A served model; ':latest' is ignored (absent: the first)"
+        None, description="A served model; ':latest' is ignored (this or `name` is required)"
     )
     name: StrictStr | None = Field(
         None, description="The older name of `model` (the ollama CLI still sends it)"

@@ -339,17 +339,23 @@ async def pull(body: OllamaPullRequest, request: Request) -> Response:
     rt = runtime(request)
     rt.require_ready()
     requested = model_name(body.model or body.name)
-    if requested:  # absent: the first, as /api/show
-        try:
-            rt.resolve_any(requested)
-        except ServiceError:
-            raise ServiceError(
-                ErrorKind.MODEL_NOT_FOUND,
-                f"{PULL_NOT_FOUND}: '{excerpt(requested, 80)}' is not a model this server "
-                "serves, and it cannot download models. "
-                f"Served models: {', '.join(rt.model_names())}.",
-                param="model",
-            ) from None
+    if not requested:  # Ollama's words; /api/show alone takes an absent model as the first
+        raise ServiceError(
+            ErrorKind.INVALID_REQUEST,
+            "invalid model name: say which model to pull ('model'). "
+            f"Served models: {', '.join(rt.model_names())}.",
+            param="model",
+        )
+    try:
+        rt.resolve_any(requested)
+    except ServiceError:
+        raise ServiceError(
+            ErrorKind.MODEL_NOT_FOUND,
+            f"{PULL_NOT_FOUND}: '{excerpt(requested, 80)}' is not a model this server "
+            "serves, and it cannot download models. "
+            f"Served models: {', '.join(rt.model_names())}.",
+            param="model",
+        ) from None
     if body.stream is False:
         return json_response({"status": "success"})
     return Response(PULLED, media_type="application/x-ndjson")
