@@ -97,7 +97,10 @@ class TeiSimilarityRequest(BaseModel):
 class TeiTokenizeRequest(BaseModel):
     model_config = _LOOSE
 
-    inputs: StrictStr | Annotated[list[StrictStr], Field(json_schema_extra={"minItems": 1})]
+    inputs: (
+        StrictStr
+        | Annotated[list[StrictStr], Field(fail_fast=True, json_schema_extra={"minItems": 1})]
+    )
     add_special_tokens: StrictBool = True
     prompt_name: StrictStr | None = None
     model: StrictStr | None = None
@@ -113,14 +116,17 @@ class TeiToken(BaseModel):
     stop: int | None
 
 
-TokenIdRow = Annotated[list[TokenId], Field(json_schema_extra={"minItems": 1})]
+TokenIdRow = Annotated[list[TokenId], Field(fail_fast=True, json_schema_extra={"minItems": 1})]
 
 
 class TeiDecodeRequest(BaseModel):
     model_config = _LOOSE
     _valid_unicode = _valid_unicode
 
-    ids: TokenIdRow | Annotated[list[TokenIdRow], Field(json_schema_extra={"minItems": 1})]
+    ids: (
+        TokenIdRow
+        | Annotated[list[TokenIdRow], Field(fail_fast=True, json_schema_extra={"minItems": 1})]
+    )
     skip_special_tokens: StrictBool = True
     model: StrictStr | None = None
 
@@ -136,7 +142,7 @@ class OllamaEmbedRequest(BaseModel):
     model_config = _LOOSE
 
     model: StrictStr | None = Field(None, description="A served model name; ':latest' is ignored")
-    input: StrictStr | list[StrictStr] | None = Field(
+    input: StrictStr | Annotated[list[StrictStr], Field(fail_fast=True)] | None = Field(
         "",
         description="A string or a list of strings; empty or null: only checks the model (Ollama)",
     )
@@ -305,7 +311,9 @@ class CohereContent(BaseModel):
 class CohereInput(BaseModel):
     model_config = _LOOSE
 
-    content: Annotated[list[CohereContent], Field(json_schema_extra={"minItems": 1})]
+    content: Annotated[
+        list[CohereContent], Field(fail_fast=True, json_schema_extra={"minItems": 1})
+    ]
 
 
 def _texts_required(schema: dict[str, Any]) -> None:
@@ -321,13 +329,15 @@ class CohereEmbedRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", json_schema_extra=_texts_required)
 
     texts: Texts | None = Field(None, description="The texts to embed")
-    inputs: SkipJsonSchema[list[CohereInput] | None] = None
+    inputs: SkipJsonSchema[Annotated[list[CohereInput], Field(fail_fast=True)] | None] = None
     images: SkipJsonSchema[Any] = Field(None, description="Refused: a text model")
     model: StrictStr | None = None
     input_type: (
         Literal["search_document", "search_query", "classification", "clustering"] | None
     ) = Field(None, description="Selects the ruri prefix")
-    embedding_types: Annotated[list[CohereEmbeddingType], Field(min_length=1)] | None = None
+    embedding_types: (
+        Annotated[list[CohereEmbeddingType], Field(fail_fast=True, min_length=1)] | None
+    ) = None
     truncate: Literal["NONE", "START", "END"] | None = Field(
         None,
         description=(
