@@ -131,3 +131,91 @@ def test_a_wrong_item_is_still_named(server: LiveServer) -> None:
         reply = httpx.post(f"{server.base_url}/v1/embeddings", json={"input": ["a", None]})
         assert reply.status_code == 400
         assert reply.json()["error"]["param"] == "input"
+
+
+# A list of well-formed items over MAX_INPUTS or MAX_DOCUMENTS: each item built as an
+# object before the count was looked at. 8 MiB of {"input": [{}, {}, ...]} (2.8 million
+# Jina input objects) held the event loop 10 s and took the server to 1.8 GB, to say
+# that input[0] has no text.
+FEW = 100
+BODY_BYTES = 8 * 1024 * 1024 - 100  # MAX_REQUEST_BYTES's default, just under
+
+
+def _full(template: str, item: str) -> str:
+    """``template`` with its ``LIST`` a JSON list of ``item``s, the body near 8 MiB."""
+    count = (BODY_BYTES - len(template)) // (len(item) + 1)
+    return template.replace("LIST", "[" + ",".join([item] * count) + "]")
+
+
+LONG_LISTS = [
+    ("/v1/embeddings", _full('{"input": LIST}', "{}"), "input has", "MAX_INPUTS=100"),
+    ("/v1/embeddings", _full('{"input": LIST}', '"a"'), "input has", "MAX_INPUTS=100"),
+    (
+        "/v1/rerank",
+        _full('{"query": "q", "documents": LIST}', "{}"),
+        "documents has",
+        "MAX_DOCUMENTS=100",
+    ),
+    (
+        "/v2/rerank",
+        _full('{"query": "q", "documents": LIST}', '{"text": "a"}'),
+        "documents has",
+        "MAX_DOCUMENTS=100",
+    ),
+    (
+        "/v2/embed",
+        _full('{"inputs": LIST, "input_type": "search_query"}', "{}"),
+        "inputs has",
+        "MAX_INPUTS=100",
+    ),
+    ("/v1/embed", _full('{"texts": LIST}', '"a"'), "texts has", "MAX_INPUTS=100"),
+    ("/embed", _full('{"inputs": LIST}', '"a"'), "inputs has", "MAX_INPUTS=100"),
+    ("/rerank", _full('{"query": "q", "texts": LIST}', '"a"'), "texts has", "MAX_DOCUMENTS=100"),
+    ("/tokenize", _full('{"inputs": LIST}', '"a"'), "inputs has", "MAX_INPUTS=100"),
+    ("/api/embed", _full('{"input": LIST}', '"a"'), "input has", "MAX_INPUTS=100"),
+    (
+        "/api/rerank",
+        _full('{"query": "q", "documents": LIST}', '"a"'),
+        "documents has",
+        "MAX_DOCUMENTS=100",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def few_server() -> Iterator[LiveServer]:
+    settings = Settings(
+        service_type="all", warmup=False, allow_token_ids=True, max_inputs=FEW, max_documents=FEW
+    )
+    with serve_app(build_app(settings, fake_plugin())) as live:
+        yield live
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "says", "limit"),
+    LONG_LISTS,
+    ids=[f"{p} {b[:24]}" for p, b, _, _ in LONG_LISTS],
+)
+def test_a_list_over_its_limit_is_refused_before_its_items_are_built(
+    few_server: LiveServer, path: str, body: str, says: str, limit: str
+) -> None:
+    with few_server.client() as client:
+        started = time.perf_counter()
+        reply = client.post(path, content=body)
+        took = time.perf_counter() - started
+        assert reply.status_code == 400, reply.text[:300]
+        assert says in reply.text and limit in reply.text, reply.text[:300]
+        # Reading 8 MiB of JSON into Python is left (under a second here, alone).
+        assert took < 3 * SECONDS, f"{took:.1f}s for one 400"
+
+
+def test_a_list_within_its_limit_is_served(few_server: LiveServer) -> None:
+    with few_server.client() as client:
+        reply = client.post("/v1/embeddings", json={"input": [{"text": "a"}] * FEW})
+        assert reply.status_code == 200, reply.text[:300]
+        assert len(reply.json()["data"]) == FEW
+        reply = client.post("/v1/rerank", json={"query": "q", "documents": ["a"] * FEW})
+        assert reply.status_code == 200, reply.text[:300]
+        # A flat list of token ids is one input, however long.
+        reply = client.post("/v1/embeddings", json={"input": [1] * (FEW + 1)})
+        assert reply.status_code == 200, reply.text[:300]

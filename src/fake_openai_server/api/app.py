@@ -35,6 +35,7 @@ from fake_openai_server.api import (
 from fake_openai_server.api.errors import install_error_handlers
 from fake_openai_server.api.hot import hot_routes
 from fake_openai_server.api.openapi import document_truthfully
+from fake_openai_server.api.schemas import ItemLimits
 from fake_openai_server.backends.base import Plugin
 from fake_openai_server.runtime import Runtime
 from fake_openai_server.service.quantize import Calibrations, calibration_embedders
@@ -151,6 +152,7 @@ def build_app(
         hot={} if telemetry else hot_routes(routers),
         endpoints=[*app.routes, *(route for router in routers for route in router.routes)],
         cors_origins=settings.cors_allow_origins,
+        item_limits=ItemLimits(settings.max_inputs, settings.max_documents),
     )
     return app
 

@@ -11,7 +11,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from fake_openai_server.api.schemas import Count, Text, Texts, TokenId, reject_lone_surrogates
+from fake_openai_server.api.schemas import (
+    Count,
+    Text,
+    Texts,
+    TokenId,
+    counted,
+    reject_lone_surrogates,
+)
 from fake_openai_server.errors import ErrorKind, ServiceError
 
 _LOOSE = ConfigDict(extra="ignore")
@@ -56,6 +63,7 @@ class TeiEmbedRequest(TeiTextOptions):
     model: StrictStr | None = Field(None, description="Not in TEI: a served model name")
 
     _valid_unicode = _valid_unicode
+    _counted = model_validator(mode="before")(counted(inputs=False))
 
 
 class TeiRerankRequest(BaseModel):
@@ -75,6 +83,7 @@ class TeiRerankRequest(BaseModel):
     model: StrictStr | None = Field(None, description="Not in TEI: a served model name")
 
     _valid_unicode = _valid_unicode
+    _counted = model_validator(mode="before")(counted(texts=True))
 
 
 class TeiSimilarityInputs(BaseModel):
@@ -106,6 +115,7 @@ class TeiTokenizeRequest(BaseModel):
     model: StrictStr | None = None
 
     _valid_unicode = _valid_unicode
+    _counted = model_validator(mode="before")(counted(inputs=False))
 
 
 class TeiToken(BaseModel):
@@ -122,6 +132,7 @@ TokenIdRow = Annotated[list[TokenId], Field(fail_fast=True, json_schema_extra={"
 class TeiDecodeRequest(BaseModel):
     model_config = _LOOSE
     _valid_unicode = _valid_unicode
+    _counted = model_validator(mode="before")(counted(ids=False))
 
     ids: (
         TokenIdRow
@@ -154,6 +165,7 @@ class OllamaEmbedRequest(BaseModel):
     keep_alive: Any = Field(None, description="Accepted and ignored")
 
     _valid_unicode = _valid_unicode
+    _counted = model_validator(mode="before")(counted(input=False))
 
 
 class OllamaEmbedResponse(BaseModel):
@@ -279,6 +291,7 @@ class OllamaRerankRequest(BaseModel):
     )
 
     _valid_unicode = _valid_unicode
+    _counted = model_validator(mode="before")(counted(documents=True))
 
 
 class OllamaRerankResult(BaseModel):
@@ -351,6 +364,7 @@ class CohereEmbedRequest(BaseModel):
     max_tokens: SkipJsonSchema[Count | None] = None
 
     _valid_unicode = _valid_unicode
+    _counted = model_validator(mode="before")(counted(texts=False, inputs=False))
 
     @model_validator(mode="before")
     @classmethod

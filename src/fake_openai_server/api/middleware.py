@@ -34,6 +34,7 @@ from fake_openai_server.api.errors import (
     too_large,
 )
 from fake_openai_server.api.hot import HotRoute, HotRoutes, route_path
+from fake_openai_server.api.schemas import ITEM_LIMITS, ItemLimits
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.logs import printable
 from fake_openai_server.metrics import Metrics
@@ -59,13 +60,15 @@ def install(
     hot: Mapping[str, HotRoute],
     endpoints: Iterable[BaseRoute],
     cors_origins: Sequence[str] = (),
+    item_limits: ItemLimits | None = None,
 ) -> None:
     """``routes``: every route's path (the metrics' labels); ``endpoints``: the routes
-    themselves (the methods OPTIONS lists); ``cors_origins``: CORS_ALLOW_ORIGINS."""
+    themselves (the methods OPTIONS lists); ``cors_origins``: CORS_ALLOW_ORIGINS;
+    ``item_limits``: MAX_INPUTS and MAX_DOCUMENTS, checked as a body is validated."""
     # Starlette wraps the app in the middleware added last first: innermost first here.
     app.add_middleware(HotRoutes, routes=hot, handlers=app.exception_handlers)
     app.add_middleware(CrashReply)
-    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes, item_limits=item_limits)
     app.add_middleware(ApiKeys, api_keys=api_keys)
     app.add_middleware(HttpRules, endpoints=endpoints)
     if cors_origins:
@@ -304,11 +307,15 @@ def _parsed_as_json(content_type: str) -> bool:
 class BodyLimit:
     """413 for a body over MAX_REQUEST_BYTES: at once when Content-Length says so, else
     as soon as the body read so far (chunked, or lying about its length) passes it.
-    Every POST body is read as JSON."""
+    Every POST body is read as JSON, its lists counted against ``item_limits`` before their
+    items are built (``api/schemas.py``'s ``counted``)."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, item_limits: ItemLimits | None = None
+    ) -> None:
         self.app = app
         self.max_body = max_body_bytes
+        self.item_limits = item_limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -331,7 +338,11 @@ class BodyLimit:
                     raise BodyTooLarge(self.max_body)
             return message
 
-        await self.app(scope, limited_receive, send)
+        counting = ITEM_LIMITS.set(self.item_limits)
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            ITEM_LIMITS.reset(counting)
 
 
 class CrashReply:
