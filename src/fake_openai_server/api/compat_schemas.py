@@ -63,7 +63,7 @@ class TeiEmbedRequest(TeiTextOptions):
     model: StrictStr | None = Field(None, description="Not in TEI: a served model name")
 
     _valid_unicode = _valid_unicode
-    _counted = model_validator(mode="before")(counted(inputs=False))
+    _counted = counted(inputs=["inputs"])
 
 
 class TeiRerankRequest(BaseModel):
@@ -83,7 +83,7 @@ class TeiRerankRequest(BaseModel):
     model: StrictStr | None = Field(None, description="Not in TEI: a served model name")
 
     _valid_unicode = _valid_unicode
-    _counted = model_validator(mode="before")(counted(texts=True))
+    _counted = counted(documents=["texts"])
 
 
 class TeiSimilarityInputs(BaseModel):
@@ -115,7 +115,7 @@ class TeiTokenizeRequest(BaseModel):
     model: StrictStr | None = None
 
     _valid_unicode = _valid_unicode
-    _counted = model_validator(mode="before")(counted(inputs=False))
+    _counted = counted(inputs=["inputs"])
 
 
 class TeiToken(BaseModel):
@@ -132,7 +132,7 @@ TokenIdRow = Annotated[list[TokenId], Field(fail_fast=True, json_schema_extra={"
 class TeiDecodeRequest(BaseModel):
     model_config = _LOOSE
     _valid_unicode = _valid_unicode
-    _counted = model_validator(mode="before")(counted(ids=False))
+    _counted = counted(inputs=["ids"])
 
     ids: (
         TokenIdRow
@@ -165,7 +165,7 @@ class OllamaEmbedRequest(BaseModel):
     keep_alive: Any = Field(None, description="Accepted and ignored")
 
     _valid_unicode = _valid_unicode
-    _counted = model_validator(mode="before")(counted(input=False))
+    _counted = counted(inputs=["input"])
 
 
 class OllamaEmbedResponse(BaseModel):
@@ -291,7 +291,7 @@ class OllamaRerankRequest(BaseModel):
     )
 
     _valid_unicode = _valid_unicode
-    _counted = model_validator(mode="before")(counted(documents=True))
+    _counted = counted(documents=["documents"])
 
 
 class OllamaRerankResult(BaseModel):
@@ -364,7 +364,7 @@ class CohereEmbedRequest(BaseModel):
     max_tokens: SkipJsonSchema[Count | None] = None
 
     _valid_unicode = _valid_unicode
-    _counted = model_validator(mode="before")(counted(texts=False, inputs=False))
+    _counted = counted(inputs=["texts", "inputs"])
 
     @model_validator(mode="before")
     @classmethod

@@ -8,7 +8,7 @@ Requests ignore unknown fields (clients send ``user``, ``drop_params``,
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -71,27 +71,28 @@ class ItemLimits:
 ITEM_LIMITS: ContextVar[ItemLimits | None] = ContextVar("fos_item_limits", default=None)
 
 
-def counted(**fields: bool) -> Callable[[Any], Any]:
-    """A before-validator refusing a list field over its limit (``True``: a list of
-    documents, MAX_DOCUMENTS; ``False``: of inputs, MAX_INPUTS) before pydantic builds its
+def counted(*, inputs: Sequence[str] = (), documents: Sequence[str] = ()) -> Any:
+    """A request model's before-validator refusing a list of ``inputs`` over MAX_INPUTS, or
+    of ``documents`` over MAX_DOCUMENTS (the fields so named), before pydantic builds its
     items: 8 MiB of ``{"input": [{}, {}, ...]}`` had 2.8 million objects built (10 s of the
     event loop, 1.8 GB) to be refused for its first item, or for its count after. The
     service counts again (and words it the same way): this only comes first. A flat list
-    of token ids is one input; documents are never token ids."""
+    of token ids is one input."""
+    limited = [(field, "MAX_INPUTS") for field in inputs]
+    limited += [(field, "MAX_DOCUMENTS") for field in documents]
 
     def check(data: Any) -> Any:
         limits = ITEM_LIMITS.get()
         if limits is None or not isinstance(data, dict):
             return data
-        for field, documents in fields.items():
+        for field, setting in limited:
             value = data.get(field)
             if not isinstance(value, list) or not value:
                 continue
-            if not documents and isinstance(value[0], int):  # one input's token ids
+            if setting == "MAX_INPUTS" and isinstance(value[0], int):  # one input's ids
                 continue
-            limit = limits.max_documents if documents else limits.max_inputs
+            limit = limits.max_inputs if setting == "MAX_INPUTS" else limits.max_documents
             if len(value) > limit:
-                setting = "MAX_DOCUMENTS" if documents else "MAX_INPUTS"
                 raise ServiceError(
                     ErrorKind.INVALID_REQUEST,
                     f"{field} has {len(value)} items, over the limit {setting}={limit}.",
@@ -99,7 +100,7 @@ def counted(**fields: bool) -> Callable[[Any], Any]:
                 )
         return data
 
-    return check
+    return model_validator(mode="before")(check)
 
 
 # --- errors -------------------------------------------------------------------
@@ -218,7 +219,7 @@ class EmbeddingsRequest(BaseModel):
     )
 
     _valid_unicode = model_validator(mode="before")(reject_lone_surrogates)
-    _counted = model_validator(mode="before")(counted(input=False))
+    _counted = counted(inputs=["input"])
 
     def output(self) -> tuple[str, str | None]:
         """(embedding type, encoding_format) from OpenAI's, Voyage's and Jina's fields."""
@@ -347,7 +348,7 @@ class RerankRequest(BaseModel):
     )
 
     _valid_unicode = model_validator(mode="before")(reject_lone_surrogates)
-    _counted = model_validator(mode="before")(counted(documents=True))
+    _counted = counted(documents=["documents"])
 
     @property
     def voyage(self) -> bool:
