@@ -54,6 +54,58 @@ def test_embeddings_service_has_no_rerank_route_and_vice_versa(
         assert_error(reply, 404, code="not_found")
 
 
+# The README's two-port setup (8081 embeddings, 8082 rerank): the URL of one service in
+# the other's field is the commonest mistake, and the 404 says so (it had said only "No
+# route", and for n8n's /v1/v1/rerank, wrongly, that the base URL had /v1 twice).
+RERANK_ELSEWHERE = ("SERVICE_TYPE=embeddings", "SERVICE_TYPE=reranker", "8082", "SERVICE_TYPE=all")
+EMBED_ELSEWHERE = ("SERVICE_TYPE=reranker", "SERVICE_TYPE=embeddings", "8081", "SERVICE_TYPE=all")
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank", "/rerank", "/v1/v1/rerank"])
+def test_rerank_sent_to_the_embeddings_service_says_where_rerank_is(
+    embeddings_server: LiveServer, path: str
+) -> None:
+    with embeddings_server.client() as client:
+        reply = client.post(path, json={"query": "q", "documents": ["d"]})
+    error = assert_error(reply, 404, code="not_found", contains=RERANK_ELSEWHERE)
+    assert "/v1 twice" not in error["message"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/embeddings", "/embeddings", "/embed", "/v1/embed", "/v2/embed"]
+)
+def test_embeddings_sent_to_the_rerank_service_say_where_embeddings_are(
+    rerank_server: LiveServer, path: str
+) -> None:
+    with rerank_server.client() as client:
+        reply = client.post(path, json={"input": "a"})
+    assert reply.status_code == 404, reply.text
+    for part in EMBED_ELSEWHERE:
+        assert part in reply.text, reply.text
+
+
+def test_sdks_pointed_at_the_wrong_service_are_told_which_is_right(
+    embeddings_server: LiveServer, rerank_server: LiveServer
+) -> None:
+    """The openai SDK at the reranker's URL, the cohere SDK at the embedder's."""
+    import cohere
+    import openai
+
+    client = openai.OpenAI(base_url=f"{rerank_server.base_url}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.embeddings.create(model=EMBEDDINGS_MODEL, input="東京")
+    assert all(part in missing.value.message for part in EMBED_ELSEWHERE), missing.value.message
+    v2 = cohere.ClientV2(base_url=embeddings_server.base_url, api_key="x")
+    with pytest.raises(cohere.errors.NotFoundError) as gone:
+        v2.rerank(model=RERANKER_MODEL, query="q", documents=["d"])
+    assert "SERVICE_TYPE=reranker" in str(gone.value.body)
+    with embeddings_server.client() as http:  # Ollama's client reads error as a string
+        reply = http.post(
+            "/api/rerank", json={"model": RERANKER_MODEL, "query": "q", "documents": ["d"]}
+        )
+    assert reply.status_code == 404 and "SERVICE_TYPE=reranker" in reply.json()["error"]
+
+
 # --- probes, /info, /metrics -------------------------------------------------------------
 
 

@@ -15,12 +15,15 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 
 from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
 from fastapi.telemetry import TelemetryConfig
+from starlette.types import Scope
 
 from fake_openai_server.api import (
     cohere_embed,
@@ -33,7 +36,7 @@ from fake_openai_server.api import (
     tei,
 )
 from fake_openai_server.api.errors import install_error_handlers
-from fake_openai_server.api.hot import hot_routes
+from fake_openai_server.api.hot import hot_routes, route_path
 from fake_openai_server.api.openapi import document_truthfully
 from fake_openai_server.api.schemas import ItemLimits
 from fake_openai_server.backends.base import Plugin
@@ -133,6 +136,7 @@ def build_app(
     routers = routers_for(settings)
     for router in routers:
         app.include_router(router)
+    app.state.elsewhere = Elsewhere(settings)
     install_error_handlers(app)
     api_keys = settings.all_api_keys()
     document_truthfully(app, keys_required=bool(api_keys), public_paths=middleware.PUBLIC_PATHS)
@@ -168,11 +172,63 @@ def routers_for(settings: Settings) -> list[APIRouter]:
     others: list[APIRouter] = []
     if settings.serves_embeddings:
         busiest.append(embeddings.router)
-        others += [quantized.router, tei.embed_router, ollama.embed_router, cohere_embed.router]
+        others += _embeddings_routers()
     if settings.serves_rerank:
         busiest.append(rerank.router)
-        others += [tei.rerank_router, ollama.rerank_router]
+        others += _rerank_routers()
     return [*busiest, *others, system.router, tei.router, ollama.router]
+
+
+# Where the other service's requests should go: the README's setup runs the two services
+# on two ports, and a client given one's URL for the other's is the commonest mistake.
+_SERVED_ELSEWHERE = {
+    "embeddings": (
+        "this server reranks only (SERVICE_TYPE=reranker). Embeddings are served by the "
+        "embeddings service (SERVICE_TYPE=embeddings, port 8081 by default): give the client "
+        "that server's URL, or serve both from one port with SERVICE_TYPE=all."
+    ),
+    "reranker": (
+        "this server serves embeddings only (SERVICE_TYPE=embeddings). Rerank is served by "
+        "the reranker service (SERVICE_TYPE=reranker, port 8082 by default): give the client "
+        "that server's URL, or serve both from one port with SERVICE_TYPE=all."
+    ),
+}
+
+
+class Elsewhere:
+    """For a path this server does not route: why, when it is a route of the service it
+    does not run (the 404's message then says where to send it)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.message = ""
+        unserved: list[APIRouter] = []
+        if not settings.serves_rerank:
+            unserved = [rerank.router, *_rerank_routers()]
+            self.message = _SERVED_ELSEWHERE["reranker"]
+        elif not settings.serves_embeddings:
+            unserved = [embeddings.router, *_embeddings_routers()]
+            self.message = _SERVED_ELSEWHERE["embeddings"]
+        self.patterns: list[re.Pattern[str]] = [
+            route.path_regex
+            for router in unserved
+            for route in router.routes
+            if isinstance(route, APIRoute)
+        ]
+
+    def __call__(self, scope: Scope) -> str | None:
+        path = route_path(scope)
+        if any(pattern.match(path) for pattern in self.patterns):
+            return self.message
+        return None
+
+
+def _embeddings_routers() -> list[APIRouter]:
+    """The embeddings service's routes, beyond OpenAI's (in routers_for's order)."""
+    return [quantized.router, tei.embed_router, ollama.embed_router, cohere_embed.router]
+
+
+def _rerank_routers() -> list[APIRouter]:
+    return [tei.rerank_router, ollama.rerank_router]
 
 
 def _for(service_type: ServiceType, settings: Settings | None) -> Settings:

@@ -258,7 +258,11 @@ def install_error_handlers(app: FastAPI) -> None:
         kind = HTTP_KINDS.get(exc.status_code)
         if kind is ErrorKind.NOT_FOUND:
             message = f"No route {request.method} {path}."
-            if len(path) > 1 and path.endswith("/"):
+            elsewhere = getattr(request.app.state, "elsewhere", None)
+            served_elsewhere = elsewhere(request.scope) if elsewhere is not None else None
+            if served_elsewhere:  # the other service's route: say where it is
+                message = f"No route {request.method} {path}: {served_elsewhere}"
+            elif len(path) > 1 and path.endswith("/"):
                 message += f" Leave out the trailing slash: {path.rstrip('/')}"
             elif path.startswith("/v1/v1/"):
                 message += " The base URL has /v1 twice: end it in /v1 once."
