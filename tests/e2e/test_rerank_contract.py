@@ -301,7 +301,7 @@ def test_unknown_model_is_404(rerank_server: LiveServer, path: str) -> None:
         ({"query": QUERY, "documents": []}, "documents"),
         ({"query": QUERY}, "documents"),
         ({"query": QUERY, "documents": "東京"}, "documents"),
-        ({"query": QUERY, "documents": ["ok", ""]}, "documents"),
+        ({"query": QUERY, "documents": ["", "  \n"]}, "documents"),
         ({"query": QUERY, "documents": ["ok", 1]}, "documents"),
         ({"query": QUERY, "documents": ["ok", None]}, "documents"),
         ({"query": QUERY, "documents": [{"title": "no text"}]}, "documents"),
@@ -316,6 +316,52 @@ def test_invalid_requests_are_400_naming_the_field(
     with fake_server.client() as client:
         reply = client.post(path, json=body)
     assert_error(reply, 400, param=param, contains=param)
+
+
+# A retrieval's results may hold a blank chunk (an image-only page, a whitespace-only
+# split): Cohere ranks it with the rest, refusing only a list with no text at all. Here it
+# had made the whole request a 400, and the client lost its reranking.
+BLANKS = ["東京は日本の首都です。", "", "富士山", "  \n\u3000"]
+
+
+def test_blank_documents_are_ranked_with_the_rest(rerank_server: LiveServer) -> None:
+    import cohere
+
+    v2 = cohere.ClientV2(base_url=rerank_server.base_url, api_key="x")
+    ranked = v2.rerank(model=RERANKER_MODEL, query=QUERY, documents=BLANKS)
+    assert sorted(r.index for r in ranked.results) == [0, 1, 2, 3]
+    v1 = cohere.Client(base_url=rerank_server.base_url, api_key="x")
+    echoed = v1.rerank(model=RERANKER_MODEL, query=QUERY, documents=BLANKS, return_documents=True)
+    assert {r.index: r.document.text for r in echoed.results} == dict(enumerate(BLANKS))  # type: ignore[union-attr]
+    with rerank_server.client() as client:
+        # Open WebUI: top_n = len(documents), zipped by index.
+        owui = client.post(
+            "/v1/rerank",
+            json={"model": RERANKER_MODEL, "query": QUERY, "documents": BLANKS, "top_n": 4},
+        )
+        tei = client.post("/rerank", json={"query": QUERY, "texts": BLANKS})
+        ollama = client.post(
+            "/api/rerank", json={"model": RERANKER_MODEL, "query": QUERY, "documents": BLANKS}
+        )
+        objects = client.post(
+            "/v1/rerank", json={"query": QUERY, "documents": [{"text": t} for t in BLANKS]}
+        )
+    for reply in (owui, tei, ollama, objects):
+        assert reply.status_code == 200, reply.text
+    scores = {r["index"]: r["relevance_score"] for r in owui.json()["results"]}
+    assert sorted(scores) == [0, 1, 2, 3]
+    assert {r["index"]: r["score"] for r in tei.json()} == pytest.approx(scores)
+    assert sorted(r["index"] for r in ollama.json()["results"]) == [0, 1, 2, 3]
+    assert {r["index"]: r["relevance_score"] for r in objects.json()["results"]} == scores
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank", "/api/rerank"])
+def test_documents_with_no_text_at_all_are_400(fake_server: LiveServer, path: str) -> None:
+    body = {"model": RERANKER_MODEL, "query": QUERY, "documents": ["", " ", "\n"]}
+    with fake_server.client() as client:
+        reply = client.post(path, json=body)
+    assert reply.status_code == 400, reply.text
+    assert "only empty texts" in reply.text
 
 
 # --- token counts -----------------------------------------------------------------------

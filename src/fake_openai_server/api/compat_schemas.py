@@ -13,6 +13,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from fake_openai_server.api.schemas import (
     Count,
+    Documents,
     Text,
     Texts,
     TokenId,
@@ -70,7 +71,7 @@ class TeiRerankRequest(BaseModel):
     model_config = _LOOSE
 
     query: Text
-    texts: Texts
+    texts: Documents
     truncate: StrictBool | None = Field(
         None,
         description="false: refuse pairs over the model's length (default: the server's TRUNCATE)",
@@ -285,7 +286,7 @@ class OllamaRerankRequest(BaseModel):
 
     model: StrictStr | None = None
     query: Text
-    documents: Texts
+    documents: Documents
     top_n: Count | None = Field(
         None, json_schema_extra={"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}]}
     )

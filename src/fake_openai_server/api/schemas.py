@@ -130,6 +130,15 @@ Text = Annotated[StrictStr, Field(json_schema_extra={"minLength": 1, "pattern": 
 # the server to 12 GB (tests/hardening/test_bad_lists.py checks every request model).
 Texts = Annotated[list[Text], Field(fail_fast=True, json_schema_extra={"minItems": 1})]
 TokenId = Annotated[StrictInt, Field(json_schema_extra={"minimum": 0})]
+# A document to rerank: any string, a blank one included (it is scored like any other),
+# as Cohere takes them: only a list without a single non-blank text is refused. A blank
+# chunk (an image-only page, a whitespace-only split) in a retrieval's results had made
+# the whole rerank a 400.
+_SOME_TEXT: dict[str, Any] = {"type": "string", "pattern": r"\S"}
+Documents = Annotated[
+    list[StrictStr],
+    Field(fail_fast=True, json_schema_extra={"minItems": 1, "contains": _SOME_TEXT}),
+]
 
 
 def _whole(value: object) -> object:
@@ -303,11 +312,9 @@ class EmbeddingsResponse(BaseModel):
 class DocumentObject(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    # What the document is ranked on by default: not blank (a blank one is refused unless
-    # rank_fields names another field; the schema says what a client should send).
-    text: StrictStr | None = Field(
-        None, json_schema_extra={"anyOf": [{"type": "string", "pattern": r"\S"}, {"type": "null"}]}
-    )
+    # What the document is ranked on by default (unless rank_fields names other fields);
+    # blank, as a string document may be.
+    text: StrictStr | None = None
 
 
 class RerankRequest(BaseModel):
@@ -315,7 +322,15 @@ class RerankRequest(BaseModel):
 
     query: Text
     documents: Annotated[
-        list[Text | DocumentObject], Field(fail_fast=True, json_schema_extra={"minItems": 1})
+        list[StrictStr | DocumentObject],
+        Field(
+            fail_fast=True,
+            json_schema_extra={
+                "minItems": 1,
+                # Not only blank strings (an object's text is checked when it is ranked).
+                "contains": {"anyOf": [_SOME_TEXT, {"type": "object"}]},
+            },
+        ),
     ]
     model: StrictStr | None = None
     top_n: Count | None = Field(
@@ -363,12 +378,13 @@ class RerankRequest(BaseModel):
                 texts.append(doc)
                 continue
             fields = doc.model_dump(exclude_none=True)
+            text: object = None
             if self.rank_fields:
                 parts = [f"{name}: {fields[name]}" for name in self.rank_fields if name in fields]
-                text = "\n".join(parts)
+                text = "\n".join(parts) if parts else None
             else:
-                text = fields.get("text", "")
-            if not isinstance(text, str) or not text:
+                text = fields.get("text")
+            if not isinstance(text, str):
                 wanted = excerpt(", ".join(self.rank_fields or ["text"]), 80)
                 raise ServiceError(
                     ErrorKind.INVALID_REQUEST,

@@ -85,12 +85,18 @@ def unknown_model(requested: str, served: Sequence[str]) -> ServiceError:
     )
 
 
-def check_texts(texts: Sequence[str], param: str, max_chars: int, indexed: bool = True) -> None:
-    """Reject empty texts and texts over MAX_INPUT_CHARS, naming the index (``indexed``:
-    ``param`` is a list, not one text)."""
+def check_texts(
+    texts: Sequence[str],
+    param: str,
+    max_chars: int,
+    indexed: bool = True,
+    allow_blank: bool = False,
+) -> None:
+    """Reject empty texts (unless ``allow_blank``) and texts over MAX_INPUT_CHARS, naming
+    the index (``indexed``: ``param`` is a list, not one text)."""
     for index, text in enumerate(texts):
         name = f"{param}[{index}]" if indexed else param
-        if not text.strip():
+        if not allow_blank and not text.strip():
             raise ServiceError(
                 ErrorKind.INVALID_REQUEST,
                 f"{name} is empty; every text must contain at least one non-whitespace character.",

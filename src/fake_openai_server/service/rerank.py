@@ -117,7 +117,16 @@ class RerankService:
         if document_tokens is not None and document_tokens >= self.models[name].info.max_length:
             document_tokens = None  # no pair is longer than that anyway
         check_texts([query], "query", limits.max_input_chars, indexed=False)
-        check_texts(documents, documents_param, limits.max_input_chars)
+        # Blank documents are scored like any other (Cohere takes them; a retrieval's
+        # results may hold an empty chunk): only a list with no text at all is refused.
+        check_texts(documents, documents_param, limits.max_input_chars, allow_blank=True)
+        if not any(document.strip() for document in documents):
+            raise ServiceError(
+                ErrorKind.INVALID_REQUEST,
+                f"{documents_param} has only empty texts; at least one must contain a "
+                "non-whitespace character.",
+                param=documents_param,
+            )
 
         tokens = RequestTokens(limits.max_request_tokens)
         flow = Flow()  # the request's place in the queue, across its chunks
