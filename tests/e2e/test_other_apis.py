@@ -125,6 +125,23 @@ def test_inference_client_sees_tei_errors(
     assert body == {"error": body["error"], "error_type": "Validation"}
 
 
+def test_inference_client_at_the_other_services_url_is_told_where_to_go(
+    embeddings_server: LiveServer, rerank_server: LiveServer, hub_client_allowed: None
+) -> None:
+    """POST / reranks on a reranker and embeds on an embedder (as TEI does): an embedding
+    client given the reranker's URL had been told "'query' is required"."""
+    with pytest.raises(HfHubHTTPError) as bad:
+        InferenceClient(model=rerank_server.base_url).feature_extraction("東京")
+    assert bad.value.response is not None and bad.value.response.status_code == 400
+    for part in ("SERVICE_TYPE=reranker", "SERVICE_TYPE=embeddings", "8081"):
+        assert part in str(bad.value), str(bad.value)
+    assert set(bad.value.response.json()) == {"error", "error_type"}
+    with embeddings_server.client() as client:  # TEI's rerank body at an embedder's root
+        reply = client.post("/", json={"query": "東京", "texts": ["東京都", "大阪"]})
+    assert reply.status_code == 400, reply.text
+    assert "SERVICE_TYPE=reranker" in reply.json()["error"] and "8082" in reply.json()["error"]
+
+
 def cosines(vectors: np.ndarray) -> np.ndarray:
     """Each row's cosine similarity to the first, the others' order kept."""
     rows = unit(vectors)

@@ -36,7 +36,7 @@ from fake_openai_server.api.context import answer_in_time, runtime
 from fake_openai_server.api.hot import hot
 from fake_openai_server.api.schemas import RerankRequest
 from fake_openai_server.api.serialize import json_body, json_response
-from fake_openai_server.errors import ErrorKind, ServiceError
+from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.families import INPUT_TYPE_ALIASES, family_for
 from fake_openai_server.runtime import Runtime
 from fake_openai_server.service.common import check_texts
@@ -196,6 +196,27 @@ def _is_similarity(payload: Any) -> bool:
     return isinstance(payload, dict) and isinstance(payload.get("inputs"), dict)
 
 
+def _refuse_the_other_services_body(request: Request, payload: Any) -> None:
+    """POST / is a reranker's rerank and an embedder's embed, as on TEI: the other's body
+    (an embedding client given the reranker's URL, or the other way round) is told where
+    to go, not that a field of this service's body is missing."""
+    if not isinstance(payload, dict):
+        return
+    settings = runtime(request).settings
+    embed_body = "inputs" in payload and "query" not in payload and "texts" not in payload
+    rerank_body = _is_tei_rerank(payload) and "inputs" not in payload
+    if (embed_body and not settings.serves_embeddings) or (
+        rerank_body and not settings.serves_rerank
+    ):
+        what = "an embedding request (inputs)" if embed_body else "a rerank request (texts)"
+        elsewhere = request.app.state.elsewhere.message
+        raise ServiceError(
+            ErrorKind.INVALID_REQUEST,
+            f"POST {excerpt(request.url.path, 40)} got {what}, but {elsewhere}",
+            param="inputs" if embed_body else "texts",
+        )
+
+
 @router.post("/", include_in_schema=False)
 @router.post("/invocations", include_in_schema=False)  # SageMaker's name for it
 async def root(request: Request, payload: Annotated[Any, Body()] = None) -> Response:
@@ -203,6 +224,7 @@ async def root(request: Request, payload: Annotated[Any, Body()] = None) -> Resp
     A sentence-similarity body (``inputs`` an object) gets /similarity's answer, which
     TEI gives at / when started with TASK=sentence-similarity."""
     settings = runtime(request).settings
+    _refuse_the_other_services_body(request, payload)
     if not settings.serves_embeddings or (settings.serves_rerank and _is_tei_rerank(payload)):
         return await tei_rerank(validate(TeiRerankRequest, payload), request)
     if _is_similarity(payload):
