@@ -258,3 +258,55 @@ def test_requests_the_grace_cannot_wait_for_get_a_503_before_it_ends(
     assert stopped < 8, stopped  # not the 20 s pass, nor the 10 s STOP_TIMEOUT
     assert exit_code == 0
     assert "Exception in ASGI application" not in log, log
+
+
+def _head(path: str, length: int) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        pytest.param("/v1/embeddings", b'{"input": "a"}', id="fast-route"),  # api/hot.py
+        pytest.param("/v1/rerank", b'{"query": "q", "documents": ["d"]}', id="fastapi-route"),
+        pytest.param("/embed", b'{"inputs": "a"}', id="tei"),
+    ],
+)
+def test_a_request_whose_body_is_still_coming_when_the_grace_ends_gets_a_503(
+    tmp_path: Path, path: str, body: bytes
+) -> None:
+    """A client that had sent its headers and part of its body when SIGTERM came, and
+    stalled (a slow upload, well within READ_TIMEOUT_SECONDS): its request was cancelled
+    by uvicorn at the end of the grace, a bare text 500 "Internal Server Error" and
+    "Exception in ASGI application" with a traceback in the log (found by a fault review).
+    Now it is answered as every other request the grace cannot wait for: 503 "shutting
+    down" in the route's envelope, just before the grace ends, and the server exits 0."""
+    settings = {"service_type": "all", "warmup": False, "shutdown_grace_seconds": 2}
+    with fake_cli(settings, {}, tmp_path) as server:
+        process = server.process
+        assert process is not None
+        with server.connect(timeout=30) as sock:
+            sock.sendall(_head(path, len(body)) + body[:5])
+            deadline = time.monotonic() + 30
+            while _in_progress(server.base_url, path) < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+            answered = time.monotonic() - signalled
+        exit_code = process.wait(timeout=60)
+        log = server.log()
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 "), reply
+    assert b"retry-after" in head.lower(), reply
+    assert b"The server is shutting down." in payload, reply
+    assert 1.0 < answered < 2.5, answered  # within the grace, near its end
+    assert exit_code == 0
+    assert "Exception in ASGI application" not in log, log
+    assert "Traceback" not in log, log

@@ -157,6 +157,7 @@ def build_app(
         endpoints=[*app.routes, *(route for router in routers for route in router.routes)],
         cors_origins=settings.cors_allow_origins,
         item_limits=ItemLimits(settings.max_inputs, settings.max_documents),
+        runtime=runtime,
     )
     return app
 

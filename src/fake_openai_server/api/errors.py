@@ -91,6 +91,17 @@ class BodyTooLarge(HTTPException):
         self.limit = limit
 
 
+class BodyRefused(HTTPException):
+    """Raised from ``receive`` when the drain's time is up (``Runtime.refuse_waiting``)
+    while a body is still coming: the request gets ``error`` (503 "shutting down"), not
+    uvicorn's cancellation at the end of the grace (a bare text 500 and a traceback).
+    An HTTPException for the reason ``BodyTooLarge`` is one."""
+
+    def __init__(self, error: ServiceError) -> None:
+        super().__init__(503, error.message)
+        self.error = error
+
+
 # The last guard against echoing input: no message is longer, whatever it quotes.
 MESSAGE_LIMIT = 600
 
@@ -251,6 +262,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BodyTooLarge)
     async def _body_too_large(request: Request, exc: BodyTooLarge) -> Response:
         return error_response(too_large(exc.limit), dialect=request_dialect(request))
+
+    @app.exception_handler(BodyRefused)
+    async def _body_refused(request: Request, exc: BodyRefused) -> Response:
+        return error_response(exc.error, dialect=request_dialect(request))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> Response:

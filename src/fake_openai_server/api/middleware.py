@@ -10,6 +10,7 @@ added last outermost.)
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
@@ -27,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fake_openai_server.api.connections import CYCLE
 from fake_openai_server.api.errors import (
     CLIENT_CLOSED,
+    BodyRefused,
     BodyTooLarge,
     crash_response,
     dialect_for,
@@ -41,6 +43,8 @@ from fake_openai_server.metrics import Metrics
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Gauge, Histogram
+
+    from fake_openai_server.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +65,18 @@ def install(
     endpoints: Iterable[BaseRoute],
     cors_origins: Sequence[str] = (),
     item_limits: ItemLimits | None = None,
+    runtime: Runtime | None = None,
 ) -> None:
     """``routes``: every route's path (the metrics' labels); ``endpoints``: the routes
     themselves (the methods OPTIONS lists); ``cors_origins``: CORS_ALLOW_ORIGINS;
-    ``item_limits``: MAX_INPUTS and MAX_DOCUMENTS, checked as a body is validated."""
+    ``item_limits``: MAX_INPUTS and MAX_DOCUMENTS, checked as a body is validated;
+    ``runtime``: whose drain refuses the bodies still coming when its time is up."""
     # Starlette wraps the app in the middleware added last first: innermost first here.
     app.add_middleware(HotRoutes, routes=hot, handlers=app.exception_handlers)
     app.add_middleware(CrashReply)
-    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes, item_limits=item_limits)
+    app.add_middleware(
+        BodyLimit, max_body_bytes=max_body_bytes, item_limits=item_limits, runtime=runtime
+    )
     app.add_middleware(ApiKeys, api_keys=api_keys)
     app.add_middleware(HttpRules, endpoints=endpoints)
     if cors_origins:
@@ -308,14 +316,26 @@ class BodyLimit:
     """413 for a body over MAX_REQUEST_BYTES: at once when Content-Length says so, else
     as soon as the body read so far (chunked, or lying about its length) passes it.
     Every POST body is read as JSON, its lists counted against ``item_limits`` before their
-    items are built (``api/schemas.py``'s ``counted``)."""
+    items are built (``api/schemas.py``'s ``counted``).
+
+    And a body still coming when the drain's time is up (``Runtime.refuse_waiting``:
+    a slow upload, or a client stalled mid-body within READ_TIMEOUT_SECONDS) is no longer
+    waited for: its request is answered 503 "shutting down" as every other one the grace
+    cannot wait for (uvicorn had cancelled it at the end: a bare text 500 and a traceback
+    in the log)."""
 
     def __init__(
-        self, app: ASGIApp, *, max_body_bytes: int, item_limits: ItemLimits | None = None
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        item_limits: ItemLimits | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
         self.app = app
         self.max_body = max_body_bytes
         self.item_limits = item_limits
+        self.runtime = runtime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -328,10 +348,16 @@ class BodyLimit:
         if scope["method"] == "POST":
             scope = _as_json(scope)
         received = 0
+        body_in = self.runtime is None  # then nothing refuses a body
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_in
+            if body_in:  # what comes now is the disconnect: never refused
+                message = await receive()
+            else:
+                assert self.runtime is not None
+                message = await _refusable(self.runtime, receive)
+                body_in = message["type"] != "http.request" or not message.get("more_body")
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
@@ -343,6 +369,33 @@ class BodyLimit:
             await self.app(scope, limited_receive, send)
         finally:
             ITEM_LIMITS.reset(counting)
+
+
+async def _refusable(runtime: Runtime, receive: Receive) -> Message:
+    """``receive()``, unless the drain's time is up before it returns: then BodyRefused
+    (what ``answer_in_time`` does for a request's work, for the wait for its body)."""
+    if runtime.refusing is not None:
+        raise BodyRefused(runtime.refusing)
+    task = asyncio.current_task()
+    assert task is not None
+    why: ServiceError | None = None
+
+    def refuse(error: ServiceError) -> None:
+        nonlocal why
+        if why is None:
+            why = error
+            task.cancel()
+
+    runtime.answering.add(refuse)
+    try:
+        return await receive()
+    except asyncio.CancelledError:
+        if why is None:
+            raise  # the server's own cancellation: not ours to answer
+        task.uncancel()
+        raise BodyRefused(why) from None
+    finally:
+        runtime.answering.discard(refuse)
 
 
 class CrashReply:
@@ -374,6 +427,9 @@ class CrashReply:
         except BodyTooLarge as exc:
             if not started_response:
                 await _reply(too_large(exc.limit), scope, receive, send)
+        except BodyRefused as exc:
+            if not started_response:
+                await _reply(exc.error, scope, receive, send)
         except Exception as exc:
             if started_response:
                 raise
