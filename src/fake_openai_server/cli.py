@@ -57,6 +57,36 @@ def load_settings(argv: list[str] | None) -> Settings:
     return settings
 
 
+# What uvicorn logs, at ERROR, when SHUTDOWN_GRACE_SECONDS are up: with the number of
+# requests it then cancels.
+CANCEL_MESSAGE = "Cancel %s running task(s), timeout graceful shutdown exceeded"
+
+
+class _NothingCancelled(logging.Filter):
+    """uvicorn's "Cancel 0 running task(s)" is no error: no request was cancelled. It came
+    on every shutdown with SHUTDOWN_GRACE_SECONDS=0 (uvicorn's wait of 0 s ends before it
+    has looked), an idle one included, and when all that was left were replies their
+    clients had not taken. The first is dropped; the second says so, as a warning."""
+
+    def __init__(self, server: uvicorn.Server) -> None:
+        super().__init__()
+        self.server = server
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != CANCEL_MESSAGE or record.args != (0,):
+            return True
+        left = len(self.server.server_state.connections)
+        if not left:
+            return False
+        record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        record.msg = (
+            "SHUTDOWN_GRACE_SECONDS are up: closing %d connection(s) whose client had not "
+            "taken all of its reply"
+        )
+        record.args = (left,)
+        return True
+
+
 class Server(uvicorn.Server):
     """uvicorn's server, except that a SIGTERM which ended in a clean drain exits 0.
 
@@ -67,7 +97,8 @@ class Server(uvicorn.Server):
 
     Shortly before SHUTDOWN_GRACE_SECONDS are up, ``on_grace_over`` answers the requests
     still waiting (503, "shutting down"): uvicorn cancels what is left at the end, and a
-    cancelled request gets its bare text 500 and a traceback in the log.
+    cancelled request gets its bare text 500 and a traceback in the log. A drain that
+    cancels nothing logs no error (``_NothingCancelled``).
     """
 
     on_grace_over: Callable[[], None] | None = None
@@ -80,9 +111,13 @@ class Server(uvicorn.Server):
             timer = asyncio.get_running_loop().call_later(
                 max(grace - 1.0, grace * 0.9), self.on_grace_over
             )
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        nothing_cancelled = _NothingCancelled(self)
+        uvicorn_log.addFilter(nothing_cancelled)
         try:
             await super().shutdown(sockets)
         finally:
+            uvicorn_log.removeFilter(nothing_cancelled)
             if timer is not None:
                 timer.cancel()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -310,3 +311,49 @@ def test_a_request_whose_body_is_still_coming_when_the_grace_ends_gets_a_503(
     assert exit_code == 0
     assert "Exception in ASGI application" not in log, log
     assert "Traceback" not in log, log
+
+
+def test_a_drain_that_cancels_nothing_logs_no_error(tmp_path: Path) -> None:
+    """With SHUTDOWN_GRACE_SECONDS=0 uvicorn's wait of 0 s ends before it has looked, and
+    it logged "ERROR Cancel 0 running task(s), timeout graceful shutdown exceeded" on every
+    shutdown, an idle one included (found by a fault review): an alert for nothing. A
+    drain that cancels no request logs no error; the server exits 0."""
+    settings = {"service_type": "embeddings", "warmup": False, "shutdown_grace_seconds": 0}
+    with fake_cli(settings, {}, tmp_path) as server:
+        process = server.process
+        assert process is not None
+        assert (
+            httpx.post(f"{server.base_url}/v1/embeddings", json={"input": "a"}).status_code == 200
+        )
+        process.send_signal(signal.SIGTERM)
+        exit_code = process.wait(timeout=60)
+        log = server.log()
+    assert exit_code == 0
+    assert "Finished server process" in log, log
+    assert " ERROR " not in log, log
+
+
+def test_a_reply_not_taken_by_the_end_of_the_grace_is_a_warning_not_an_error(
+    tmp_path: Path,
+) -> None:
+    """A client that had not taken all of its reply (~11 MB: more than the kernel's
+    buffers hold) when the grace ended: uvicorn closed its connection and logged "ERROR
+    Cancel 0 running task(s)", though it cancelled nothing. Now a warning says what was cut."""
+    settings = {"service_type": "embeddings", "warmup": False, "shutdown_grace_seconds": 2}
+    body = json.dumps({"input": ["東京"] * 512, "encoding_format": "base64"}).encode()
+    with fake_cli(settings, {"dimension": 4096}, tmp_path) as server:
+        process = server.process
+        assert process is not None
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with sock:
+            sock.connect(server.address)
+            sock.sendall(_head("/v1/embeddings", len(body)) + body)
+            sock.recv(1)  # the reply has begun
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            exit_code = process.wait(timeout=60)
+        log = server.log()
+    assert exit_code == 0
+    assert " ERROR " not in log, log
+    assert "closing 1 connection(s) whose client had not taken all of its reply" in log, log
