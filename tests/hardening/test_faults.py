@@ -280,6 +280,33 @@ def test_the_engines_working_directory_lives_as_long_as_the_engine(
     assert not list(tmp_path.glob("fos-engine-*"))
 
 
+def test_a_killed_servers_working_directory_is_removed_by_the_next_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server killed outright (SIGKILL, the OOM killer) cannot remove its fos-engine-*
+    directory: each such restart left one in /tmp for good. The next server removes
+    those whose server is gone, and no other."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    settings = {"service_type": "embeddings", "warmup": False}
+    with fake_cli(settings, {}, tmp_path) as killed:
+        assert killed.process is not None
+        (left,) = scratch.glob("fos-engine-*")
+        killed.process.kill()
+        killed.process.wait()
+    assert left.is_dir()
+    # A live server's directory (this test's process), and one not named by a pid.
+    alive = scratch / f"fos-engine-{os.getpid()}-abcd1234"
+    unnamed = scratch / "fos-engine-abcd1234"
+    alive.mkdir()
+    unnamed.mkdir()
+    with fake_cli(settings, {}, tmp_path):
+        assert not left.exists()
+        assert alive.is_dir() and unnamed.is_dir()
+        assert len(list(scratch.glob("fos-engine-*"))) == 3  # with the new server's
+
+
 def test_a_hung_tokenizer_process_is_ended_and_replaced() -> None:
     """A tokenizer process that stops answering (SIGSTOP here; a deadlock in the field)
     held the requests sent to it until REQUEST_TIMEOUT, and stayed for good. Now it is

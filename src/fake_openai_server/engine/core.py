@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import re
 import shutil
 import tempfile
 import time
@@ -179,6 +181,37 @@ def free_waste(cost: PassCost, max_batch_tokens: int) -> int:
     return int(min(cost.pass_seconds / cost.token_seconds, max_batch_tokens))
 
 
+# The engine's temporary directory: the server's pid, then mkdtemp's random letters.
+_WORKDIR = re.compile(r"fos-engine-(\d+)-[a-z0-9_]+")
+
+
+def make_workdir() -> str:
+    """A temporary directory for the engine's files (the tokenizer's, ~50 KB), named by
+    this server's pid. Only a clean stop removes its own, so those of servers that were
+    killed (SIGKILL, the OOM killer) are removed here first: their pid is gone. (Servers
+    sharing one /tmp across pid namespaces would see each other's as gone: containers and
+    pods each have their own /tmp.)"""
+    root = tempfile.gettempdir()
+    names: list[str] = []
+    with contextlib.suppress(OSError):
+        names = os.listdir(root)
+    for name in names:
+        found = _WORKDIR.fullmatch(name)
+        if found and not _alive(int(found[1])):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"fos-engine-{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 class Engine:
     def __init__(
         self,
@@ -219,7 +252,7 @@ class Engine:
         """Start the engine process; raises ``StartFailed`` / ``WorkerGone`` if it cannot."""
         started = time.perf_counter()
         if self._workdir is None:
-            self._workdir, self._own_workdir = tempfile.mkdtemp(prefix="fos-engine-"), True
+            self._workdir, self._own_workdir = make_workdir(), True
         loaded = await self._spawn(self.settings)
         self._start_seconds = time.perf_counter() - started
         self.models, self.costs = loaded.models, loaded.costs
