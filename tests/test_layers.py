@@ -27,7 +27,7 @@ LEAVES = {
 }
 # What each layer may import from the package (besides itself and the leaves).
 ALLOWED = {
-    "api": {"runtime", "service", "backends.base", "backends.vocabulary"},
+    "api": {"runtime", "service", "backends.base"},
     "runtime": {"service", "engine", "backends.base"},
     "service": {"engine.core", "backends.base", "backends.vocabulary"},
     "engine": {"backends.base"},
