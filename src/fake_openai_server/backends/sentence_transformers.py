@@ -397,9 +397,7 @@ class _LoadedModel:
         if precision.dtype == "int8":
             _quantize_int8(model)
         model.eval()
-        self.name = name
         self.model = model
-        self.precision = precision
         self.max_length = _max_length(model.max_seq_length, max_seq_length)
         if max_seq_length is not None and max_seq_length > self.max_length:
             log.warning(
