@@ -23,13 +23,15 @@ from fake_openai_server.backends.base import Encoded, ModelInfo, Tokenizer
 log = logging.getLogger(__name__)
 
 # Operations: texts → ids; [query, *documents] → pair ids, with each document cut to
-# its first ``limit`` tokens (0: no such cut).
+# its first ``document_tokens`` tokens (0: no such cut; the wire frame's limit).
 ENCODE, PAIRS = 1, 2
 
 
-def tokenize(tokenizer: Tokenizer, operation: int, limit: int, texts: list[str]) -> list[Encoded]:
+def tokenize(
+    tokenizer: Tokenizer, operation: int, document_tokens: int, texts: list[str]
+) -> list[Encoded]:
     if operation == PAIRS:
-        return tokenizer.encode_pairs(texts[0], texts[1:], limit or None)
+        return tokenizer.encode_pairs(texts[0], texts[1:], document_tokens or None)
     return tokenizer.encode(texts)
 
 
@@ -69,9 +71,9 @@ def main(argv: list[str] | None = None) -> None:
         kind, body = message
         if kind == wire.Kind.STOP:
             break
-        call_id, target, operation, limit, texts = wire.unpack_texts(body)
+        call_id, target, operation, document_tokens, texts = wire.unpack_texts(body)
         try:
-            encoded = tokenize(tokenizers[target], operation, limit, texts)
+            encoded = tokenize(tokenizers[target], operation, document_tokens, texts)
         except Exception as exc:
             # The type only: the message may quote the text.
             log.error("tokenizing failed: %s", type(exc).__name__)

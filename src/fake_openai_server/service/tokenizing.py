@@ -247,20 +247,22 @@ class TokenizerPool:
     ) -> list[Encoded]:
         return await self._run(model, PAIRS, document_tokens or 0, [query, *documents])
 
-    async def _run(self, model: str, operation: int, limit: int, texts: list[str]) -> list[Encoded]:
+    async def _run(
+        self, model: str, operation: int, document_tokens: int, texts: list[str]
+    ) -> list[Encoded]:
         target = self._index[model]
         tokenizer = self._tokenizers[target]
         worker = await self._process_for(len(texts)) if self.workers else None
         if worker is None:  # no tokenizer processes: here
             if len(texts) <= INLINE_TEXTS and sum(map(len, texts)) <= INLINE_CHARS:
-                return tokenize(tokenizer, operation, limit, texts)
+                return tokenize(tokenizer, operation, document_tokens, texts)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(
-                self._threads, tokenize, tokenizer, operation, limit, texts
+                self._threads, tokenize, tokenizer, operation, document_tokens, texts
             )
         try:
             answer = worker.call(
-                lambda call_id: wire.pack_texts(call_id, target, operation, limit, texts)
+                lambda call_id: wire.pack_texts(call_id, target, operation, document_tokens, texts)
             )
         except BaseException:
             self._release(worker, len(texts))
