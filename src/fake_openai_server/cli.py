@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     for variable, setting in near_misses(os.environ):
         log.warning("%s is not a setting and is ignored: did you mean %s?", variable, setting)
     if keys:
-        log.info("API keys: %d; every route but /health, /ready and OPTIONS needs one", len(keys))
+        log.info(
+            "API keys: %d; every route but /health, /ready, /ping and OPTIONS needs one", len(keys)
+        )
     elif settings.api_keys_file is not None:
         # Allowed (Kubernetes' base ships the file empty), but a file not filled yet looks
         # just like one meant empty.
