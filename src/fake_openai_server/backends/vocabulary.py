@@ -1,9 +1,10 @@
 """Token-level access to a served model's own tokenizer, for TEI's /tokenize and /decode.
 
-A new, separate module: the ``Tokenizer`` interface stays narrow (texts in, ids out),
-and this one reads the Hugging Face tokenizer itself: the one a ``Tokenizer`` exposes
-as ``hf_tokenizer``, else the copy the engine saved in ``info.tokenizer_dir``, opened
-on first use. It imports neither torch nor FastAPI.
+A module of its own, so that the ``Tokenizer`` interface stays narrow (texts in, ids
+out): this one reads the Hugging Face tokenizer itself, the copy the engine saved in
+``info.tokenizer_dir`` (opened on first use), or the one a ``Tokenizer`` exposes as
+``hf_tokenizer`` (the tests' fakes do; ``HFTokenizer`` does not). It imports neither
+torch nor FastAPI.
 """
 
 from __future__ import annotations
