@@ -1,6 +1,6 @@
 """Ollama's API: POST /api/embed, the older POST /api/embeddings, GET /api/tags,
-GET /api/ps, GET /api/version, POST /api/show, POST /api/pull, and POST /api/rerank for
-Dify's Ollama provider.
+GET /api/ps, GET /api/version, POST /api/show, POST /api/pull, GET / (its "Ollama is
+running"), and POST /api/rerank for Dify's Ollama provider.
 
 Clients: the ollama Python/JS clients, Open WebUI's default embedding engine,
 Dify's Ollama provider (``{"input": [...], "model", "truncate": true, "options"}`` to
