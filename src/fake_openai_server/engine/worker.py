@@ -115,7 +115,10 @@ def _failure(exc: BaseException) -> dict[str, Any]:
     return {"type": type(exc).__name__, "oom": "OutOfMemory" in type(exc).__name__}
 
 
-class _Server:
+class _BatchRunner:
+    """Runs the batches the server sends, on the three threads described above, until
+    the server says STOP (or goes away: then the process exits at once)."""
+
     def __init__(self, sock: socket.socket, models: list[Model]) -> None:
         self.sock = sock
         self.models = models
@@ -236,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=int(args[0]))
     models = start(sock)
-    _Server(sock, models).serve()
+    _BatchRunner(sock, models).serve()
 
 
 if __name__ == "__main__":
