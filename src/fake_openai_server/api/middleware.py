@@ -256,7 +256,8 @@ def _presented_key(scope: Scope) -> str:
 
 
 def _bearer_token(authorization: str | None) -> str:
-    """The key in ``Authorization: Bearer <key>``; '' when absent or empty."""
+    """The key in ``Authorization: Bearer <key>``, or the whole value when it is one word
+    (``Authorization: <key>``, no scheme); '' when absent, empty or another scheme's."""
     if not authorization:
         return ""
     scheme, _, token = authorization.strip().partition(" ")
