@@ -84,6 +84,44 @@ def test_embeddings_sent_to_the_rerank_service_say_where_embeddings_are(
         assert part in reply.text, reply.text
 
 
+@pytest.mark.parametrize(
+    ("server", "path", "elsewhere", "also"),
+    [
+        ("embeddings", "/v1/rerank/", RERANK_ELSEWHERE, "trailing slash"),
+        ("embeddings", "/api/rerank/", RERANK_ELSEWHERE, "trailing slash"),
+        ("rerank", "/v1/embeddings/", EMBED_ELSEWHERE, "trailing slash"),
+        ("rerank", "/v1/v1/embeddings", EMBED_ELSEWHERE, "/v1 twice"),
+        ("rerank", "/v1/v1/embeddings/", EMBED_ELSEWHERE, "trailing slash"),
+    ],
+)
+def test_the_other_services_path_misspelt_is_not_sent_to_a_route_missing_here(
+    request: pytest.FixtureRequest, server: str, path: str, elsewhere: tuple[str, ...], also: str
+) -> None:
+    """The 404's trailing-slash and /v1-twice hints had sent a client at the wrong service
+    to the spelling this server has no route for either ("Leave out the trailing slash:
+    /v1/rerank" on the embedder), and said nothing of the other service."""
+    live: LiveServer = request.getfixturevalue(f"{server}_server")
+    with live.client() as client:
+        reply = client.post(path, json={"input": "a", "query": "q", "documents": ["d"]})
+    assert reply.status_code == 404, reply.text
+    for part in (*elsewhere, also):
+        assert part in reply.text, reply.text
+
+
+def test_a_misspelt_path_of_this_service_keeps_its_own_hint(
+    embeddings_server: LiveServer,
+) -> None:
+    with embeddings_server.client() as client:
+        reply = client.post("/v1/embeddings/", json={"input": "a"})
+        assert reply.status_code == 404 and "trailing slash: /v1/embeddings" in reply.text
+        assert "SERVICE_TYPE" not in reply.text
+        reply = client.post("/v1/v1/embeddings", json={"input": "a"})
+        assert reply.status_code == 404 and "/v1 twice" in reply.text
+        assert "SERVICE_TYPE" not in reply.text
+        reply = client.post("/v1/rerankx", json={"input": "a"})
+        assert reply.status_code == 404 and "SERVICE_TYPE" not in reply.text
+
+
 def test_sdks_pointed_at_the_wrong_service_are_told_which_is_right(
     embeddings_server: LiveServer, rerank_server: LiveServer
 ) -> None:

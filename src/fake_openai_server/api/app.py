@@ -217,10 +217,23 @@ class Elsewhere:
         ]
 
     def __call__(self, scope: Scope) -> str | None:
+        """The message for the other service's path, also as the 404's other hints would
+        correct it (without a trailing slash, with /v1 once): those hints would send the
+        client to a route this server does not have either."""
         path = route_path(scope)
-        if any(pattern.match(path) for pattern in self.patterns):
+        paths = [path]
+        if len(path) > 1 and path.endswith("/"):
+            paths.append(path.rstrip("/"))
+        if path.startswith("/v1/v1/"):
+            paths += [once[3:] for once in list(paths)]
+        if any(pattern.match(each) for each in paths for pattern in self.patterns):
             return self.message
         return None
+
+    def exact(self, scope: Scope) -> bool:
+        """Whether the path, as sent, is the other service's (``/v1/v1/rerank`` is one)."""
+        path = route_path(scope)
+        return any(pattern.match(path) for pattern in self.patterns)
 
 
 def _embeddings_routers() -> list[APIRouter]:

@@ -277,6 +277,12 @@ def install_error_handlers(app: FastAPI) -> None:
             served_elsewhere = elsewhere(request.scope) if elsewhere is not None else None
             if served_elsewhere:  # the other service's route: say where it is
                 message = f"No route {request.method} {path}: {served_elsewhere}"
+                if len(path) > 1 and path.endswith("/"):  # and how it is spelt there
+                    message += " (Leave out the trailing slash.)"
+                elif (
+                    path.startswith("/v1/v1/") and elsewhere and not elsewhere.exact(request.scope)
+                ):
+                    message += " (The base URL has /v1 twice: end it in /v1 once.)"
             elif len(path) > 1 and path.endswith("/"):
                 message += f" Leave out the trailing slash: {path.rstrip('/')}"
             elif path.startswith("/v1/v1/"):
