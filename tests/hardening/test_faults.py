@@ -13,6 +13,8 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -284,8 +286,10 @@ def test_a_killed_servers_working_directory_is_removed_by_the_next_server(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A server killed outright (SIGKILL, the OOM killer) cannot remove its fos-engine-*
-    directory: each such restart left one in /tmp for good. The next server removes
-    those whose server is gone, and no other."""
+    directory: each such restart left one in /tmp for good. The next server removes those
+    whose server has ended (its lock is free), and no other: not a running server's, even
+    one with this server's pid (a restarted container's server is pid 1 again), nor one
+    without a lock, whatever its name."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))
@@ -296,15 +300,35 @@ def test_a_killed_servers_working_directory_is_removed_by_the_next_server(
         killed.process.kill()
         killed.process.wait()
     assert left.is_dir()
-    # A live server's directory (this test's process), and one not named by a pid.
-    alive = scratch / f"fos-engine-{os.getpid()}-abcd1234"
-    unnamed = scratch / "fos-engine-abcd1234"
-    alive.mkdir()
-    unnamed.mkdir()
-    with fake_cli(settings, {}, tmp_path):
-        assert not left.exists()
-        assert alive.is_dir() and unnamed.is_dir()
-        assert len(list(scratch.glob("fos-engine-*"))) == 3  # with the new server's
+    # A running server's (its lock held by a live process here), and two without a lock.
+    running = scratch / "fos-engine-running"
+    running.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(running / ".lock")], stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        odd = [scratch / "fos-engine-abcd1234", scratch / "fos-engine-99999999999999999999-x"]
+        for folder in odd:
+            folder.mkdir()
+        with fake_cli(settings, {}, tmp_path):
+            assert not left.exists()
+            assert running.is_dir() and all(folder.is_dir() for folder in odd)
+            assert len(list(scratch.glob("fos-engine-*"))) == 4  # with the new server's
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(list(scratch.glob("fos-engine-*"))) == 3  # a clean stop removes its own
+
+
+# Holds an exclusive flock on the file named, as a running server holds its directory's.
+HOLD_LOCK = """
+import fcntl, os, sys, time
+lock = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o600)
+fcntl.flock(lock, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(600)
+"""
 
 
 def test_a_hung_tokenizer_process_is_ended_and_replaced() -> None:

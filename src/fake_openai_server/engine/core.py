@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -181,34 +181,41 @@ def free_waste(cost: PassCost, max_batch_tokens: int) -> int:
     return int(min(cost.pass_seconds / cost.token_seconds, max_batch_tokens))
 
 
-# The engine's temporary directory: the server's pid, then mkdtemp's random letters.
-_WORKDIR = re.compile(r"fos-engine-(\d+)-[a-z0-9_]+")
+WORKDIR_PREFIX = "fos-engine-"
+_LOCK = ".lock"  # held (flock) by the server using the directory, for as long as it runs
 
 
-def make_workdir() -> str:
-    """A temporary directory for the engine's files (the tokenizer's, ~50 KB), named by
-    this server's pid. Only a clean stop removes its own, so those of servers that were
-    killed (SIGKILL, the OOM killer) are removed here first: their pid is gone. (Servers
-    sharing one /tmp across pid namespaces would see each other's as gone: containers and
-    pods each have their own /tmp.)"""
+def make_workdir() -> tuple[str, int]:
+    """A temporary directory for the engine's files (the tokenizer's, ~50 KB), and the
+    open lock file that marks it in use. Only a clean stop removes its own, so those of
+    servers that ended otherwise (SIGKILL, the OOM killer) are removed here first."""
     root = tempfile.gettempdir()
-    names: list[str] = []
     with contextlib.suppress(OSError):
-        names = os.listdir(root)
-    for name in names:
-        found = _WORKDIR.fullmatch(name)
-        if found and not _alive(int(found[1])):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    return tempfile.mkdtemp(prefix=f"fos-engine-{os.getpid()}-")
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            if name.startswith(WORKDIR_PREFIX) and _abandoned(path):
+                shutil.rmtree(path, ignore_errors=True)
+    path = tempfile.mkdtemp(prefix=WORKDIR_PREFIX)
+    lock = os.open(os.path.join(path, _LOCK), os.O_WRONLY | os.O_CREAT, 0o600)
+    with contextlib.suppress(OSError):  # a filesystem without locks: nothing is swept
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return path, lock
 
 
-def _alive(pid: int) -> bool:
+def _abandoned(path: str) -> bool:
+    """Whether the server that made ``path`` has ended: its lock is free (the kernel drops
+    a process's locks when it ends, however it ends, whatever its pid or namespace). One
+    without a lock file (an older server's, or one being made) is left alone."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        lock = os.open(os.path.join(path, _LOCK), os.O_WRONLY)
+    except OSError:  # none, or another user's
         return False
-    except PermissionError:  # another user's
-        return True
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: its server runs
+        return False
+    finally:
+        os.close(lock)
     return True
 
 
@@ -227,7 +234,7 @@ class Engine:
         self._restart_settings = settings  # with the commits the start loaded (start)
         self._plugin = plugin
         self._workdir = workdir
-        self._own_workdir = False
+        self._workdir_lock: int | None = None  # the lock of the one start() made
         self.observers = observers
         self.on_fatal = on_fatal
         self.state: State = "loading"
@@ -252,7 +259,7 @@ class Engine:
         """Start the engine process; raises ``StartFailed`` / ``WorkerGone`` if it cannot."""
         started = time.perf_counter()
         if self._workdir is None:
-            self._workdir, self._own_workdir = make_workdir(), True
+            self._workdir, self._workdir_lock = make_workdir()
         loaded = await self._spawn(self.settings)
         self._start_seconds = time.perf_counter() - started
         self.models, self.costs = loaded.models, loaded.costs
@@ -348,8 +355,10 @@ class Engine:
             for flight in list(self._in_flight):
                 self._fail_batch(flight.batch, shutting_down)
             self._in_flight.clear()
-            if self._own_workdir and self._workdir is not None:
+            if self._workdir_lock is not None and self._workdir is not None:
                 shutil.rmtree(self._workdir, ignore_errors=True)
+                os.close(self._workdir_lock)
+                self._workdir_lock = None
 
     # --- requests ------------------------------------------------------------------------
     def lane(self, model: str) -> _Lane:
