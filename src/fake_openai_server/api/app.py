@@ -180,8 +180,9 @@ def routers_for(settings: Settings) -> list[APIRouter]:
     return [*busiest, *others, system.router, tei.router, ollama.router]
 
 
-# Where the other service's requests should go: the README's setup runs the two services
-# on two ports, and a client given one's URL for the other's is the commonest mistake.
+# Where the other service's requests should go, by the service run elsewhere: the README's
+# setup runs the two services on two ports, and a client given one's URL for the other's
+# is the commonest mistake.
 _SERVED_ELSEWHERE = {
     "embeddings": (
         "this server reranks only (SERVICE_TYPE=reranker). Embeddings are served by the "
