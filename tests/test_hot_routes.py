@@ -240,6 +240,26 @@ def test_under_a_root_path_routes_are_found_as_fastapi_finds_them() -> None:
     assert answered == 1
 
 
+def test_under_a_root_path_the_404_hints_read_the_path_as_routed() -> None:
+    """Behind a proxy that strips /api, the 404's envelope and hints are about the path the
+    routes answer, and the spelling they suggest keeps the prefix the client sent. Errors
+    had come in Ollama's envelope (its routes are /api/...), and a doubled /v1 after the
+    prefix had got no hint."""
+    settings = Settings(service_type="embeddings", warmup=False)
+    app = build_app(settings, fake_plugin())
+    with serve_app(app, root_path="/api") as server, server.client() as client:
+        slash = client.post("/v1/embeddings/", json={"input": "a"})
+        twice = client.post("/v1/v1/embeddings", json={"input": "a"})
+        n8n = client.post("/v1/v1/rerank", json={"query": "q", "documents": ["a"]})
+    errors = [reply.json()["error"] for reply in (slash, twice, n8n)]
+    assert [reply.status_code for reply in (slash, twice, n8n)] == [404] * 3, errors
+    assert all(isinstance(error, dict) and error["code"] == "not_found" for error in errors)
+    messages = [error["message"] for error in errors]
+    assert messages[0].endswith("Leave out the trailing slash: /api/v1/embeddings"), messages
+    assert messages[1].endswith("The base URL has /v1 twice: end it in /v1 once."), messages
+    assert "SERVICE_TYPE=reranker" in messages[2] and "twice" not in messages[2], messages
+
+
 def test_with_opentelemetry_on_every_request_is_named_by_its_route(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

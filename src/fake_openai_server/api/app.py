@@ -35,11 +35,12 @@ from fake_openai_server.api import (
     system,
     tei,
 )
-from fake_openai_server.api.errors import install_error_handlers
-from fake_openai_server.api.hot import hot_routes, route_path
+from fake_openai_server.api.errors import install_error_handlers, route_path
+from fake_openai_server.api.hot import hot_routes
 from fake_openai_server.api.openapi import document_truthfully
 from fake_openai_server.api.schemas import ItemLimits
 from fake_openai_server.backends.base import Plugin
+from fake_openai_server.errors import excerpt
 from fake_openai_server.runtime import Runtime
 from fake_openai_server.service.quantize import Calibrations, calibration_embedders
 from fake_openai_server.settings import ServiceType, Settings
@@ -136,7 +137,7 @@ def build_app(
     routers = routers_for(settings)
     for router in routers:
         app.include_router(router)
-    app.state.elsewhere = Elsewhere(settings)
+    app.state.unrouted = Unrouted(settings)
     install_error_handlers(app)
     api_keys = settings.all_api_keys()
     document_truthfully(app, keys_required=bool(api_keys), public_paths=middleware.PUBLIC_PATHS)
@@ -197,19 +198,21 @@ _SERVED_ELSEWHERE = {
 }
 
 
-class Elsewhere:
-    """For a path this server does not route: why, when it is a route of the service it
-    does not run (the 404's message then says where to send it)."""
+class Unrouted:
+    """The 404's message for a path this server does not route, saying what the client
+    can do about it: send the other service's requests to that service, leave out a
+    trailing slash, end a base URL in /v1 once."""
 
     def __init__(self, settings: Settings) -> None:
-        self.message = ""
+        # Where the other service is, when this server runs one only ("" when it runs both).
+        self.elsewhere = ""
         unserved: list[APIRouter] = []
         if not settings.serves_rerank:
             unserved = [rerank.router, *_rerank_routers()]
-            self.message = _SERVED_ELSEWHERE["reranker"]
+            self.elsewhere = _SERVED_ELSEWHERE["reranker"]
         elif not settings.serves_embeddings:
             unserved = [embeddings.router, *_embeddings_routers()]
-            self.message = _SERVED_ELSEWHERE["embeddings"]
+            self.elsewhere = _SERVED_ELSEWHERE["embeddings"]
         self.patterns: list[re.Pattern[str]] = [
             route.path_regex
             for router in unserved
@@ -217,24 +220,33 @@ class Elsewhere:
             if isinstance(route, APIRoute)
         ]
 
-    def __call__(self, scope: Scope) -> str | None:
-        """The message for the other service's path, also as the 404's other hints would
-        correct it (without a trailing slash, with /v1 once): those hints would send the
-        client to a route this server does not have either."""
-        path = route_path(scope)
-        paths = [path]
-        if len(path) > 1 and path.endswith("/"):
-            paths.append(path.rstrip("/"))
-        if path.startswith("/v1/v1/"):
-            paths += [once[3:] for once in list(paths)]
-        if any(pattern.match(each) for each in paths for pattern in self.patterns):
-            return self.message
-        return None
+    def message(self, method: str, scope: Scope) -> str:
+        sent, path = scope["path"], route_path(scope)
+        message = f"No route {method} {excerpt(sent, 80)}"
+        slash = len(path) > 1 and path.endswith("/")
+        twice = path.startswith("/v1/v1/")
+        if self._elsewhere(path, slash, twice):
+            # The other service's path, also as the hints below would correct it: they
+            # would send the client to a route this server does not have either.
+            message += f": {self.elsewhere}"
+            if slash:
+                return message + " (Leave out the trailing slash.)"
+            if twice and not self._elsewhere(path, slash=False, twice=False):
+                return message + " (The base URL has /v1 twice: end it in /v1 once.)"
+            return message  # /v1/v1/rerank is itself a rerank route (n8n's)
+        if slash:
+            return message + f". Leave out the trailing slash: {excerpt(sent.rstrip('/'), 80)}"
+        if twice:
+            return message + ". The base URL has /v1 twice: end it in /v1 once."
+        return message + "."
 
-    def exact(self, scope: Scope) -> bool:
-        """Whether the path, as sent, is the other service's (``/v1/v1/rerank`` is one)."""
-        path = route_path(scope)
-        return any(pattern.match(path) for pattern in self.patterns)
+    def _elsewhere(self, path: str, slash: bool, twice: bool) -> bool:
+        """Whether ``path`` (without its trailing slash, with /v1 once) is the other
+        service's route."""
+        paths = [path.rstrip("/")] if slash else [path]
+        if twice:
+            paths += [each[3:] for each in paths]
+        return any(pattern.match(each) for each in paths for pattern in self.patterns)
 
 
 def _embeddings_routers() -> list[APIRouter]:

@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+from starlette.types import Scope
 
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 
@@ -136,8 +137,18 @@ def dialect_for(path: str, chosen: str | None = None) -> Dialect:
     return "openai"
 
 
+def route_path(scope: Scope) -> str:
+    """The path the routes answer: ``path`` without the ``root_path`` in front of it (uvicorn
+    ``--root-path`` puts it there), the way Starlette's router reads it."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
+        return path[len(root) :]
+    return path
+
+
 def request_dialect(request: Request) -> Dialect:
-    return dialect_for(request.url.path, getattr(request.state, "error_dialect", None))
+    return dialect_for(route_path(request.scope), getattr(request.state, "error_dialect", None))
 
 
 def error_body(error: ServiceError, dialect: Dialect = "openai") -> dict[str, Any]:
@@ -272,21 +283,12 @@ def install_error_handlers(app: FastAPI) -> None:
         path = excerpt(request.url.path, 80)
         kind = HTTP_KINDS.get(exc.status_code)
         if kind is ErrorKind.NOT_FOUND:
-            message = f"No route {request.method} {path}."
-            elsewhere = getattr(request.app.state, "elsewhere", None)
-            served_elsewhere = elsewhere(request.scope) if elsewhere is not None else None
-            if served_elsewhere:  # the other service's route: say where it is
-                message = f"No route {request.method} {path}: {served_elsewhere}"
-                if len(path) > 1 and path.endswith("/"):  # and how it is spelt there
-                    message += " (Leave out the trailing slash.)"
-                elif (
-                    path.startswith("/v1/v1/") and elsewhere and not elsewhere.exact(request.scope)
-                ):
-                    message += " (The base URL has /v1 twice: end it in /v1 once.)"
-            elif len(path) > 1 and path.endswith("/"):
-                message += f" Leave out the trailing slash: {path.rstrip('/')}"
-            elif path.startswith("/v1/v1/"):
-                message += " The base URL has /v1 twice: end it in /v1 once."
+            unrouted = getattr(request.app.state, "unrouted", None)
+            message = (
+                unrouted.message(request.method, request.scope)
+                if unrouted is not None
+                else f"No route {request.method} {path}."
+            )
         elif kind is ErrorKind.METHOD_NOT_ALLOWED:
             message = f"Method {request.method} is not allowed on {path}."
         elif exc.detail == FASTAPI_BODY_ERROR:

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fake_openai_server.api.errors import ClientGone
+from fake_openai_server.api.errors import ClientGone, route_path
 
 Endpoint = Callable[[Any, Request], Awaitable[Response]]
 ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
@@ -77,16 +77,6 @@ def _body_model(endpoint: Endpoint) -> type[BaseModel]:
             f"@hot {endpoint.__name__} must take (body: <a pydantic model>, request: Request)"
         )
     return model
-
-
-def route_path(scope: Scope) -> str:
-    """The path the routes answer: ``path`` without the ``root_path`` in front of it (uvicorn
-    ``--root-path`` puts it there), the way Starlette's router reads it."""
-    path: str = scope["path"]
-    root = scope.get("root_path", "")
-    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
-        return path[len(root) :]
-    return path
 
 
 class HotRoutes:

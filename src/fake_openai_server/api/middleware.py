@@ -33,9 +33,10 @@ from fake_openai_server.api.errors import (
     crash_response,
     dialect_for,
     error_response,
+    route_path,
     too_large,
 )
-from fake_openai_server.api.hot import HotRoute, HotRoutes, route_path
+from fake_openai_server.api.hot import HotRoute, HotRoutes
 from fake_openai_server.api.schemas import ITEM_LIMITS, ItemLimits
 from fake_openai_server.errors import ErrorKind, ServiceError, excerpt
 from fake_openai_server.logs import printable

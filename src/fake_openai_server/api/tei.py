@@ -209,7 +209,7 @@ def _refuse_the_other_services_body(request: Request, payload: Any) -> None:
         rerank_body and not settings.serves_rerank
     ):
         what = "an embedding request (inputs)" if embed_body else "a rerank request (texts)"
-        elsewhere = request.app.state.elsewhere.message
+        elsewhere = request.app.state.unrouted.elsewhere
         raise ServiceError(
             ErrorKind.INVALID_REQUEST,
             f"POST {excerpt(request.url.path, 40)} got {what}, but {elsewhere}",
