@@ -240,17 +240,21 @@ def test_under_a_root_path_routes_are_found_as_fastapi_finds_them() -> None:
     assert answered == 1
 
 
-def test_under_a_root_path_the_404_hints_read_the_path_as_routed() -> None:
-    """Behind a proxy that strips /api, the 404's envelope and hints are about the path the
-    routes answer, and the spelling they suggest keeps the prefix the client sent. Errors
-    had come in Ollama's envelope (its routes are /api/...), and a doubled /v1 after the
-    prefix had got no hint."""
+def test_under_a_root_path_errors_and_404_hints_read_the_path_as_routed() -> None:
+    """Behind a proxy that strips /api, the errors' envelopes and the 404's hints are about
+    the path the routes answer, and the spelling suggested keeps the prefix the client
+    sent. Every error had come in Ollama's envelope (its routes are /api/...), and a
+    doubled /v1 after the prefix had got no hint."""
     settings = Settings(service_type="embeddings", warmup=False)
     app = build_app(settings, fake_plugin())
     with serve_app(app, root_path="/api") as server, server.client() as client:
         slash = client.post("/v1/embeddings/", json={"input": "a"})
         twice = client.post("/v1/v1/embeddings", json={"input": "a"})
         n8n = client.post("/v1/v1/rerank", json={"query": "q", "documents": ["a"]})
+        invalid = client.post("/v1/embeddings", json={"input": 5})
+        tei = client.post("/embed", json={"inputs": 5})
+    assert invalid.status_code == 400 and invalid.json()["error"]["param"] == "input"
+    assert tei.status_code == 400 and tei.json()["error_type"] == "Validation", tei.text
     errors = [reply.json()["error"] for reply in (slash, twice, n8n)]
     assert [reply.status_code for reply in (slash, twice, n8n)] == [404] * 3, errors
     assert all(isinstance(error, dict) and error["code"] == "not_found" for error in errors)
