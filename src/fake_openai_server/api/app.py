@@ -225,13 +225,16 @@ class Unrouted:
         message = f"No route {method} {excerpt(sent, 80)}"
         slash = len(path) > 1 and path.endswith("/")
         twice = path.startswith("/v1/v1/")
-        if self._elsewhere(path, slash, twice):
-            # The other service's path, also as the hints below would correct it: they
-            # would send the client to a route this server does not have either.
+        # The path as the hints below would correct it: without the slash, with /v1 once.
+        spelt = path.rstrip("/") if slash else path
+        once = spelt[3:] if twice else spelt
+        if self._served_elsewhere(spelt) or self._served_elsewhere(once):
+            # The other service's path, also as corrected: the hints alone would send the
+            # client to a route this server does not have either.
             message += f": {self.elsewhere}"
             if slash:
                 return message + " (Leave out the trailing slash.)"
-            if twice and not self._elsewhere(path, slash=False, twice=False):
+            if twice and not self._served_elsewhere(path):
                 return message + " (The base URL has /v1 twice: end it in /v1 once.)"
             return message  # /v1/v1/rerank is itself a rerank route (n8n's)
         if slash:
@@ -240,13 +243,8 @@ class Unrouted:
             return message + ". The base URL has /v1 twice: end it in /v1 once."
         return message + "."
 
-    def _elsewhere(self, path: str, slash: bool, twice: bool) -> bool:
-        """Whether ``path`` (without its trailing slash, with /v1 once) is the other
-        service's route."""
-        paths = [path.rstrip("/")] if slash else [path]
-        if twice:
-            paths += [each[3:] for each in paths]
-        return any(pattern.match(each) for each in paths for pattern in self.patterns)
+    def _served_elsewhere(self, path: str) -> bool:
+        return any(pattern.match(path) for pattern in self.patterns)
 
 
 def _embeddings_routers() -> list[APIRouter]:
